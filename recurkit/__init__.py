@@ -1,0 +1,29 @@
+"""recurkit: declare the step of a recurrence in Python, get exact fast kernels.
+
+    import recurkit as rk
+
+    @rk.recurrence
+    def gated_delta_rule(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"],
+                         v: rk.Token["V"], g: rk.Token[()], beta: rk.Token[()],
+                         scale: rk.Scalar = rk.dim("K") ** -0.5):
+        S = rk.exp(g) * S
+        S = S + beta * rk.outer(k, v - k @ S)
+        return S, scale * (q @ S)
+
+    op = rk.compile(gated_delta_rule)
+    o, final = op(q, k, v, g, beta, output_final_state=True)
+"""
+from .compiler import CompiledOp, compile
+from .ir import (CallError, DeclarationError, DimExpr, Param, Program, Recurrence, Scalar, State,
+                 Token, dim, recurrence)
+from .ir.dsl import (contract, dot, exp, head, l2norm, log, max, maximum, minimum, outer, relu,
+                     rsqrt, sigmoid, silu, softplus, sqrt, sum, tanh, where)
+from . import ops  # noqa: E402  (ops use the names above)
+
+__version__ = "0.1.0"
+
+__all__ = ["CompiledOp", "compile", "CallError", "DeclarationError", "DimExpr", "Param",
+           "Program", "Recurrence", "Scalar", "State", "Token", "dim", "recurrence", "contract",
+           "dot", "exp", "head", "l2norm", "log", "max", "maximum", "minimum", "outer", "relu",
+           "rsqrt", "sigmoid", "silu", "softplus", "sqrt", "sum", "tanh", "where", "ops",
+           "__version__"]

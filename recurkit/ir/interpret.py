@@ -1,0 +1,152 @@
+"""The reference interpreter: the semantic definition every other path is tested against.
+
+It evaluates the step token by token in fp32 torch. Nodes that do not depend on the state are
+evaluated once for all tokens (the same values, computed together); only the state-dependent
+part loops over time. Autograd flows through it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .bind import BoundCall, bind_call
+from .node import Node, depends_on_state
+from .program import Program
+
+UNARY_TORCH: dict[str, Callable] = {
+    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sigmoid": torch.sigmoid,
+    "softplus": F.softplus, "silu": F.silu, "tanh": torch.tanh, "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt, "abs": torch.abs, "relu": torch.relu,
+}
+BINARY_TORCH: dict[str, Callable] = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
+    "maximum": torch.maximum, "minimum": torch.minimum, "lt": torch.lt, "le": torch.le,
+    "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
+}
+
+
+def align(v: torch.Tensor, have: tuple[str, ...], want: tuple[str, ...], nb: int) -> torch.Tensor:
+    """View ``v`` (``nb`` batch axes, then ``have`` dims) with size-1 axes for dims it lacks.
+
+    Both dim tuples are in the program's canonical order, so no transpose is ever needed.
+    """
+    if have == want:
+        return v
+    shape = list(v.shape[:nb]) + [v.shape[nb + have.index(d)] if d in have else 1 for d in want]
+    return v.reshape(shape)
+
+
+def apply_node(n: Node, vals: list[torch.Tensor], nb: int) -> torch.Tensor:
+    """Evaluate one non-input node on values with ``nb`` leading batch axes."""
+    if n.op in UNARY_TORCH:
+        return UNARY_TORCH[n.op](vals[0])
+    if n.op in BINARY_TORCH or n.op == "where":
+        xs = [align(v, a.dims, n.dims, nb) for v, a in zip(vals, n.args)]
+        if n.op == "where":
+            return torch.where(*xs)
+        return BINARY_TORCH[n.op](*xs)
+    if n.op == "contract":
+        (a, b), (va, vb) = n.args, vals
+        letters = {d: chr(ord("a") + i) for i, d in enumerate(dict.fromkeys(a.dims + b.dims))}
+        spec = "...{},...{}->...{}".format(*("".join(letters[d] for d in x)
+                                             for x in (a.dims, b.dims, n.dims)))
+        return torch.einsum(spec, va, vb)
+    if n.op in ("sum", "max"):
+        (a,) = n.args
+        axes = tuple(nb + a.dims.index(d) for d in n.attr("over"))
+        return vals[0].sum(axes) if n.op == "sum" else vals[0].amax(axes)
+    raise NotImplementedError(f"reference interpreter has no rule for op '{n.op}'")
+
+
+def _to_canonical(x: torch.Tensor, declared: tuple[str, ...], canon: tuple[str, ...],
+                  nb: int) -> torch.Tensor:
+    if declared == canon:
+        return x
+    perm = list(range(nb)) + [nb + declared.index(d) for d in canon]
+    return x.permute(perm)
+
+
+def run_reference(bc: BoundCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    p = bc.program
+    nodes = p.nodes()
+    dep = depends_on_state(nodes)
+    H = bc.H
+
+    # 1. everything that does not depend on the state, for all tokens at once:
+    #    values are [B|1, T|1, H|1, *dims]
+    hoisted: dict[int, torch.Tensor] = {}
+    for n in nodes:
+        if dep[id(n)]:
+            continue
+        if n.op == "input":
+            role = n.attr("role")
+            if role == "head":
+                v = torch.arange(H, dtype=torch.float32, device=bc.device).reshape(1, 1, H)
+            elif role == "scalar":
+                v = torch.tensor(bc.scalars[n.attr("name")], device=bc.device).reshape(1, 1, 1)
+            else:
+                spec = p.inputs[n.attr("index")]
+                x = bc.tensors[spec.name].float()
+                if role == "param":
+                    x = x.reshape(1, 1, *x.shape)
+                v = _to_canonical(x, spec.dims, n.dims, 3)
+        elif n.op == "const":
+            v = torch.tensor(float(n.attr("value")), device=bc.device).reshape(1, 1, 1)
+        else:
+            v = apply_node(n, [hoisted[id(a)] for a in n.args], 3)
+        hoisted[id(n)] = v
+
+    out_node, state_node = p.output, p.new_state
+    out_shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in out_node.dims))
+    if not dep[id(out_node)]:
+        o = hoisted[id(out_node)].expand(out_shape)
+        if state_node is None or not bc.output_final_state:
+            return o.to(bc.out_dtype), None
+
+    # 2. the recurrence itself: one group of rows per sequence (all B rows at once if fixed
+    #    length), values are [rows, H, *dims]
+    step_nodes = [n for n in nodes if dep[id(n)] and n.op != "input"]
+    state_in = next(n for n in nodes if n.role == "state")
+    state_shape = (bc.H, *(bc.sizes[d] for d in p.state.dims))
+    if bc.cu_seqlens is None:
+        groups = [(slice(0, bc.B), 0, bc.T)]
+    else:
+        groups = [(slice(0, 1), s, e) for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
+
+    def at(n: Node, t: int) -> torch.Tensor:
+        v = hoisted[id(n)]
+        return v.select(1, t if v.shape[1] > 1 else 0)
+
+    outs: list[torch.Tensor | None] = [None] * bc.T
+    finals = []
+    for g, (rows, start, end) in enumerate(groups):
+        nrows = rows.stop - rows.start
+        if bc.initial_state is not None:
+            init = bc.initial_state.float()
+            S = init[rows] if bc.cu_seqlens is None else init[g:g + 1]
+        else:
+            S = torch.zeros((nrows, *state_shape), dtype=torch.float32, device=bc.device)
+        for t in range(start, end):
+            env: dict[int, torch.Tensor] = {id(state_in): S}
+            for n in step_nodes:
+                env[id(n)] = apply_node(n, [env[id(a)] if dep[id(a)] else at(a, t)
+                                            for a in n.args], 2)
+            S = env[id(state_node)]
+            if dep[id(out_node)]:
+                outs[t] = env[id(out_node)].expand(nrows, *out_shape[2:])
+        finals.append(S)
+
+    if dep[id(out_node)]:  # varlen: every sequence is packed along T of the one batch row
+        o = torch.stack(outs, dim=1)
+    final = torch.cat(finals, 0) if bc.output_final_state else None
+    return o.to(bc.out_dtype), final
+
+
+def reference_op(program: Program) -> Callable:
+    """The interpreter as an op with the compiled-op call signature."""
+    def op(*args, **kwargs):
+        return run_reference(bind_call(program, args, kwargs))
+    op.__name__ = program.name
+    return op
