@@ -82,7 +82,7 @@ def verify_program(p: Program) -> None:
         if p.new_state is None:
             err("the step declares a state but returns no new state", p.loc)
         if p.new_state.dims != want:
-            err(f"the returned state has dims {list(p.new_state.dims)}, but the state "
+            err(f"the returned state has dims [{', '.join(p.new_state.dims)}], but the state "
                 f"'{st.name}' is declared rk.State{list(st.dims)}", p.new_state.loc or p.loc,
                 "the new state must carry exactly the declared dims: reduce extra dims "
                 "(rk.sum / @) or broadcast missing ones (rk.outer)")
