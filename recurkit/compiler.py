@@ -1,14 +1,13 @@
 """``rk.compile``: a declaration in, an op with the declaration's call signature out."""
 from __future__ import annotations
 
-from typing import Callable
-
-from .ir import BoundCall, Program, Recurrence, bind_call, run_reference
+from .backends.torch_backend import run_tile
+from .ir import Program, Recurrence, bind_call, run_reference
 from .ir.bind import signature_names
+from .lowering.forms import DEFAULT_CHUNK, lower
 
-# backend name -> runner(BoundCall) -> (output, final_state or None)
-BACKENDS: dict[str, Callable[[BoundCall], tuple]] = {"reference": run_reference}
-PLANNED = ("torch", "tvm", "triton")
+BACKENDS = ("reference", "torch")
+PLANNED = ("tvm", "triton")
 
 
 def as_program(decl) -> Program:
@@ -24,7 +23,7 @@ def as_program(decl) -> Program:
 
 def resolve_backend(backend: str) -> str:
     if backend == "auto":
-        return "reference"
+        return "torch"
     if backend in BACKENDS:
         return backend
     if backend in PLANNED:
@@ -42,20 +41,40 @@ class CompiledOp:
     returns ``(output [B, T, H, *out_dims], final_state [N, H, *state_dims] or None)``.
     """
 
-    def __init__(self, program: Program, backend: str):
+    def __init__(self, program: Program, backend: str, form: str | None = None,
+                 chunk: int | None = None):
         self.program, self.backend = program, backend
-        self._run = BACKENDS[backend]
+        self.tile_program = None
+        if backend == "torch":
+            self.tile_program = lower(program, form, chunk or DEFAULT_CHUNK)
+            self.form = self.tile_program.form
+        else:
+            if form not in (None, "sequential"):
+                raise ValueError(f"backend 'reference' runs the step itself; form={form!r} "
+                                 "needs backend='torch'")
+            self.form = "reference"
         self.__name__ = program.name
         self.__doc__ = (f"{program.name}({', '.join(signature_names(program))}) "
-                        f"[backend={backend}]")
+                        f"[backend={backend}, form={self.form}]")
 
     def __call__(self, *args, **kwargs):
-        return self._run(bind_call(self.program, args, kwargs))
+        bc = bind_call(self.program, args, kwargs)
+        if self.tile_program is None:
+            return run_reference(bc)
+        return run_tile(self.tile_program, bc)
 
     def __repr__(self) -> str:
-        return f"<rk.compile {self.program.name} backend={self.backend}>"
+        chunk = f" chunk={self.tile_program.chunk}" if self.tile_program is not None and \
+            self.tile_program.chunk else ""
+        return f"<rk.compile {self.program.name} backend={self.backend} form={self.form}{chunk}>"
 
 
-def compile(decl, backend: str = "auto") -> CompiledOp:  # noqa: A001 - rk.compile
-    """Compile a declaration for ``backend`` ("auto" or "reference" in this version)."""
-    return CompiledOp(as_program(decl), resolve_backend(backend))
+def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A001
+            chunk: int | None = None) -> CompiledOp:
+    """Compile a declaration.
+
+    backend: "auto" (the torch backend), "torch" (tile programs run with batched torch ops) or
+    "reference" (the step-by-step interpreter). form: "chunk_gated", "chunk_wy", "scan" or
+    "sequential" (default: the first exact form, see ``rk.analyze``); chunk: 16, 32, 64, 128.
+    """
+    return CompiledOp(as_program(decl), resolve_backend(backend), form, chunk)

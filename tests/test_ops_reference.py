@@ -173,5 +173,5 @@ def test_compile_reference_and_decl_call_agree():
     b = decl(*x, output_final_state=True)
     c = rk.compile(rk.ops.gated_delta_rule)(q=x[0], k=x[1], v=x[2], g=x[3], beta=x[4],
                                            output_final_state=True)
-    for u, w in [(a, b), (a, c)]:
-        assert torch.equal(u[0], w[0]) and torch.equal(u[1], w[1])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])   # both the interpreter
+    assert rel(c[0], a[0]) < 1e-5 and rel(c[1], a[1]) < 1e-5      # auto: the torch backend

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .bind import BoundCall, bind_call
-from .node import Node, depends_on_state
+from .node import Node, depends_on_state, toposort
 from .program import Program
 
 UNARY_TORCH: dict[str, Callable] = {
@@ -68,24 +68,27 @@ def _to_canonical(x: torch.Tensor, declared: tuple[str, ...], canon: tuple[str, 
     return x.permute(perm)
 
 
-def run_reference(bc: BoundCall) -> tuple[torch.Tensor, torch.Tensor | None]:
-    p = bc.program
-    nodes = p.nodes()
-    dep = depends_on_state(nodes)
-    H = bc.H
+def evaluate(bc: BoundCall, roots: list[Node], given: dict[int, torch.Tensor] | None = None,
+             memo: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """Values of ``roots`` for all tokens at once: [B|1, T|1, H|1, *dims] in fp32.
 
-    # 1. everything that does not depend on the state, for all tokens at once:
-    #    values are [B|1, T|1, H|1, *dims]
-    hoisted: dict[int, torch.Tensor] = {}
-    for n in nodes:
-        if dep[id(n)]:
+    ``given`` supplies values for nodes (e.g. a state materialised per token); every other
+    node must be state-free.
+    """
+    p = bc.program
+    vals: dict[int, torch.Tensor] = {} if memo is None else memo
+    vals.update(given or {})
+    for n in toposort(roots, stop=set(vals)):
+        if id(n) in vals:
             continue
         if n.op == "input":
             role = n.attr("role")
             if role == "head":
-                v = torch.arange(H, dtype=torch.float32, device=bc.device).reshape(1, 1, H)
+                v = torch.arange(bc.H, dtype=torch.float32, device=bc.device).reshape(1, 1, -1)
             elif role == "scalar":
                 v = torch.tensor(bc.scalars[n.attr("name")], device=bc.device).reshape(1, 1, 1)
+            elif role == "state":
+                raise ValueError("evaluate: the state is not state-free")
             else:
                 spec = p.inputs[n.attr("index")]
                 x = bc.tensors[spec.name].float()
@@ -95,8 +98,19 @@ def run_reference(bc: BoundCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         elif n.op == "const":
             v = torch.tensor(float(n.attr("value")), device=bc.device).reshape(1, 1, 1)
         else:
-            v = apply_node(n, [hoisted[id(a)] for a in n.args], 3)
-        hoisted[id(n)] = v
+            v = apply_node(n, [vals[id(a)] for a in n.args], 3)
+        vals[id(n)] = v
+    return vals
+
+
+def run_reference(bc: BoundCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    p = bc.program
+    nodes = p.nodes()
+    dep = depends_on_state(nodes)
+
+    # 1. everything that does not depend on the state, for all tokens at once:
+    #    values are [B|1, T|1, H|1, *dims]
+    hoisted = evaluate(bc, [n for n in nodes if not dep[id(n)]])
 
     out_node, state_node = p.output, p.new_state
     out_shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in out_node.dims))

@@ -64,8 +64,9 @@ class Node:
         return f"Node({self.op}, dims={list(self.dims)})"
 
 
-def toposort(roots: list[Node]) -> list[Node]:
-    """All nodes reachable from ``roots``, each after its arguments (deterministic order)."""
+def toposort(roots: list[Node], stop: set[int] | frozenset = frozenset()) -> list[Node]:
+    """All nodes reachable from ``roots``, each after its arguments (deterministic order).
+    Nodes whose id is in ``stop`` are listed but not descended into."""
     seen: set[int] = set()
     order: list[Node] = []
     stack: list[tuple[Node, bool]] = [(r, False) for r in reversed(roots)]
@@ -78,7 +79,8 @@ def toposort(roots: list[Node]) -> list[Node]:
             continue
         seen.add(id(node))
         stack.append((node, True))
-        stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
+        if id(node) not in stop:
+            stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
     return order
 
 

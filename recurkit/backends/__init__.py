@@ -1,0 +1,1 @@
+"""backends: executors and code generators for tile programs."""

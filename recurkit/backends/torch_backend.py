@@ -1,0 +1,240 @@
+"""The torch backend: executes a tile program with batched torch ops.
+
+Chunk stages run for all chunks of all sequences at once (batch axes N, H, chunks); only the
+state pass loops, over chunks. Values carry named axes; every op aligns its operands by name.
+The sequential form is the reference step loop; the scan form is a parallel doubling scan.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir.bind import BoundCall
+from ..ir.interpret import BINARY_TORCH, UNARY_TORCH, evaluate, run_reference
+from ..lowering.tile import TileOp, TileProgram
+
+
+class Val:
+    """A tensor whose last axes have names; the leading ``nb`` axes are batch axes."""
+
+    __slots__ = ("t", "axes")
+
+    def __init__(self, t: torch.Tensor, axes: tuple[str, ...]):
+        self.t, self.axes = t, tuple(axes)
+
+    def to(self, want: tuple[str, ...]) -> torch.Tensor:
+        """View with axes in ``want`` order, size 1 where this value lacks an axis."""
+        nb = self.t.dim() - len(self.axes)
+        order = [a for a in want if a in self.axes]
+        perm = list(range(nb)) + [nb + self.axes.index(a) for a in order]
+        t = self.t.permute(perm) if perm != list(range(self.t.dim())) else self.t
+        shape = list(t.shape[:nb])
+        it = iter(t.shape[nb:])
+        for a in want:
+            shape.append(next(it) if a in self.axes else 1)
+        return t.reshape(shape)
+
+
+def _letters(*axes_lists) -> dict[str, str]:
+    names = dict.fromkeys(a for axes in axes_lists for a in axes)
+    return {a: chr(ord("a") + i) for i, a in enumerate(names)}
+
+
+def _tril(C: int, strict: bool, device) -> torch.Tensor:
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+
+
+def exec_op(op: TileOp, env: dict[str, Val], C: int) -> Val:
+    a = [env[x] for x in op.args]
+    o = op.op
+    if o == "ir":
+        fn = op.attr("ir_op")
+        xs = [v.to(op.axes) for v in a]
+        if fn in UNARY_TORCH:
+            return Val(UNARY_TORCH[fn](xs[0]), op.axes)
+        if fn == "where":
+            return Val(torch.where(*xs), op.axes)
+        return Val(BINARY_TORCH[fn](*xs), op.axes)
+    if o == "contract":
+        (x, y), over = a, op.attr("over")
+        L = _letters(x.axes, y.axes)
+        spec = "...{},...{}->...{}".format(*("".join(L[c] for c in axes)
+                                             for axes in (x.axes, y.axes, op.axes)))
+        return Val(torch.einsum(spec, x.t, y.t), op.axes)
+    if o == "rename":
+        return Val(a[0].t, op.axes)
+    if o in ("cumsum", "last", "shift"):
+        x = a[0]
+        d = x.t.dim() - len(x.axes) + x.axes.index(op.attr("axis"))
+        if o == "cumsum":
+            return Val(x.t.cumsum(d), op.axes)
+        if o == "last":
+            return Val(x.t.select(d, -1), op.axes)
+        head = torch.zeros_like(x.t.narrow(d, 0, 1))
+        return Val(torch.cat([head, x.t.narrow(d, 0, x.t.shape[d] - 1)], d), op.axes)
+    if o == "decay_ratio":
+        x, y = a
+        diff = x.to(op.axes) - y.to(op.axes)
+        keep = _tril(C, op.attr("mask") == "i>j", diff.device)
+        keep = Val(keep, ("i", "j")).to(op.axes)
+        return Val(diff.masked_fill(~keep, float("-inf")).exp(), op.axes)
+    if o == "mask":
+        keep = _tril(C, op.attr("mask") == "i>j", a[0].t.device)
+        return Val(a[0].to(op.axes) * Val(keep, ("i", "j")).to(op.axes), op.axes)
+    if o == "solve_unit_lower":
+        Lm, X = a
+        Lt = Lm.to(("i", "j"))
+        rest = tuple(x for x in X.axes if x != "j")
+        Xt = X.to(("j", *rest))
+        nb = Xt.dim() - 1 - len(rest)
+        flat = Xt.reshape(*Xt.shape[:nb], C, -1)
+        eye = torch.eye(C, dtype=Lt.dtype, device=Lt.device)
+        sol = torch.linalg.solve_triangular(eye - Lt, flat, upper=False, unitriangular=True)
+        return Val(sol.reshape(Xt.shape), ("i", *rest))
+    raise NotImplementedError(f"torch backend: no rule for tile op {o!r}")
+
+
+# --- packing tokens into chunks -------------------------------------------------------------
+def _segments(bc: BoundCall) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) per sequence."""
+    if bc.cu_seqlens is None:
+        return [(b, 0, bc.T) for b in range(bc.B)]
+    return [(0, s, e) for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
+
+
+class Packing:
+    """Gathers [B, T, H, ...] token values into [N, H, chunks, C, ...] with zero padding."""
+
+    def __init__(self, bc: BoundCall, C: int):
+        segs = _segments(bc)
+        self.N, self.C = len(segs), C
+        longest = max([e - s for _, s, e in segs] + [1])
+        self.nc = -(-longest // C)
+        L = self.nc * C
+        pos = torch.arange(L, device=bc.device)
+        starts = torch.tensor([s for _, s, _ in segs], device=bc.device)
+        lens = torch.tensor([e - s for _, s, e in segs], device=bc.device)
+        rows = torch.tensor([b for b, _, _ in segs], device=bc.device)
+        self.valid = pos[None, :] < lens[:, None]                               # [N, L]
+        self.t_idx = torch.where(self.valid, starts[:, None] + pos[None, :], 0)  # [N, L]
+        self.rows = rows[:, None].expand(-1, L)
+        self.bc = bc
+
+    def pack(self, v: torch.Tensor, ndims: int) -> torch.Tensor:
+        """v: [B|1, T|1, H|1, *dims] -> [N, H, chunks, C, *dims] (zeros where padded)."""
+        bc = self.bc
+        v = v.expand(bc.B, bc.T, bc.H, *v.shape[3:])
+        g = v[self.rows, self.t_idx]                                            # [N, L, H, ...]
+        mask = self.valid.reshape(*self.valid.shape, *([1] * (g.dim() - 2)))
+        g = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        g = g.reshape(self.N, self.nc, self.C, *g.shape[2:])                   # [N, nc, C, H, ..]
+        return g.movedim(3, 1)                                                  # [N, H, nc, C, ..]
+
+    def unpack(self, o: torch.Tensor) -> torch.Tensor:
+        """o: [N, H, chunks, C, *dims] -> [B, T, H, *dims]."""
+        bc = self.bc
+        flat = o.movedim(1, 3).reshape(self.N, self.nc * self.C, bc.H, *o.shape[4:])
+        out = flat.new_zeros(bc.B, bc.T, bc.H, *o.shape[4:])
+        return out.index_put((self.rows[self.valid], self.t_idx[self.valid]), flat[self.valid])
+
+
+# --- the forms ---------------------------------------------------------------------------------
+def run_tile(tp: TileProgram, bc: BoundCall):
+    if tp.form == "sequential":
+        return run_reference(bc)
+    rec = tp.meta["recurrence"]
+    roots = list(tp.prologue.values())
+    if not tp.meta.get("positive", True):
+        decays = [n for n in (rec.decay_k, rec.decay_v) if n is not None]
+        vals = evaluate(bc, decays)
+        if any(bool((vals[id(n)] <= 0).any()) for n in decays):
+            return run_reference(bc)   # a non-positive decay: the log-space chunk forms do not apply
+    vals = evaluate(bc, roots)
+    pro = {k: vals[id(n)] for k, n in tp.prologue.items()}
+    if tp.form == "scan":
+        return _run_scan(tp, bc, pro)
+    return _run_chunked(tp, bc, pro)
+
+
+def _initial_state(bc: BoundCall, N: int) -> torch.Tensor:
+    p = bc.program
+    shape = (N, bc.H, *(bc.sizes[d] for d in p.state.dims))
+    if bc.initial_state is None:
+        return torch.zeros(shape, dtype=torch.float32, device=bc.device)
+    return bc.initial_state.float()
+
+
+def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
+    C = tp.chunk
+    pk = Packing(bc, C)
+    env: dict[str, Val] = {}
+    for k, n in tp.prologue.items():
+        env[k] = Val(pk.pack(pro[k], len(n.dims)), ("i", *n.dims))
+    prep, sp, out = tp.stages
+    for op in prep.ops:
+        if op.op == "load":
+            env[op.out] = env[op.attr("value")]
+        else:
+            env[op.out] = exec_op(op, env, C)
+    # the state pass: loop over chunks, batch axes [N, H]
+    S = tp.meta["state"]
+    per_chunk = {name: env[name] for name in prep.outputs}
+    collected: dict[str, list[torch.Tensor]] = {n: [] for n in sp.outputs if n != S}
+    local: dict[str, Val] = {}
+    for c in range(pk.nc):
+        for name, v in per_chunk.items():
+            local[name] = Val(v.t[:, :, c], v.axes)
+        for op in sp.ops:
+            if op.op == "zeros":
+                if c == 0:
+                    local[op.out] = Val(_initial_state(bc, pk.N), op.axes)
+                continue
+            local[op.out] = exec_op(op, local, C)
+        for name in collected:
+            collected[name].append(local[name].t)
+    for name, ts in collected.items():
+        env[name] = Val(torch.stack(ts, 2), local[name].axes)
+    for op in out.ops:
+        env[op.out] = env[op.attr("value")] if op.op == "load" else exec_op(op, env, C)
+    o = env[out.outputs[0]]
+    odims = bc.program.output.dims
+    o_t = pk.unpack(o.to(("i", *odims)))
+    final = local[S].to(bc.program.state.dims) if bc.output_final_state else None
+    return o_t.to(bc.out_dtype), final
+
+
+def _scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """h_t = a_t h_(t-1) + b_t along ``dim`` (h_(-1) = 0), by recursive doubling: log2(T)
+    passes, exact in fp32 (products of small coefficients underflow to their true, tiny,
+    contribution)."""
+    T = a.shape[dim]
+    s = 1
+    while s < T:
+        a_prev = a.narrow(dim, 0, T - s)
+        b_prev = b.narrow(dim, 0, T - s)
+        a_cur, b_cur = a.narrow(dim, s, T - s), b.narrow(dim, s, T - s)
+        b = torch.cat([b.narrow(dim, 0, s), a_cur * b_prev + b_cur], dim)
+        a = torch.cat([a.narrow(dim, 0, s), a_cur * a_prev], dim)
+        s *= 2
+    return b
+
+
+def _run_scan(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
+    p = bc.program
+    shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.state.dims))
+    a = pro["scan_a"].expand(shape).clone()
+    b = pro["scan_b"].expand(shape).clone()
+    h0 = _initial_state(bc, bc.N)
+    segs = _segments(bc)
+    # each sequence starts from its initial state: fold a_t0 * h0 into b_t0 and cut the link
+    for n, (row, s, e) in enumerate(segs):
+        if e > s:
+            b[row, s] = a[row, s] * h0[n] + b[row, s]
+            a[row, s] = 0.0
+    h = _scan(a, b, 1)
+    vals = evaluate(bc, [p.output], {id(p.new_state): h})
+    o = vals[id(p.output)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
+    final = None
+    if bc.output_final_state:
+        final = torch.stack([h[row, e - 1] if e > s else h0[n]
+                             for n, (row, s, e) in enumerate(segs)])
+    return o.to(bc.out_dtype), final

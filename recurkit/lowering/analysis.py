@@ -1,0 +1,288 @@
+"""What kind of recurrence a declaration is, proven from its IR.
+
+``analyze(program)`` returns a ``Recurrence`` description: the transition
+
+    S' = D S + u (r^T S) + sum_j a_j b_j^T        (matrix state [K, V]; D = Diag(d_K) x Diag(d_V))
+    h' = a * h + b                                (elementwise state)
+
+with every coefficient a state-free IR node (the prologue, hoisted out of the time loop), the
+readout ``o = post * (q^T S') + c``, and the forms that are exact for it. When only the
+sequential form applies, ``reasons`` says why, pointing at the user's line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ir.node import Node, toposort
+from ..ir.program import Program
+from .linear import Affine, Builder, LinearForms, Nonlinear, factors, summands
+
+FORMS = ("chunk_gated", "chunk_wy", "scan", "sequential")
+
+
+@dataclass
+class Recurrence:
+    program: Program
+    kind: str                         # "diagonal" | "rank1" | "elementwise" | "general" | "stateless"
+    forms: tuple[str, ...]            # exact forms, fastest-first guess; "sequential" always last
+    reasons: list[str] = field(default_factory=list)
+    kdim: str | None = None           # the state dim the readout contracts
+    vdim: str | None = None
+    # matrix state
+    log_gate_k: Node | None = None    # log d_K, dims within (K,) ; None: no decay on that side
+    log_gate_v: Node | None = None
+    gate_positive: bool = True        # False: d was not proven positive (checked at run time)
+    decay_k: Node | None = None       # d_K itself (when not proven positive)
+    decay_v: Node | None = None
+    erase_u: Node | None = None       # u [K]
+    erase_r: Node | None = None       # r [K]
+    writes: list[tuple[Node, Node]] = field(default_factory=list)   # (a [K], b [V])
+    read_q: Node | None = None        # q [K]
+    read_post: Node | None = None     # post, dims within the output's
+    out_const: Node | None = None     # the state-free part of the output
+    # elementwise state
+    scan_a: Node | None = None        # h' = a * h + b; the output is evaluated from h'
+    scan_b: Node | None = None
+
+    def prologue(self) -> dict[str, Node]:
+        """Every state-free value the parallel forms read per token, by role."""
+        vals = {"log_gate_k": self.log_gate_k, "log_gate_v": self.log_gate_v,
+                "decay_k": self.decay_k, "decay_v": self.decay_v,
+                "erase_u": self.erase_u, "erase_r": self.erase_r,
+                "read_q": self.read_q, "read_post": self.read_post,
+                "out_const": self.out_const, "scan_a": self.scan_a, "scan_b": self.scan_b}
+        for j, (a, b) in enumerate(self.writes):
+            vals[f"write_a{j}"], vals[f"write_b{j}"] = a, b
+        return {k: v for k, v in vals.items() if v is not None}
+
+
+def analyze(p: Program) -> Recurrence:
+    if p.new_state is None:
+        return Recurrence(p, "stateless", ("sequential",))
+    b = Builder(p)
+    state = next(n for n in p.nodes() if n.role == "state")
+    try:
+        trans = LinearForms(p, state, b).form(p.new_state)
+    except Nonlinear as e:
+        return Recurrence(p, "general", ("sequential",), [f"not linear in the state: {e}"])
+    if len(p.state.dims) == 1 and _elementwise(trans, state):
+        return _elementwise_form(p, b, state, trans)
+    rec = _matrix_form(p, b, state, trans)
+    if rec.forms == ("sequential",) and _elementwise(trans, state):
+        scan = _elementwise_form(p, b, state, trans)
+        if "scan" in scan.forms:
+            scan.reasons = rec.reasons + scan.reasons
+            return scan
+    return rec
+
+
+def _elementwise(trans: Affine, state: Node) -> bool:
+    """True when every coefficient is elementwise over the state (no contraction, no write
+    that is a sum of outer products over different dims)."""
+    return all(t.read is None and t.post is None for t in trans.terms) and (
+        trans.const is None or set(trans.const.dims) <= set(state.dims))
+
+
+def _elementwise_form(p, b: Builder, state: Node, trans: Affine) -> Recurrence | None:
+    reasons = []
+    a = None
+    for t in trans.terms:
+        if t.over or t.read is not None or t.post is not None:
+            return None
+        a = b.add(a, t.inner if t.inner is not None else b.const(1.0))
+    if a is None:
+        return None
+    c = trans.const
+    if c is not None and not set(c.dims) <= set(state.dims):
+        return None
+    # readout: any function of the new state alone (the scan materialises h' per token)
+    used = _old_state_nodes(p)
+    bad = next((n for n in p.nodes() if id(n) in used and _reaches(p.output, n, p.new_state)),
+               None)
+    if bad is not None:
+        return Recurrence(p, "elementwise", ("sequential",),
+                          [f"the output reads the state before its update at {bad.loc}"])
+    return Recurrence(p, "elementwise", ("scan", "sequential"), reasons,
+                      scan_a=a, scan_b=c if c is not None else b.const(0.0))
+
+
+def _reaches(root: Node, target: Node, stop: Node) -> bool:
+    """Whether ``target`` is an ancestor of ``root`` along paths that avoid ``stop``."""
+    seen, stack = set(), [root]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n is stop or id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.extend(n.args)
+    return False
+
+
+def _old_state_nodes(p: Program) -> set[int]:
+    """The old state and the values computed from it on the way to the new state: the readout
+    may only use the new state."""
+    dep: dict[int, bool] = {}
+    for n in toposort([p.new_state]):
+        dep[id(n)] = n.role == "state" or any(dep[id(a)] for a in n.args)
+    return {i for i, d in dep.items() if d and i != id(p.new_state)}
+
+
+def _matrix_form(p: Program, b: Builder, state: Node, trans: Affine) -> Recurrence:
+    sd = state.dims
+    # readout: o = post * (q^T S') + c
+    try:
+        out = LinearForms(p, p.new_state, b, _old_state_nodes(p)).form(p.output)
+    except Nonlinear as e:
+        return Recurrence(p, "general", ("sequential",), [f"readout: {e}"])
+    if len(sd) != 2:
+        return Recurrence(p, "general", ("sequential",),
+                          [f"state has {len(sd)} dims; the chunk forms handle [K, V] states"])
+    if len(out.terms) != 1 or len(out.terms[0].over) != 1 or out.terms[0].read is None:
+        return Recurrence(p, "general", ("sequential",),
+                          ["readout is not one contraction q^T S' of the new state"])
+    rt = out.terms[0]
+    kdim = rt.over[0]
+    vdim = next(d for d in sd if d != kdim)
+    reasons: list[str] = []
+    q = b.mul(rt.read, rt.inner)
+    if set(q.dims) - {kdim} or (rt.post is not None and kdim in rt.post.dims):
+        return Recurrence(p, "general", ("sequential",),
+                          ["readout query has dims beyond the contracted one"])
+
+    rec = Recurrence(p, "diagonal", (), reasons, kdim=kdim, vdim=vdim, read_q=q,
+                     read_post=rt.post, out_const=out.const)
+    # decay: the terms without contraction
+    d = None
+    rank1 = []
+    for t in trans.terms:
+        if not t.over:
+            if t.post is not None:
+                return _sequential(rec, "a decay term broadcasts the state over a new dim")
+            d = b.add(d, t.inner if t.inner is not None else b.const(1.0))
+        else:
+            rank1.append(t)
+    if d is None:
+        return _sequential(rec, "the state is not carried over (no decay term)")
+    split = _split_decay(b, d, kdim, vdim)
+    if split is None:
+        return _sequential(rec, "the decay is not a product of per-K and per-V gates")
+    (lk, dk, pos_k), (lv, dv, pos_v) = split
+    rec.log_gate_k, rec.log_gate_v, rec.decay_k, rec.decay_v = lk, lv, dk, dv
+    rec.gate_positive = pos_k and pos_v
+    if not rec.gate_positive:
+        reasons.append("the decay is not provably positive; the chunk forms check it at run "
+                       "time and fall back to sequential")
+    # writes
+    writes = _outer_sum(b, trans.const, kdim, vdim)
+    if writes is None:
+        return _sequential(rec, "the write term is not a sum of outer products k v^T")
+    rec.writes = writes
+    # rank-1 erase
+    if not rank1:
+        rec.forms = ("chunk_gated", "sequential")
+        return rec
+    rec.kind = "rank1"
+    if len(rank1) > 1:
+        return _sequential(rec, f"{len(rank1)} rank-1 terms; the WY form handles one")
+    t = rank1[0]
+    if t.over != (kdim,) or t.post is None or set(t.post.dims) != {kdim} \
+            or t.read is None or set(t.read.dims) != {kdim}:
+        return _sequential(rec, "the rank-1 term does not erase along the key dim "
+                                f"({kdim}): expected u (r^T S) with u, r over {kdim}")
+    if t.inner is not None and vdim in t.inner.dims:
+        return _sequential(rec, "the rank-1 term reads a value-side gated state")
+    if rec.log_gate_v is not None:
+        return _sequential(rec, "value-side decay together with a rank-1 erase")
+    rec.erase_u = t.post
+    rec.erase_r = b.mul(t.read, t.inner)
+    rec.forms = ("chunk_wy", "sequential")
+    return rec
+
+
+def _sequential(rec: Recurrence, why: str) -> Recurrence:
+    rec.kind = "general" if rec.kind == "diagonal" else rec.kind
+    rec.forms = ("sequential",)
+    rec.reasons.append(why)
+    return rec
+
+
+POSITIVE_OPS = ("exp", "sigmoid", "softplus")
+
+
+def _positive(n: Node) -> bool:
+    if n.op in POSITIVE_OPS:
+        return True
+    if n.op == "const":
+        return n.attr("value") > 0
+    if n.op in ("mul", "div"):
+        return all(_positive(a) for a in n.args)
+    if n.op == "add":
+        return all(_positive(a) for a in n.args)
+    if n.op == "pow":
+        return _positive(n.args[0])
+    return False
+
+
+def _log(b: Builder, n: Node) -> Node:
+    """log n, simplified for products and exponentials."""
+    if n.op == "exp":
+        return n.args[0]
+    if n.op == "mul":
+        return b.op("add", _log(b, n.args[0]), _log(b, n.args[1]))
+    if n.op == "sigmoid":  # log sigmoid(x) = -softplus(-x)
+        return b.op("neg", b.op("softplus", b.op("neg", n.args[0])))
+    return b.op("log", n)
+
+
+def _split_decay(b: Builder, d: Node, kdim: str, vdim: str):
+    """d = d_K * d_V with d_K over (K or nothing), d_V over V: ((log, d, positive), ...)."""
+    fk, fv = [], []
+    for f in factors(d):
+        if f.op == "const" and f.attr("value") == 1.0:
+            continue
+        if vdim not in f.dims:
+            fk.append(f)
+        elif kdim not in f.dims:
+            fv.append(f)
+        else:
+            return None
+    out = []
+    for fs in (fk, fv):
+        if not fs:
+            out.append((None, None, True))
+            continue
+        prod = fs[0]
+        for f in fs[1:]:
+            prod = b.mul(prod, f)
+        pos = all(_positive(f) for f in fs)
+        log = _log(b, prod) if pos else b.op("log", b.op("abs", prod))
+        out.append((log, None if pos else prod, pos))
+    return out
+
+
+def _outer_sum(b: Builder, c: Node | None, kdim: str, vdim: str):
+    """c as sum_j a_j b_j^T with a_j over K and b_j over V, or None."""
+    if c is None:
+        return []
+    pairs = []
+    for sign, s in summands(c):
+        fk, fv = [], []
+        for f in factors(s):
+            if vdim not in f.dims:
+                fk.append(f)
+            elif kdim not in f.dims:
+                fv.append(f)
+            else:
+                return None
+        a = fk[0] if fk else b.const(1.0)
+        for f in fk[1:]:
+            a = b.mul(a, f)
+        if sign < 0:
+            a = b.op("neg", a)
+        bb = fv[0] if fv else b.const(1.0)
+        for f in fv[1:]:
+            bb = b.mul(bb, f)
+        pairs.append((a, bb))
+    return pairs

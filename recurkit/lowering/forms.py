@@ -1,0 +1,223 @@
+"""The chunk algebra, written once: each form as a tile program.
+
+Chunkwise (one chunk of positions i, j = 0..C-1, S the state entering the chunk):
+
+    S_t = D_t S_(t-1) + u_t (r_t^T S_(t-1)) + a_t b_t^T,    o_t = post_t * (q_t^T S_t) + c_t
+
+with G the in-chunk cumulative log-gate (Gx its exclusive version) and every decay ratio
+exp(G_i - G_j) masked before the exp. The erase reads e_i = r_i^T S_(i-1) solve the
+unit-lower-triangular system (I - L_u) E = (r * exp(Gx)) S + L_a B (the UT transform); without
+a rank-1 term (the gated form) there is no E. Only the pass that carries S from chunk to chunk
+is sequential.
+"""
+from __future__ import annotations
+
+from ..ir.program import Program
+from .analysis import Recurrence, analyze
+from .tile import Stage, TileOp, TileProgram, verify_tile_program
+
+CHUNK_SIZES = (16, 32, 64, 128)
+DEFAULT_CHUNK = 32
+
+
+class LoweringError(ValueError):
+    pass
+
+
+class _Emit:
+    """Appends ops to a stage, tracking each value's axes."""
+
+    def __init__(self, stage: Stage, axes: dict[str, tuple[str, ...]] | None = None):
+        self.stage, self.n = stage, 0
+        self.axes: dict[str, tuple[str, ...]] = dict(axes or {})
+
+    def __call__(self, op: str, args: tuple[str, ...], axes: tuple[str, ...],
+                 out: str | None = None, **attrs) -> str:
+        if out is None:
+            self.n += 1
+            out = f"{self.stage.name[0]}{self.n}"
+        self.stage.ops.append(TileOp(out, op, tuple(args), tuple(axes),
+                                     tuple(sorted(attrs.items()))))
+        self.axes[out] = tuple(axes)
+        return out
+
+    def ir(self, op: str, *args: str, out: str | None = None) -> str:
+        axes: list[str] = []
+        for a in args:
+            axes += [x for x in self.axes[a] if x not in axes]
+        axes.sort(key=lambda x: x not in ("i", "j"))  # positions first, then dims
+        return self("ir", args, tuple(axes), out, ir_op=op)
+
+    def rename(self, x: str, out: str | None = None) -> str:
+        return self("rename", (x,), tuple("j" if a == "i" else a for a in self.axes[x]), out)
+
+    def contract(self, a: str, b: str, over: tuple[str, ...], out: str | None = None) -> str:
+        union = list(self.axes[a]) + [x for x in self.axes[b] if x not in self.axes[a]]
+        return self("contract", (a, b), tuple(x for x in union if x not in over), out,
+                    over=tuple(over))
+
+
+def lower(decl_or_program, form: str | None = None, chunk: int = DEFAULT_CHUNK) -> TileProgram:
+    """Lower a declaration to a tile program in ``form`` (default: the first exact form)."""
+    from ..compiler import as_program  # noqa: PLC0415 - accepts declarations and built-ins
+    p: Program = as_program(decl_or_program)
+    rec = analyze(p)
+    form = form or rec.forms[0]
+    if form not in rec.forms:
+        why = "; ".join(rec.reasons) or f"it is a {rec.kind} recurrence"
+        raise LoweringError(f"form '{form}' does not apply to {p.name} (exact forms: "
+                            f"{', '.join(rec.forms)}): {why}")
+    if form in ("chunk_gated", "chunk_wy") and chunk not in CHUNK_SIZES:
+        raise LoweringError(f"chunk size {chunk} is not one of {CHUNK_SIZES}")
+    if form == "sequential":
+        tp = _sequential(p, rec)
+    elif form == "scan":
+        tp = _scan(p, rec)
+    else:
+        tp = _chunked(p, rec, form, chunk)
+    verify_tile_program(tp)
+    return tp
+
+
+def _meta(p: Program, rec: Recurrence, **kw) -> dict:
+    return {"reasons": list(rec.reasons), "recurrence": rec, "program": p, **kw}
+
+
+def _sequential(p: Program, rec: Recurrence) -> TileProgram:
+    carried = (p.state.name,) if p.state else ()
+    st = Stage("recurrent", "loop", ("N", "H"), over="tokens", carried=carried)
+    sd = p.state.dims if p.state else ()
+    e = _Emit(st)
+    if p.state:
+        e("zeros", (), sd, out=p.state.name, init="initial_state")
+    e("step", carried, p.output.dims, out="o", decl=p.name)
+    st.outputs = ("o",) + carried
+    return TileProgram(p.name, "sequential", None, p.dims, {}, [st], _meta(p, rec))
+
+
+def _scan(p: Program, rec: Recurrence) -> TileProgram:
+    sd = p.state.dims
+    st = Stage("scan", "scan", ("N", "H"), carried=(p.state.name,))
+    e = _Emit(st)
+    e("zeros", (), sd, out=p.state.name, init="initial_state")
+    a = e("load", (), ("i", *rec.scan_a.dims), out="a", value="scan_a")
+    b = e("load", (), ("i", *rec.scan_b.dims), out="b", value="scan_b")
+    h = e("scan_linear", (a, b), ("i", *sd), out="h", init=p.state.name)
+    e("readout", (h,), ("i", *p.output.dims), out="o", decl=p.name)
+    e("last", (h,), sd, out=p.state.name, axis="i")
+    st.outputs = ("o", p.state.name)
+    return TileProgram(p.name, "scan", None, p.dims,
+                       {"scan_a": rec.scan_a, "scan_b": rec.scan_b}, [st], _meta(p, rec))
+
+
+def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
+    K, V = rec.kdim, rec.vdim
+    pro = rec.prologue()
+    for name, v in pro.items():
+        need = K if name in ("read_q", "erase_u", "erase_r") or name.startswith("write_a") \
+            else V if name.startswith("write_b") else None
+        if need and need not in v.dims:
+            raise LoweringError(f"{p.name}: {name} does not vary along {need}; use the "
+                                "sequential form")
+    wy = form == "chunk_wy"
+    S = p.state.name
+    loads = [k for k in pro if k not in ("decay_k", "decay_v", "read_post", "out_const")]
+
+    # --- stage 1: everything per chunk that does not need the incoming state -------------
+    prep = Stage("prep", "chunk", ("N", "H", "chunks"))
+    e = _Emit(prep)
+    ld = {k: e("load", (), ("i", *pro[k].dims), out=k, value=k) for k in loads}
+    q = ld["read_q"]
+    G = Gj = Gl = Gv = Gvl = None
+    if "log_gate_k" in ld:
+        G = e("cumsum", (ld["log_gate_k"],), e.axes["log_gate_k"], out="G", axis="i")
+        Gj = e.rename(G, out="G_j")
+        Gl = e("last", (G,), e.axes[G][1:], out="G_last", axis="i")
+    if "log_gate_v" in ld:
+        Gv = e("cumsum", (ld["log_gate_v"],), e.axes["log_gate_v"], out="Gv", axis="i")
+        Gvl = e("last", (Gv,), e.axes[Gv][1:], out="Gv_last", axis="i")
+
+    def ratio(a_i: str, name: str, mask: str) -> str | None:
+        """exp(a_i - G_j) where the mask holds, else 0 (None without a gate)."""
+        if G is None:
+            return None
+        return e("decay_ratio", (a_i, Gj), ("i", "j") + e.axes[G][1:], out=name, mask=mask)
+
+    def attn(left: str, right_j: str, R: str | None, mask: str, out: str) -> str:
+        """[i, j] = sum_K left_i right_j R_ij, R masked (the plain mask without a gate)."""
+        if R is not None and K in e.axes[R]:
+            return e.contract(e.ir("mul", left, R), right_j, (K,), out=out)
+        dot = e.contract(left, right_j, (K,))
+        if R is not None:
+            return e.ir("mul", dot, R, out=out)
+        return e("mask", (dot,), ("i", "j"), out=out, mask=mask)
+
+    Ri = ratio(G, "R_incl", "i>=j")
+    to_end = e.ir("exp", e.ir("sub", Gl, G)) if G else None
+    to_end_v = e.ir("exp", e.ir("sub", Gvl, Gv)) if Gv else None
+    Rv = e("decay_ratio", (Gv, e.rename(Gv)), ("i", "j", *e.axes[Gv][1:]), mask="i>=j") \
+        if Gv else None
+    W = AkB = None
+    for m in range(len(rec.writes)):   # the writes a b^T: intra-chunk outputs and state input
+        a, b = ld[f"write_a{m}"], ld[f"write_b{m}"]
+        Ak = attn(q, e.rename(a), Ri, "i>=j", out=f"A_a{m}")
+        bj = e.rename(b)
+        akb = e.contract(Ak, e.ir("mul", bj, Rv) if Rv else bj, ("j",))
+        AkB = akb if AkB is None else e.ir("add", AkB, akb)
+        w = e.contract(e.ir("mul", a, to_end) if to_end else a,
+                       e.ir("mul", b, to_end_v) if to_end_v else b, ("i",))
+        W = w if W is None else e.ir("add", W, w)
+    outs = {"W": W, "AkB": AkB, "qg": e.ir("mul", q, e.ir("exp", G), out="q_decayed")
+            if G else q}
+    if Gl:
+        outs["decay_end"] = e.ir("exp", Gl, out="decay_end")
+    if Gvl:
+        outs["decay_end_v"] = e.ir("exp", Gvl, out="decay_end_v")
+        outs["out_gate_v"] = e.ir("exp", Gv, out="out_gate_v")
+    if wy:
+        u, r = ld["erase_u"], ld["erase_r"]
+        uj = e.rename(u)
+        Gx = e("shift", (G,), e.axes[G], out="Gx", axis="i") if G else None
+        Rx = ratio(Gx, "R_strict", "i>j")
+        Lu = attn(r, uj, Rx, "i>j", out="L_u")
+        rx = e.ir("mul", r, e.ir("exp", Gx)) if G else r
+        Y = e("solve_unit_lower", (Lu, e.rename(rx)), ("i", K), out="Y")
+        LaB = None
+        for m in range(len(rec.writes)):
+            La = attn(r, e.rename(ld[f"write_a{m}"]), Rx, "i>j", out=f"L_a{m}")
+            lab = e.contract(La, e.rename(ld[f"write_b{m}"]), ("j",))
+            LaB = lab if LaB is None else e.ir("add", LaB, lab)
+        Z = e("solve_unit_lower", (Lu, e.rename(LaB)), ("i", V), out="Z")
+        outs.update(Y=Y, Z=Z, Au=attn(q, uj, Ri, "i>=j", out="A_u"),
+                    u_end=e.ir("mul", u, to_end, out="u_end") if to_end else u)
+    prep.outputs = tuple(outs.values())
+
+    # --- stage 2: the state pass, sequential over chunks ----------------------------------
+    sp = Stage("state_pass", "loop", ("N", "H"), over="chunks", carried=(S,))
+    s = _Emit(sp, {v: e.axes[v] for v in prep.outputs})
+    s("zeros", (), p.state.dims, out=S, init="initial_state")
+    s("rename", (S,), p.state.dims, out="S_in")  # the state entering this chunk
+    nxt = S
+    if Gl:
+        nxt = s.ir("mul", nxt, outs["decay_end"])
+    if Gvl:
+        nxt = s.ir("mul", nxt, outs["decay_end_v"])
+    if wy:
+        E = s.ir("add", s.contract(outs["Y"], S, (K,)), outs["Z"], out="E")
+        nxt = s.ir("add", nxt, s.contract(outs["u_end"], E, ("i",)))
+    s.ir("add", nxt, outs["W"], out=S)
+    sp.outputs = ("S_in", "E", S) if wy else ("S_in", S)
+
+    # --- stage 3: the outputs, per chunk ------------------------------------------------------
+    ost = Stage("output", "chunk", ("N", "H", "chunks"))
+    o = _Emit(ost, {**e.axes, **s.axes})
+    out = o.ir("add", o.contract(outs["qg"], "S_in", (K,)) if not Gvl else o.ir(
+        "mul", o.contract(outs["qg"], "S_in", (K,)), outs["out_gate_v"]), outs["AkB"])
+    if wy:
+        out = o.ir("add", out, o.contract(outs["Au"], o.rename("E"), ("j",)))
+    for name, op in (("read_post", "mul"), ("out_const", "add")):
+        if name in pro:
+            out = o.ir(op, out, o("load", (), ("i", *pro[name].dims), out=name, value=name))
+    ost.outputs = (out,)
+    meta = _meta(p, rec, kdim=K, vdim=V, state=S, out=out, positive=rec.gate_positive)
+    return TileProgram(p.name, form, chunk, p.dims, pro, [prep, sp, ost], meta)
