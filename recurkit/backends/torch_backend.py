@@ -7,6 +7,7 @@ The sequential form is the reference step loop; the scan form is a parallel doub
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..ir.bind import BoundCall
 from ..ir.interpret import BINARY_TORCH, UNARY_TORCH, evaluate, run_reference
@@ -21,8 +22,13 @@ class Val:
     def __init__(self, t: torch.Tensor, axes: tuple[str, ...]):
         self.t, self.axes = t, tuple(axes)
 
+    def permuted(self, want: tuple[str, ...]) -> "Val":
+        return self if self.axes == tuple(want) else Val(self.to(want), want)
+
     def to(self, want: tuple[str, ...]) -> torch.Tensor:
         """View with axes in ``want`` order, size 1 where this value lacks an axis."""
+        if self.axes == want:
+            return self.t
         nb = self.t.dim() - len(self.axes)
         order = [a for a in want if a in self.axes]
         perm = list(range(nb)) + [nb + self.axes.index(a) for a in order]
@@ -34,32 +40,68 @@ class Val:
         return t.reshape(shape)
 
 
-def _letters(*axes_lists) -> dict[str, str]:
-    names = dict.fromkeys(a for axes in axes_lists for a in axes)
-    return {a: chr(ord("a") + i) for i, a in enumerate(names)}
+FLUSH_BELOW = 1e-20
+
+
+def _decay_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp of a log-decay, with results below 1e-20 set to 0. Products of such factors would
+    be fp32 denormals, which make x86 matmuls ~100x slower, while a term scaled by 1e-20 is
+    far below fp32 resolution (6e-8) next to the undecayed terms it is summed with."""
+    return F.threshold(torch.exp(x), FLUSH_BELOW, 0.0)
+
+
+def _flush(x: torch.Tensor) -> torch.Tensor:
+    """Zero the entries below 1e-30 in magnitude (one fused op; see _decay_exp): applied to
+    the operands of the state pass's matmuls, where decayed values meet the state."""
+    return F.hardshrink(x, 1e-30)
 
 
 def _tril(C: int, strict: bool, device) -> torch.Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
 
 
-def exec_op(op: TileOp, env: dict[str, Val], C: int) -> Val:
+def _contract(x: Val, y: Val, over: tuple[str, ...], want: tuple[str, ...]) -> Val:
+    """sum over ``over`` of x * y, as one batched matmul: [.., bat, m, c] @ [.., bat, c, n]."""
+    bat = tuple(d for d in x.axes if d in y.axes and d not in over)
+    m = tuple(d for d in x.axes if d not in y.axes)
+    n = tuple(d for d in y.axes if d not in x.axes)
+    xt, yt = x.to(bat + m + over), y.to(bat + over + n)
+    nbx, nby = xt.dim() - len(x.axes), yt.dim() - len(y.axes)
+    bshape = xt.shape[nbx:nbx + len(bat)]
+    msz = xt.shape[nbx + len(bat):nbx + len(bat) + len(m)]
+    csz = xt.shape[xt.dim() - len(over):]
+    nsz = yt.shape[yt.dim() - len(n):] if n else ()
+    mm = 1
+    for v in msz:
+        mm *= v
+    cc = 1
+    for v in csz:
+        cc *= v
+    xr = xt.reshape(*xt.shape[:nbx], *bshape, mm, cc)
+    yr = yt.reshape(*yt.shape[:nby], *bshape, cc, -1)
+    r = torch.matmul(xr, yr)
+    r = r.reshape(*r.shape[:-2], *msz, *nsz)
+    return Val(r, bat + m + n).permuted(want)
+
+
+def exec_op(op: TileOp, env: dict[str, Val], C: int, sizes: dict[str, int]) -> Val:
     a = [env[x] for x in op.args]
     o = op.op
+    dev = next(iter(env.values())).t.device
     if o == "ir":
         fn = op.attr("ir_op")
         xs = [v.to(op.axes) for v in a]
+        if fn == "exp":
+            return Val(_decay_exp(xs[0]), op.axes)
         if fn in UNARY_TORCH:
             return Val(UNARY_TORCH[fn](xs[0]), op.axes)
         if fn == "where":
             return Val(torch.where(*xs), op.axes)
         return Val(BINARY_TORCH[fn](*xs), op.axes)
     if o == "contract":
-        (x, y), over = a, op.attr("over")
-        L = _letters(x.axes, y.axes)
-        spec = "...{},...{}->...{}".format(*("".join(L[c] for c in axes)
-                                             for axes in (x.axes, y.axes, op.axes)))
-        return Val(torch.einsum(spec, x.t, y.t), op.axes)
+        return _contract(a[0], a[1], tuple(op.attr("over")), op.axes)
+    if o == "eye":
+        return Val(torch.eye(sizes[op.axes[0]], device=dev), op.axes)
     if o == "rename":
         return Val(a[0].t, op.axes)
     if o in ("cumsum", "last", "shift"):
@@ -76,7 +118,7 @@ def exec_op(op: TileOp, env: dict[str, Val], C: int) -> Val:
         diff = x.to(op.axes) - y.to(op.axes)
         keep = _tril(C, op.attr("mask") == "i>j", diff.device)
         keep = Val(keep, ("i", "j")).to(op.axes)
-        return Val(diff.masked_fill(~keep, float("-inf")).exp(), op.axes)
+        return Val(_decay_exp(diff.masked_fill(~keep, float("-inf"))), op.axes)
     if o == "mask":
         keep = _tril(C, op.attr("mask") == "i>j", a[0].t.device)
         return Val(a[0].to(op.axes) * Val(keep, ("i", "j")).to(op.axes), op.axes)
@@ -119,20 +161,26 @@ class Packing:
         self.rows = rows[:, None].expand(-1, L)
         self.bc = bc
 
-    def pack(self, v: torch.Tensor, ndims: int) -> torch.Tensor:
+    def pack(self, v: torch.Tensor) -> torch.Tensor:
         """v: [B|1, T|1, H|1, *dims] -> [N, H, chunks, C, *dims] (zeros where padded)."""
         bc = self.bc
         v = v.expand(bc.B, bc.T, bc.H, *v.shape[3:])
-        g = v[self.rows, self.t_idx]                                            # [N, L, H, ...]
-        mask = self.valid.reshape(*self.valid.shape, *([1] * (g.dim() - 2)))
-        g = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        if bc.cu_seqlens is None:   # fixed length: pad the end, no gather
+            pad = self.nc * self.C - bc.T
+            g = torch.cat([v, v.new_zeros(bc.B, pad, *v.shape[2:])], 1) if pad else v
+        else:
+            g = v[self.rows, self.t_idx]                                        # [N, L, H, ...]
+            mask = self.valid.reshape(*self.valid.shape, *([1] * (g.dim() - 2)))
+            g = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
         g = g.reshape(self.N, self.nc, self.C, *g.shape[2:])                   # [N, nc, C, H, ..]
-        return g.movedim(3, 1)                                                  # [N, H, nc, C, ..]
+        return g.movedim(3, 1).contiguous()                                     # [N, H, nc, C, ..]
 
     def unpack(self, o: torch.Tensor) -> torch.Tensor:
         """o: [N, H, chunks, C, *dims] -> [B, T, H, *dims]."""
         bc = self.bc
         flat = o.movedim(1, 3).reshape(self.N, self.nc * self.C, bc.H, *o.shape[4:])
+        if bc.cu_seqlens is None:
+            return flat[:, :bc.T]
         out = flat.new_zeros(bc.B, bc.T, bc.H, *o.shape[4:])
         return out.index_put((self.rows[self.valid], self.t_idx[self.valid]), flat[self.valid])
 
@@ -168,17 +216,19 @@ def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
     pk = Packing(bc, C)
     env: dict[str, Val] = {}
     for k, n in tp.prologue.items():
-        env[k] = Val(pk.pack(pro[k], len(n.dims)), ("i", *n.dims))
+        env[k] = Val(pk.pack(pro[k]), ("i", *n.dims))
     prep, sp, out = tp.stages
     for op in prep.ops:
         if op.op == "load":
             env[op.out] = env[op.attr("value")]
         else:
-            env[op.out] = exec_op(op, env, C)
+            env[op.out] = exec_op(op, env, C, bc.sizes)
     # the state pass: loop over chunks, batch axes [N, H]
     S = tp.meta["state"]
-    per_chunk = {name: env[name] for name in prep.outputs}
-    collected: dict[str, list[torch.Tensor]] = {n: [] for n in sp.outputs if n != S}
+    matmul_operands = {a for op in sp.ops if op.op == "contract" for a in op.args}
+    per_chunk = {name: Val(_flush(env[name].t), env[name].axes) if name in matmul_operands
+                 else env[name] for name in prep.outputs}
+    collected: dict[str, torch.Tensor] = {}
     local: dict[str, Val] = {}
     for c in range(pk.nc):
         for name, v in per_chunk.items():
@@ -188,13 +238,21 @@ def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
                 if c == 0:
                     local[op.out] = Val(_initial_state(bc, pk.N), op.axes)
                 continue
-            local[op.out] = exec_op(op, local, C)
-        for name in collected:
-            collected[name].append(local[name].t)
-    for name, ts in collected.items():
-        env[name] = Val(torch.stack(ts, 2), local[name].axes)
+            val = exec_op(op, local, C, bc.sizes)
+            if op.out == S:
+                val = Val(_flush(val.t), val.axes)
+            local[op.out] = val
+        for name in sp.outputs:
+            if name == S:
+                continue
+            t = local[name].t
+            if name not in collected:   # [N, H, chunks, ...], filled chunk by chunk
+                collected[name] = t.new_empty(t.shape[:2] + (pk.nc,) + t.shape[2:])
+            collected[name][:, :, c] = t
+    for name, t in collected.items():
+        env[name] = Val(t, local[name].axes)
     for op in out.ops:
-        env[op.out] = env[op.attr("value")] if op.op == "load" else exec_op(op, env, C)
+        env[op.out] = env[op.attr("value")] if op.op == "load" else exec_op(op, env, C, bc.sizes)
     o = env[out.outputs[0]]
     odims = bc.program.output.dims
     o_t = pk.unpack(o.to(("i", *odims)))

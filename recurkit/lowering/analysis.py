@@ -36,6 +36,7 @@ class Recurrence:
     decay_v: Node | None = None
     erase_u: Node | None = None       # u [K]
     erase_r: Node | None = None       # r [K]
+    erase_scale: Node | None = None   # c with u = c * a_0 (one write), when provable
     writes: list[tuple[Node, Node]] = field(default_factory=list)   # (a [K], b [V])
     read_q: Node | None = None        # q [K]
     read_post: Node | None = None     # post, dims within the output's
@@ -49,6 +50,7 @@ class Recurrence:
         vals = {"log_gate_k": self.log_gate_k, "log_gate_v": self.log_gate_v,
                 "decay_k": self.decay_k, "decay_v": self.decay_v,
                 "erase_u": self.erase_u, "erase_r": self.erase_r,
+                "erase_scale": self.erase_scale,
                 "read_q": self.read_q, "read_post": self.read_post,
                 "out_const": self.out_const, "scan_a": self.scan_a, "scan_b": self.scan_b}
         for j, (a, b) in enumerate(self.writes):
@@ -151,8 +153,11 @@ def _matrix_form(p: Program, b: Builder, state: Node, trans: Affine) -> Recurren
         return Recurrence(p, "general", ("sequential",),
                           ["readout query has dims beyond the contracted one"])
 
+    post = rt.post
+    if post is not None and not post.dims:   # a scalar post (the scale) folds into q
+        q, post = b.mul(q, post), None
     rec = Recurrence(p, "diagonal", (), reasons, kdim=kdim, vdim=vdim, read_q=q,
-                     read_post=rt.post, out_const=out.const)
+                     read_post=post, out_const=out.const)
     # decay: the terms without contraction
     d = None
     rank1 = []
@@ -197,8 +202,33 @@ def _matrix_form(p: Program, b: Builder, state: Node, trans: Affine) -> Recurren
         return _sequential(rec, "value-side decay together with a rank-1 erase")
     rec.erase_u = t.post
     rec.erase_r = b.mul(t.read, t.inner)
+    if len(rec.writes) == 1:
+        rec.erase_scale = _scalar_ratio(b, rec.erase_u, rec.writes[0][0])
     rec.forms = ("chunk_wy", "sequential")
     return rec
+
+
+def _scalar_ratio(b: Builder, u: Node, a: Node) -> Node | None:
+    """c with u = c * a when u and a have the same non-scalar factors (the delta rule's
+    erase and write share their key), else None."""
+    fu, fa = factors(u), factors(a)
+    vec_u = sorted((f for f in fu if f.dims), key=id)
+    vec_a = sorted((f for f in fa if f.dims), key=id)
+    if [id(f) for f in vec_u] != [id(f) for f in vec_a]:
+        return None
+    num = [f for f in fu if not f.dims]
+    den = [f for f in fa if not f.dims]
+    for f in list(den):   # cancel common scalar factors
+        same = next((g for g in num if g is f), None)
+        if same is not None:
+            num.remove(same)
+            den.remove(f)
+    c = b.const(1.0)
+    for f in num:
+        c = b.mul(c, f) if not (c.op == "const" and c.attr("value") == 1.0) else f
+    for f in den:
+        c = b.op("div", c, f)
+    return c
 
 
 def _sequential(rec: Recurrence, why: str) -> Recurrence:

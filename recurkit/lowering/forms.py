@@ -48,8 +48,8 @@ class _Emit:
         axes.sort(key=lambda x: x not in ("i", "j"))  # positions first, then dims
         return self("ir", args, tuple(axes), out, ir_op=op)
 
-    def rename(self, x: str, out: str | None = None) -> str:
-        return self("rename", (x,), tuple("j" if a == "i" else a for a in self.axes[x]), out)
+    def rename(self, x: str, out: str | None = None, frm: str = "i", to: str = "j") -> str:
+        return self("rename", (x,), tuple(to if a == frm else a for a in self.axes[x]), out)
 
     def contract(self, a: str, b: str, over: tuple[str, ...], out: str | None = None) -> str:
         union = list(self.axes[a]) + [x for x in self.axes[b] if x not in self.axes[a]]
@@ -121,6 +121,9 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
                                 "sequential form")
     wy = form == "chunk_wy"
     S = p.state.name
+    prop = wy and rec.erase_scale is not None   # u = c * a: one pseudo-value per token
+    if prop:
+        pro.pop("erase_u")
     loads = [k for k in pro if k not in ("decay_k", "decay_v", "read_post", "out_const")]
 
     # --- stage 1: everything per chunk that does not need the incoming state -------------
@@ -154,9 +157,28 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
 
     Ri = ratio(G, "R_incl", "i>=j")
     to_end = e.ir("exp", e.ir("sub", Gl, G)) if G else None
-    to_end_v = e.ir("exp", e.ir("sub", Gvl, Gv)) if Gv else None
+    qg = e.ir("mul", q, e.ir("exp", G), out="q_decayed") if G else q
+    decay_end = e.ir("exp", Gl, out="decay_end") if Gl else None
+    if prop:
+        _wy_proportional(e, ld, G, Gx_of(e, G), ratio, attn, K, V, to_end)
+        prep.outputs = tuple(x for x in ("Yc", "bZ", "a_end", qg, decay_end, "A_a") if x)
+        sp = Stage("state_pass", "loop", ("N", "H"), over="chunks", carried=(S,))
+        s = _Emit(sp, {v: e.axes[v] for v in prep.outputs})
+        s("zeros", (), p.state.dims, out=S, init="initial_state")
+        s("rename", (S,), p.state.dims, out="S_in")  # the state entering this chunk
+        nu = s.ir("add", "bZ", s.contract("Yc", S, (K,)), out="nu")   # pseudo-values b + c e
+        nxt = s.ir("mul", S, decay_end) if decay_end else S
+        s.ir("add", nxt, s.contract("a_end", nu, ("i",)), out=S)
+        sp.outputs = ("S_in", "nu", S)
+        ost = Stage("output", "chunk", ("N", "H", "chunks"))
+        o = _Emit(ost, {**e.axes, **s.axes})
+        out = o.ir("add", o.contract(qg, "S_in", (K,)),
+                   o.contract("A_a", o.rename(nu), ("j",)))
+        return _finish(p, rec, form, chunk, pro, [prep, sp, ost], o, out)
+
     Rv = e("decay_ratio", (Gv, e.rename(Gv)), ("i", "j", *e.axes[Gv][1:]), mask="i>=j") \
         if Gv else None
+    to_end_v = e.ir("exp", e.ir("sub", Gvl, Gv)) if Gv else None
     W = AkB = None
     for m in range(len(rec.writes)):   # the writes a b^T: intra-chunk outputs and state input
         a, b = ld[f"write_a{m}"], ld[f"write_b{m}"]
@@ -167,17 +189,16 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
         w = e.contract(e.ir("mul", a, to_end) if to_end else a,
                        e.ir("mul", b, to_end_v) if to_end_v else b, ("i",))
         W = w if W is None else e.ir("add", W, w)
-    outs = {"W": W, "AkB": AkB, "qg": e.ir("mul", q, e.ir("exp", G), out="q_decayed")
-            if G else q}
-    if Gl:
-        outs["decay_end"] = e.ir("exp", Gl, out="decay_end")
+    outs = {"W": W, "AkB": AkB, "qg": qg}
+    if decay_end:
+        outs["decay_end"] = decay_end
     if Gvl:
         outs["decay_end_v"] = e.ir("exp", Gvl, out="decay_end_v")
         outs["out_gate_v"] = e.ir("exp", Gv, out="out_gate_v")
     if wy:
         u, r = ld["erase_u"], ld["erase_r"]
         uj = e.rename(u)
-        Gx = e("shift", (G,), e.axes[G], out="Gx", axis="i") if G else None
+        Gx = Gx_of(e, G)
         Rx = ratio(Gx, "R_strict", "i>j")
         Lu = attn(r, uj, Rx, "i>j", out="L_u")
         rx = e.ir("mul", r, e.ir("exp", Gx)) if G else r
@@ -198,26 +219,62 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
     s("zeros", (), p.state.dims, out=S, init="initial_state")
     s("rename", (S,), p.state.dims, out="S_in")  # the state entering this chunk
     nxt = S
-    if Gl:
-        nxt = s.ir("mul", nxt, outs["decay_end"])
+    if decay_end:
+        nxt = s.ir("mul", nxt, decay_end)
     if Gvl:
         nxt = s.ir("mul", nxt, outs["decay_end_v"])
-    if wy:
+    nxt = s.ir("add", nxt, outs["W"])
+    if wy:  # the erase reads of this chunk, E = Y S_in + Z, then their writes
         E = s.ir("add", s.contract(outs["Y"], S, (K,)), outs["Z"], out="E")
         nxt = s.ir("add", nxt, s.contract(outs["u_end"], E, ("i",)))
-    s.ir("add", nxt, outs["W"], out=S)
+    s("rename", (nxt,), p.state.dims, out=S)
     sp.outputs = ("S_in", "E", S) if wy else ("S_in", S)
 
     # --- stage 3: the outputs, per chunk ------------------------------------------------------
     ost = Stage("output", "chunk", ("N", "H", "chunks"))
     o = _Emit(ost, {**e.axes, **s.axes})
-    out = o.ir("add", o.contract(outs["qg"], "S_in", (K,)) if not Gvl else o.ir(
-        "mul", o.contract(outs["qg"], "S_in", (K,)), outs["out_gate_v"]), outs["AkB"])
+    out = o.ir("add", o.contract(qg, "S_in", (K,)) if not Gvl else o.ir(
+        "mul", o.contract(qg, "S_in", (K,)), outs["out_gate_v"]), outs["AkB"])
     if wy:
         out = o.ir("add", out, o.contract(outs["Au"], o.rename("E"), ("j",)))
+    return _finish(p, rec, form, chunk, pro, [prep, sp, ost], o, out)
+
+
+def Gx_of(e: _Emit, G: str | None) -> str | None:
+    """The exclusive cumulative gate (shifted, so G_x[i] is exactly G[i-1])."""
+    if G is None:
+        return None
+    return "Gx" if "Gx" in e.axes else e("shift", (G,), e.axes[G], out="Gx", axis="i")
+
+
+def _wy_proportional(e: _Emit, ld, G, Gx, ratio, attn, K, V, to_end) -> None:
+    """Prep of the WY form when the erase direction is c times the write key (delta rules):
+    (I - L_a diag(c)) E = (r exp(Gx)) S + L_a B, and nu = b + c E are the pseudo-values."""
+    q, r, a, b = ld["read_q"], ld["erase_r"], ld["write_a0"], ld["write_b0"]
+    Ri = "R_incl" if G else None
+    # exp(Gx_i - G_j) for i > j is R_incl[i-1, j]: a shift of its rows, no second exp
+    Rx = e("shift", (Ri,), e.axes[Ri], out="R_strict", axis="i") if G else None
+    aj = e.rename(a)
+    attn(q, aj, Ri, "i>=j", out="A_a")
+    La = attn(r, aj, Rx, "i>j", out="L_a")
+    c = ld["erase_scale"]
+    e("rename", (c,), e.axes[c], out="c")
+    Lu = e.ir("mul", La, e.rename(c), out="L_u")
+    rx = e.ir("mul", r, e.ir("exp", Gx)) if G else r
+    Y = e("solve_unit_lower", (Lu, e.rename(rx)), ("i", K), out="Y")
+    Z = e("solve_unit_lower", (Lu, e.rename(e.contract(La, e.rename(b), ("j",)))), ("i", V),
+          out="Z")
+    e.ir("mul", "c", Y, out="Yc")                   # nu = b + c (Y S + Z) = bZ + Yc S
+    e.ir("add", b, e.ir("mul", "c", Z), out="bZ")
+    e.ir("mul", a, to_end, out="a_end") if to_end else e("rename", (a,), e.axes[a],
+                                                         out="a_end")
+
+
+def _finish(p, rec, form, chunk, pro, stages, o: _Emit, out: str) -> TileProgram:
     for name, op in (("read_post", "mul"), ("out_const", "add")):
         if name in pro:
             out = o.ir(op, out, o("load", (), ("i", *pro[name].dims), out=name, value=name))
-    ost.outputs = (out,)
-    meta = _meta(p, rec, kdim=K, vdim=V, state=S, out=out, positive=rec.gate_positive)
-    return TileProgram(p.name, form, chunk, p.dims, pro, [prep, sp, ost], meta)
+    stages[-1].outputs = (out,)
+    meta = _meta(p, rec, kdim=rec.kdim, vdim=rec.vdim, state=p.state.name, out=out,
+                 positive=rec.gate_positive)
+    return TileProgram(p.name, form, chunk, p.dims, pro, stages, meta)

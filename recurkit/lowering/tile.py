@@ -19,9 +19,10 @@ TILE_OPS: dict[str, tuple[int, str]] = {
     "load": (0, "a per-token value of the prologue, as a block over positions i"),
     "load_chunk": (0, "a per-chunk value from an earlier stage"),
     "zeros": (0, "a zero block"),
+    "eye": (0, "the identity [X, X'] over a dim and its primed copy"),
     "cumsum": (1, "inclusive cumulative sum along axis"),
     "shift": (1, "shift along axis by one position, filling 0 (exclusive cumsum from cumsum)"),
-    "rename": (1, "rename one axis (i -> j)"),
+    "rename": (1, "rename one axis (i -> j, K -> K')"),
     "last": (1, "the value at the last position of axis"),
     "decay_ratio": (2, "exp(a_i - b_j) where the mask holds, else 0; masked before exp"),
     "mask": (1, "keep where the mask holds (i >= j or i > j), else 0"),
@@ -137,7 +138,7 @@ def verify_tile_program(tp: TileProgram) -> None:
 
 
 def _check_axes(op: TileOp, ins: list[tuple[str, ...]], pos: set[str], dims) -> None:
-    known = pos | set(dims)
+    known = pos | set(dims) | {d + "'" for d in dims}
     for ax in op.axes:
         if ax not in known:
             raise TileVerifyError(f"{op}: unknown axis {ax!r}")
