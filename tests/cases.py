@@ -59,7 +59,10 @@ GATED = {"simple_gla", "gla", "gated_delta_rule", "kda", "gdn2", "kla", "dplr_de
 def matrix_inputs(name, B, T, H, K, V, seed=0, dtype=torch.float32, gate=None):
     gen = torch.Generator().manual_seed(seed)
     kinds = CASES[name][0]
-    return [draw(k, B, T, H, K, V, gen, gate).to(dtype) for k in kinds]
+    xs = [draw(k, B, T, H, K, V, gen, gate) for k in kinds]
+    if name == "dplr_delta_rule":   # a = -beta b: the transition I - beta b b^T stays stable
+        xs[3] = -xs[4] * torch.rand(B, T, H, 1, generator=gen)
+    return [x.to(dtype) for x in xs]
 
 
 def vector_inputs(name, B, T, H, D, seed=0, dtype=torch.float32, gate=None):

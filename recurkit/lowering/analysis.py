@@ -58,7 +58,9 @@ class Recurrence:
         return {k: v for k, v in vals.items() if v is not None}
 
 
-def analyze(p: Program) -> Recurrence:
+def analyze(decl) -> Recurrence:
+    """What kind of recurrence ``decl`` is and which forms compute it exactly."""
+    p = decl if isinstance(decl, Program) else _program(decl)
     if p.new_state is None:
         return Recurrence(p, "stateless", ("sequential",))
     b = Builder(p)
@@ -76,6 +78,14 @@ def analyze(p: Program) -> Recurrence:
             scan.reasons = rec.reasons + scan.reasons
             return scan
     return rec
+
+
+def _program(decl) -> Program:
+    inner = getattr(decl, "decl", decl)   # a built-in op exposes its declaration
+    prog = getattr(inner, "program", None)
+    if not isinstance(prog, Program):
+        raise TypeError(f"expected an @rk.recurrence declaration, got {type(decl).__name__}")
+    return prog
 
 
 def _elementwise(trans: Affine, state: Node) -> bool:

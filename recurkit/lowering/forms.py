@@ -184,10 +184,12 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
         a, b = ld[f"write_a{m}"], ld[f"write_b{m}"]
         Ak = attn(q, e.rename(a), Ri, "i>=j", out=f"A_a{m}")
         bj = e.rename(b)
-        akb = e.contract(Ak, e.ir("mul", bj, Rv) if Rv else bj, ("j",))
+        akb = e.contract(Ak, e.ir("mul", bj, Rv) if Rv else bj, ("j",),
+                         out="o_intra" if len(rec.writes) == 1 else None)
         AkB = akb if AkB is None else e.ir("add", AkB, akb)
         w = e.contract(e.ir("mul", a, to_end) if to_end else a,
-                       e.ir("mul", b, to_end_v) if to_end_v else b, ("i",))
+                       e.ir("mul", b, to_end_v) if to_end_v else b, ("i",),
+                       out="W" if len(rec.writes) == 1 else None)
         W = w if W is None else e.ir("add", W, w)
     outs = {"W": W, "AkB": AkB, "qg": qg}
     if decay_end:

@@ -121,6 +121,9 @@ class LinearForms:
         if id(n) in self.forbidden:
             raise Nonlinear("the output reads the state before its update (use the new "
                             "state)", n.loc)
+        if any(id(a) in self.forbidden for a in n.args):   # name the line that reads it
+            raise Nonlinear("the output reads the state before its update (use the new "
+                            "state)", n.loc)
         op, args = n.op, n.args
         if op in ("add", "sub"):
             a, c = self.form(args[0]), self.form(args[1])

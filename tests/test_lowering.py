@@ -1,0 +1,155 @@
+"""Every form that applies to every built-in matches the reference interpreter."""
+import functools
+
+import pytest
+import torch
+
+import recurkit as rk
+from cases import CASES, GATED, VECTOR_CASES, matrix_inputs, vector_inputs
+
+B, H, K, V, D = 2, 2, 6, 5, 7
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def decl_of(name):
+    return getattr(rk.ops, name).decl
+
+
+def inputs(name, T, Bn=B, **kw):
+    if name in VECTOR_CASES:
+        return vector_inputs(name, Bn, T, H, D, **kw)
+    return matrix_inputs(name, Bn, T, H, K, V, **kw)
+
+
+def state(name, N, seed=3):
+    shape = (N, H, D) if name in VECTOR_CASES else (N, H, K, V)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name, T, init, gate=None, Bn=B):
+    x = inputs(name, T, Bn, gate=gate)
+    S0 = state(name, Bn) if init else None
+    return x, S0, rk.compile(decl_of(name), backend="reference")(
+        *x, initial_state=S0, output_final_state=True)
+
+
+def cases(Ts, chunks):
+    out = []
+    for name in [*CASES, *VECTOR_CASES]:
+        for form in rk.analyze(decl_of(name)).forms:
+            for T in Ts:
+                for chunk in (chunks if form.startswith("chunk") else [None]):
+                    out.append(pytest.param(name, form, T, chunk,
+                                            id=f"{name}-{form}-T{T}" + (f"-C{chunk}" if chunk
+                                                                        else "")))
+    return out
+
+
+def check(name, form, T, chunk, init):
+    x, S0, (o_ref, S_ref) = reference(name, T, init)
+    op = rk.compile(decl_of(name), backend="torch", form=form, chunk=chunk)
+    assert op.form == form
+    o, S = op(*x, initial_state=S0, output_final_state=True)
+    assert o.shape == o_ref.shape and S.shape == S_ref.shape
+    assert rel(o, o_ref) < 1e-5, rel(o, o_ref)
+    assert rel(S, S_ref) < 1e-5, rel(S, S_ref)
+
+
+@pytest.mark.parametrize("init", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("name,form,T,chunk", cases([1, 15, 64, 100], [16, 64]))
+def test_forms_match_reference(name, form, T, chunk, init):
+    check(name, form, T, chunk, init)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,form,T,chunk", cases([1000], [16, 32, 64, 128]))
+def test_forms_match_reference_long(name, form, T, chunk):
+    check(name, form, T, chunk, True)
+
+
+@pytest.mark.parametrize("name,form,T,chunk", [c for c in cases([40], [16]) if
+                                               c.values[1] != "sequential"])
+def test_varlen_with_short_and_empty_segments(name, form, T, chunk):
+    lens = [1, 3, 0, 16, 17, 2, 1]   # shorter than a chunk, exactly one, one past, length 1
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    Tn = sum(lens)
+    x = [t[:1] for t in inputs(name, Tn)]
+    S0 = state(name, len(lens))
+    kw = dict(initial_state=S0, output_final_state=True, cu_seqlens=cu)
+    o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, **kw)
+    o, S = rk.compile(decl_of(name), backend="torch", form=form, chunk=chunk)(*x, **kw)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule", "kda", "dplr_delta_rule", "hgrn"])
+def test_low_precision_inputs(name, dtype, tol):
+    x = inputs(name, 50, dtype=dtype)
+    o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, output_final_state=True)
+    o, S = rk.compile(decl_of(name), backend="torch", chunk=16)(*x, output_final_state=True)
+    assert o.dtype == dtype and S.dtype == torch.float32
+    assert rel(o, o_ref) < tol and rel(S, S_ref) < 1e-5
+
+
+EXTREME = [(-69.0, -69.0), (-1e-6, -1e-6)]   # per-step decay 1e-30 and 1 - 1e-6
+
+
+@pytest.mark.parametrize("gate", EXTREME, ids=["decay1e-30", "decay1-1e-6"])
+@pytest.mark.parametrize("name", ["simple_gla", "gla", "gated_delta_rule", "kda", "hgrn"])
+def test_extreme_gates(name, gate):
+    check_extreme(name, gate, 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gate", EXTREME, ids=["decay1e-30", "decay1-1e-6"])
+@pytest.mark.parametrize("name", sorted(GATED) + ["hgrn", "min_gru"])
+def test_extreme_gates_T16384(name, gate):
+    check_extreme(name, gate, 16384)
+
+
+def check_extreme(name, gate, T):
+    x = inputs(name, T, Bn=1, gate=gate)
+    if name == "min_gru":   # its gate is sigmoid(z): saturate it the same way
+        x[1] = torch.full_like(x[1], 69.0 if gate[0] < -1 else -13.8)
+    o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, output_final_state=True)
+    for form in rk.analyze(decl_of(name)).forms[:-1]:
+        o, S = rk.compile(decl_of(name), backend="torch", form=form, chunk=64)(
+            *x, output_final_state=True)
+        assert torch.isfinite(o).all() and torch.isfinite(S).all()
+        assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5, (form, rel(o, o_ref))
+
+
+def test_lower_prints_the_form_and_stages():
+    tp = rk.lower(rk.ops.kda, chunk=32)
+    text = str(tp)
+    assert text.startswith("tile program kda: form chunk_wy, chunk 32")
+    for stage in ["stage prep (chunk", "stage state_pass (loop", "stage output (chunk"]:
+        assert stage in text
+    assert "solve_unit_lower" in text and "decay_ratio" in text
+
+
+def test_inapplicable_form_and_chunk_are_refused():
+    with pytest.raises(rk.LoweringError, match="form 'scan' does not apply to gla"):
+        rk.lower(rk.ops.gla, form="scan")
+    with pytest.raises(rk.LoweringError, match="chunk size 48"):
+        rk.lower(rk.ops.gla, chunk=48)
+    with pytest.raises(rk.LoweringError, match="form 'chunk_gated' does not apply to kda"):
+        rk.compile(rk.ops.kda, backend="torch", form="chunk_gated")
+
+
+def test_tile_verifier_catches_a_broken_program():
+    from recurkit.lowering.tile import TileOp, TileVerifyError, verify_tile_program
+    tp = rk.lower(rk.ops.gla)
+    tp.stages[0].ops.insert(0, TileOp("bad", "contract", ("read_q", "G"), ("i",),
+                                      (("over", ("K",)),)))
+    with pytest.raises(TileVerifyError, match="before it is defined"):
+        verify_tile_program(tp)
+    tp = rk.lower(rk.ops.gla)
+    op = tp.stages[0].ops[-1]
+    tp.stages[0].ops[-1] = TileOp(op.out, op.op, op.args, ("Q",), op.attrs)
+    with pytest.raises(TileVerifyError, match="axis"):
+        verify_tile_program(tp)
