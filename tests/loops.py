@@ -5,6 +5,9 @@ Inputs are [B, T, H, ...] float tensors; states are [B, H, K, V] (or [B, H, D]).
 """
 import torch
 
+# the dtype the loops compute in: float64 gives the ground truth for accuracy tests
+DTYPE = torch.float32
+
 
 def _mv(k, S):  # k^T S: [B,H,K] x [B,H,K,V] -> [B,H,V]
     return torch.einsum("bhk,bhkv->bhv", k, S)
@@ -20,11 +23,11 @@ def _l2(x):
 
 def run_matrix(step, q, v_dim, S0, scale, T, *tok):
     B, _, H, K = q.shape
-    S = torch.zeros(B, H, K, v_dim) if S0 is None else S0.float().clone()
+    S = torch.zeros(B, H, K, v_dim, dtype=DTYPE) if S0 is None else S0.to(DTYPE).clone()
     outs = []
     for t in range(T):
-        S = step(S, *(x[:, t].float() for x in tok))
-        outs.append(scale * _mv(q[:, t].float(), S))
+        S = step(S, *(x[:, t].to(DTYPE) for x in tok))
+        outs.append(scale * _mv(q[:, t].to(DTYPE), S))
     return torch.stack(outs, 1), S
 
 
@@ -35,7 +38,7 @@ def linear_attn(q, k, v, scale, S0=None):
 
 def retention(q, k, v, scale, S0=None):
     H = q.shape[2]
-    gamma = 1 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float32))
+    gamma = 1 - 2.0 ** (-5.0 - torch.arange(H, dtype=DTYPE))
     return run_matrix(lambda S, k, v: gamma[None, :, None, None] * S + _outer(k, v), q,
                       v.shape[-1], S0, scale, q.shape[1], k, v)
 
@@ -46,7 +49,7 @@ def simple_gla(q, k, v, g, scale, S0=None):
 
 
 def simple_gla_gamma(q, k, v, g_gamma, scale, S0=None):
-    d = g_gamma.float().exp()[None, :, None, None]
+    d = g_gamma.to(DTYPE).exp()[None, :, None, None]
     return run_matrix(lambda S, k, v: d * S + _outer(k, v), q, v.shape[-1], S0, scale,
                       q.shape[1], k, v)
 
@@ -99,10 +102,10 @@ def dplr_delta_rule(q, k, v, a, b, gk, scale, S0=None):
 
 def run_vector(step, x, h0, *tok):
     B, T, H, D = x.shape
-    h = torch.zeros(B, H, D) if h0 is None else h0.float().clone()
+    h = torch.zeros(B, H, D, dtype=DTYPE) if h0 is None else h0.to(DTYPE).clone()
     outs = []
     for t in range(T):
-        h = step(h, x[:, t].float(), *(y[:, t].float() for y in tok))
+        h = step(h, x[:, t].to(DTYPE), *(y[:, t].to(DTYPE) for y in tok))
         outs.append(h)
     return torch.stack(outs, 1), h
 

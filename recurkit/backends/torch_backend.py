@@ -260,18 +260,22 @@ def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
     return o_t.to(bc.out_dtype), final
 
 
-def _scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """h_t = a_t h_(t-1) + b_t along ``dim`` (h_(-1) = 0), by recursive doubling: log2(T)
-    passes, exact in fp32 (products of small coefficients underflow to their true, tiny,
-    contribution)."""
-    T = a.shape[dim]
+def _scan(la: torch.Tensor, sg: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """h_t = a_t h_(t-1) + b_t along ``dim`` (h_(-1) = 0), a = sg * exp(la), by recursive
+    doubling (log2 T passes). The coefficients stay in log space: a product of segment
+    coefficients is a sum of their logs, so a decay of 1 - 1e-6 does not compound its fp32
+    rounding over T steps, and a tiny one underflows to its true, negligible, value."""
+    T = la.shape[dim]
     s = 1
     while s < T:
-        a_prev = a.narrow(dim, 0, T - s)
-        b_prev = b.narrow(dim, 0, T - s)
-        a_cur, b_cur = a.narrow(dim, s, T - s), b.narrow(dim, s, T - s)
+        la_cur, b_cur = la.narrow(dim, s, T - s), b.narrow(dim, s, T - s)
+        la_prev, b_prev = la.narrow(dim, 0, T - s), b.narrow(dim, 0, T - s)
+        a_cur = torch.exp(la_cur) if sg is None else sg.narrow(dim, s, T - s) * torch.exp(la_cur)
         b = torch.cat([b.narrow(dim, 0, s), a_cur * b_prev + b_cur], dim)
-        a = torch.cat([a.narrow(dim, 0, s), a_cur * a_prev], dim)
+        la = torch.cat([la.narrow(dim, 0, s), la_cur + la_prev], dim)
+        if sg is not None:
+            sg = torch.cat([sg.narrow(dim, 0, s), sg.narrow(dim, s, T - s) *
+                            sg.narrow(dim, 0, T - s)], dim)
         s *= 2
     return b
 
@@ -279,16 +283,18 @@ def _scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
 def _run_scan(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
     p = bc.program
     shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.state.dims))
-    a = pro["scan_a"].expand(shape).clone()
+    la = pro["scan_log_a"].expand(shape).clone()
+    sg = torch.sign(pro["scan_sign"]).expand(shape).clone() if "scan_sign" in pro else None
     b = pro["scan_b"].expand(shape).clone()
     h0 = _initial_state(bc, bc.N)
     segs = _segments(bc)
     # each sequence starts from its initial state: fold a_t0 * h0 into b_t0 and cut the link
     for n, (row, s, e) in enumerate(segs):
         if e > s:
-            b[row, s] = a[row, s] * h0[n] + b[row, s]
-            a[row, s] = 0.0
-    h = _scan(a, b, 1)
+            a0 = torch.exp(la[row, s]) * (1.0 if sg is None else sg[row, s])
+            b[row, s] = a0 * h0[n] + b[row, s]
+            la[row, s] = float("-inf")
+    h = _scan(la, sg, b, 1)
     vals = evaluate(bc, [p.output], {id(p.new_state): h})
     o = vals[id(p.output)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
     final = None

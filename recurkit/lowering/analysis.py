@@ -44,6 +44,8 @@ class Recurrence:
     # elementwise state
     scan_a: Node | None = None        # h' = a * h + b; the output is evaluated from h'
     scan_b: Node | None = None
+    scan_log_a: Node | None = None    # log|a|, computed from the gate's own log where known
+    scan_sign: Node | None = None     # a itself when its sign is not known to be positive
 
     def prologue(self) -> dict[str, Node]:
         """Every state-free value the parallel forms read per token, by role."""
@@ -52,7 +54,8 @@ class Recurrence:
                 "erase_u": self.erase_u, "erase_r": self.erase_r,
                 "erase_scale": self.erase_scale,
                 "read_q": self.read_q, "read_post": self.read_post,
-                "out_const": self.out_const, "scan_a": self.scan_a, "scan_b": self.scan_b}
+                "out_const": self.out_const, "scan_log_a": self.scan_log_a,
+                "scan_sign": self.scan_sign, "scan_b": self.scan_b}
         for j, (a, b) in enumerate(self.writes):
             vals[f"write_a{j}"], vals[f"write_b{j}"] = a, b
         return {k: v for k, v in vals.items() if v is not None}
@@ -114,8 +117,11 @@ def _elementwise_form(p, b: Builder, state: Node, trans: Affine) -> Recurrence |
     if bad is not None:
         return Recurrence(p, "elementwise", ("sequential",),
                           [f"the output reads the state before its update at {bad.loc}"])
+    pos = _positive(a)
     return Recurrence(p, "elementwise", ("scan", "sequential"), reasons,
-                      scan_a=a, scan_b=c if c is not None else b.const(0.0))
+                      scan_a=a, scan_b=c if c is not None else b.const(0.0),
+                      scan_log_a=_log(b, a) if pos else b.op("log", b.op("abs", a)),
+                      scan_sign=None if pos else a)
 
 
 def _reaches(root: Node, target: Node, stop: Node) -> bool:

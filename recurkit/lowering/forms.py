@@ -100,14 +100,14 @@ def _scan(p: Program, rec: Recurrence) -> TileProgram:
     st = Stage("scan", "scan", ("N", "H"), carried=(p.state.name,))
     e = _Emit(st)
     e("zeros", (), sd, out=p.state.name, init="initial_state")
-    a = e("load", (), ("i", *rec.scan_a.dims), out="a", value="scan_a")
-    b = e("load", (), ("i", *rec.scan_b.dims), out="b", value="scan_b")
-    h = e("scan_linear", (a, b), ("i", *sd), out="h", init=p.state.name)
+    pro = {k: v for k, v in rec.prologue().items() if k.startswith("scan_")}
+    pro.pop("scan_a", None)
+    args = tuple(e("load", (), ("i", *pro[k].dims), out=k, value=k) for k in pro)
+    h = e("scan_linear", args, ("i", *sd), out="h", init=p.state.name)
     e("readout", (h,), ("i", *p.output.dims), out="o", decl=p.name)
     e("last", (h,), sd, out=p.state.name, axis="i")
     st.outputs = ("o", p.state.name)
-    return TileProgram(p.name, "scan", None, p.dims,
-                       {"scan_a": rec.scan_a, "scan_b": rec.scan_b}, [st], _meta(p, rec))
+    return TileProgram(p.name, "scan", None, p.dims, pro, [st], _meta(p, rec))
 
 
 def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:

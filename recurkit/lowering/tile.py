@@ -28,7 +28,8 @@ TILE_OPS: dict[str, tuple[int, str]] = {
     "mask": (1, "keep where the mask holds (i >= j or i > j), else 0"),
     "contract": (2, "multiply and sum over the shared axes named in `over`"),
     "solve_unit_lower": (2, "(I - L)^-1 X for strictly lower-triangular L [i, j], X [j, ...]"),
-    "scan_linear": (2, "h_t = a_t h_(t-1) + b_t over the tokens, coefficients in log space"),
+    "scan_linear": (-1, "h_t = a_t h_(t-1) + b_t over the tokens, from log|a|, b and the sign "
+                        "of a where it is not known positive; a parallel scan in log space"),
     "step": (-1, "one step of the declaration (sequential form): new state and output"),
     "readout": (1, "the declaration's output evaluated from the new state, per token"),
     "ir": (-1, "an elementwise op of the declaration's vocabulary"),

@@ -1,0 +1,39 @@
+"""Shared helpers for the benchmark scripts: machine description and robust timing."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    return (f"{cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def bench(fns: dict, repeats: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call; the candidates are interleaved so that load on the machine
+    affects them alike."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(ts) for n, ts in times.items()}
