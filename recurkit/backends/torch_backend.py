@@ -122,16 +122,12 @@ def exec_op(op: TileOp, env: dict[str, Val], C: int, sizes: dict[str, int]) -> V
     if o == "mask":
         keep = _tril(C, op.attr("mask") == "i>j", a[0].t.device)
         return Val(a[0].to(op.axes) * Val(keep, ("i", "j")).to(op.axes), op.axes)
-    if o == "solve_unit_lower":
-        Lm, X = a
-        Lt = Lm.to(("i", "j"))
-        rest = tuple(x for x in X.axes if x != "j")
-        Xt = X.to(("j", *rest))
-        nb = Xt.dim() - 1 - len(rest)
-        flat = Xt.reshape(*Xt.shape[:nb], C, -1)
+    if o == "invert_unit_lower":
+        Lt = a[0].to(("i", "j"))
         eye = torch.eye(C, dtype=Lt.dtype, device=Lt.device)
-        sol = torch.linalg.solve_triangular(eye - Lt, flat, upper=False, unitriangular=True)
-        return Val(sol.reshape(Xt.shape), ("i", *rest))
+        inv = torch.linalg.solve_triangular(eye - Lt, eye.expand_as(Lt), upper=False,
+                                            unitriangular=True)
+        return Val(inv, ("i", "j")).permuted(op.axes)
     raise NotImplementedError(f"torch backend: no rule for tile op {o!r}")
 
 
@@ -211,6 +207,27 @@ def _initial_state(bc: BoundCall, N: int) -> torch.Tensor:
     return bc.initial_state.float()
 
 
+CHUNK_STAGE_BYTES = 1 << 28   # 256 MiB for the widest intermediate of a chunk stage
+
+
+def _run_chunk_stage(st, env: dict[str, Val], nc: int, group: int, C: int,
+                     sizes: dict[str, int]) -> dict[str, Val]:
+    """Run a chunk-parallel stage on slices of ``group`` chunks; returns its outputs."""
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in st.outputs}
+    axes: dict[str, tuple[str, ...]] = {}
+    for c0 in range(0, nc, group):
+        local = {k: Val(v.t[:, :, c0:c0 + group], v.axes) if v.t.dim() - len(v.axes) == 3
+                 else v for k, v in env.items()}
+        for op in st.ops:
+            local[op.out] = local[op.attr("value")] if op.op == "load" else exec_op(
+                op, local, C, sizes)
+        for n in st.outputs:
+            parts[n].append(local[n].t)
+            axes[n] = local[n].axes
+    return {n: Val(ts[0] if len(ts) == 1 else torch.cat(ts, 2), axes[n])
+            for n, ts in parts.items()}
+
+
 def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
     C = tp.chunk
     pk = Packing(bc, C)
@@ -218,11 +235,11 @@ def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
     for k, n in tp.prologue.items():
         env[k] = Val(pk.pack(pro[k]), ("i", *n.dims))
     prep, sp, out = tp.stages
-    for op in prep.ops:
-        if op.op == "load":
-            env[op.out] = env[op.attr("value")]
-        else:
-            env[op.out] = exec_op(op, env, C, bc.sizes)
+    # chunk stages run on groups of chunks, so that [i, j, K] intermediates stay bounded
+    widest = max([bc.sizes[d] for d in bc.sizes] + [1])
+    per_chunk_bytes = pk.N * bc.H * C * C * widest * 4
+    group = max(1, min(pk.nc, CHUNK_STAGE_BYTES // per_chunk_bytes))
+    env.update(_run_chunk_stage(prep, env, pk.nc, group, C, bc.sizes))
     # the state pass: loop over chunks, batch axes [N, H]
     S = tp.meta["state"]
     matmul_operands = {a for op in sp.ops if op.op == "contract" for a in op.args}
@@ -251,8 +268,7 @@ def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
             collected[name][:, :, c] = t
     for name, t in collected.items():
         env[name] = Val(t, local[name].axes)
-    for op in out.ops:
-        env[op.out] = env[op.attr("value")] if op.op == "load" else exec_op(op, env, C, bc.sizes)
+    env.update(_run_chunk_stage(out, env, pk.nc, group, C, bc.sizes))
     o = env[out.outputs[0]]
     odims = bc.program.output.dims
     o_t = pk.unpack(o.to(("i", *odims)))

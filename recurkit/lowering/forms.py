@@ -17,7 +17,7 @@ from .analysis import Recurrence, analyze
 from .tile import Stage, TileOp, TileProgram, verify_tile_program
 
 CHUNK_SIZES = (16, 32, 64, 128)
-DEFAULT_CHUNK = 32
+DEFAULT_CHUNK = 64
 
 
 class LoweringError(ValueError):
@@ -204,13 +204,14 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
         Rx = ratio(Gx, "R_strict", "i>j")
         Lu = attn(r, uj, Rx, "i>j", out="L_u")
         rx = e.ir("mul", r, e.ir("exp", Gx)) if G else r
-        Y = e("solve_unit_lower", (Lu, e.rename(rx)), ("i", K), out="Y")
+        Tinv = e("invert_unit_lower", (Lu,), ("i", "j"), out="T_inv")    # the UT transform
+        Y = e.contract(Tinv, e.rename(rx), ("j",), out="Y")
         LaB = None
         for m in range(len(rec.writes)):
             La = attn(r, e.rename(ld[f"write_a{m}"]), Rx, "i>j", out=f"L_a{m}")
             lab = e.contract(La, e.rename(ld[f"write_b{m}"]), ("j",))
             LaB = lab if LaB is None else e.ir("add", LaB, lab)
-        Z = e("solve_unit_lower", (Lu, e.rename(LaB)), ("i", V), out="Z")
+        Z = e.contract(Tinv, e.rename(LaB), ("j",), out="Z")
         outs.update(Y=Y, Z=Z, Au=attn(q, uj, Ri, "i>=j", out="A_u"),
                     u_end=e.ir("mul", u, to_end, out="u_end") if to_end else u)
     prep.outputs = tuple(outs.values())
@@ -263,9 +264,9 @@ def _wy_proportional(e: _Emit, ld, G, Gx, ratio, attn, K, V, to_end) -> None:
     e("rename", (c,), e.axes[c], out="c")
     Lu = e.ir("mul", La, e.rename(c), out="L_u")
     rx = e.ir("mul", r, e.ir("exp", Gx)) if G else r
-    Y = e("solve_unit_lower", (Lu, e.rename(rx)), ("i", K), out="Y")
-    Z = e("solve_unit_lower", (Lu, e.rename(e.contract(La, e.rename(b), ("j",)))), ("i", V),
-          out="Z")
+    Tinv = e("invert_unit_lower", (Lu,), ("i", "j"), out="T_inv")    # the UT transform
+    Y = e.contract(Tinv, e.rename(rx), ("j",), out="Y")
+    Z = e.contract(Tinv, e.rename(e.contract(La, e.rename(b), ("j",))), ("j",), out="Z")
     e.ir("mul", "c", Y, out="Yc")                   # nu = b + c (Y S + Z) = bZ + Yc S
     e.ir("add", b, e.ir("mul", "c", Z), out="bZ")
     e.ir("mul", a, to_end, out="a_end") if to_end else e("rename", (a,), e.axes[a],

@@ -27,7 +27,7 @@ TILE_OPS: dict[str, tuple[int, str]] = {
     "decay_ratio": (2, "exp(a_i - b_j) where the mask holds, else 0; masked before exp"),
     "mask": (1, "keep where the mask holds (i >= j or i > j), else 0"),
     "contract": (2, "multiply and sum over the shared axes named in `over`"),
-    "solve_unit_lower": (2, "(I - L)^-1 X for strictly lower-triangular L [i, j], X [j, ...]"),
+    "invert_unit_lower": (1, "(I - L)^-1 [i, j] for strictly lower-triangular L [i, j]"),
     "scan_linear": (-1, "h_t = a_t h_(t-1) + b_t over the tokens, from log|a|, b and the sign "
                         "of a where it is not known positive; a parallel scan in log space"),
     "step": (-1, "one step of the declaration (sequential form): new state and output"),
@@ -160,6 +160,6 @@ def _check_axes(op: TileOp, ins: list[tuple[str, ...]], pos: set[str], dims) -> 
             raise TileVerifyError(f"{op}: not an elementwise op")
         if set(op.axes) != set().union(*map(set, ins)):
             raise TileVerifyError(f"{op}: elementwise result axes are the union of its args'")
-    elif op.op == "solve_unit_lower":
-        if not {"i", "j"} <= set(ins[0]) or "j" not in ins[1]:
-            raise TileVerifyError(f"{op}: needs L[i, j] and X[j, ...]")
+    elif op.op == "invert_unit_lower":
+        if set(ins[0]) != {"i", "j"} or set(op.axes) != {"i", "j"}:
+            raise TileVerifyError(f"{op}: needs L[i, j] and gives [i, j]")
