@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from .backends.torch_backend import run_tile
-from .ir import Program, Recurrence, bind_call, run_reference
+from .backends.tvm_backend import run_tvm_sequential
+from .ir import CallError, Program, Recurrence, bind_call, run_reference
 from .ir.bind import signature_names
 from .lowering.forms import DEFAULT_CHUNK, lower
 
-BACKENDS = ("reference", "torch")
-PLANNED = ("tvm", "triton")
+BACKENDS = ("reference", "torch", "tvm")
+PLANNED = ("triton",)
 
 
 def as_program(decl) -> Program:
@@ -48,6 +49,13 @@ class CompiledOp:
         if backend == "torch":
             self.tile_program = lower(program, form, chunk or DEFAULT_CHUNK)
             self.form = self.tile_program.form
+        elif backend == "tvm":
+            if form not in (None, "sequential") or program.new_state is None:
+                raise ValueError("backend 'tvm' compiles the sequential form of stateful "
+                                 f"declarations in this version; got form={form!r}"
+                                 + ("" if program.new_state is not None else
+                                    f" for the stateless {program.name}"))
+            self.form = "sequential"
         else:
             if form not in (None, "sequential"):
                 raise ValueError(f"backend 'reference' runs the step itself; form={form!r} "
@@ -59,6 +67,10 @@ class CompiledOp:
 
     def __call__(self, *args, **kwargs):
         bc = bind_call(self.program, args, kwargs)
+        if self.backend == "tvm":
+            if bc.device.type != "cpu":
+                raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
+            return run_tvm_sequential(bc)
         if self.tile_program is None:
             return run_reference(bc)
         return run_tile(self.tile_program, bc)
@@ -73,8 +85,9 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
             chunk: int | None = None) -> CompiledOp:
     """Compile a declaration.
 
-    backend: "auto" (the torch backend), "torch" (tile programs run with batched torch ops) or
-    "reference" (the step-by-step interpreter). form: "chunk_gated", "chunk_wy", "scan" or
+    backend: "auto" (the torch backend), "torch" (tile programs run with batched torch ops),
+    "tvm" (the sequential form as a compiled CPU kernel) or "reference" (the step-by-step
+    interpreter). form: "chunk_gated", "chunk_wy", "scan" or
     "sequential" (default: the first exact form, see ``rk.analyze``); chunk: 16, 32, 64, 128.
     """
     return CompiledOp(as_program(decl), resolve_backend(backend), form, chunk)

@@ -1,0 +1,275 @@
+"""The TVM backend: the sequential form as a compiled CPU kernel generated from the step's IR.
+
+State-free values (the prologue: gates, normalised keys, scales) are computed for all tokens at
+once in torch and passed in as buffers; the kernel runs, in parallel over (sequence, head), a
+loop over tokens that keeps the state in a local buffer and evaluates the state-dependent
+nodes as small loop nests (innermost dim vectorised; single-use elementwise nodes inlined).
+Kernels are specialised to the dim sizes and cached by (IR hash, sizes, target).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+
+from ..ir.bind import BoundCall
+from ..ir.interpret import evaluate
+from ..ir.node import Node, depends_on_state
+
+_CACHE: dict[tuple, Callable] = {}
+_LOCK = threading.Lock()
+VECTOR_MAX = 1024
+
+
+def target():
+    import tvm
+    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                              "num-cores": max(1, torch.get_num_threads())})
+
+
+def _f(v: float) -> str:
+    return f"T.float32({float(v)!r})"
+
+
+class _Gen:
+    """TVMScript text for the sequential form of one program at fixed dim sizes."""
+
+    UNARY = {"neg": "(-{0})", "exp": "T.exp({0})", "log": "T.log({0})",
+             "sigmoid": "T.sigmoid({0})", "tanh": "T.tanh({0})", "sqrt": "T.sqrt({0})",
+             "rsqrt": "T.rsqrt({0})", "abs": "T.fabs({0})",
+             "relu": "T.max({0}, T.float32(0))", "silu": "({0} * T.sigmoid({0}))",
+             "softplus": "(T.max({0}, T.float32(0)) + T.log1p(T.exp(-T.fabs({0}))))"}
+    BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})",
+              "div": "({0} / {1})", "pow": "T.pow({0}, {1})", "maximum": "T.max({0}, {1})",
+              "minimum": "T.min({0}, {1})", "lt": "({0} < {1})", "le": "({0} <= {1})",
+              "gt": "({0} > {1})", "ge": "({0} >= {1})", "eq": "({0} == {1})",
+              "ne": "({0} != {1})"}
+
+    def __init__(self, p, sizes: dict[str, int]):
+        self.p, self.sizes = p, sizes
+        nodes = p.nodes()
+        self.dep = depends_on_state(nodes)
+        self.state = next(n for n in nodes if n.role == "state")
+        self.step = [n for n in nodes if self.dep[id(n)] and n.op != "input"]
+        uses: dict[int, int] = {}
+        for n in self.step:
+            for a in n.args:
+                uses[id(a)] = uses.get(id(a), 0) + 1
+        for r in (p.output, p.new_state):
+            uses[id(r)] = uses.get(id(r), 0) + 2
+        # state-free arguments of the step: fed as [B, T, H, *dims] buffers
+        self.feeds: list[Node] = []
+        for n in self.step + [p.output]:
+            for a in (n.args if n is not p.output or self.dep[id(n)] else [n]):
+                if not self.dep[id(a)] and a.op != "const" and all(a is not f for f in
+                                                                   self.feeds):
+                    self.feeds.append(a)
+        self.out_free = not self.dep[id(p.output)]
+
+        def cheap(n: Node) -> bool:   # one op on leaves: recomputing beats a store and loads
+            return n.op in self.UNARY or n.op in self.BINARY and all(
+                a is self.state or a.op == "const" or not self.dep[id(a)] for a in n.args)
+        self.mat = {id(n) for n in self.step if n.op in ("contract", "sum", "max")
+                    or (uses.get(id(n), 0) > 1 and n.dtype == "f32" and not cheap(n))}
+        # the new state can overwrite S in place when nothing evaluated after it reads the old S
+        after = _descendants(self.step, p.new_state)
+        self.in_place = not any(self._reads_state(n) for n in self.step
+                                if id(n) in after and n is not p.new_state) and \
+            not (self.dep[id(p.output)] and id(p.output) in after and
+                 self._reads_state(p.output, top=True))
+        self.names = {id(f): f"F{i}" for i, f in enumerate(self.feeds)}
+        for i, n in enumerate(self.step):
+            self.names.setdefault(id(n), f"N{i}")
+
+    def _reads_state(self, n: Node, top: bool = False) -> bool:
+        """Whether evaluating n (with its inlined args) loads the old state S."""
+        if n is self.state:
+            return True
+        if (not top and id(n) in self.mat) or n is self.p.new_state or not self.dep[id(n)]:
+            return False
+        return any(self._reads_state(a) for a in n.args)
+
+    def idx(self, dims, env: dict[str, str]) -> str:
+        return ", ".join(env[d] for d in dims) if dims else "0"
+
+    def expr(self, n: Node, env: dict[str, str]) -> str:
+        if n is self.state:
+            return f"S[{self.idx(n.dims, env)}]"
+        if n.op == "const":
+            return _f(n.attr("value"))
+        if not self.dep[id(n)]:
+            lead = "row, tt, h" + (", " if n.dims else "")
+            return f"{self.names[id(n)]}[{lead}{', '.join(env[d] for d in n.dims)}]"
+        if id(n) in self.mat:
+            return f"{self.names[id(n)]}[{self.idx(n.dims, env)}]"
+        a = [self.expr(x, env) for x in n.args]
+        if n.op in self.UNARY:
+            return self.UNARY[n.op].format(*a)
+        if n.op in self.BINARY:
+            return self.BINARY[n.op].format(*a)
+        if n.op == "where":
+            return f"T.if_then_else({a[0]}, {a[1]}, {a[2]})"
+        raise NotImplementedError(f"tvm backend: op {n.op} cannot be inlined")
+
+    def loops(self, dims, body: list[str], ind: int, vector_last: bool = True) -> list[str]:
+        out, pad = [], "    " * ind
+        for k, d in enumerate(dims):
+            kind = "T.vectorized" if vector_last and k == len(dims) - 1 and \
+                self.sizes[d] <= VECTOR_MAX else "T.serial"
+            out.append(f"{pad}for i_{d} in {kind}({self.sizes[d]}):")
+            pad += "    "
+        return out + [pad + line for line in body]
+
+    def env(self, dims) -> dict[str, str]:
+        return {d: f"i_{d}" for d in dims}
+
+    def node_code(self, n: Node, ind: int) -> list[str]:
+        name = self.names[id(n)]
+        if n.op in ("contract", "sum", "max"):
+            over = n.attr("over")
+            init = _f(float("-inf")) if n.op == "max" else _f(0.0)
+            code = self.loops(n.dims, [f"{name}[{self.idx(n.dims, self.env(n.dims))}] = {init}"],
+                              ind)
+            alld = tuple(d for d in self.p.dims if d in n.dims or d in over)
+            e = self.env(alld)
+            tgt = f"{name}[{self.idx(n.dims, e)}]"
+            if n.op == "contract":
+                val = f"({self.expr(n.args[0], e)} * {self.expr(n.args[1], e)})"
+                upd = f"{tgt} = {tgt} + {val}"
+            elif n.op == "sum":
+                upd = f"{tgt} = {tgt} + {self.expr(n.args[0], e)}"
+            else:
+                upd = f"{tgt} = T.max({tgt}, {self.expr(n.args[0], e)})"
+            # vectorise the innermost loop only when it is not the reduced one
+            vec = bool(alld) and alld[-1] not in over
+            return code + self.loops(alld, [upd], ind, vector_last=vec)
+        e = self.env(n.dims)
+        inner = self.expr_inline(n, e)
+        return self.loops(n.dims, [f"{name}[{self.idx(n.dims, e)}] = {inner}"], ind)
+
+    def expr_inline(self, n: Node, env) -> str:
+        saved = id(n) in self.mat
+        self.mat.discard(id(n))
+        try:
+            return self.expr(n, env)
+        finally:
+            if saved:
+                self.mat.add(id(n))
+
+    def source(self) -> str:
+        p, sz = self.p, self.sizes
+        sd = p.state.dims
+        shape = lambda dims: ", ".join(str(sz[d]) for d in dims)  # noqa: E731
+        args = ["o: T.handle", "s0: T.handle", "sf: T.handle", "seg: T.handle"] + [
+            f"f{i}: T.handle" for i in range(len(self.feeds))]
+        lines = ["@T.prim_func", f"def main({', '.join(args)}):",
+                 '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+                 "    B = T.int32()", "    TT = T.int32()", "    NS = T.int32()"]
+        H = sz["__H"]
+        od = p.output.dims
+        lines.append(f"    O = T.match_buffer(o, (B, TT, {H}{', ' if od else ''}{shape(od)}), "
+                     "\"float32\")")
+        lines.append(f"    S0 = T.match_buffer(s0, (NS, {H}, {shape(sd)}), \"float32\")")
+        lines.append(f"    SF = T.match_buffer(sf, (NS, {H}, {shape(sd)}), \"float32\")")
+        lines.append("    SEG = T.match_buffer(seg, (NS, 3), \"int32\")")
+        for i, f in enumerate(self.feeds):
+            fd = f.dims
+            lines.append(f"    F{i} = T.match_buffer(f{i}, (B, TT, {H}{', ' if fd else ''}"
+                         f"{shape(fd)}), \"float32\")")
+        lines.append(f"    for nh in T.parallel(NS * {H}):")
+        ind = 2
+        pad = "    " * ind
+        lines += [f"{pad}n = nh // {H}", f"{pad}h = nh % {H}", f"{pad}row = SEG[n, 0]",
+                  f"{pad}S = T.alloc_buffer(({shape(sd)},), \"float32\", scope=\"local\")"]
+        for n in self.step:
+            if (id(n) in self.mat or n is p.new_state) and not (n is p.new_state and
+                                                                self.in_place):
+                dims = n.dims or ("__one",)
+                shp = ", ".join(str(sz[d]) if d != "__one" else "1" for d in dims)
+                lines.append(f"{pad}{self.names[id(n)]} = T.alloc_buffer(({shp},), "
+                             "\"float32\", scope=\"local\")")
+        e = self.env(sd)
+        lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = S0[n, h, {self.idx(sd, e)}]"], ind)
+        lines.append(f"{pad}for t in T.serial(SEG[n, 2] - SEG[n, 1]):")
+        ind2 = ind + 1
+        pad2 = "    " * ind2
+        lines.append(f"{pad2}tt = SEG[n, 1] + t")
+        after = _descendants(self.step, p.new_state)
+        for n in self.step:
+            if id(n) in self.mat and id(n) not in after and n is not p.new_state:
+                lines += self.node_code(n, ind2)
+        e = self.env(sd)
+        if self.in_place:   # S' written over S: later nodes read the new state as S
+            lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = "
+                                     f"{self.expr_inline(p.new_state, e)}"], ind2)
+            self.names[id(p.new_state)] = "S"
+            self.mat.add(id(p.new_state))
+        else:
+            self.mat.add(id(p.new_state))
+            lines += self.node_code(p.new_state, ind2)
+        for n in self.step:
+            if id(n) in self.mat and id(n) in after and n is not p.new_state:
+                lines += self.node_code(n, ind2)
+        e = self.env(od)
+        lines += self.loops(od, [f"O[row, tt, h{', ' if od else ''}{', '.join(e[d] for d in od)}]"
+                                 f" = {self.expr(p.output, e)}"], ind2)
+        if not self.in_place:
+            e = self.env(sd)
+            lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = {self.expr(p.new_state, e)}"],
+                                ind2)
+        e = self.env(sd)
+        lines += self.loops(sd, [f"SF[n, h, {self.idx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
+        return "\n".join(lines) + "\n"
+
+
+def _descendants(nodes: list[Node], root: Node) -> set[int]:
+    """ids of the nodes (in topological ``nodes``) that depend on ``root``, root included."""
+    out = {id(root)}
+    for n in nodes:
+        if any(id(a) in out for a in n.args):
+            out.add(id(n))
+    return out
+
+
+def sequential_source(p, sizes: dict[str, int], H: int) -> str:
+    """The TVMScript of the sequential kernel (for reading and golden tests)."""
+    return _Gen(p, {**sizes, "__H": H}).source()
+
+
+def _kernel(p, sizes: dict[str, int], H: int) -> tuple[Callable, _Gen]:
+    key = (p.content_hash(), tuple(sorted(sizes.items())), H, str(target()))
+    with _LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    import tvm
+    import tvm.script
+    gen = _Gen(p, {**sizes, "__H": H})
+    func = tvm.script.from_source(gen.source())
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=target())
+    entry = (ex["main"], gen)
+    with _LOCK:
+        _CACHE[key] = entry
+    return entry
+
+
+def run_tvm_sequential(bc: BoundCall):
+    """Run the sequential form of a stateful program as a compiled TVM kernel."""
+    p = bc.program
+    fn, gen = _kernel(p, bc.sizes, bc.H)
+    vals = evaluate(bc, gen.feeds)
+    feeds = [vals[id(f)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in f.dims))
+             .contiguous() for f in gen.feeds]
+    if bc.cu_seqlens is None:
+        seg = [(b, 0, bc.T) for b in range(bc.B)]
+    else:
+        seg = [(0, s, e) for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
+    segt = torch.tensor(seg, dtype=torch.int32)
+    sshape = (len(seg), bc.H, *(bc.sizes[d] for d in p.state.dims))
+    s0 = (bc.initial_state.float().contiguous() if bc.initial_state is not None
+          else torch.zeros(sshape))
+    sf = torch.empty(sshape)
+    o = torch.zeros(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
+    fn(o, s0, sf, segt, *feeds)
+    return o.to(bc.out_dtype), (sf if bc.output_final_state else None)

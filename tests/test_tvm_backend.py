@@ -1,0 +1,96 @@
+"""The TVM backend's compiled sequential kernels against the reference interpreter."""
+import os
+
+import pytest
+import torch
+
+import recurkit as rk
+from cases import CASES, VECTOR_CASES, matrix_inputs, vector_inputs
+from recurkit.backends import tvm_backend
+from test_custom_recurrences import EXPECTED, draw
+
+B, H, K, V, D = 2, 3, 6, 5, 7
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def inputs(name, T, **kw):
+    if name in VECTOR_CASES:
+        return vector_inputs(name, B, T, H, D, **kw)
+    return matrix_inputs(name, B, T, H, K, V, **kw)
+
+
+def state(name, N):
+    return torch.randn(N, H, D) if name in VECTOR_CASES else torch.randn(N, H, K, V)
+
+
+ALL_DECLS = [(n, d) for n, op in rk.ops.ALL.items() for d in [op.decl, *op.variants.values()]]
+
+
+@pytest.mark.parametrize("name,decl", ALL_DECLS, ids=[d.name for _, d in ALL_DECLS])
+def test_builtins_match_reference(name, decl):
+    for T in (1, 37):
+        x = inputs(name, T)
+        S0 = state(name, B)
+        if decl.name == "key_sum":   # linear attention's normaliser takes (q, k)
+            x, S0 = x[:2], torch.randn(B, H, K)
+        if decl.name == "simple_gla_gamma":
+            x = [*x[:3], -torch.rand(H)]
+        kw = dict(initial_state=S0, output_final_state=True)
+        o_ref, S_ref = rk.compile(decl, backend="reference")(*x, **kw)
+        o, S = rk.compile(decl, backend="tvm")(*x, **kw)
+        assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+@pytest.mark.parametrize("decl", list(EXPECTED), ids=lambda d: d.name)
+def test_custom_recurrences_match_reference(decl):
+    x = draw(decl, 23)
+    o_ref, S_ref = rk.compile(decl, backend="reference")(*x, output_final_state=True)
+    o, S = rk.compile(decl, backend="tvm")(*x, output_final_state=True)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["gated_delta_rule", "hgrn"])
+def test_varlen_and_low_precision(name):
+    lens = [3, 0, 1, 20]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+        x = [t[:1] for t in inputs(name, sum(lens), dtype=dtype)]
+        kw = dict(initial_state=state(name, len(lens)), output_final_state=True, cu_seqlens=cu)
+        o_ref, S_ref = rk.compile(getattr(rk.ops, name).decl, backend="reference")(*x, **kw)
+        o, S = rk.compile(getattr(rk.ops, name).decl, backend="tvm")(*x, **kw)
+        assert o.dtype == dtype and S.dtype == torch.float32
+        assert rel(o, o_ref) < tol and rel(S, S_ref) < 1e-5
+
+
+def test_kernels_are_cached_per_shape():
+    decl = rk.ops.gla.decl
+    x = inputs("gla", 5)
+    op = rk.compile(decl, backend="tvm")
+    op(*x)
+    before = len(tvm_backend._CACHE)
+    op(*inputs("gla", 9))          # another T: same kernel (T is symbolic)
+    assert len(tvm_backend._CACHE) == before
+    op(*matrix_inputs("gla", B, 5, H, K + 1, V))   # another K: a new kernel
+    assert len(tvm_backend._CACHE) == before + 1
+
+
+def test_generated_source_golden():
+    src = tvm_backend.sequential_source(rk.ops.gated_delta_rule.decl.program,
+                                        {"K": 4, "V": 8}, 2)
+    path = os.path.join(os.path.dirname(__file__), "golden", "gated_delta_rule.tvm.py.txt")
+    if os.environ.get("RECURKIT_UPDATE_GOLDEN"):
+        with open(path, "w") as f:
+            f.write(src)
+    with open(path) as f:
+        assert src == f.read()
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="sequential form"):
+        rk.compile(rk.ops.gla, backend="tvm", form="chunk_gated")
+    x = [t.to("meta") for t in inputs("gla", 4)]
+    with pytest.raises(rk.CallError, match="CPU tensors, got device meta"):
+        rk.compile(rk.ops.gla, backend="tvm")(*x)
