@@ -8,6 +8,7 @@ Kernels are specialised to the dim sizes and cached by (IR hash, sizes, target).
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Callable
 
@@ -23,9 +24,18 @@ VECTOR_MAX = 1024
 
 
 def target():
+    _threads()
     import tvm
     return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                              "num-cores": max(1, torch.get_num_threads())})
+                              "num-cores": max(1, torch.get_num_threads()),
+                              "fast-math-contract": True})   # a*b+c as one FMA
+
+
+def _threads() -> None:
+    """TVM's runtime reads these once, when its thread pool starts: use as many threads as
+    torch, unpinned (pinned workers contend with torch's OpenMP threads on the same cores)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, torch.get_num_threads())))
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def _f(v: float) -> str:
@@ -72,6 +82,12 @@ class _Gen:
                 a is self.state or a.op == "const" or not self.dep[id(a)] for a in n.args)
         self.mat = {id(n) for n in self.step if n.op in ("contract", "sum", "max")
                     or (uses.get(id(n), 0) > 1 and n.dtype == "f32" and not cheap(n))}
+        # a value with fewer dims than its consumer is computed once, not once per row
+        for c in self.step:
+            for a in c.args:
+                if self.dep[id(a)] and a.op != "input" and a.dtype == "f32" and \
+                        set(a.dims) < set(c.dims) and not cheap(a):
+                    self.mat.add(id(a))
         # the new state can overwrite S in place when nothing evaluated after it reads the old S
         after = _descendants(self.step, p.new_state)
         self.in_place = not any(self._reads_state(n) for n in self.step
@@ -200,16 +216,32 @@ class _Gen:
             if id(n) in self.mat and id(n) not in after and n is not p.new_state:
                 lines += self.node_code(n, ind2)
         e = self.env(sd)
+        fused: set[int] = set()
         if self.in_place:   # S' written over S: later nodes read the new state as S
-            lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = "
-                                     f"{self.expr_inline(p.new_state, e)}"], ind2)
+            new_s = self.expr_inline(p.new_state, e)
             self.names[id(p.new_state)] = "S"
             self.mat.add(id(p.new_state))
+            # reads of the new state (q^T S') accumulate in the same pass over S
+            body = [f"S[{self.idx(sd, e)}] = {new_s}"]
+            for n in self.step:
+                if n.op == "contract" and id(n) in self.mat and any(
+                        a is p.new_state for a in n.args) and not any(
+                        self.dep[id(a)] for a in n.args if a is not p.new_state) and \
+                        sd and sd[-1] not in n.attr("over"):
+                    free = next(a for a in n.args if a is not p.new_state)
+                    name = self.names[id(n)]
+                    lines += self.loops(n.dims, [f"{name}[{self.idx(n.dims, self.env(n.dims))}]"
+                                                 f" = {_f(0.0)}"], ind2)
+                    tgt = f"{name}[{self.idx(n.dims, e)}]"
+                    body.append(f"{tgt} = {tgt} + {self.expr(free, e)} * S[{self.idx(sd, e)}]")
+                    fused.add(id(n))
+            lines += self.loops(sd, body, ind2)
         else:
             self.mat.add(id(p.new_state))
             lines += self.node_code(p.new_state, ind2)
         for n in self.step:
-            if id(n) in self.mat and id(n) in after and n is not p.new_state:
+            if id(n) in self.mat and id(n) in after and n is not p.new_state and \
+                    id(n) not in fused:
                 lines += self.node_code(n, ind2)
         e = self.env(od)
         lines += self.loops(od, [f"O[row, tt, h{', ' if od else ''}{', '.join(e[d] for d in od)}]"
