@@ -94,3 +94,61 @@ def test_refusals():
     x = [t.to("meta") for t in inputs("gla", 4)]
     with pytest.raises(rk.CallError, match="CPU tensors, got device meta"):
         rk.compile(rk.ops.gla, backend="tvm")(*x)
+
+
+def test_disk_cache_round_trip_and_corrupt_file(tmp_path, monkeypatch):
+    import tvm
+    monkeypatch.setenv("RECURKIT_CACHE_DIR", str(tmp_path))
+    decl = rk.ops.hgrn.decl
+    x = inputs("hgrn", 7)
+    o_ref, _ = rk.compile(decl, backend="reference")(*x)
+    tvm_backend._CACHE.clear()
+    o1, _ = rk.compile(decl, backend="tvm")(*x)
+    files = list((tmp_path / "tvm").glob("*.so"))
+    assert len(files) == 1 and rel(o1, o_ref) < 1e-5
+    # a new process (empty memory cache) loads the library instead of compiling
+    tvm_backend._CACHE.clear()
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled although the kernel was on disk")
+    monkeypatch.setattr(tvm, "compile", no_compile)
+    o2, _ = rk.compile(decl, backend="tvm")(*x)
+    assert torch.equal(o1, o2)
+    monkeypatch.undo()
+    monkeypatch.setenv("RECURKIT_CACHE_DIR", str(tmp_path))
+    # a truncated library (in a fresh cache: the good one stays mapped in this process)
+    # is reported, removed and rebuilt
+    fresh = tmp_path / "fresh"
+    (fresh / "tvm").mkdir(parents=True)
+    (fresh / "tvm" / files[0].name).write_bytes(b"not a shared library")
+    monkeypatch.setenv("RECURKIT_CACHE_DIR", str(fresh))
+    tvm_backend._CACHE.clear()
+    with pytest.warns(RuntimeWarning, match="discarding unreadable cached kernel"):
+        o3, _ = rk.compile(decl, backend="tvm")(*x)
+    assert torch.equal(o1, o3)
+    assert (fresh / "tvm" / files[0].name).stat().st_size > 1000
+
+
+GPU_DECLS = [d for _, d in ALL_DECLS if d.name != "key_sum"]
+
+
+@pytest.mark.parametrize("decl", GPU_DECLS, ids=[d.name for d in GPU_DECLS])
+def test_cuda_source_for_sm90(decl):
+    sizes = {"K": 64, "V": 32, "D": 128}
+    src = tvm_backend.cuda_source(decl.program, {d: sizes[d] for d in decl.program.dims}, 4)
+    assert '__global__ void __launch_bounds__' in src and "threadIdx.x" in src
+
+
+def test_cuda_refuses_reductions_across_threads():
+    with pytest.raises(NotImplementedError, match="cross-thread reduction"):
+        tvm_backend.cuda_source(rk.ops.linear_attn.variants["normalizer"].program, {"K": 64}, 2)
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("name", ["gated_delta_rule", "hgrn"])
+def test_cuda_source_compiles_to_ptx(name):
+    decl = getattr(rk.ops, name).decl
+    sizes = {"K": 64, "V": 64, "D": 256}
+    src = tvm_backend.cuda_source(decl.program, {d: sizes[d] for d in decl.program.dims}, 4)
+    ptx = tvm_backend.cuda_ptx(src, "sm_90")
+    assert ".target sm_90" in ptx and ".entry main_kernel" in ptx

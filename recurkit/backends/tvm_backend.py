@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Callable
 
 import torch
@@ -56,8 +57,11 @@ class _Gen:
               "gt": "({0} > {1})", "ge": "({0} >= {1})", "eq": "({0} == {1})",
               "ne": "({0} != {1})"}
 
-    def __init__(self, p, sizes: dict[str, int]):
+    def __init__(self, p, sizes: dict[str, int], gpu: bool = False):
         self.p, self.sizes = p, sizes
+        # on a GPU the last state dim is spread over the threads of a block: each thread keeps
+        # its column of the state in registers and contracts the other dims by itself
+        self.tdim = p.state.dims[-1] if gpu else None
         nodes = p.nodes()
         self.dep = depends_on_state(nodes)
         self.state = next(n for n in nodes if n.role == "state")
@@ -107,7 +111,16 @@ class _Gen:
         return any(self._reads_state(a) for a in n.args)
 
     def idx(self, dims, env: dict[str, str]) -> str:
+        """Index into a local buffer (the thread dim, on a GPU, is not stored)."""
+        dims = [d for d in dims if d != self.tdim]
         return ", ".join(env[d] for d in dims) if dims else "0"
+
+    def gidx(self, dims, env: dict[str, str]) -> str:
+        return ", ".join(env[d] for d in dims)
+
+    def local_shape(self, dims) -> str:
+        dims = [d for d in dims if d != self.tdim]
+        return ", ".join(str(self.sizes[d]) for d in dims) if dims else "1"
 
     def expr(self, n: Node, env: dict[str, str]) -> str:
         if n is self.state:
@@ -130,6 +143,8 @@ class _Gen:
 
     def loops(self, dims, body: list[str], ind: int, vector_last: bool = True) -> list[str]:
         out, pad = [], "    " * ind
+        dims = [d for d in dims if d != self.tdim]
+        vector_last = vector_last and self.tdim is None
         for k, d in enumerate(dims):
             kind = "T.vectorized" if vector_last and k == len(dims) - 1 and \
                 self.sizes[d] <= VECTOR_MAX else "T.serial"
@@ -138,12 +153,16 @@ class _Gen:
         return out + [pad + line for line in body]
 
     def env(self, dims) -> dict[str, str]:
-        return {d: f"i_{d}" for d in dims}
+        return {d: ("tx" if d == self.tdim else f"i_{d}") for d in dims}
 
     def node_code(self, n: Node, ind: int) -> list[str]:
         name = self.names[id(n)]
         if n.op in ("contract", "sum", "max"):
             over = n.attr("over")
+            if self.tdim in over:
+                raise NotImplementedError(
+                    f"tvm gpu kernel: {n.op} over {self.tdim}, the dim spread over threads, "
+                    "needs a cross-thread reduction, which this version does not generate")
             init = _f(float("-inf")) if n.op == "max" else _f(0.0)
             code = self.loops(n.dims, [f"{name}[{self.idx(n.dims, self.env(n.dims))}] = {init}"],
                               ind)
@@ -193,20 +212,25 @@ class _Gen:
             fd = f.dims
             lines.append(f"    F{i} = T.match_buffer(f{i}, (B, TT, {H}{', ' if fd else ''}"
                          f"{shape(fd)}), \"float32\")")
-        lines.append(f"    for nh in T.parallel(NS * {H}):")
-        ind = 2
+        if self.tdim is None:
+            lines.append(f"    for nh in T.parallel(NS * {H}):")
+            ind = 2
+        else:
+            lines.append(f"    for nh in T.thread_binding(NS * {H}, thread=\"blockIdx.x\"):")
+            lines.append(f"        for tx in T.thread_binding({sz[self.tdim]}, "
+                         "thread=\"threadIdx.x\"):")
+            ind = 3
         pad = "    " * ind
         lines += [f"{pad}n = nh // {H}", f"{pad}h = nh % {H}", f"{pad}row = SEG[n, 0]",
-                  f"{pad}S = T.alloc_buffer(({shape(sd)},), \"float32\", scope=\"local\")"]
+                  f"{pad}S = T.alloc_buffer(({self.local_shape(sd)},), \"float32\", "
+                  "scope=\"local\")"]
         for n in self.step:
             if (id(n) in self.mat or n is p.new_state) and not (n is p.new_state and
                                                                 self.in_place):
-                dims = n.dims or ("__one",)
-                shp = ", ".join(str(sz[d]) if d != "__one" else "1" for d in dims)
-                lines.append(f"{pad}{self.names[id(n)]} = T.alloc_buffer(({shp},), "
-                             "\"float32\", scope=\"local\")")
+                lines.append(f"{pad}{self.names[id(n)]} = T.alloc_buffer(("
+                             f"{self.local_shape(n.dims)},), \"float32\", scope=\"local\")")
         e = self.env(sd)
-        lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = S0[n, h, {self.idx(sd, e)}]"], ind)
+        lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = S0[n, h, {self.gidx(sd, e)}]"], ind)
         lines.append(f"{pad}for t in T.serial(SEG[n, 2] - SEG[n, 1]):")
         ind2 = ind + 1
         pad2 = "    " * ind2
@@ -251,7 +275,7 @@ class _Gen:
             lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = {self.expr(p.new_state, e)}"],
                                 ind2)
         e = self.env(sd)
-        lines += self.loops(sd, [f"SF[n, h, {self.idx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
+        lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
         return "\n".join(lines) + "\n"
 
 
@@ -264,13 +288,68 @@ def _descendants(nodes: list[Node], root: Node) -> set[int]:
     return out
 
 
-def sequential_source(p, sizes: dict[str, int], H: int) -> str:
+def sequential_source(p, sizes: dict[str, int], H: int, gpu: bool = False) -> str:
     """The TVMScript of the sequential kernel (for reading and golden tests)."""
-    return _Gen(p, {**sizes, "__H": H}).source()
+    return _Gen(p, {**sizes, "__H": H}, gpu).source()
+
+
+def cuda_source(p, sizes: dict[str, int], H: int, arch: str = "sm_90") -> str:
+    """CUDA C of the sequential kernel for ``arch``, generated with no GPU: one block per
+    (sequence, head), one thread per entry of the state's last dim."""
+    import tvm
+    import tvm.script
+    func = tvm.script.from_source(sequential_source(p, sizes, H, gpu=True))
+    ex = tvm.compile(tvm.IRModule({"main": func}),
+                     target=tvm.target.Target({"kind": "cuda", "arch": arch}))
+    return ex.mod.imports[0].inspect_source()
+
+
+def cuda_ptx(src: str, arch: str = "sm_90") -> str:
+    """PTX for CUDA source with the nvcc found on PATH (RuntimeError when there is none)."""
+    import shutil
+    import subprocess
+    import tempfile
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc is not on PATH: CUDA source can be generated but not compiled")
+    with tempfile.TemporaryDirectory() as d:
+        cu, ptx = os.path.join(d, "k.cu"), os.path.join(d, "k.ptx")
+        with open(cu, "w") as f:
+            f.write(src)
+        r = subprocess.run([nvcc, "--ptx", f"-arch={arch}", "-o", ptx, cu],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc failed on the generated kernel:\n{r.stderr}")
+        with open(ptx) as f:
+            return f.read()
+
+
+GEN_VERSION = 1   # bump when the generated code changes meaning
+
+
+def cache_dir() -> str:
+    """Where compiled kernels live: $RECURKIT_CACHE_DIR, else ~/.cache/recurkit."""
+    root = os.environ.get("RECURKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "recurkit")
+    return os.path.join(root, "tvm")
+
+
+def _disk_key(p, sizes: dict[str, int], H: int, tgt) -> str:
+    import hashlib
+    import json
+
+    import tvm
+
+    from .. import __version__
+    blob = json.dumps({"ir": p.content_hash(), "sizes": sorted(sizes.items()), "H": H,
+                       "target": str(tgt), "tvm": tvm.__version__, "recurkit": __version__,
+                       "gen": GEN_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def _kernel(p, sizes: dict[str, int], H: int) -> tuple[Callable, _Gen]:
-    key = (p.content_hash(), tuple(sorted(sizes.items())), H, str(target()))
+    tgt = target()
+    key = (p.content_hash(), tuple(sorted(sizes.items())), H, str(tgt))
     with _LOCK:
         hit = _CACHE.get(key)
     if hit is not None:
@@ -278,12 +357,38 @@ def _kernel(p, sizes: dict[str, int], H: int) -> tuple[Callable, _Gen]:
     import tvm
     import tvm.script
     gen = _Gen(p, {**sizes, "__H": H})
-    func = tvm.script.from_source(gen.source())
-    ex = tvm.compile(tvm.IRModule({"main": func}), target=target())
-    entry = (ex["main"], gen)
+    path = os.path.join(cache_dir(), _disk_key(p, sizes, H, tgt) + ".so")
+    fn = None
+    if os.path.exists(path):
+        try:
+            fn = tvm.runtime.load_module(path)["main"]
+        except Exception as e:  # noqa: BLE001 - a corrupt cache entry is rebuilt, not fatal
+            warnings.warn(f"recurkit: discarding unreadable cached kernel {path} ({e}); "
+                          "rebuilding it", RuntimeWarning, stacklevel=3)
+            _remove(path)
+    if fn is None:
+        func = tvm.script.from_source(gen.source())
+        ex = tvm.compile(tvm.IRModule({"main": func}), target=tgt)
+        fn = ex["main"]
+        try:   # write to a private name, then rename: readers never see half a file
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp.so"
+            ex.export_library(tmp)
+            os.replace(tmp, path)
+        except Exception as e:  # noqa: BLE001 - the kernel works without its disk copy
+            warnings.warn(f"recurkit: could not cache the compiled kernel in {path} ({e})",
+                          RuntimeWarning, stacklevel=3)
+    entry = (fn, gen)
     with _LOCK:
         _CACHE[key] = entry
     return entry
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def run_tvm_sequential(bc: BoundCall):
