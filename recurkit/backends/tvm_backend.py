@@ -62,6 +62,7 @@ class _Gen:
         # on a GPU the last state dim is spread over the threads of a block: each thread keeps
         # its column of the state in registers and contracts the other dims by itself
         self.tdim = p.state.dims[-1] if gpu else None
+        self.tvar = "tt"   # the token whose prologue values expressions read
         nodes = p.nodes()
         self.dep = depends_on_state(nodes)
         self.state = next(n for n in nodes if n.role == "state")
@@ -102,6 +103,37 @@ class _Gen:
         for i, n in enumerate(self.step):
             self.names.setdefault(id(n), f"N{i}")
 
+    def _pure(self, n: Node) -> bool:
+        """Computed from S and prologue values only, without materialised intermediates."""
+        return n is self.state or not self.dep[id(n)] or (
+            id(n) not in self.mat and n.op in self.BINARY | self.UNARY and
+            all(self._pure(a) for a in n.args))
+
+    def _pipelined(self, after: set[int]) -> list[Node]:
+        """Contractions of the old state that can be computed for token t+1 while token t's
+        update writes S: one pass over the state per token instead of two (CPU only)."""
+        sd = self.p.state.dims
+        if self.tdim is not None or not self.in_place or not sd:
+            return []
+        return [n for n in self.step if n.op == "contract" and id(n) in self.mat and
+                id(n) not in after and sd[-1] not in n.attr("over") and
+                set(n.attr("over")) <= set(sd) and all(self._pure(a) for a in n.args)]
+
+    def _product(self, n: Node, e: dict[str, str]) -> str:
+        """The summand of a contraction as a product, loop-invariant factors first."""
+        alld = tuple(d for d in self.p.dims if d in n.dims or d in n.attr("over"))
+        fs = sorted(self._factors(n.args[0]) + self._factors(n.args[1]), key=lambda f: (
+            bool(f.dims) and alld[-1] in f.dims and alld[-1] != self.tdim, len(f.dims)))
+        val = self.expr(fs[0], e)
+        for f in fs[1:]:
+            val = f"({val} * {self.expr(f, e)})"
+        return val
+
+    def _factors(self, n: Node) -> list[Node]:
+        if n.op == "mul" and self.dep[id(n)] and id(n) not in self.mat:
+            return self._factors(n.args[0]) + self._factors(n.args[1])
+        return [n]
+
     def _reads_state(self, n: Node, top: bool = False) -> bool:
         """Whether evaluating n (with its inlined args) loads the old state S."""
         if n is self.state:
@@ -128,10 +160,18 @@ class _Gen:
         if n.op == "const":
             return _f(n.attr("value"))
         if not self.dep[id(n)]:
-            lead = "row, tt, h" + (", " if n.dims else "")
+            lead = f"row, {self.tvar}, h" + (", " if n.dims else "")
             return f"{self.names[id(n)]}[{lead}{', '.join(env[d] for d in n.dims)}]"
         if id(n) in self.mat:
             return f"{self.names[id(n)]}[{self.idx(n.dims, env)}]"
+        if n.op == "mul":   # a product: loop-invariant factors first, so they are hoisted
+            inner = self.p.dims[-1] if self.p.dims else None
+            fs = sorted(self._factors(n), key=lambda f: (
+                bool(f.dims) and f.dims[-1] == inner and inner != self.tdim, len(f.dims)))
+            out = self.expr(fs[0], env)
+            for f in fs[1:]:
+                out = f"({out} * {self.expr(f, env)})"
+            return out
         a = [self.expr(x, env) for x in n.args]
         if n.op in self.UNARY:
             return self.UNARY[n.op].format(*a)
@@ -169,8 +209,8 @@ class _Gen:
             alld = tuple(d for d in self.p.dims if d in n.dims or d in over)
             e = self.env(alld)
             tgt = f"{name}[{self.idx(n.dims, e)}]"
-            if n.op == "contract":
-                val = f"({self.expr(n.args[0], e)} * {self.expr(n.args[1], e)})"
+            if n.op == "contract":   # as a product, so invariant factors are hoisted
+                val = self._product(n, e)
                 upd = f"{tgt} = {tgt} + {val}"
             elif n.op == "sum":
                 upd = f"{tgt} = {tgt} + {self.expr(n.args[0], e)}"
@@ -231,13 +271,26 @@ class _Gen:
                              f"{self.local_shape(n.dims)},), \"float32\", scope=\"local\")")
         e = self.env(sd)
         lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = S0[n, h, {self.gidx(sd, e)}]"], ind)
+        after = _descendants(self.step, p.new_state)
+        pre = self._pipelined(after)
+        for n in pre:   # the next step's reads of the state, accumulated during each update
+            lines.append(f"{pad}{self.names[id(n)]}_next = T.alloc_buffer(("
+                         f"{self.local_shape(n.dims)},), \"float32\", scope=\"local\")")
+        if pre:         # ... and for the first token, before the loop
+            lines.append(f"{pad}t0 = T.min(SEG[n, 1], TT - 1)")
+            self.tvar = "t0"
+            for n in pre:
+                lines += self.node_code(n, ind)
+            self.tvar = "tt"
         lines.append(f"{pad}for t in T.serial(SEG[n, 2] - SEG[n, 1]):")
         ind2 = ind + 1
         pad2 = "    " * ind2
         lines.append(f"{pad2}tt = SEG[n, 1] + t")
-        after = _descendants(self.step, p.new_state)
+        if pre:
+            lines.append(f"{pad2}tn = T.min(tt + 1, TT - 1)")
         for n in self.step:
-            if id(n) in self.mat and id(n) not in after and n is not p.new_state:
+            if id(n) in self.mat and id(n) not in after and n is not p.new_state and \
+                    n not in pre:
                 lines += self.node_code(n, ind2)
         e = self.env(sd)
         fused: set[int] = set()
@@ -259,6 +312,14 @@ class _Gen:
                     tgt = f"{name}[{self.idx(n.dims, e)}]"
                     body.append(f"{tgt} = {tgt} + {self.expr(free, e)} * S[{self.idx(sd, e)}]")
                     fused.add(id(n))
+            for n in pre:
+                nxt = f"{self.names[id(n)]}_next"
+                lines += self.loops(n.dims, [f"{nxt}[{self.idx(n.dims, self.env(n.dims))}]"
+                                             f" = {_f(0.0)}"], ind2)
+                self.tvar = "tn"
+                body.append(f"{nxt}[{self.idx(n.dims, e)}] = {nxt}[{self.idx(n.dims, e)}] + "
+                            f"{self._product(n, e)}")
+                self.tvar = "tt"
             lines += self.loops(sd, body, ind2)
         else:
             self.mat.add(id(p.new_state))
@@ -273,6 +334,11 @@ class _Gen:
         if not self.in_place:
             e = self.env(sd)
             lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = {self.expr(p.new_state, e)}"],
+                                ind2)
+        for n in pre:   # once every use of this token's value is done
+            en = self.env(n.dims)
+            lines += self.loops(n.dims, [f"{self.names[id(n)]}[{self.idx(n.dims, en)}] = "
+                                         f"{self.names[id(n)]}_next[{self.idx(n.dims, en)}]"],
                                 ind2)
         e = self.env(sd)
         lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
@@ -324,7 +390,7 @@ def cuda_ptx(src: str, arch: str = "sm_90") -> str:
             return f.read()
 
 
-GEN_VERSION = 1   # bump when the generated code changes meaning
+GEN_VERSION = 3   # bump when the generated code changes meaning
 
 
 def cache_dir() -> str:
@@ -407,6 +473,6 @@ def run_tvm_sequential(bc: BoundCall):
     s0 = (bc.initial_state.float().contiguous() if bc.initial_state is not None
           else torch.zeros(sshape))
     sf = torch.empty(sshape)
-    o = torch.zeros(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
+    o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))  # all written
     fn(o, s0, sf, segt, *feeds)
     return o.to(bc.out_dtype), (sf if bc.output_final_state else None)
