@@ -5,7 +5,7 @@ from .backends.torch_backend import run_tile
 from .backends.tvm_backend import run_tvm_sequential
 from .ir import CallError, Program, Recurrence, bind_call, run_reference
 from .ir.bind import signature_names
-from .lowering.forms import DEFAULT_CHUNK, lower
+from .lowering.forms import lower
 
 BACKENDS = ("reference", "torch", "tvm")
 PLANNED = ("triton",)
@@ -47,7 +47,7 @@ class CompiledOp:
         self.program, self.backend = program, backend
         self.tile_program = None
         if backend == "torch":
-            self.tile_program = lower(program, form, chunk or DEFAULT_CHUNK)
+            self.tile_program = lower(program, form, chunk)
             self.form = self.tile_program.form
         elif backend == "tvm":
             if form not in (None, "sequential") or program.new_state is None:
@@ -88,6 +88,7 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     backend: "auto" (the torch backend), "torch" (tile programs run with batched torch ops),
     "tvm" (the sequential form as a compiled CPU kernel) or "reference" (the step-by-step
     interpreter). form: "chunk_gated", "chunk_wy", "scan" or
-    "sequential" (default: the first exact form, see ``rk.analyze``); chunk: 16, 32, 64, 128.
+    "sequential" (default: the first exact form, see ``rk.analyze``); chunk: 16, 32, 64, 128
+    (default: 64, or 16 with per-channel gates).
     """
     return CompiledOp(as_program(decl), resolve_backend(backend), form, chunk)

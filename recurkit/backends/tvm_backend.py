@@ -73,13 +73,27 @@ class _Gen:
                 uses[id(a)] = uses.get(id(a), 0) + 1
         for r in (p.output, p.new_state):
             uses[id(r)] = uses.get(id(r), 0) + 2
-        # state-free arguments of the step: fed as [B, T, H, *dims] buffers
+        # state-free arguments of the step: fed as [B, T, H, *dims] buffers, except
+        # broadcasting products (an outer product k v^T), which are rebuilt from their
+        # factors in the kernel instead of being stored per token at K x V
+        self.free_inline: set[int] = set()
         self.feeds: list[Node] = []
-        for n in self.step + [p.output]:
-            for a in (n.args if n is not p.output or self.dep[id(n)] else [n]):
-                if not self.dep[id(a)] and a.op != "const" and all(a is not f for f in
-                                                                   self.feeds):
-                    self.feeds.append(a)
+
+        def feed(a: Node) -> None:
+            if self.dep[id(a)] or a.op == "const" or any(a is f for f in self.feeds):
+                return
+            if (a.op in self.BINARY or a.op in self.UNARY) and a.dims and all(
+                    len(x.dims) < len(a.dims) for x in a.args):
+                self.free_inline.add(id(a))
+                for x in a.args:
+                    feed(x)
+                return
+            self.feeds.append(a)
+        for n in self.step:
+            for a in n.args:
+                feed(a)
+        if not self.dep[id(p.output)]:
+            feed(p.output)
         self.out_free = not self.dep[id(p.output)]
 
         def cheap(n: Node) -> bool:   # one op on leaves: recomputing beats a store and loads
@@ -130,7 +144,8 @@ class _Gen:
         return val
 
     def _factors(self, n: Node) -> list[Node]:
-        if n.op == "mul" and self.dep[id(n)] and id(n) not in self.mat:
+        if n.op == "mul" and id(n) not in self.mat and (self.dep[id(n)] or
+                                                       id(n) in self.free_inline):
             return self._factors(n.args[0]) + self._factors(n.args[1])
         return [n]
 
@@ -159,7 +174,7 @@ class _Gen:
             return f"S[{self.idx(n.dims, env)}]"
         if n.op == "const":
             return _f(n.attr("value"))
-        if not self.dep[id(n)]:
+        if not self.dep[id(n)] and id(n) not in self.free_inline:
             lead = f"row, {self.tvar}, h" + (", " if n.dims else "")
             return f"{self.names[id(n)]}[{lead}{', '.join(env[d] for d in n.dims)}]"
         if id(n) in self.mat:
@@ -390,7 +405,7 @@ def cuda_ptx(src: str, arch: str = "sm_90") -> str:
             return f.read()
 
 
-GEN_VERSION = 3   # bump when the generated code changes meaning
+GEN_VERSION = 4   # bump when the generated code changes meaning
 
 
 def cache_dir() -> str:

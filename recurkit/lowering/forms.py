@@ -57,12 +57,20 @@ class _Emit:
                     over=tuple(over))
 
 
-def lower(decl_or_program, form: str | None = None, chunk: int = DEFAULT_CHUNK) -> TileProgram:
-    """Lower a declaration to a tile program in ``form`` (default: the first exact form)."""
+def default_chunk(rec: Recurrence) -> int:
+    """64, or 16 with per-channel gates, whose [C, C, K] decay ratios grow with C^2."""
+    gates = (rec.log_gate_k, rec.log_gate_v)
+    return 16 if any(g is not None and g.dims for g in gates) else DEFAULT_CHUNK
+
+
+def lower(decl_or_program, form: str | None = None, chunk: int | None = None) -> TileProgram:
+    """Lower a declaration to a tile program in ``form`` (default: the first exact form) with
+    ``chunk`` positions per chunk (default: ``default_chunk``)."""
     from ..compiler import as_program  # noqa: PLC0415 - accepts declarations and built-ins
     p: Program = as_program(decl_or_program)
     rec = analyze(p)
     form = form or rec.forms[0]
+    chunk = chunk or default_chunk(rec)
     if form not in rec.forms:
         why = "; ".join(rec.reasons) or f"it is a {rec.kind} recurrence"
         raise LoweringError(f"form '{form}' does not apply to {p.name} (exact forms: "

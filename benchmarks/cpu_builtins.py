@@ -1,0 +1,117 @@
+"""Every built-in on this CPU: the TVM backend's compiled kernel vs the torch backend vs
+flash-linear-attention's naive torch code where it exists, in one run, with GFLOP/s next to
+torch's fp32 matmul GFLOP/s measured in the same run.
+
+    pip install --no-deps fla-core einops   # FLA's naive code (optional)
+    python benchmarks/cpu_builtins.py [--T 4096] [--repeats 5]
+
+Shapes: B=1, T=4096, H=4, K=V=128 (vector-state ops: D=512), fp32, forward.
+torch.compile of the torch backend is not timed: compiling the equivalent FLA chunk code took
+342 s here (TOOLCHAIN.md), not a reasonable time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from common import bench, machine  # noqa: E402
+
+import recurkit as rk  # noqa: E402
+from recurkit.ir.node import depends_on_state  # noqa: E402
+
+
+def step_flops(decl, sizes) -> int:
+    """Floating-point operations of one step of the state-dependent part (per head)."""
+    p = decl.program
+    nodes = p.nodes()
+    dep = depends_on_state(nodes)
+    total = 0
+    for n in nodes:
+        if not dep[id(n)] or n.op == "input":
+            continue
+        dims = set(n.dims) | set(n.attr("over") or ())
+        size = 1
+        for d in dims:
+            size *= sizes[d]
+        total += size * (2 if n.op == "contract" else 1)
+    return total
+
+
+def fla_naive(name):
+    """FLA's naive code for ``name`` as f(*inputs) on our [B, T, H, ...] layout, or None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if name == "gated_delta_rule":
+                from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule as f
+                return lambda q, k, v, g, b: f(q, k, v, g, b)
+            if name == "kda":
+                from fla.ops.kda.naive import naive_chunk_kda as f
+                return lambda q, k, v, g, b: f(q, k, v, g, b)
+            if name == "simple_gla":
+                from fla.ops.simple_gla.naive import naive_chunk_simple_gla as f
+                return lambda q, k, v, g: f(q, k, v, g)
+            if name == "gla":
+                from fla.ops.gla.naive import naive_recurrent_gla as f
+                return lambda q, k, v, g: f(q, k, v, g)
+        except Exception:  # noqa: BLE001 - FLA absent or changed: report without it
+            return None
+    return None
+
+
+def inputs(name, T, H, K, V, D):
+    from cases import CASES, VECTOR_CASES, matrix_inputs, vector_inputs
+    if name in VECTOR_CASES:
+        return vector_inputs(name, 1, T, H, D)
+    x = matrix_inputs(name, 1, T, H, K, V)
+    return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--H", type=int, default=4)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    T, H, K = args.T, args.H, args.D
+    sizes = {"K": K, "V": K, "D": 512}
+    a = torch.randn(2048, 2048)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    mm = 3 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
+    print(f"machine: {machine()}")
+    print(f"B=1 T={T} H={H} K=V={K}, vector states D=512, fp32 forward; "
+          f"torch fp32 matmul: {mm:.0f} GFLOP/s\n")
+    head = (f"{'op':<18}{'tvm ms':>9}{'torch ms':>10}{'torch form':>13}{'FLA ms':>9}"
+            f"{'tvm/torch':>11}{'tvm/FLA':>9}{'tvm GFLOP/s':>13}")
+    print(head)
+    for name, op in rk.ops.ALL.items():
+        decl = op.decl
+        x = inputs(name, T, H, K, K, 512)
+        tvm_op = rk.compile(decl, backend="tvm")
+        tvm_op(*[t[:, :4] for t in x])                    # compile outside the timing
+        torch_op = rk.compile(decl, backend="torch")
+        fns = {"tvm": lambda: tvm_op(*x), "torch": lambda: torch_op(*x)}
+        fla = fla_naive(name)
+        if fla is not None:
+            fns["fla"] = lambda: fla(*x)
+        t = bench(fns, repeats=args.repeats)
+        gf = step_flops(decl, sizes) * T * H / t["tvm"] / 1e9
+        fla_ms = f"{t['fla'] * 1e3:9.1f}" if "fla" in t else f"{'-':>9}"
+        ratio_fla = f"{t['fla'] / t['tvm']:8.2f}x" if "fla" in t else f"{'-':>9}"
+        print(f"{name:<18}{t['tvm'] * 1e3:9.1f}{t['torch'] * 1e3:10.1f}{torch_op.form:>13}"
+              f"{fla_ms}{t['torch'] / t['tvm']:10.2f}x{ratio_fla}{gf:13.1f}")
+
+
+if __name__ == "__main__":
+    main()
