@@ -1,6 +1,8 @@
 """``rk.compile``: a declaration in, an op with the declaration's call signature out."""
 from __future__ import annotations
 
+import torch
+
 from .backends.torch_backend import run_tile
 from .backends.tvm_backend import run_tvm_sequential
 from .ir import CallError, Program, Recurrence, bind_call, run_reference
@@ -23,9 +25,7 @@ def as_program(decl) -> Program:
 
 
 def resolve_backend(backend: str) -> str:
-    if backend == "auto":
-        return "torch"
-    if backend in BACKENDS:
+    if backend in BACKENDS or backend == "auto":
         return backend
     if backend in PLANNED:
         raise NotImplementedError(
@@ -46,7 +46,9 @@ class CompiledOp:
                  chunk: int | None = None):
         self.program, self.backend = program, backend
         self.tile_program = None
-        if backend == "torch":
+        if backend == "auto" and form is not None:
+            backend = self.backend = "tvm" if form == "sequential" else "torch"
+        if backend in ("torch", "auto"):
             self.tile_program = lower(program, form, chunk)
             self.form = self.tile_program.form
         elif backend == "tvm":
@@ -67,6 +69,9 @@ class CompiledOp:
 
     def __call__(self, *args, **kwargs):
         bc = bind_call(self.program, args, kwargs)
+        if self.backend == "auto":
+            return (run_tvm_sequential if self._tvm_fits(bc) else
+                    lambda b: run_tile(self.tile_program, b))(bc)
         if self.backend == "tvm":
             if bc.device.type != "cpu":
                 raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
@@ -75,7 +80,19 @@ class CompiledOp:
             return run_reference(bc)
         return run_tile(self.tile_program, bc)
 
+    def _tvm_fits(self, bc) -> bool:
+        """auto: the compiled TVM kernel for stateful CPU calls that need no gradient (it has
+        no backward yet); the torch backend, which autograd differentiates, otherwise."""
+        if bc.device.type != "cpu" or self.program.new_state is None:
+            return False
+        tensors = list(bc.tensors.values()) + ([bc.initial_state] if bc.initial_state
+                                               is not None else [])
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
     def __repr__(self) -> str:
+        if self.backend == "auto":
+            return (f"<rk.compile {self.program.name} backend=auto: tvm sequential on CPU "
+                    f"without grad, else torch {self.form} chunk={self.tile_program.chunk}>")
         chunk = f" chunk={self.tile_program.chunk}" if self.tile_program is not None and \
             self.tile_program.chunk else ""
         return f"<rk.compile {self.program.name} backend={self.backend} form={self.form}{chunk}>"
@@ -85,7 +102,8 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
             chunk: int | None = None) -> CompiledOp:
     """Compile a declaration.
 
-    backend: "auto" (the torch backend), "torch" (tile programs run with batched torch ops),
+    backend: "auto" (per call: "tvm" for CPU tensors that need no gradient, else "torch"),
+    "torch" (tile programs run with batched torch ops),
     "tvm" (the sequential form as a compiled CPU kernel) or "reference" (the step-by-step
     interpreter). form: "chunk_gated", "chunk_wy", "scan" or
     "sequential" (default: the first exact form, see ``rk.analyze``); chunk: 16, 32, 64, 128

@@ -152,3 +152,24 @@ def test_cuda_source_compiles_to_ptx(name):
     src = tvm_backend.cuda_source(decl.program, {d: sizes[d] for d in decl.program.dims}, 4)
     ptx = tvm_backend.cuda_ptx(src, "sm_90")
     assert ".target sm_90" in ptx and ".entry main_kernel" in ptx
+
+
+def test_auto_uses_tvm_without_grad_and_torch_with_grad(monkeypatch):
+    import recurkit.compiler as compiler
+    calls = []
+    real = compiler.run_tvm_sequential
+    monkeypatch.setattr(compiler, "run_tvm_sequential", lambda bc: calls.append(1) or real(bc))
+    x = inputs("gated_delta_rule", 9)
+    op = rk.compile(rk.ops.gated_delta_rule)
+    assert "backend=auto" in repr(op)
+    o1, _ = op(*x)
+    assert calls == [1]
+    xg = [t.clone().requires_grad_() for t in x]
+    o2, _ = op(*xg)
+    assert calls == [1] and o2.requires_grad          # the differentiable torch backend
+    o2.sum().backward()
+    assert all(t.grad is not None for t in xg)
+    with torch.no_grad():
+        op(*xg)
+    assert calls == [1, 1]
+    assert rel(o1, o2.detach()) < 1e-5
