@@ -5,6 +5,7 @@ import torch
 
 from .backends.torch_backend import run_tile
 from .backends.tvm_backend import run_tvm_sequential
+from .backends.tvm_tile import run_tvm_chunked
 from .ir import CallError, Program, Recurrence, bind_call, run_reference
 from .ir.bind import signature_names
 from .lowering.forms import lower
@@ -52,12 +53,15 @@ class CompiledOp:
             self.tile_program = lower(program, form, chunk)
             self.form = self.tile_program.form
         elif backend == "tvm":
-            if form not in (None, "sequential") or program.new_state is None:
-                raise ValueError("backend 'tvm' compiles the sequential form of stateful "
-                                 f"declarations in this version; got form={form!r}"
-                                 + ("" if program.new_state is not None else
-                                    f" for the stateless {program.name}"))
-            self.form = "sequential"
+            if program.new_state is None:
+                raise ValueError(f"backend 'tvm' compiles stateful declarations; "
+                                 f"{program.name} is stateless")
+            if form not in (None, "sequential", "chunk_gated", "chunk_wy"):
+                raise ValueError(f"backend 'tvm' renders the sequential, chunk_gated and "
+                                 f"chunk_wy forms in this version; got form={form!r}")
+            if form in ("chunk_gated", "chunk_wy"):
+                self.tile_program = lower(program, form, chunk)
+            self.form = form or "sequential"
         else:
             if form not in (None, "sequential"):
                 raise ValueError(f"backend 'reference' runs the step itself; form={form!r} "
@@ -75,6 +79,8 @@ class CompiledOp:
         if self.backend == "tvm":
             if bc.device.type != "cpu":
                 raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
+            if self.tile_program is not None:
+                return run_tvm_chunked(self.tile_program, bc)
             return run_tvm_sequential(bc)
         if self.tile_program is None:
             return run_reference(bc)

@@ -88,9 +88,21 @@ def test_generated_source_golden():
         assert src == f.read()
 
 
+def test_chunk_stage_sources_golden():
+    from recurkit.backends.tvm_tile import stage_sources
+    tp = rk.lower(rk.ops.gla, chunk=16)
+    src = "\n# ---- next stage ----\n".join(stage_sources(tp, {"K": 4, "V": 8}, 2))
+    path = os.path.join(os.path.dirname(__file__), "golden", "gla.chunk_gated.tvm.py.txt")
+    if os.environ.get("RECURKIT_UPDATE_GOLDEN"):
+        with open(path, "w") as f:
+            f.write(src)
+    with open(path) as f:
+        assert src == f.read()
+
+
 def test_refusals():
-    with pytest.raises(ValueError, match="sequential form"):
-        rk.compile(rk.ops.gla, backend="tvm", form="chunk_gated")
+    with pytest.raises(ValueError, match="renders the sequential, chunk_gated and chunk_wy"):
+        rk.compile(rk.ops.hgrn, backend="tvm", form="scan")
     x = [t.to("meta") for t in inputs("gla", 4)]
     with pytest.raises(rk.CallError, match="CPU tensors, got device meta"):
         rk.compile(rk.ops.gla, backend="tvm")(*x)
@@ -173,3 +185,33 @@ def test_auto_uses_tvm_without_grad_and_torch_with_grad(monkeypatch):
         op(*xg)
     assert calls == [1, 1]
     assert rel(o1, o2.detach()) < 1e-5
+
+
+CHUNK_CASES = [(n, f) for n in CASES for f in rk.analyze(getattr(rk.ops, n)).forms[:-1]]
+
+
+@pytest.mark.parametrize("name,form", CHUNK_CASES, ids=[f"{n}-{f}" for n, f in CHUNK_CASES])
+def test_chunk_forms_match_reference(name, form):
+    """Each stage of the tile program as a TVM kernel: T not a multiple of the chunk, a
+    length-1 sequence, initial and final state."""
+    decl = getattr(rk.ops, name).decl
+    op = rk.compile(decl, backend="tvm", form=form, chunk=16)
+    ref = rk.compile(decl, backend="reference")
+    for T in (1, 37):
+        x = inputs(name, T)
+        kw = dict(initial_state=state(name, B), output_final_state=True)
+        o_ref, S_ref = ref(*x, **kw)
+        o, S = op(*x, **kw)
+        assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule"])
+def test_chunk_forms_varlen(name):
+    lens = [1, 20, 0, 17]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    x = [t[:1] for t in inputs(name, sum(lens))]
+    kw = dict(initial_state=state(name, len(lens)), output_final_state=True, cu_seqlens=cu)
+    o_ref, S_ref = rk.compile(getattr(rk.ops, name).decl, backend="reference")(*x, **kw)
+    o, S = rk.compile(getattr(rk.ops, name).decl, backend="tvm",
+                      form=rk.analyze(getattr(rk.ops, name)).forms[0], chunk=16)(*x, **kw)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5

@@ -1,0 +1,303 @@
+"""The TVM backend for the chunk forms: each stage of a tile program as a compiled kernel.
+
+Chunk stages run in parallel over (sequence, head, chunk), the state pass in parallel over
+(sequence, head) with a serial loop over chunks. Every tile op becomes a loop nest over its
+named axes (the innermost one vectorised); a value with an axis another lacks is indexed by
+name, so broadcasting needs no code. Values cross stages in [N, H, chunks, *axes] buffers.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+
+from ..ir.bind import BoundCall
+from ..ir.interpret import evaluate
+from ..lowering.tile import Stage, TileProgram
+from .torch_backend import FLUSH_BELOW, Packing, _initial_state
+from .tvm_backend import _Gen, _f, target
+
+_CACHE: dict[tuple, list] = {}
+_LOCK = threading.Lock()
+
+
+def _v(axis: str) -> str:
+    return "a_" + axis.replace("'", "p")
+
+
+class _StageGen:
+    def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int], C: int,
+                 inputs: dict[str, tuple[str, ...]], H: int):
+        self.st, self.tp, self.C, self.H = st, tp, C, H
+        self.sizes = dict(sizes)
+        self.inputs = inputs            # global values this stage reads: name -> axes
+        self.lines: list[str] = []
+        self.allocs: list[str] = []      # local buffers, allocated once per parallel task
+        self.buf: dict[str, tuple[str, tuple[str, ...]]] = {}   # value -> (buffer expr, axes)
+        self.n = 0
+
+    def size(self, axis: str) -> int:
+        return self.C if axis in ("i", "j") else self.sizes[axis.rstrip("'")]
+
+    def shape(self, axes) -> str:
+        return ", ".join(str(self.size(a)) for a in axes) if axes else "1"
+
+    def ref(self, name: str, axes_env: dict[str, str]) -> str:
+        buf, axes = self.buf[name]
+        idx = ", ".join(axes_env[a] for a in axes)
+        if buf.startswith("G:"):   # a global [N, H, chunks, *axes] (or [N, H, *axes]) buffer
+            lead = buf[2:]
+            return f"{lead}{', ' if axes else ''}{idx}]"
+        return f"{buf}[{idx if axes else '0'}]"
+
+    def loops(self, axes, body: list[str], ind: int, vec: bool = True) -> list[str]:
+        out, pad = [], "    " * ind
+        for k, a in enumerate(axes):
+            kind = "T.vectorized" if vec and k == len(axes) - 1 and self.size(a) <= 1024 \
+                else "T.serial"
+            out.append(f"{pad}for {_v(a)} in {kind}({self.size(a)}):")
+            pad += "    "
+        return out + [pad + b for b in body]
+
+    def alloc(self, name: str | None, axes, ind: int) -> str:
+        """A new local buffer; registered as ``name`` now, or by the caller when its op reads
+        the value it rebinds (S = S + ...)."""
+        self.n += 1
+        b = f"L{self.n}"
+        self.allocs.append(f"        {b} = T.alloc_buffer(({self.shape(axes)},), "
+                           "\"float32\", scope=\"local\")")
+        if name is not None:
+            self.buf[name] = (b, tuple(axes))
+        return b
+
+    def op(self, op, ind: int) -> None:
+        o, ax = op.op, op.axes
+        env = {a: _v(a) for a in set(ax) | {x for n in op.args for x in self.buf[n][1]}
+               | set(op.attr("over") or ())}
+        if o == "rename":
+            buf, axes = self.buf[op.args[0]]
+            self.buf[op.out] = (buf, tuple(ax))
+            return
+        if o == "load":
+            self.buf[op.out] = self.buf[op.attr("value")]
+            return
+        if o == "zeros":   # the carried state, set up by the stage itself
+            return
+        b = self.alloc(None, ax, ind)
+        tgt = f"{b}[{', '.join(_v(a) for a in ax) if ax else '0'}]"
+        L = self.lines
+        if o == "ir":
+            fn = op.attr("ir_op")
+            args = [self.ref(n, env) for n in op.args]
+            if fn == "exp":   # decay factors below 1e-20 flushed, as in the torch backend
+                e = f"T.exp({args[0]})"
+                expr = f"T.if_then_else({e} < {_f(FLUSH_BELOW)}, {_f(0.0)}, {e})"
+            elif fn in _Gen.UNARY:
+                expr = _Gen.UNARY[fn].format(*args)
+            elif fn == "where":
+                expr = f"T.if_then_else({args[0]}, {args[1]}, {args[2]})"
+            else:
+                expr = _Gen.BINARY[fn].format(*args)
+            L += self.loops(ax, [f"{tgt} = {expr}"], ind)
+        elif o == "contract":
+            over = tuple(op.attr("over"))
+            L += self.loops(ax, [f"{tgt} = {_f(0.0)}"], ind)
+            order = tuple(ax[:-1]) + over + tuple(ax[-1:]) if ax else over
+            prod = f"{self.ref(op.args[0], env)} * {self.ref(op.args[1], env)}"
+            L += self.loops(order, [f"{tgt} = {tgt} + {prod}"], ind,
+                            vec=bool(ax) and order[-1] not in over)
+        elif o in ("cumsum", "shift"):
+            axis = op.attr("axis")
+            prev = dict(env)
+            prev[axis] = f"T.max({_v(axis)} - 1, 0)"
+            x = self.ref(op.args[0], env)
+            if o == "cumsum":
+                src = self.ref_buf(b, ax, prev)
+                body = [f"{tgt} = {x} + T.if_then_else({_v(axis)} > 0, {src}, {_f(0.0)})"]
+            else:
+                body = [f"{tgt} = T.if_then_else({_v(axis)} > 0, "
+                        f"{self.ref(op.args[0], prev)}, {_f(0.0)})"]
+            order = (axis,) + tuple(a for a in ax if a != axis)   # serial along the axis
+            L += self.loops(order, body, ind, vec=len(order) > 1)
+        elif o == "last":
+            env2 = dict(env)
+            env2[op.attr("axis")] = str(self.C - 1)
+            L += self.loops(ax, [f"{tgt} = {self.ref(op.args[0], env2)}"], ind)
+        elif o in ("decay_ratio", "mask"):
+            cond = f"{_v('i')} {'>=' if op.attr('mask') == 'i>=j' else '>'} {_v('j')}"
+            if o == "mask":
+                val = self.ref(op.args[0], env)
+            else:
+                e = f"T.exp({self.ref(op.args[0], env)} - {self.ref(op.args[1], env)})"
+                val = f"T.if_then_else({e} < {_f(FLUSH_BELOW)}, {_f(0.0)}, {e})"
+            L += self.loops(ax, [f"{tgt} = T.if_then_else({cond}, {val}, {_f(0.0)})"], ind)
+        elif o == "eye":
+            a0, a1 = ax
+            L += self.loops(ax, [f"{tgt} = T.if_then_else({_v(a0)} == {_v(a1)}, "
+                                 f"{_f(1.0)}, {_f(0.0)})"], ind)
+        elif o == "invert_unit_lower":   # forward substitution, row by row
+            Lm = self.ref(op.args[0], {"i": _v("i"), "j": "a_m"})
+            pad = "    " * ind
+            L.append(f"{pad}for a_i in T.serial({self.C}):")
+            L.append(f"{pad}    for a_j in T.serial({self.C}):")
+            L.append(f"{pad}        {b}[a_i, a_j] = T.if_then_else(a_i == a_j, {_f(1.0)}, "
+                     f"{_f(0.0)})")
+            L.append(f"{pad}    for a_m in T.serial(a_i):")
+            L.append(f"{pad}        for a_j in T.serial({self.C}):")
+            L.append(f"{pad}            {b}[a_i, a_j] = {b}[a_i, a_j] + {Lm} * {b}[a_m, a_j]")
+        else:
+            raise NotImplementedError(f"tvm tile renderer: no rule for tile op {o!r}")
+        self.buf[op.out] = (b, tuple(ax))
+
+    def ref_buf(self, b: str, axes, env) -> str:
+        return f"{b}[{', '.join(env[a] for a in axes)}]"
+
+    def source(self, loop: bool) -> tuple[str, list[str], list[str]]:
+        """TVMScript of the stage; the names of its global inputs and outputs, in order."""
+        st, H = self.st, self.H
+        ins = list(self.inputs)
+        carried = st.carried[0] if st.carried else None
+        outs = [n for n in st.outputs if n != carried]   # the final state leaves through SF
+        handles = [f"x{k}: T.handle" for k in range(len(ins))] + \
+                  [f"y{k}: T.handle" for k in range(len(outs))]
+        if carried:
+            handles += ["s0: T.handle", "sf: T.handle"]
+        head = ["@T.prim_func", f"def main({', '.join(handles)}):",
+                '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+                "    NN = T.int32()", "    NC = T.int32()"]
+        for k, name in enumerate(ins):
+            axes = self.inputs[name]
+            head.append(f"    X{k} = T.match_buffer(x{k}, (NN, {H}, NC"
+                        f"{''.join(', ' + str(self.size(a)) for a in axes)}), \"float32\")")
+            self.buf[name] = (f"G:X{k}[n, h, c", axes)
+        out_axes = {}
+        for op in st.ops:
+            out_axes[op.out] = op.axes
+        for k, name in enumerate(outs):
+            axes = out_axes[name]
+            lead = "NN, {H}" if name == carried else "NN, {H}, NC"
+            head.append(f"    Y{k} = T.match_buffer(y{k}, ({lead.format(H=H)}"
+                        f"{''.join(', ' + str(self.size(a)) for a in axes)}), \"float32\")")
+        sd = tuple(self.tp.meta["program"].state.dims)
+        if carried:
+            head.append(f"    S0 = T.match_buffer(s0, (NN, {H}{''.join(', ' + str(self.size(a)) for a in sd)}), \"float32\")")
+            head.append(f"    SF = T.match_buffer(sf, (NN, {H}{''.join(', ' + str(self.size(a)) for a in sd)}), \"float32\")")
+        if loop:
+            head.append(f"    for nh in T.parallel(NN * {H}):")
+            head += [f"        n = nh // {H}", f"        h = nh % {H}"]
+            ind = 2
+            self.lines = []
+            sb = self.alloc(carried, sd, ind)
+            e = {a: _v(a) for a in sd}
+            self.lines += self.loops(sd, [f"{sb}[{', '.join(e[a] for a in sd)}] = "
+                                          f"S0[n, h, {', '.join(e[a] for a in sd)}]"], ind)
+            self.lines.append("        for c in T.serial(NC):")
+            body_ind = 3
+        else:
+            head.append(f"    for p in T.parallel(NN * {H} * NC):")
+            head += [f"        n = p // ({H} * NC)", f"        h = p // NC % {H}",
+                     "        c = p % NC"]
+            body_ind = 2
+            self.lines = []
+        for op in st.ops:
+            self.op(op, body_ind)
+            if carried and op.out == carried and op.op != "zeros":   # the next chunk's state
+                b, axes = self.buf[carried]
+                e = {a: _v(a) for a in axes}
+                self.lines += self.loops(axes, [f"{sb}[{', '.join(e[a] for a in axes)}] = "
+                                                f"{b}[{', '.join(e[a] for a in axes)}]"],
+                                         body_ind)
+                self.buf[carried] = (sb, sd)
+            for k, name in enumerate(outs):   # stage outputs go to their global buffers
+                if op.out == name and name != carried:
+                    axes = out_axes[name]
+                    e = {a: _v(a) for a in axes}
+                    idx = "".join(", " + e[a] for a in axes)
+                    self.lines += self.loops(axes, [f"Y{k}[n, h, c{idx}] = "
+                                                    f"{self.ref(name, e)}"], body_ind)
+        if loop:
+            e = {a: _v(a) for a in sd}
+            self.lines += self.loops(sd, [f"SF[n, h, {', '.join(e[a] for a in sd)}] = "
+                                          f"{sb}[{', '.join(e[a] for a in sd)}]"], 2)
+        return "\n".join(head + self.allocs + self.lines) + "\n", ins, outs
+
+
+def _stage_inputs(st: Stage, known: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The values a stage reads from earlier stages (or the prologue), with their axes."""
+    made: set[str] = set(st.carried)
+    ins: dict[str, tuple[str, ...]] = {}
+    for op in st.ops:
+        for name in list(op.args) + ([op.attr("value")] if op.op == "load" else []):
+            if name not in made and name in known and name not in ins:
+                ins[name] = known[name]
+        made.add(op.out)
+    return ins
+
+
+def run_tvm_chunked(tp: TileProgram, bc: BoundCall):
+    """Run a chunk-form tile program with one compiled TVM kernel per stage."""
+    import tvm
+    import tvm.script
+    p = bc.program
+    C = tp.chunk
+    pk = Packing(bc, C)
+    vals = evaluate(bc, list(tp.prologue.values()))
+    env: dict[str, torch.Tensor] = {}
+    axes: dict[str, tuple[str, ...]] = {}
+    for k, n in tp.prologue.items():
+        env[k] = pk.pack(vals[id(n)]).contiguous()
+        axes[k] = ("i", *n.dims)
+    key = (p.content_hash(), tp.form, C, tuple(sorted(bc.sizes.items())), bc.H, str(target()))
+    with _LOCK:
+        kernels = _CACHE.get(key)
+    if kernels is None:
+        kernels = []
+        known = dict(axes)
+        for st in tp.stages:
+            gen = _StageGen(st, tp, bc.sizes, C, _stage_inputs(st, known), bc.H)
+            src, ins, outs = gen.source(loop=st.kind == "loop")
+            func = tvm.script.from_source(src)
+            ex = tvm.compile(tvm.IRModule({"main": func}), target=target())
+            out_axes = {op.out: op.axes for op in st.ops}
+            for name in outs:
+                known[name] = out_axes[name]
+            kernels.append((ex["main"], ins, outs, out_axes))
+        with _LOCK:
+            _CACHE[key] = kernels
+    final = None
+    for st, (fn, ins, outs, out_axes) in zip(tp.stages, kernels):
+        args = [env[n] for n in ins]
+        ys = []
+        for name in outs:
+            shape = [pk.N, bc.H, pk.nc] + [
+                C if a in ("i", "j") else bc.sizes[a.rstrip("'")] for a in out_axes[name]]
+            ys.append(torch.empty(shape))
+        extra = []
+        if st.carried:
+            s0 = _initial_state(bc, pk.N).contiguous()
+            final = torch.empty_like(s0)
+            extra = [s0, final]
+        fn(*args, *ys, *extra)
+        for name, y in zip(outs, ys):
+            env[name] = y
+            axes[name] = out_axes[name]
+    o = env[tp.stages[-1].outputs[0]]
+    oaxes = axes[tp.stages[-1].outputs[0]]
+    odims = p.output.dims
+    perm = [0, 1, 2] + [3 + oaxes.index(a) for a in ("i", *odims)]
+    o_t = pk.unpack(o.permute(perm))
+    return o_t.to(bc.out_dtype), (final if bc.output_final_state else None)
+
+
+def stage_sources(tp: TileProgram, sizes: dict[str, int], H: int) -> list[str]:
+    """The TVMScript of every stage of a chunk-form tile program (for reading and tests)."""
+    known = {k: ("i", *n.dims) for k, n in tp.prologue.items()}
+    out = []
+    for st in tp.stages:
+        gen = _StageGen(st, tp, sizes, tp.chunk, _stage_inputs(st, known), H)
+        src, _, outs = gen.source(loop=st.kind == "loop")
+        out_axes = {op.out: op.axes for op in st.ops}
+        known.update({n: out_axes[n] for n in outs})
+        out.append(src)
+    return out
