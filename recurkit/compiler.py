@@ -5,7 +5,7 @@ import torch
 
 from .backends.torch_backend import run_tile
 from .backends.tvm_backend import run_tvm_sequential
-from .backends.tvm_tile import run_tvm_chunked
+from .backends.tvm_tile import run_tvm_chunked, run_tvm_scan
 from .ir import CallError, Program, Recurrence, bind_call, run_reference
 from .ir.bind import signature_names
 from .lowering.forms import lower
@@ -56,10 +56,7 @@ class CompiledOp:
             if program.new_state is None:
                 raise ValueError(f"backend 'tvm' compiles stateful declarations; "
                                  f"{program.name} is stateless")
-            if form not in (None, "sequential", "chunk_gated", "chunk_wy"):
-                raise ValueError(f"backend 'tvm' renders the sequential, chunk_gated and "
-                                 f"chunk_wy forms in this version; got form={form!r}")
-            if form in ("chunk_gated", "chunk_wy"):
+            if form in ("chunk_gated", "chunk_wy", "scan"):
                 self.tile_program = lower(program, form, chunk)
             self.form = form or "sequential"
         else:
@@ -80,7 +77,8 @@ class CompiledOp:
             if bc.device.type != "cpu":
                 raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
             if self.tile_program is not None:
-                return run_tvm_chunked(self.tile_program, bc)
+                run = run_tvm_scan if self.form == "scan" else run_tvm_chunked
+                return run(self.tile_program, bc)
             return run_tvm_sequential(bc)
         if self.tile_program is None:
             return run_reference(bc)

@@ -101,8 +101,8 @@ def test_chunk_stage_sources_golden():
 
 
 def test_refusals():
-    with pytest.raises(ValueError, match="renders the sequential, chunk_gated and chunk_wy"):
-        rk.compile(rk.ops.hgrn, backend="tvm", form="scan")
+    with pytest.raises(rk.LoweringError, match="form 'chunk_gated' does not apply to hgrn"):
+        rk.compile(rk.ops.hgrn, backend="tvm", form="chunk_gated")
     x = [t.to("meta") for t in inputs("gla", 4)]
     with pytest.raises(rk.CallError, match="CPU tensors, got device meta"):
         rk.compile(rk.ops.gla, backend="tvm")(*x)
@@ -115,11 +115,15 @@ def test_disk_cache_round_trip_and_corrupt_file(tmp_path, monkeypatch):
     x = inputs("hgrn", 7)
     o_ref, _ = rk.compile(decl, backend="reference")(*x)
     tvm_backend._CACHE.clear()
+    tvm_backend._KERNELS.clear()
     o1, _ = rk.compile(decl, backend="tvm")(*x)
     files = list((tmp_path / "tvm").glob("*.so"))
     assert len(files) == 1 and rel(o1, o_ref) < 1e-5
+    rk.compile(decl, backend="tvm", form="scan")(*x)          # every form's kernels are cached
+    assert len(list((tmp_path / "tvm").glob("*.so"))) == 2
     # a new process (empty memory cache) loads the library instead of compiling
     tvm_backend._CACHE.clear()
+    tvm_backend._KERNELS.clear()
 
     def no_compile(*a, **k):
         raise AssertionError("compiled although the kernel was on disk")
@@ -135,6 +139,7 @@ def test_disk_cache_round_trip_and_corrupt_file(tmp_path, monkeypatch):
     (fresh / "tvm" / files[0].name).write_bytes(b"not a shared library")
     monkeypatch.setenv("RECURKIT_CACHE_DIR", str(fresh))
     tvm_backend._CACHE.clear()
+    tvm_backend._KERNELS.clear()
     with pytest.warns(RuntimeWarning, match="discarding unreadable cached kernel"):
         o3, _ = rk.compile(decl, backend="tvm")(*x)
     assert torch.equal(o1, o3)
@@ -187,13 +192,14 @@ def test_auto_uses_tvm_without_grad_and_torch_with_grad(monkeypatch):
     assert rel(o1, o2.detach()) < 1e-5
 
 
-CHUNK_CASES = [(n, f) for n in CASES for f in rk.analyze(getattr(rk.ops, n)).forms[:-1]]
+CHUNK_CASES = [(n, f) for n in [*CASES, *VECTOR_CASES]
+               for f in rk.analyze(getattr(rk.ops, n)).forms[:-1]]
 
 
 @pytest.mark.parametrize("name,form", CHUNK_CASES, ids=[f"{n}-{f}" for n, f in CHUNK_CASES])
 def test_chunk_forms_match_reference(name, form):
-    """Each stage of the tile program as a TVM kernel: T not a multiple of the chunk, a
-    length-1 sequence, initial and final state."""
+    """Each stage of the tile program (or the scan) as a TVM kernel: T not a multiple of the
+    chunk, a length-1 sequence, initial and final state."""
     decl = getattr(rk.ops, name).decl
     op = rk.compile(decl, backend="tvm", form=form, chunk=16)
     ref = rk.compile(decl, backend="reference")

@@ -415,30 +415,27 @@ def cache_dir() -> str:
     return os.path.join(root, "tvm")
 
 
-def _disk_key(p, sizes: dict[str, int], H: int, tgt) -> str:
+def compile_source(src: str) -> Callable:
+    """Compile TVMScript ``src`` for the host CPU, through the memory and disk caches.
+
+    The key is the source text itself plus the target and versions, so dim sizes, knobs and
+    the declaration's math are all part of it. A cached library that cannot be loaded is
+    reported, removed and rebuilt; a new one is written under a private name and renamed
+    into place, so concurrent processes never read half a file."""
     import hashlib
-    import json
 
     import tvm
+    import tvm.script
 
     from .. import __version__
-    blob = json.dumps({"ir": p.content_hash(), "sizes": sorted(sizes.items()), "H": H,
-                       "target": str(tgt), "tvm": tvm.__version__, "recurkit": __version__,
-                       "gen": GEN_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def _kernel(p, sizes: dict[str, int], H: int) -> tuple[Callable, _Gen]:
     tgt = target()
-    key = (p.content_hash(), tuple(sorted(sizes.items())), H, str(tgt))
+    key = hashlib.sha256("\n".join([src, str(tgt), tvm.__version__, __version__,
+                                     str(GEN_VERSION)]).encode()).hexdigest()[:32]
     with _LOCK:
         hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    import tvm
-    import tvm.script
-    gen = _Gen(p, {**sizes, "__H": H})
-    path = os.path.join(cache_dir(), _disk_key(p, sizes, H, tgt) + ".so")
+    path = os.path.join(cache_dir(), key + ".so")
     fn = None
     if os.path.exists(path):
         try:
@@ -448,10 +445,9 @@ def _kernel(p, sizes: dict[str, int], H: int) -> tuple[Callable, _Gen]:
                           "rebuilding it", RuntimeWarning, stacklevel=3)
             _remove(path)
     if fn is None:
-        func = tvm.script.from_source(gen.source())
-        ex = tvm.compile(tvm.IRModule({"main": func}), target=tgt)
+        ex = tvm.compile(tvm.IRModule({"main": tvm.script.from_source(src)}), target=tgt)
         fn = ex["main"]
-        try:   # write to a private name, then rename: readers never see half a file
+        try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp.so"
             ex.export_library(tmp)
@@ -459,10 +455,24 @@ def _kernel(p, sizes: dict[str, int], H: int) -> tuple[Callable, _Gen]:
         except Exception as e:  # noqa: BLE001 - the kernel works without its disk copy
             warnings.warn(f"recurkit: could not cache the compiled kernel in {path} ({e})",
                           RuntimeWarning, stacklevel=3)
-    entry = (fn, gen)
     with _LOCK:
-        _CACHE[key] = entry
-    return entry
+        _CACHE[key] = fn
+    return fn
+
+
+_KERNELS: dict[tuple, tuple[Callable, _Gen]] = {}
+
+
+def _kernel(p, sizes: dict[str, int], H: int) -> tuple[Callable, _Gen]:
+    key = (p.content_hash(), tuple(sorted(sizes.items())), H, torch.get_num_threads())
+    with _LOCK:
+        hit = _KERNELS.get(key)
+    if hit is None:
+        gen = _Gen(p, {**sizes, "__H": H})
+        hit = (compile_source(gen.source()), gen)
+        with _LOCK:
+            _KERNELS[key] = hit
+    return hit
 
 
 def _remove(path: str) -> None:

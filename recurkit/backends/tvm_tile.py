@@ -16,9 +16,9 @@ from ..ir.bind import BoundCall
 from ..ir.interpret import evaluate
 from ..lowering.tile import Stage, TileProgram
 from .torch_backend import FLUSH_BELOW, Packing, _initial_state
-from .tvm_backend import _Gen, _f, target
+from .tvm_backend import _Gen, _f, compile_source
 
-_CACHE: dict[tuple, list] = {}
+_PLANS: dict[tuple, list] = {}   # compiled stages per (program, form, chunk, sizes)
 _LOCK = threading.Lock()
 
 
@@ -237,8 +237,6 @@ def _stage_inputs(st: Stage, known: dict[str, tuple[str, ...]]) -> dict[str, tup
 
 def run_tvm_chunked(tp: TileProgram, bc: BoundCall):
     """Run a chunk-form tile program with one compiled TVM kernel per stage."""
-    import tvm
-    import tvm.script
     p = bc.program
     C = tp.chunk
     pk = Packing(bc, C)
@@ -248,23 +246,21 @@ def run_tvm_chunked(tp: TileProgram, bc: BoundCall):
     for k, n in tp.prologue.items():
         env[k] = pk.pack(vals[id(n)]).contiguous()
         axes[k] = ("i", *n.dims)
-    key = (p.content_hash(), tp.form, C, tuple(sorted(bc.sizes.items())), bc.H, str(target()))
+    key = (p.content_hash(), tp.form, C, tuple(sorted(bc.sizes.items())), bc.H)
     with _LOCK:
-        kernels = _CACHE.get(key)
+        kernels = _PLANS.get(key)
     if kernels is None:
         kernels = []
         known = dict(axes)
         for st in tp.stages:
             gen = _StageGen(st, tp, bc.sizes, C, _stage_inputs(st, known), bc.H)
             src, ins, outs = gen.source(loop=st.kind == "loop")
-            func = tvm.script.from_source(src)
-            ex = tvm.compile(tvm.IRModule({"main": func}), target=target())
             out_axes = {op.out: op.axes for op in st.ops}
             for name in outs:
                 known[name] = out_axes[name]
-            kernels.append((ex["main"], ins, outs, out_axes))
+            kernels.append((compile_source(src), ins, outs, out_axes))
         with _LOCK:
-            _CACHE[key] = kernels
+            _PLANS[key] = kernels
     final = None
     for st, (fn, ins, outs, out_axes) in zip(tp.stages, kernels):
         args = [env[n] for n in ins]
@@ -301,3 +297,59 @@ def stage_sources(tp: TileProgram, sizes: dict[str, int], H: int) -> list[str]:
         known.update({n: out_axes[n] for n in outs})
         out.append(src)
     return out
+
+
+def _scan_source(D: int, H: int, signed: bool) -> str:
+    """h_t = a_t h_(t-1) + b_t with a_t = sign_t * exp(log|a_t|): serial over the tokens of
+    each sequence, vectorised over the state, parallel over (sequence, head)."""
+    a = "T.exp(LA[row, tt, h, d])" + (" * SG[row, tt, h, d]" if signed else "")
+    sg = ["sg: T.handle"] if signed else []
+    lines = ["@T.prim_func",
+             f"def main(la: T.handle, {''.join(x + ', ' for x in sg)}b: T.handle, "
+             "hs: T.handle, s0: T.handle, sf: T.handle, seg: T.handle):",
+             '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+             "    BB = T.int32()", "    TT = T.int32()", "    NS = T.int32()",
+             f"    LA = T.match_buffer(la, (BB, TT, {H}, {D}), \"float32\")"]
+    if signed:
+        lines.append(f"    SG = T.match_buffer(sg, (BB, TT, {H}, {D}), \"float32\")")
+    lines += [f"    BV = T.match_buffer(b, (BB, TT, {H}, {D}), \"float32\")",
+              f"    HS = T.match_buffer(hs, (BB, TT, {H}, {D}), \"float32\")",
+              f"    S0 = T.match_buffer(s0, (NS, {H}, {D}), \"float32\")",
+              f"    SF = T.match_buffer(sf, (NS, {H}, {D}), \"float32\")",
+              "    SEG = T.match_buffer(seg, (NS, 3), \"int32\")",
+              f"    for nh in T.parallel(NS * {H}):",
+              f"        n = nh // {H}", f"        h = nh % {H}", "        row = SEG[n, 0]",
+              f"        hv = T.alloc_buffer(({D},), \"float32\", scope=\"local\")",
+              f"        for d in T.vectorized({D}):", "            hv[d] = S0[n, h, d]",
+              "        for t in T.serial(SEG[n, 2] - SEG[n, 1]):",
+              "            tt = SEG[n, 1] + t",
+              f"            for d in T.vectorized({D}):",
+              f"                hv[d] = {a} * hv[d] + BV[row, tt, h, d]",
+              "                HS[row, tt, h, d] = hv[d]",
+              f"        for d in T.vectorized({D}):", "            SF[n, h, d] = hv[d]"]
+    return "\n".join(lines) + "\n"
+
+
+def run_tvm_scan(tp: TileProgram, bc: BoundCall):
+    """The scan form: the linear scan as a TVM kernel, the readout evaluated from h."""
+    p = bc.program
+    if len(p.state.dims) != 1:
+        raise NotImplementedError("tvm scan kernel: vector states with one dim only")
+    D = bc.sizes[p.state.dims[0]]
+    signed = "scan_sign" in tp.prologue
+    fn = compile_source(_scan_source(D, bc.H, signed))
+    vals = evaluate(bc, list(tp.prologue.values()))
+    full = (bc.B, bc.T, bc.H, D)
+    pro = {k: vals[id(n)].expand(full).contiguous() for k, n in tp.prologue.items()}
+    if bc.cu_seqlens is None:
+        seg = [(b, 0, bc.T) for b in range(bc.B)]
+    else:
+        seg = [(0, s, e) for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
+    s0 = _initial_state(bc, len(seg)).contiguous()
+    sf, hs = torch.empty_like(s0), torch.empty(full)
+    args = [pro["scan_log_a"]] + ([torch.sign(pro["scan_sign"])] if signed else []) + [
+        pro["scan_b"], hs, s0, sf, torch.tensor(seg, dtype=torch.int32)]
+    fn(*args)
+    out = evaluate(bc, [p.output], {id(p.new_state): hs})[id(p.output)]
+    o = out.expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
+    return o.to(bc.out_dtype), (sf if bc.output_final_state else None)
