@@ -4,14 +4,17 @@ from __future__ import annotations
 import torch
 
 from .backends.torch_backend import run_tile
-from .backends.tvm_backend import run_tvm_sequential
+from .backends.tvm_backend import check_knobs, run_tvm_sequential
+from .backends.triton_backend import (check_config, run_triton_chunked, run_triton_scan,
+                                      run_triton_sequential)
+from .backends.triton_backend import default_chunk as triton_default_chunk
 from .backends.tvm_tile import run_tvm_chunked, run_tvm_scan
 from .ir import CallError, Program, Recurrence, bind_call, run_reference
 from .ir.bind import signature_names
 from .lowering.forms import lower
 
-BACKENDS = ("reference", "torch", "tvm")
-PLANNED = ("triton",)
+BACKENDS = ("reference", "torch", "tvm", "triton")
+PLANNED: tuple[str, ...] = ()
 
 
 def as_program(decl) -> Program:
@@ -44,19 +47,29 @@ class CompiledOp:
     """
 
     def __init__(self, program: Program, backend: str, form: str | None = None,
-                 chunk: int | None = None):
+                 chunk: int | None = None, knobs: dict | None = None):
         self.program, self.backend = program, backend
+        self.knobs = None
+        if knobs is not None:
+            if backend not in ("tvm", "triton"):
+                raise ValueError(f"knobs= configures the TVM and Triton backends; backend is "
+                                 f"{backend!r}")
+            self.knobs = check_knobs(knobs) if backend == "tvm" else check_config(knobs)
         self.tile_program = None
         if backend == "auto" and form is not None:
             backend = self.backend = "tvm" if form == "sequential" else "torch"
         if backend in ("torch", "auto"):
             self.tile_program = lower(program, form, chunk)
             self.form = self.tile_program.form
-        elif backend == "tvm":
+        elif backend in ("tvm", "triton"):
             if program.new_state is None:
-                raise ValueError(f"backend 'tvm' compiles stateful declarations; "
+                raise ValueError(f"backend '{backend}' compiles stateful declarations; "
                                  f"{program.name} is stateless")
-            if form in ("chunk_gated", "chunk_wy", "scan"):
+            if backend == "triton" and form is None:
+                form = lower(program).form   # the first exact form, as for "torch"
+            if form in ("chunk_gated", "chunk_wy") and backend == "triton":
+                self.tile_program = lower(program, form, chunk or triton_default_chunk(program))
+            elif form in ("chunk_gated", "chunk_wy", "scan"):
                 self.tile_program = lower(program, form, chunk)
             self.form = form or "sequential"
         else:
@@ -73,13 +86,18 @@ class CompiledOp:
         if self.backend == "auto":
             return (run_tvm_sequential if self._tvm_fits(bc) else
                     lambda b: run_tile(self.tile_program, b))(bc)
+        if self.backend == "triton":
+            if self.tile_program is not None:
+                run = run_triton_scan if self.form == "scan" else run_triton_chunked
+                return run(self.tile_program, bc, self.knobs)
+            return run_triton_sequential(bc, self.knobs)
         if self.backend == "tvm":
             if bc.device.type != "cpu":
                 raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
             if self.tile_program is not None:
                 run = run_tvm_scan if self.form == "scan" else run_tvm_chunked
                 return run(self.tile_program, bc)
-            return run_tvm_sequential(bc)
+            return run_tvm_sequential(bc, self.knobs)
         if self.tile_program is None:
             return run_reference(bc)
         return run_tile(self.tile_program, bc)
@@ -103,14 +121,56 @@ class CompiledOp:
 
 
 def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A001
-            chunk: int | None = None) -> CompiledOp:
+            chunk: int | None = None, knobs: dict | None = None) -> CompiledOp:
     """Compile a declaration.
 
     backend: "auto" (per call: "tvm" for CPU tensors that need no gradient, else "torch"),
     "torch" (tile programs run with batched torch ops),
-    "tvm" (the sequential form as a compiled CPU kernel) or "reference" (the step-by-step
+    "tvm" (compiled CPU kernels; the sequential form unless ``form`` says otherwise),
+    "triton" (generated Triton kernels: on the GPU for CUDA tensors, in Triton's interpreter
+    for CPU tensors; the first exact form by default) or "reference" (the step-by-step
     interpreter). form: "chunk_gated", "chunk_wy", "scan" or
     "sequential" (default: the first exact form, see ``rk.analyze``); chunk: 16, 32, 64, 128
-    (default: 64, or 16 with per-channel gates).
+    (default: 64, or 16 with per-channel gates; at most 32 for "triton"). knobs: for "tvm"
+    the sequential kernel's schedule (``vectorize``, ``unroll``, ``parallel``, ``pipeline``;
+    see ``recurkit.backends.tvm_backend.DEFAULT_KNOBS``), for "triton" the launch config
+    (``num_warps``, ``num_stages``, ``block_v``, ``precision``; see
+    ``recurkit.backends.triton_backend.DEFAULT_CONFIG``).
     """
-    return CompiledOp(as_program(decl), resolve_backend(backend), form, chunk)
+    return CompiledOp(as_program(decl), resolve_backend(backend), form, chunk, knobs)
+
+
+def codegen(decl, backend: str = "triton", *, form: str | None = None,
+            chunk: int | None = None, sizes: dict[str, int] | None = None, H: int = 4,
+            knobs: dict | None = None) -> str:
+    """The source the backend generates for ``decl`` at the given dim sizes (default 64 for
+    every dim) and head count: a Triton module (kernels and their ``launch`` function) for
+    "triton", TVMScript (one function per kernel) for "tvm"."""
+    p = as_program(decl)
+    if backend not in ("triton", "tvm"):
+        raise ValueError(f"codegen shows generated source for 'triton' or 'tvm', got "
+                         f"{backend!r}")
+    if p.new_state is None:
+        raise ValueError(f"{p.name} is stateless: nothing to generate")
+    sizes = {**{d: 64 for d in p.dims}, **(sizes or {})}
+    unknown = set(sizes) - set(p.dims)
+    if unknown:
+        raise ValueError(f"sizes names dims {sorted(unknown)} that {p.name} does not have "
+                         f"(its dims: {', '.join(p.dims)})")
+    op = CompiledOp(p, backend, form, chunk, knobs)
+    tp = op.tile_program
+    if backend == "triton":
+        from .backends import triton_backend as tb
+        from .backends.triton_seq import scan_source
+        if tp is None:
+            return tb.sequential_module_source(p, sizes, H, op.knobs)
+        if tp.form == "scan":
+            return scan_source(sizes[p.state.dims[0]], H, "scan_sign" in tp.prologue)
+        return tb.chunk_module_source(tp, sizes, H, op.knobs)
+    from .backends.tvm_backend import sequential_source
+    from .backends.tvm_tile import _scan_source, stage_sources
+    if tp is None:
+        return sequential_source(p, sizes, H, knobs=op.knobs)
+    if tp.form == "scan":
+        return _scan_source(sizes[p.state.dims[0]], H, "scan_sign" in tp.prologue)
+    return "\n\n".join(stage_sources(tp, sizes, H))

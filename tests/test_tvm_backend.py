@@ -221,3 +221,24 @@ def test_chunk_forms_varlen(name):
     o, S = rk.compile(getattr(rk.ops, name).decl, backend="tvm",
                       form=rk.analyze(getattr(rk.ops, name)).forms[0], chunk=16)(*x, **kw)
     assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+@pytest.mark.parametrize("knobs", [{"vectorize": 0}, {"unroll": 8, "vectorize": 4},
+                                   {"parallel": False, "pipeline": False}])
+def test_schedule_knobs_change_the_kernel_not_the_result(knobs):
+    decl = rk.ops.gated_delta_rule.decl
+    x = inputs("gated_delta_rule", 21)
+    o_ref, S_ref = rk.compile(decl, backend="reference")(*x, output_final_state=True)
+    o, S = rk.compile(decl, backend="tvm", knobs=knobs)(*x, output_final_state=True)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    src = tvm_backend.sequential_source(decl.program, {"K": K, "V": V}, H, knobs=knobs)
+    assert src != tvm_backend.sequential_source(decl.program, {"K": K, "V": V}, H)
+
+
+def test_bad_knobs():
+    with pytest.raises(ValueError, match="unknown TVM knob 'tile'"):
+        rk.compile(rk.ops.gla, backend="tvm", knobs={"tile": 4})
+    with pytest.raises(ValueError, match="'unroll' must be an int >= 0"):
+        rk.compile(rk.ops.gla, backend="tvm", knobs={"unroll": -1})
+    with pytest.raises(ValueError, match="configures the TVM and Triton backends"):
+        rk.compile(rk.ops.gla, backend="torch", knobs={"unroll": 4})

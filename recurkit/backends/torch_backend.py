@@ -185,18 +185,24 @@ class Packing:
 def run_tile(tp: TileProgram, bc: BoundCall):
     if tp.form == "sequential":
         return run_reference(bc)
-    rec = tp.meta["recurrence"]
-    roots = list(tp.prologue.values())
-    if not tp.meta.get("positive", True):
-        decays = [n for n in (rec.decay_k, rec.decay_v) if n is not None]
-        vals = evaluate(bc, decays)
-        if any(bool((vals[id(n)] <= 0).any()) for n in decays):
-            return run_reference(bc)   # a non-positive decay: the log-space chunk forms do not apply
-    vals = evaluate(bc, roots)
+    if not decays_positive(tp, bc):
+        return run_reference(bc)   # a non-positive decay: the log-space chunk forms do not apply
+    vals = evaluate(bc, list(tp.prologue.values()))
     pro = {k: vals[id(n)] for k, n in tp.prologue.items()}
     if tp.form == "scan":
         return _run_scan(tp, bc, pro)
     return _run_chunked(tp, bc, pro)
+
+
+def decays_positive(tp: TileProgram, bc: BoundCall) -> bool:
+    """Whether the log-space forms apply to this call: true unless the analysis could not
+    prove the decays positive and some decay of this call is <= 0."""
+    if tp.meta.get("positive", True):
+        return True
+    rec = tp.meta["recurrence"]
+    decays = [n for n in (rec.decay_k, rec.decay_v) if n is not None]
+    vals = evaluate(bc, decays)
+    return not any(bool((vals[id(n)] <= 0).any()) for n in decays)
 
 
 def _initial_state(bc: BoundCall, N: int) -> torch.Tensor:

@@ -21,7 +21,28 @@ from ..ir.node import Node, depends_on_state
 
 _CACHE: dict[tuple, Callable] = {}
 _LOCK = threading.Lock()
-VECTOR_MAX = 1024
+# schedule knobs of the sequential kernel (the autotuner's space): see rk.compile(knobs=...)
+DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this extent (0: never)
+                 "unroll": 0,         # unroll loops of at most this extent (0: never)
+                 "parallel": True,    # run (sequence, head) pairs on all threads
+                 "pipeline": True}    # read the state for token t+1 while writing token t's
+
+
+def check_knobs(knobs: dict | None) -> dict:
+    if knobs is None:
+        return dict(DEFAULT_KNOBS)
+    bad = [k for k in knobs if k not in DEFAULT_KNOBS]
+    if bad:
+        raise ValueError(f"unknown TVM knob {bad[0]!r}; the knobs are "
+                         f"{', '.join(f'{k} (default {v})' for k, v in DEFAULT_KNOBS.items())}")
+    out = {**DEFAULT_KNOBS, **knobs}
+    for k in ("vectorize", "unroll"):
+        if isinstance(out[k], bool) or not isinstance(out[k], int) or out[k] < 0:
+            raise ValueError(f"TVM knob {k!r} must be an int >= 0, got {out[k]!r}")
+    for k in ("parallel", "pipeline"):
+        if not isinstance(out[k], bool):
+            raise ValueError(f"TVM knob {k!r} must be a bool, got {out[k]!r}")
+    return out
 
 
 def target():
@@ -57,8 +78,10 @@ class _Gen:
               "gt": "({0} > {1})", "ge": "({0} >= {1})", "eq": "({0} == {1})",
               "ne": "({0} != {1})"}
 
-    def __init__(self, p, sizes: dict[str, int], gpu: bool = False):
+    def __init__(self, p, sizes: dict[str, int], gpu: bool = False,
+                 knobs: dict | None = None):
         self.p, self.sizes = p, sizes
+        self.knobs = check_knobs(knobs)
         # on a GPU the last state dim is spread over the threads of a block: each thread keeps
         # its column of the state in registers and contracts the other dims by itself
         self.tdim = p.state.dims[-1] if gpu else None
@@ -127,7 +150,7 @@ class _Gen:
         """Contractions of the old state that can be computed for token t+1 while token t's
         update writes S: one pass over the state per token instead of two (CPU only)."""
         sd = self.p.state.dims
-        if self.tdim is not None or not self.in_place or not sd:
+        if self.tdim is not None or not self.in_place or not sd or not self.knobs["pipeline"]:
             return []
         return [n for n in self.step if n.op == "contract" and id(n) in self.mat and
                 id(n) not in after and sd[-1] not in n.attr("over") and
@@ -202,7 +225,8 @@ class _Gen:
         vector_last = vector_last and self.tdim is None
         for k, d in enumerate(dims):
             kind = "T.vectorized" if vector_last and k == len(dims) - 1 and \
-                self.sizes[d] <= VECTOR_MAX else "T.serial"
+                self.sizes[d] <= self.knobs["vectorize"] else (
+                    "T.unroll" if self.sizes[d] <= self.knobs["unroll"] else "T.serial")
             out.append(f"{pad}for i_{d} in {kind}({self.sizes[d]}):")
             pad += "    "
         return out + [pad + line for line in body]
@@ -268,7 +292,8 @@ class _Gen:
             lines.append(f"    F{i} = T.match_buffer(f{i}, (B, TT, {H}{', ' if fd else ''}"
                          f"{shape(fd)}), \"float32\")")
         if self.tdim is None:
-            lines.append(f"    for nh in T.parallel(NS * {H}):")
+            kind = "T.parallel" if self.knobs["parallel"] else "T.serial"
+            lines.append(f"    for nh in {kind}(NS * {H}):")
             ind = 2
         else:
             lines.append(f"    for nh in T.thread_binding(NS * {H}, thread=\"blockIdx.x\"):")
@@ -369,9 +394,10 @@ def _descendants(nodes: list[Node], root: Node) -> set[int]:
     return out
 
 
-def sequential_source(p, sizes: dict[str, int], H: int, gpu: bool = False) -> str:
+def sequential_source(p, sizes: dict[str, int], H: int, gpu: bool = False,
+                      knobs: dict | None = None) -> str:
     """The TVMScript of the sequential kernel (for reading and golden tests)."""
-    return _Gen(p, {**sizes, "__H": H}, gpu).source()
+    return _Gen(p, {**sizes, "__H": H}, gpu, knobs).source()
 
 
 def cuda_source(p, sizes: dict[str, int], H: int, arch: str = "sm_90") -> str:
@@ -463,12 +489,15 @@ def compile_source(src: str) -> Callable:
 _KERNELS: dict[tuple, tuple[Callable, _Gen]] = {}
 
 
-def _kernel(p, sizes: dict[str, int], H: int) -> tuple[Callable, _Gen]:
-    key = (p.content_hash(), tuple(sorted(sizes.items())), H, torch.get_num_threads())
+def _kernel(p, sizes: dict[str, int], H: int, knobs: dict | None = None
+            ) -> tuple[Callable, _Gen]:
+    knobs = check_knobs(knobs)
+    key = (p.content_hash(), tuple(sorted(sizes.items())), H, torch.get_num_threads(),
+           tuple(sorted(knobs.items())))
     with _LOCK:
         hit = _KERNELS.get(key)
     if hit is None:
-        gen = _Gen(p, {**sizes, "__H": H})
+        gen = _Gen(p, {**sizes, "__H": H}, knobs=knobs)
         hit = (compile_source(gen.source()), gen)
         with _LOCK:
             _KERNELS[key] = hit
@@ -482,10 +511,10 @@ def _remove(path: str) -> None:
         pass
 
 
-def run_tvm_sequential(bc: BoundCall):
+def run_tvm_sequential(bc: BoundCall, knobs: dict | None = None):
     """Run the sequential form of a stateful program as a compiled TVM kernel."""
     p = bc.program
-    fn, gen = _kernel(p, bc.sizes, bc.H)
+    fn, gen = _kernel(p, bc.sizes, bc.H, knobs)
     vals = evaluate(bc, gen.feeds)
     feeds = [vals[id(f)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in f.dims))
              .contiguous() for f in gen.feeds]

@@ -163,3 +163,15 @@ def _check_axes(op: TileOp, ins: list[tuple[str, ...]], pos: set[str], dims) -> 
     elif op.op == "invert_unit_lower":
         if set(ins[0]) != {"i", "j"} or set(op.axes) != {"i", "j"}:
             raise TileVerifyError(f"{op}: needs L[i, j] and gives [i, j]")
+
+
+def stage_inputs(st: Stage, known: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The values a stage reads from earlier stages (or the prologue), with their axes."""
+    made: set[str] = set(st.carried)
+    ins: dict[str, tuple[str, ...]] = {}
+    for op in st.ops:
+        for name in list(op.args) + ([op.attr("value")] if op.op == "load" else []):
+            if name not in made and name in known and name not in ins:
+                ins[name] = known[name]
+        made.add(op.out)
+    return ins
