@@ -1,0 +1,90 @@
+"""Generated Triton kernels vs flash-linear-attention's hand-written ones, on one GPU.
+
+    python benchmarks/gpu_chunk.py [--quick]
+
+For Gated DeltaNet, GLA and KDA (bf16, D = 128, B in {1, 8}, T in {2048, 8192, 16384},
+H in {16, 32}) prints milliseconds per forward call of FLA's chunk_* function and of
+rk.compile(..., backend="triton") at its default config, with the ratio FLA / recurkit
+(> 1: recurkit is faster), plus the max relative difference of the outputs. Forward+backward
+is reported as unavailable: the generated backward is the torch-integration issue's work.
+Needs a CUDA GPU and fla-core (pip install fla-core); on a machine without one it says so and
+exits.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import recurkit as rk
+
+
+def inputs(op: str, B: int, T: int, H: int, D: int, dev: str):
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, device=dev, generator=g)
+    q, k, v = r(B, T, H, D), F.normalize(r(B, T, H, D), dim=-1), r(B, T, H, D)
+    if op == "gla":
+        gate = F.logsigmoid(r(B, T, H, D)) / 16
+        return [x.bfloat16() for x in (q, k, v, gate)]
+    beta = torch.sigmoid(r(B, T, H))
+    gate = F.logsigmoid(r(B, T, H)) if op == "gated_delta_rule" else \
+        F.logsigmoid(r(B, T, H, D)) / 16
+    return [x.bfloat16() for x in (q, k, v, gate, beta)]
+
+
+def fla_fn(op: str):
+    if op == "gated_delta_rule":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return chunk_gated_delta_rule
+    if op == "gla":
+        from fla.ops.gla import chunk_gla
+        return chunk_gla
+    from fla.ops.kda import chunk_kda
+    return chunk_kda
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="B=1, T=2048, H=16 only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_chunk.py: no CUDA device here; run it on a machine with a GPU "
+              "(the kernels' GPU-readiness is checked without one by tests/test_triton_backend.py)")
+        return 0
+    import triton
+    from triton.testing import do_bench
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
+          f"triton {triton.__version__} | recurkit {rk.__version__}")
+    shapes = [(1, 2048, 16)] if args.quick else [
+        (B, T, H) for B in (1, 8) for T in (2048, 8192, 16384) for H in (16, 32)]
+    D = 128
+    print(f"{'op':18} {'B':>2} {'T':>6} {'H':>3}  {'FLA ms':>8} {'rk ms':>8} {'FLA/rk':>7} "
+          f"{'max rel diff':>12}  fwd+bwd")
+    for op in ("gated_delta_rule", "gla", "kda"):
+        ours = rk.compile(getattr(rk.ops, op).decl, backend="triton")
+        try:
+            theirs = fla_fn(op)
+        except ImportError as e:
+            print(f"{op}: flash-linear-attention not importable ({e}); pip install fla-core")
+            theirs = None
+        for B, T, H in shapes:
+            x = inputs(op, B, T, H, D, "cuda")
+            t_rk = do_bench(lambda: ours(*x))
+            o_rk = ours(*x)[0].float()
+            t_fla = diff = float("nan")
+            if theirs is not None:
+                t_fla = do_bench(lambda: theirs(*x))
+                o_fla = theirs(*x)[0].float()
+                diff = ((o_rk - o_fla).abs().max() / o_fla.abs().max()).item()
+            print(f"{op:18} {B:>2} {T:>6} {H:>3}  {t_fla:8.3f} {t_rk:8.3f} "
+                  f"{t_fla / t_rk:7.2f} {diff:12.2e}  n/a (no generated backward yet)",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
