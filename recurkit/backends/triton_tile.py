@@ -28,6 +28,7 @@ class _StageGen:
         self.axes: dict[str, tuple[str, ...]] = {}   # value -> axes of its register block
         self.var: dict[str, str] = {}
         self.L: list[str] = []
+        self.defs: dict[str, TileOp] = {}   # value -> the op that made it
         self.n = 0
         # the state's last dim splits over programs when no op of the stage reduces along it
         # (columns of the state, and everything computed from them, are then independent)
@@ -112,6 +113,7 @@ class _StageGen:
     def op(self, op: TileOp, ind: int) -> None:
         o, ax = op.op, tuple(op.axes)
         a = op.args
+        self.defs[op.out] = op
         if o == "load":
             self.var[op.out], self.axes[op.out] = self.var[op.attr("value")], \
                 self.axes[op.attr("value")]
@@ -191,8 +193,18 @@ class _StageGen:
 
     def shift(self, op: TileOp, ind: int) -> None:
         """y[i] = x[i-1] (0 at i = 0), exactly: a 0/1 matrix product (one nonzero term per
-        entry) for blocks, a masked reduction for a vector."""
+        entry) for blocks, a masked reduction for a vector. The shift of a decay ratio
+        exp(a_i - b_j) [i >= j] is the ratio of the shifted a, exp(a_(i-1) - b_j) [i > j]: the
+        same numbers, without a [C, C*K] product when the ratio is per channel."""
         x, axis = op.args[0], op.attr("axis")
+        src = self.defs.get(x)
+        if axis == "i" and src is not None and src.op == "decay_ratio" and \
+                src.attr("mask") == "i>=j":
+            a = src.args[0]
+            self.shift(TileOp(a + "_prev", "shift", (a,), self.axes[a], (("axis", "i"),)), ind)
+            self.op(TileOp(op.out, "decay_ratio", (a + "_prev", src.args[1]), op.axes,
+                           (("mask", "i>j"),)), ind)
+            return
         have = self.axes[x]
         C = self.size(axis)
         rest = tuple(d for d in have if d != axis)
