@@ -47,9 +47,15 @@ class CompiledOp:
     """
 
     def __init__(self, program: Program, backend: str, form: str | None = None,
-                 chunk: int | None = None, knobs: dict | None = None):
+                 chunk: int | None = None, knobs: dict | None = None,
+                 autotune: bool | str = False):
         self.program, self.backend = program, backend
         self.knobs = None
+        self.autotune = _effort(autotune)
+        self._tuned: dict[tuple, object] = {}
+        if self.autotune and (backend != "auto" or form or chunk or knobs):
+            raise ValueError("autotune chooses the backend, form, chunk and knobs itself: "
+                             "leave backend='auto' and form/chunk/knobs unset")
         if knobs is not None:
             if backend not in ("tvm", "triton"):
                 raise ValueError(f"knobs= configures the TVM and Triton backends; backend is "
@@ -83,6 +89,8 @@ class CompiledOp:
 
     def __call__(self, *args, **kwargs):
         bc = bind_call(self.program, args, kwargs)
+        if self.autotune and self._tvm_fits(bc):
+            return self._tuned_runner(bc)(bc)
         if self.backend == "auto":
             return (run_tvm_sequential if self._tvm_fits(bc) else
                     lambda b: run_tile(self.tile_program, b))(bc)
@@ -102,6 +110,22 @@ class CompiledOp:
             return run_reference(bc)
         return run_tile(self.tile_program, bc)
 
+    def _tuned_runner(self, bc):
+        """The tuned candidate for this call's device, dtype and shape bucket: from the
+        tuning cache, or tuned now (with a progress line) and stored."""
+        from .autotune import tune
+        from .autotune.worker import build_bound
+        shape = {"B": bc.B, "T": bc.T, "H": bc.H, "N": bc.N, "sizes": dict(bc.sizes)}
+        dtype = str(next(iter(bc.tensors.values())).dtype).replace("torch.", "")
+        key = (dtype, bc.B, 1 << max(0, bc.T - 1).bit_length(), bc.H, bc.N,
+               tuple(sorted(bc.sizes.items())))
+        run = self._tuned.get(key)
+        if run is None:
+            res = tune(self.program, shape, effort=self.autotune, dtype=dtype)
+            self.tuned_candidate = res.best
+            run = self._tuned[key] = build_bound(self.program, res.best)
+        return run
+
     def _tvm_fits(self, bc) -> bool:
         """auto: the compiled TVM kernel for stateful CPU calls that need no gradient (it has
         no backward yet); the torch backend, which autograd differentiates, otherwise."""
@@ -120,8 +144,19 @@ class CompiledOp:
         return f"<rk.compile {self.program.name} backend={self.backend} form={self.form}{chunk}>"
 
 
+def _effort(autotune) -> str | None:
+    if autotune is False or autotune is None:
+        return None
+    if autotune is True:
+        return "quick"
+    if autotune in ("quick", "full"):
+        return autotune
+    raise ValueError(f"autotune must be True, False, 'quick' or 'full', got {autotune!r}")
+
+
 def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A001
-            chunk: int | None = None, knobs: dict | None = None) -> CompiledOp:
+            chunk: int | None = None, knobs: dict | None = None,
+            autotune: bool | str = False) -> CompiledOp:
     """Compile a declaration.
 
     backend: "auto" (per call: "tvm" for CPU tensors that need no gradient, else "torch"),
@@ -135,9 +170,13 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     the sequential kernel's schedule (``vectorize``, ``unroll``, ``parallel``, ``pipeline``;
     see ``recurkit.backends.tvm_backend.DEFAULT_KNOBS``), for "triton" the launch config
     (``num_warps``, ``num_stages``, ``block_v``, ``precision``; see
-    ``recurkit.backends.triton_backend.DEFAULT_CONFIG``).
+    ``recurkit.backends.triton_backend.DEFAULT_CONFIG``). autotune: True (= "quick") or
+    "full": on the first CPU call of each shape bucket that needs no gradient, measure the
+    candidates (forms, chunk sizes, backends, knobs), each verified against the reference,
+    keep the fastest in the tuning cache and run it; later calls and processes reuse it.
     """
-    return CompiledOp(as_program(decl), resolve_backend(backend), form, chunk, knobs)
+    return CompiledOp(as_program(decl), resolve_backend(backend), form, chunk, knobs,
+                      autotune)
 
 
 def codegen(decl, backend: str = "triton", *, form: str | None = None,

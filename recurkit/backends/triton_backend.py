@@ -28,6 +28,8 @@ from .triton_tile import chunk_source
 from .tvm_backend import cache_dir as _tvm_cache_dir
 
 GEN_VERSION = 1
+# Triton 3.9 warns unless this is set; 1 keeps its current default (fused multiply-add)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 DEFAULT_CONFIG = {"num_warps": None,     # warps per program (None: 4 for the token loops, 8
                                          # for chunk stages, whose blocks are larger)
                   "num_stages": 2,       # software-pipelining depth of the chunk kernels
