@@ -17,10 +17,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import machine  # noqa: E402
+from common import bench, machine  # noqa: E402
 
 import recurkit as rk  # noqa: E402
-from recurkit.autotune import TuneCache, tune  # noqa: E402
+from recurkit.autotune import TuneCache, default_candidate, tune  # noqa: E402
+from recurkit.autotune.worker import build, make_inputs  # noqa: E402
 
 SHAPE = {"B": 1, "T": 4096, "H": 4, "N": 1, "sizes": {"K": 128, "V": 128}}
 
@@ -43,13 +44,21 @@ def main() -> int:
                       f"({r.default_seconds / r.seconds:.2f}x), tuned in {r.wall:5.1f} s, "
                       f"{len(r.tried)} tried, {fails} failed", flush=True)
             q, f = res["quick"], res["full"]
+            # the tuners' own timings come from separate runs (noise here is up to 2x between
+            # runs): time the default and both winners side by side, interleaved
+            xs = make_inputs(p, SHAPE["B"], SHAPE["T"], SHAPE["H"], SHAPE["sizes"], seed=3)
+            fns = {n: build(p, c) for n, c in (("default", default_candidate(p)),
+                                                ("quick", q.best), ("full", f.best))}
+            side = bench({n: (lambda fn=fn: fn(**xs)) for n, fn in fns.items()}, repeats=7)
+            print(f"{name:17} side by side: default {side['default'] * 1e3:.2f} ms, quick "
+                  f"{side['quick'] * 1e3:.2f} ms, full {side['full'] * 1e3:.2f} ms", flush=True)
             t = time.perf_counter()
             hit = tune(p, SHAPE, effort="quick", cache=TuneCache(os.path.join(d, "quick.json")),
                        progress=False)
             hit_ms = (time.perf_counter() - t) * 1e3
             assert hit.from_cache
-            gap = q.seconds / f.seconds - 1
-            speed = q.default_seconds / q.seconds
+            gap = side["quick"] / side["full"] - 1
+            speed = side["default"] / side["quick"]
             ok = q.wall <= 60 and (gap <= 0.10 or speed >= 1.3) and hit_ms < 50
             print(f"{name:17} quick is {gap * 100:+.1f}% vs full, {speed:.2f}x the default; "
                   f"quick wall {q.wall:.1f} s; cache hit {hit_ms:.1f} ms -> bars "

@@ -49,10 +49,11 @@ def test_forms_match_reference(name, form, chunk):
     check(name, form, chunk, 37, True)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name,form,chunk", cases([32, 64]))
-def test_forms_match_reference_larger_chunks(name, form, chunk):
-    check(name, form, chunk, 150, True)
+@pytest.mark.parametrize("name,form,chunk", [c for c in cases([32]) if c.values[2]])
+def test_forms_match_reference_chunk32(name, form, chunk):
+    # T = 40: one full chunk and a partial one (a chunk-64 WY prep takes the interpreter
+    # minutes, so 64 is covered on the torch and TVM backends)
+    check(name, form, chunk, 40, True, Bn=1)
 
 
 @pytest.mark.parametrize("T", [1, 63, 100])

@@ -8,9 +8,6 @@ Kernels are specialised to the dim sizes and cached by (IR hash, sizes, target).
 """
 from __future__ import annotations
 
-import os
-import threading
-import warnings
 from typing import Callable
 
 import torch
@@ -18,9 +15,9 @@ import torch
 from ..ir.bind import BoundCall
 from ..ir.interpret import evaluate
 from ..ir.node import Node, depends_on_state
+from .tvm_build import (_CACHE, _LOCK, GEN_VERSION, cache_dir, compile_source,  # noqa: F401
+                        cuda_ptx, target)
 
-_CACHE: dict[tuple, Callable] = {}
-_LOCK = threading.Lock()
 # schedule knobs of the sequential kernel (the autotuner's space): see rk.compile(knobs=...)
 DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this extent (0: never)
                  "unroll": 0,         # unroll loops of at most this extent (0: never)
@@ -43,21 +40,6 @@ def check_knobs(knobs: dict | None) -> dict:
         if not isinstance(out[k], bool):
             raise ValueError(f"TVM knob {k!r} must be a bool, got {out[k]!r}")
     return out
-
-
-def target():
-    _threads()
-    import tvm
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                              "num-cores": max(1, torch.get_num_threads()),
-                              "fast-math-contract": True})   # a*b+c as one FMA
-
-
-def _threads() -> None:
-    """TVM's runtime reads these once, when its thread pool starts: use as many threads as
-    torch, unpinned (pinned workers contend with torch's OpenMP threads on the same cores)."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, torch.get_num_threads())))
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def _f(v: float) -> str:
@@ -411,81 +393,6 @@ def cuda_source(p, sizes: dict[str, int], H: int, arch: str = "sm_90") -> str:
     return ex.mod.imports[0].inspect_source()
 
 
-def cuda_ptx(src: str, arch: str = "sm_90") -> str:
-    """PTX for CUDA source with the nvcc found on PATH (RuntimeError when there is none)."""
-    import shutil
-    import subprocess
-    import tempfile
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise RuntimeError("nvcc is not on PATH: CUDA source can be generated but not compiled")
-    with tempfile.TemporaryDirectory() as d:
-        cu, ptx = os.path.join(d, "k.cu"), os.path.join(d, "k.ptx")
-        with open(cu, "w") as f:
-            f.write(src)
-        r = subprocess.run([nvcc, "--ptx", f"-arch={arch}", "-o", ptx, cu],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"nvcc failed on the generated kernel:\n{r.stderr}")
-        with open(ptx) as f:
-            return f.read()
-
-
-GEN_VERSION = 4   # bump when the generated code changes meaning
-
-
-def cache_dir() -> str:
-    """Where compiled kernels live: $RECURKIT_CACHE_DIR, else ~/.cache/recurkit."""
-    root = os.environ.get("RECURKIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "recurkit")
-    return os.path.join(root, "tvm")
-
-
-def compile_source(src: str) -> Callable:
-    """Compile TVMScript ``src`` for the host CPU, through the memory and disk caches.
-
-    The key is the source text itself plus the target and versions, so dim sizes, knobs and
-    the declaration's math are all part of it. A cached library that cannot be loaded is
-    reported, removed and rebuilt; a new one is written under a private name and renamed
-    into place, so concurrent processes never read half a file."""
-    import hashlib
-
-    import tvm
-    import tvm.script
-
-    from .. import __version__
-    tgt = target()
-    key = hashlib.sha256("\n".join([src, str(tgt), tvm.__version__, __version__,
-                                     str(GEN_VERSION)]).encode()).hexdigest()[:32]
-    with _LOCK:
-        hit = _CACHE.get(key)
-    if hit is not None:
-        return hit
-    path = os.path.join(cache_dir(), key + ".so")
-    fn = None
-    if os.path.exists(path):
-        try:
-            fn = tvm.runtime.load_module(path)["main"]
-        except Exception as e:  # noqa: BLE001 - a corrupt cache entry is rebuilt, not fatal
-            warnings.warn(f"recurkit: discarding unreadable cached kernel {path} ({e}); "
-                          "rebuilding it", RuntimeWarning, stacklevel=3)
-            _remove(path)
-    if fn is None:
-        ex = tvm.compile(tvm.IRModule({"main": tvm.script.from_source(src)}), target=tgt)
-        fn = ex["main"]
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp.so"
-            ex.export_library(tmp)
-            os.replace(tmp, path)
-        except Exception as e:  # noqa: BLE001 - the kernel works without its disk copy
-            warnings.warn(f"recurkit: could not cache the compiled kernel in {path} ({e})",
-                          RuntimeWarning, stacklevel=3)
-    with _LOCK:
-        _CACHE[key] = fn
-    return fn
-
-
 _KERNELS: dict[tuple, tuple[Callable, _Gen]] = {}
 
 
@@ -502,13 +409,6 @@ def _kernel(p, sizes: dict[str, int], H: int, knobs: dict | None = None
         with _LOCK:
             _KERNELS[key] = hit
     return hit
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 def run_tvm_sequential(bc: BoundCall, knobs: dict | None = None):
