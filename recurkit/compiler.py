@@ -89,7 +89,7 @@ class CompiledOp:
 
     def __call__(self, *args, **kwargs):
         bc = bind_call(self.program, args, kwargs)
-        if self.autotune and self._tvm_fits(bc):
+        if self.autotune and self._tunable(bc):
             return self._tuned_runner(bc)(bc)
         if self.backend == "auto":
             return (run_tvm_sequential if self._tvm_fits(bc) else
@@ -121,19 +121,25 @@ class CompiledOp:
                tuple(sorted(bc.sizes.items())))
         run = self._tuned.get(key)
         if run is None:
-            res = tune(self.program, shape, effort=self.autotune, dtype=dtype)
+            res = tune(self.program, shape, effort=self.autotune, dtype=dtype,
+                       device="cuda" if bc.device.type == "cuda" else "cpu")
             self.tuned_candidate = res.best
             run = self._tuned[key] = build_bound(self.program, res.best)
         return run
 
-    def _tvm_fits(self, bc) -> bool:
-        """auto: the compiled TVM kernel for stateful CPU calls that need no gradient (it has
-        no backward yet); the torch backend, which autograd differentiates, otherwise."""
-        if bc.device.type != "cpu" or self.program.new_state is None:
+    def _tunable(self, bc) -> bool:
+        """autotune: stateful calls on CPU or CUDA that need no gradient (the tuned kernels
+        have no backward yet); others run as backend='auto' would."""
+        if bc.device.type not in ("cpu", "cuda") or self.program.new_state is None:
             return False
         tensors = list(bc.tensors.values()) + ([bc.initial_state] if bc.initial_state
                                                is not None else [])
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+    def _tvm_fits(self, bc) -> bool:
+        """auto: the compiled TVM kernel for stateful CPU calls that need no gradient (it has
+        no backward yet); the torch backend, which autograd differentiates, otherwise."""
+        return bc.device.type == "cpu" and self._tunable(bc)
 
     def __repr__(self) -> str:
         if self.backend == "auto":
@@ -171,7 +177,7 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     see ``recurkit.backends.tvm_backend.DEFAULT_KNOBS``), for "triton" the launch config
     (``num_warps``, ``num_stages``, ``block_v``, ``precision``; see
     ``recurkit.backends.triton_backend.DEFAULT_CONFIG``). autotune: True (= "quick") or
-    "full": on the first CPU call of each shape bucket that needs no gradient, measure the
+    "full": on the first call (CPU or CUDA) of each shape bucket that needs no gradient, measure the
     candidates (forms, chunk sizes, backends, knobs), each verified against the reference,
     keep the fastest in the tuning cache and run it; later calls and processes reuse it.
     """

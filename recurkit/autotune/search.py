@@ -91,6 +91,7 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
     family = "gpu" if device == "cuda" else "cpu"
     bucket = shape_bucket(shape["sizes"], shape["B"], shape["T"], shape["H"], shape["N"])
     key = make_key(program.content_hash(), family, dtype, bucket, device)
+    shape = {**shape, "device": device}
     t0 = time.perf_counter()
     if use_cache:
         hit = cache.get(key)

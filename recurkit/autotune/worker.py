@@ -90,10 +90,12 @@ def measure(program, cand: Candidate, shape: dict, repeats: int, warmup: int = 1
     """Verify, then time. Runs in the worker (or in-process for tests)."""
     torch.manual_seed(0)
     sizes, H = shape["sizes"], shape["H"]
+    dev = shape.get("device", "cpu")
     fn = build(program, cand)
-    small = make_inputs(program, 1, VERIFY_T, H, sizes, seed=1)
-    S0 = torch.randn(1, H, *(sizes[d] for d in program.state.dims),
-                     generator=torch.Generator().manual_seed(2)) * 0.3
+    small = {k: v.to(dev) for k, v in make_inputs(program, 1, VERIFY_T, H, sizes,
+                                                   seed=1).items()}
+    S0 = (torch.randn(1, H, *(sizes[d] for d in program.state.dims),
+                      generator=torch.Generator().manual_seed(2)) * 0.3).to(dev)
     from ..ir.bind import bind_call
     from ..ir.interpret import run_reference
     o_ref, s_ref = run_reference(bind_call(program, (), {
@@ -103,13 +105,17 @@ def measure(program, cand: Candidate, shape: dict, repeats: int, warmup: int = 1
     if not err < VERIFY_TOL:   # NaN fails too
         return {"ok": False, "why": f"wrong answer: relative error {err:.2e} against the "
                                     "reference"}
-    xs = make_inputs(program, shape["B"], shape["T"], H, sizes, seed=3)
+    xs = {k: v.to(dev) for k, v in make_inputs(program, shape["B"], shape["T"], H, sizes,
+                                                seed=3).items()}
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn(**xs)
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn(**xs)
+        sync()
         times.append(time.perf_counter() - t)
     return {"ok": True, "seconds": statistics.median(times), "error": err}
 
