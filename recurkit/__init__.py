@@ -14,6 +14,7 @@
     o, final = op(q, k, v, g, beta, output_final_state=True)
 """
 from .compiler import CompiledOp, codegen, compile
+from .export import export
 from .lowering import analyze
 from .lowering.forms import LoweringError, lower
 from .ir import (CallError, DeclarationError, DimExpr, Param, Program, Recurrence, Scalar, State,
@@ -24,7 +25,7 @@ from . import ops  # noqa: E402  (ops use the names above)
 
 __version__ = "0.1.0"
 
-__all__ = ["CompiledOp", "codegen", "compile", "analyze", "lower", "LoweringError", "CallError", "DeclarationError", "DimExpr", "Param",
+__all__ = ["CompiledOp", "codegen", "compile", "export", "analyze", "lower", "LoweringError", "CallError", "DeclarationError", "DimExpr", "Param",
            "Program", "Recurrence", "Scalar", "State", "Token", "dim", "recurrence", "contract",
            "dot", "exp", "head", "l2norm", "log", "max", "maximum", "minimum", "outer", "relu",
            "rsqrt", "sigmoid", "silu", "softplus", "sqrt", "sum", "tanh", "where", "ops",
