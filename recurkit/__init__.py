@@ -22,6 +22,7 @@ from .ir import (CallError, DeclarationError, DimExpr, Param, Program, Recurrenc
 from .ir.dsl import (contract, dot, exp, head, l2norm, log, max, maximum, minimum, outer, relu,
                      rsqrt, sigmoid, silu, softplus, sqrt, sum, tanh, where)
 from . import ops  # noqa: E402  (ops use the names above)
+from . import nn  # noqa: E402,F401  (layers use the ops)
 
 __version__ = "0.1.0"
 
