@@ -22,6 +22,7 @@ from ..ir.interpret import evaluate
 from ..lowering.analysis import analyze
 from ..lowering.forms import default_chunk as lowering_default_chunk
 from ..lowering.tile import TileProgram
+from ._config import merge_defaults
 from .torch_backend import Packing, _initial_state, decays_positive
 from .triton_seq import SeqGen, scan_signature, scan_source
 from .triton_tile import chunk_source
@@ -40,13 +41,7 @@ _LOCK = threading.Lock()
 
 
 def check_config(config: dict | None) -> dict:
-    if config is None:
-        return dict(DEFAULT_CONFIG)
-    bad = [k for k in config if k not in DEFAULT_CONFIG]
-    if bad:
-        raise ValueError(f"unknown Triton config key {bad[0]!r}; the keys are "
-                         f"{', '.join(f'{k} (default {v!r})' for k, v in DEFAULT_CONFIG.items())}")
-    out = {**DEFAULT_CONFIG, **config}
+    out = merge_defaults(config, DEFAULT_CONFIG, "Triton config key")
     for k in ("num_warps", "block_v"):
         v = out[k]
         if v is None and k == "num_warps":

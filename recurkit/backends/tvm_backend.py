@@ -15,6 +15,7 @@ import torch
 from ..ir.bind import BoundCall
 from ..ir.interpret import evaluate
 from ..ir.node import Node, depends_on_state
+from ._config import merge_defaults
 from .tvm_build import (_CACHE, _LOCK, GEN_VERSION, cache_dir, compile_source,  # noqa: F401
                         cuda_ptx, target)
 
@@ -26,13 +27,7 @@ DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this ext
 
 
 def check_knobs(knobs: dict | None) -> dict:
-    if knobs is None:
-        return dict(DEFAULT_KNOBS)
-    bad = [k for k in knobs if k not in DEFAULT_KNOBS]
-    if bad:
-        raise ValueError(f"unknown TVM knob {bad[0]!r}; the knobs are "
-                         f"{', '.join(f'{k} (default {v})' for k, v in DEFAULT_KNOBS.items())}")
-    out = {**DEFAULT_KNOBS, **knobs}
+    out = merge_defaults(knobs, DEFAULT_KNOBS, "TVM knob")
     for k in ("vectorize", "unroll"):
         if isinstance(out[k], bool) or not isinstance(out[k], int) or out[k] < 0:
             raise ValueError(f"TVM knob {k!r} must be an int >= 0, got {out[k]!r}")
