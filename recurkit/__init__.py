@@ -26,8 +26,9 @@ from . import nn  # noqa: E402,F401  (layers use the ops)
 
 __version__ = "0.1.0"
 
-__all__ = ["CompiledOp", "codegen", "compile", "export", "analyze", "lower", "LoweringError", "CallError", "DeclarationError", "DimExpr", "Param",
+__all__ = ["CompiledOp", "codegen", "compile", "export", "analyze", "lower", "LoweringError",
+           "CallError", "DeclarationError", "DimExpr", "Param",
            "Program", "Recurrence", "Scalar", "State", "Token", "dim", "recurrence", "contract",
            "dot", "exp", "head", "l2norm", "log", "max", "maximum", "minimum", "outer", "relu",
            "rsqrt", "sigmoid", "silu", "softplus", "sqrt", "sum", "tanh", "where", "ops",
-           "__version__"]
+           "nn", "__version__"]
