@@ -37,3 +37,19 @@ def bench(fns: dict, repeats: int = 7, warmup: int = 1) -> dict[str, float]:
             f()
             times[n].append(time.perf_counter() - t)
     return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def add_shape_args(ap, repeats: int) -> None:
+    """The shape options every benchmark takes: --T, --H, --D (K = V) and --repeats."""
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--H", type=int, default=4)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=repeats)
+
+
+def gdn_inputs(B: int, T: int, H: int, K: int) -> list[torch.Tensor]:
+    """Gated DeltaNet inputs (q, unit-norm k, v, log-sigmoid gate g, beta), seeded."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    return [torch.randn(B, T, H, K), F.normalize(torch.randn(B, T, H, K), dim=-1),
+            torch.randn(B, T, H, K), F.logsigmoid(torch.randn(B, T, H)), torch.rand(B, T, H)]

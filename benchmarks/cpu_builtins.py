@@ -20,11 +20,10 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import bench, machine  # noqa: E402
+from common import add_shape_args, bench, machine  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 from recurkit.ir.node import depends_on_state  # noqa: E402
@@ -79,10 +78,7 @@ def inputs(name, T, H, K, V, D):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--T", type=int, default=4096)
-    ap.add_argument("--H", type=int, default=4)
-    ap.add_argument("--D", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    add_shape_args(ap, repeats=5)
     args = ap.parse_args()
     T, H, K = args.T, args.H, args.D
     sizes = {"K": K, "V": K, "D": 512}

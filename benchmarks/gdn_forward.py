@@ -14,11 +14,8 @@ import os
 import sys
 import warnings
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench, machine  # noqa: E402
+from common import add_shape_args, bench, gdn_inputs, machine  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 
@@ -26,19 +23,11 @@ import recurkit as rk  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--B", type=int, default=1)
-    ap.add_argument("--T", type=int, default=4096)
-    ap.add_argument("--H", type=int, default=4)
-    ap.add_argument("--D", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=7)
+    add_shape_args(ap, repeats=7)
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args()
     B, T, H, K = args.B, args.T, args.H, args.D
-    torch.manual_seed(0)
-    q = torch.randn(B, T, H, K)
-    k = F.normalize(torch.randn(B, T, H, K), dim=-1)
-    v = torch.randn(B, T, H, K)
-    g = F.logsigmoid(torch.randn(B, T, H))
-    beta = torch.rand(B, T, H)
+    q, k, v, g, beta = gdn_inputs(B, T, H, K)
     print(f"machine: {machine()}")
     print(f"Gated DeltaNet forward, B={B} T={T} H={H} K=V={K}, fp32\n")
 

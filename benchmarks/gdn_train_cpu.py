@@ -16,25 +16,19 @@ import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench, machine  # noqa: E402
+from common import add_shape_args, bench, gdn_inputs, machine  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--T", type=int, default=4096)
-    ap.add_argument("--H", type=int, default=4)
-    ap.add_argument("--D", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    add_shape_args(ap, repeats=5)
     args = ap.parse_args()
     T, H, K = args.T, args.H, args.D
-    torch.manual_seed(0)
-    base = [torch.randn(1, T, H, K), F.normalize(torch.randn(1, T, H, K), dim=-1),
-            torch.randn(1, T, H, K), F.logsigmoid(torch.randn(1, T, H)), torch.rand(1, T, H)]
+    base = gdn_inputs(1, T, H, K)
     print(f"machine: {machine()}")
     print(f"Gated DeltaNet forward + backward, B=1 T={T} H={H} K=V={K}, fp32\n")
 

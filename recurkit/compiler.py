@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from .backends.dispatch import runner
 from .backends.torch_backend import run_tile
-from .backends.tvm_backend import check_knobs, run_tvm_sequential
-from .backends.triton_backend import (check_config, run_triton_chunked, run_triton_scan,
-                                      run_triton_sequential)
+from .backends.triton_backend import check_config
 from .backends.triton_backend import default_chunk as triton_default_chunk
-from .backends.tvm_tile import run_tvm_chunked, run_tvm_scan
-from .ir import CallError, Program, Recurrence, bind_call, run_reference
+from .backends.tvm_backend import check_knobs, run_tvm_sequential
+from .ir import CallError, Program, Recurrence, bind_call
 from .ir.bind import signature_names
 from .lowering.forms import lower
 
@@ -83,6 +82,8 @@ class CompiledOp:
                 raise ValueError(f"backend 'reference' runs the step itself; form={form!r} "
                                  "needs backend='torch'")
             self.form = "reference"
+        if backend != "auto":
+            self._run = runner(backend, self.form, self.tile_program, self.knobs)
         self.__name__ = program.name
         self.__doc__ = (f"{program.name}({', '.join(signature_names(program))}) "
                         f"[backend={backend}, form={self.form}]")
@@ -94,35 +95,23 @@ class CompiledOp:
         if self.backend == "auto":
             return (run_tvm_sequential if self._tvm_fits(bc) else
                     lambda b: run_tile(self.tile_program, b))(bc)
-        if self.backend == "triton":
-            if self.tile_program is not None:
-                run = run_triton_scan if self.form == "scan" else run_triton_chunked
-                return run(self.tile_program, bc, self.knobs)
-            return run_triton_sequential(bc, self.knobs)
-        if self.backend == "tvm":
-            if bc.device.type != "cpu":
-                raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
-            if self.tile_program is not None:
-                run = run_tvm_scan if self.form == "scan" else run_tvm_chunked
-                return run(self.tile_program, bc)
-            return run_tvm_sequential(bc, self.knobs)
-        if self.tile_program is None:
-            return run_reference(bc)
-        return run_tile(self.tile_program, bc)
+        if self.backend == "tvm" and bc.device.type != "cpu":
+            raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
+        return self._run(bc)
 
     def _tuned_runner(self, bc):
         """The tuned candidate for this call's device, dtype and shape bucket: from the
         tuning cache, or tuned now (with a progress line) and stored."""
         from .autotune import tune
+        from .autotune.cache import shape_bucket
         from .autotune.worker import build_bound
         shape = {"B": bc.B, "T": bc.T, "H": bc.H, "N": bc.N, "sizes": dict(bc.sizes)}
         dtype = str(next(iter(bc.tensors.values())).dtype).replace("torch.", "")
-        key = (dtype, bc.B, 1 << max(0, bc.T - 1).bit_length(), bc.H, bc.N,
-               tuple(sorted(bc.sizes.items())))
+        device = "cuda" if bc.device.type == "cuda" else "cpu"
+        key = (device, dtype, shape_bucket(bc.sizes, bc.B, bc.T, bc.H, bc.N))
         run = self._tuned.get(key)
         if run is None:
-            res = tune(self.program, shape, effort=self.autotune, dtype=dtype,
-                       device="cuda" if bc.device.type == "cuda" else "cpu")
+            res = tune(self.program, shape, effort=self.autotune, dtype=dtype, device=device)
             self.tuned_candidate = res.best
             run = self._tuned[key] = build_bound(self.program, res.best)
         return run

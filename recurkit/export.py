@@ -26,6 +26,8 @@ class ExportedOp:
         specs = program.call_inputs
         self.tensor_names = [s.name for s in specs if s.role in ("token", "param")]
         self.scalar_names = [s.name for s in specs if s.role == "scalar"]
+        # the op's arguments, in schema order
+        self.arg_names = self.tensor_names + self.scalar_names + ["initial_state", "cu_seqlens"]
         ns, name = qualname.split("::")
         args = [f"Tensor {n}" for n in self.tensor_names] + \
                [f"float? {n}=None" for n in self.scalar_names] + \
@@ -43,7 +45,7 @@ class ExportedOp:
 
     # --- the op's parts --------------------------------------------------------------------
     def _kwargs(self, args) -> dict:
-        names = self.tensor_names + self.scalar_names + ["initial_state", "cu_seqlens"]
+        names = self.arg_names
         kw = dict(zip(names, list(args) + [None] * (len(names) - len(args))))
         for n in self.scalar_names:   # None: the declared default
             if kw[n] is None:
@@ -97,20 +99,16 @@ class ExportedOp:
             want = [v for v in leaves.values() if v.requires_grad]
             got = torch.autograd.grad(outs, want, grads_out, allow_unused=True)
         by_name = dict(zip([n for n, v in leaves.items() if v.requires_grad], got))
-        order = self.tensor_names + self.scalar_names + ["initial_state", "cu_seqlens"]
-        return tuple(by_name.get(n) for n in order)
+        return tuple(by_name.get(n) for n in self.arg_names)
 
     # --- calling it -------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         want_final = kwargs.pop("output_final_state", False)
         bc = bind_call(self.program, args, dict(kwargs))   # errors name the argument
         del bc
-        names = self.tensor_names + self.scalar_names
-        given = dict(zip(names, args))
+        given = dict(zip(self.tensor_names + self.scalar_names, args))
         given.update(kwargs)
-        call = [given.get(n) for n in names] + [given.get("initial_state"),
-                                                 given.get("cu_seqlens")]
-        o, S = self.op(*call)
+        o, S = self.op(*[given.get(n) for n in self.arg_names])
         return o, (S if want_final else None)
 
     def __repr__(self) -> str:

@@ -20,12 +20,9 @@ import warnings
 
 import torch
 
+from ..backends._config import cache_root
+
 DB_VERSION = 1
-
-
-def cache_root() -> str:
-    return os.environ.get("RECURKIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "recurkit")
 
 
 def db_path() -> str:
@@ -88,6 +85,8 @@ class TuneCache:
                 fcntl.flock(lk, fcntl.LOCK_UN)
 
     def _read(self) -> dict:
+        """The entries (call with the lock held); a file that cannot be parsed is reported and
+        rewritten empty."""
         try:
             with open(self.path) as f:
                 data = json.load(f)
@@ -100,6 +99,7 @@ class TuneCache:
         except (OSError, ValueError) as e:   # json.JSONDecodeError is a ValueError
             warnings.warn(f"recurkit: the tuning cache {self.path} is unreadable ({e}); "
                           "rebuilding it", RuntimeWarning, stacklevel=3)
+            self._write({})
             return {}
 
     def _write(self, entries: dict) -> None:
@@ -114,10 +114,7 @@ class TuneCache:
         if not os.path.exists(self.path):
             return None
         with self._exclusive():
-            entries = self._read()
-            if key not in entries and os.path.getsize(self.path) and not entries:
-                self._write({})   # it was corrupt: rebuilt empty
-        return entries.get(key)
+            return self._read().get(key)
 
     def put(self, key: str, entry: dict) -> None:
         with self._exclusive():

@@ -111,8 +111,7 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
         space[:1] + rng.sample(space[1:], min(3, len(space) - 1))
     bar = Progress(program.name, limit, enabled=progress)
     worker = Worker() if isolate else None
-    results: dict[Candidate, dict] = {}
-    tried: list[tuple[Candidate, dict]] = []
+    results: dict[Candidate, dict] = {}   # in the order tried
     try:
         while len(results) < limit:
             if results and time.perf_counter() - t0 > cfg["budget"]:
@@ -136,12 +135,12 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
                 except Exception as e:  # noqa: BLE001 - recorded as this candidate's failure
                     res = {"ok": False, "why": f"{type(e).__name__}: {e}"[:400]}
             results[cand] = res
-            tried.append((cand, res))
             bar.update(cand, res)
     finally:
         bar.done()
         if worker is not None:
             worker.close()
+    tried = list(results.items())
     ok = [(r["seconds"], i, c) for i, (c, r) in enumerate(tried) if r.get("ok")]
     if not ok:
         raise RuntimeError(f"autotune {program.name}: every candidate failed; first: "

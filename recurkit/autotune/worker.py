@@ -56,30 +56,10 @@ def build_bound(program, cand: Candidate):
     if cand.backend.startswith("py:"):   # an external runner factory: "py:module:function"
         mod, fn = cand.backend[3:].rsplit(":", 1)
         return getattr(importlib.import_module(mod), fn)(program, cand)
-    from ..backends.torch_backend import run_tile
-    from ..backends.triton_backend import run_triton_chunked, run_triton_scan, \
-        run_triton_sequential
-    from ..backends.tvm_backend import run_tvm_sequential
-    from ..backends.tvm_tile import run_tvm_chunked, run_tvm_scan
-    from ..ir.interpret import run_reference
+    from ..backends.dispatch import runner
     from ..lowering.forms import lower
-    tp = None if cand.form == "sequential" else lower(program, cand.form, cand.chunk)
-    knobs = cand.knob_dict or None
-    table = {
-        ("tvm", "sequential"): lambda bc: run_tvm_sequential(bc, knobs),
-        ("tvm", "scan"): lambda bc: run_tvm_scan(tp, bc),
-        ("tvm", "chunk"): lambda bc: run_tvm_chunked(tp, bc),
-        ("torch", "sequential"): run_reference,
-        ("torch", "scan"): lambda bc: run_tile(tp, bc),
-        ("torch", "chunk"): lambda bc: run_tile(tp, bc),
-        ("triton", "sequential"): lambda bc: run_triton_sequential(bc, knobs),
-        ("triton", "scan"): lambda bc: run_triton_scan(tp, bc, knobs),
-        ("triton", "chunk"): lambda bc: run_triton_chunked(tp, bc, knobs),
-    }
-    kind = "chunk" if cand.form.startswith("chunk") else cand.form
-    if (cand.backend, kind) not in table:
-        raise ValueError(f"no runner for backend {cand.backend!r} and form {cand.form!r}")
-    return table[(cand.backend, kind)]
+    return runner(cand.backend, cand.form, lower(program, cand.form, cand.chunk),
+                  cand.knob_dict or None)
 
 
 def _rel(a, b) -> float:

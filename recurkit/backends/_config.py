@@ -1,5 +1,14 @@
-"""Backend configuration dicts: defaults merged with what the user gave, unknown keys named."""
+"""Backend configuration: knob dicts (defaults merged with what the user gave, unknown keys
+named) and where compiled kernels and tuning results are cached."""
 from __future__ import annotations
+
+import os
+
+
+def cache_root() -> str:
+    """$RECURKIT_CACHE_DIR, else ~/.cache/recurkit (or $XDG_CACHE_HOME/recurkit)."""
+    return os.environ.get("RECURKIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "recurkit")
 
 
 def merge_defaults(given: dict | None, defaults: dict, what: str) -> dict:

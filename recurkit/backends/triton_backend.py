@@ -18,15 +18,14 @@ from types import ModuleType
 import torch
 
 from ..ir.bind import BoundCall
-from ..ir.interpret import evaluate
 from ..lowering.analysis import analyze
 from ..lowering.forms import default_chunk as lowering_default_chunk
 from ..lowering.tile import TileProgram
-from ._config import merge_defaults
-from .torch_backend import Packing, _initial_state, decays_positive
-from .triton_seq import SeqGen, scan_signature, scan_source
+from ._config import cache_root, merge_defaults
+from .host import chunk_args, chunk_result, scan_args, scan_result, token_loop_args
+from .torch_backend import decays_positive
+from .triton_seq import SeqGen, scan_source
 from .triton_tile import chunk_source
-from .tvm_backend import cache_dir as _tvm_cache_dir
 
 GEN_VERSION = 1
 # Triton 3.9 warns unless this is set; 1 keeps its current default (fused multiply-add)
@@ -70,7 +69,7 @@ def warps(cfg: dict, chunked: bool) -> int:
 
 
 def cache_dir() -> str:
-    return os.path.join(os.path.dirname(_tvm_cache_dir()), "triton")
+    return os.path.join(cache_root(), "triton")
 
 
 def load_module(src: str, interpret: bool) -> ModuleType:
@@ -118,12 +117,6 @@ def _launch(mod: ModuleType, interpret: bool, *args) -> None:
         mod.launch(*args)
 
 
-def _segments(bc: BoundCall) -> list[tuple[int, int, int]]:
-    if bc.cu_seqlens is None:
-        return [(b, 0, bc.T) for b in range(bc.B)]
-    return [(0, s, e) for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
-
-
 def sequential_gen(p, sizes: dict[str, int], H: int, config: dict | None = None) -> SeqGen:
     return SeqGen(p, sizes, H, check_config(config)["block_v"])
 
@@ -139,40 +132,22 @@ def run_triton_sequential(bc: BoundCall, config: dict | None = None):
     gen = sequential_gen(p, bc.sizes, bc.H, cfg)
     interpret = bc.device.type != "cuda"
     mod = load_module(gen.source(warps(cfg, False)), interpret)
-    vals = evaluate(bc, gen.feeds)
-    feeds = [vals[id(f)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in f.dims))
-             .contiguous() for f in gen.feeds]
-    seg = _segments(bc)
-    segt = torch.tensor(seg, dtype=torch.int32, device=bc.device)
-    s0 = _initial_state(bc, len(seg)).contiguous()
-    sf = torch.empty_like(s0)
+    feeds, segt, s0, sf = token_loop_args(bc, gen.feeds)
     o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims),
                     device=bc.device)
-    _launch(mod, interpret, o, s0, sf, segt, feeds, bc.T, len(seg))
+    _launch(mod, interpret, o, s0, sf, segt, feeds, bc.T, segt.shape[0])
     return o.to(bc.out_dtype), (sf if bc.output_final_state else None)
 
 
 def run_triton_scan(tp: TileProgram, bc: BoundCall, config: dict | None = None):
-    p = bc.program
     cfg = check_config(config)
-    if len(p.state.dims) != 1:
-        raise NotImplementedError("triton scan kernel: vector states with one dim only")
-    D = bc.sizes[p.state.dims[0]]
-    signed = "scan_sign" in tp.prologue
+    m, sg, b, seg, s0, sf = scan_args(tp, bc)
     interpret = bc.device.type != "cuda"
-    mod = load_module(scan_source(D, bc.H, signed, num_warps=warps(cfg, False)), interpret)
-    vals = evaluate(bc, list(tp.prologue.values()))
-    full = (bc.B, bc.T, bc.H, D)
-    pro = {k: vals[id(n)].expand(full).contiguous() for k, n in tp.prologue.items()}
-    seg = _segments(bc)
-    s0 = _initial_state(bc, len(seg)).contiguous()
-    sf, hs = torch.empty_like(s0), torch.empty(full, device=bc.device)
-    sg = torch.sign(pro["scan_sign"]) if signed else None
-    _launch(mod, interpret, torch.expm1(pro["scan_log_a"]), sg, pro["scan_b"], hs, s0, sf,
-            torch.tensor(seg, dtype=torch.int32, device=bc.device), bc.T, len(seg))
-    out = evaluate(bc, [p.output], {id(p.new_state): hs})[id(p.output)]
-    o = out.expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
-    return o.to(bc.out_dtype), (sf if bc.output_final_state else None)
+    mod = load_module(scan_source(m.shape[-1], bc.H, sg is not None,
+                                  num_warps=warps(cfg, False)), interpret)
+    hs = torch.empty_like(m)
+    _launch(mod, interpret, m, sg, b, hs, s0, sf, seg, bc.T, seg.shape[0])
+    return scan_result(bc, hs, sf)
 
 
 def chunk_module_source(tp: TileProgram, sizes: dict[str, int], H: int,
@@ -185,22 +160,13 @@ def run_triton_chunked(tp: TileProgram, bc: BoundCall, config: dict | None = Non
     cfg = check_config(config)
     if not decays_positive(tp, bc):   # the log-space form does not apply to this call
         return run_triton_sequential(bc, config)
-    p = bc.program
-    C = tp.chunk
-    src, outputs = chunk_source(tp, bc.sizes, bc.H, cfg)
+    src, (name, axes) = chunk_source(tp, bc.sizes, bc.H, cfg)
     interpret = bc.device.type != "cuda"
     mod = load_module(src, interpret)
-    pk = Packing(bc, C)
-    vals = evaluate(bc, list(tp.prologue.values()))
-    env = {k: pk.pack(vals[id(n)]).contiguous() for k, n in tp.prologue.items()}
-    s0 = _initial_state(bc, pk.N).contiguous()
+    pk, env, s0 = chunk_args(tp, bc)
     sf = torch.empty_like(s0)
     _launch(mod, interpret, env, pk.N, pk.nc, s0, sf)
-    name, axes = outputs
-    o = env[name]
-    perm = [0, 1, 2] + [3 + axes.index(a) for a in ("i", *p.output.dims)]
-    o_t = pk.unpack(o.permute(perm))
-    return o_t.to(bc.out_dtype), (sf if bc.output_final_state else None)
+    return chunk_result(bc, pk, env[name], axes, sf)
 
 
 # --- ahead-of-time compilation for GPUs that are not here -----------------------------------

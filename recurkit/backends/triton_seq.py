@@ -207,12 +207,6 @@ class SeqGen:
               f"num_warps={num_warps}, num_stages=1)", ""]
         return HEADER + "\n".join(L)
 
-    def signature(self) -> dict[str, str]:
-        sig = {"O": "*fp32", "S0": "*fp32", "SF": "*fp32", "SEG": "*i32"}
-        sig.update({f"F{i}": "*fp32" for i in range(len(self.feeds))})
-        sig["TT"] = "i32"
-        return sig
-
 
 def scan_source(D: int, H: int, signed: bool, block: int = 256, num_warps: int = 4) -> str:
     """h_t = a_t h_(t-1) + b_t over the tokens, vectorised over the state: the kernel reads
@@ -247,12 +241,3 @@ def scan_source(D: int, H: int, signed: bool, block: int = 256, num_warps: int =
           f"    scan_kernel[(NS * {H}, {-(-D // B)})](m, {'sg, ' if signed else ''}b, hs, s0, "
           f"sf, seg, TT, num_warps={num_warps}, num_stages=1)", ""]
     return HEADER + "\n".join(L)
-
-
-def scan_signature(signed: bool) -> dict[str, str]:
-    sig = {"M": "*fp32"}
-    if signed:
-        sig["SG"] = "*fp32"
-    sig.update({"BV": "*fp32", "HS": "*fp32", "S0": "*fp32", "SF": "*fp32", "SEG": "*i32",
-                "TT": "i32"})
-    return sig

@@ -21,9 +21,9 @@ def _var(name: str) -> str:
 
 
 class _StageGen:
-    def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int], H: int,
+    def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int],
                  inputs: dict[str, tuple[str, ...]], cfg: dict):
-        self.st, self.tp, self.H, self.C = st, tp, H, tp.chunk
+        self.st, self.tp, self.C = st, tp, tp.chunk
         self.sizes, self.inputs, self.cfg = dict(sizes), inputs, cfg
         self.axes: dict[str, tuple[str, ...]] = {}   # value -> axes of its register block
         self.var: dict[str, str] = {}
@@ -252,7 +252,7 @@ class _StageGen:
     # --- the kernel -------------------------------------------------------------------------
     def source(self, out_axes: dict[str, tuple[str, ...]], known
                ) -> tuple[str, list[str], list[str]]:
-        st, H = self.st, self.H
+        st = self.st
         carried = st.carried[0] if st.carried else None
         ins = list(self.inputs)
         # outputs that are already global (a prologue value passed on) are not stored again
@@ -265,7 +265,7 @@ class _StageGen:
               "    pid = tl.program_id(0)", "    pv = tl.program_id(1)"]
         loop = st.kind == "loop"
         if loop:
-            L += [f"    nh = pid.to(tl.int64)"]
+            L += ["    nh = pid.to(tl.int64)"]
             lead = "nh * NC + c"
             ind = 2
             sd = tuple(self.tp.meta["program"].state.dims)
@@ -303,7 +303,7 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict
     alloc: list[str] = []
     out_axes: dict[str, tuple[str, ...]] = {}
     for st in tp.stages:
-        gen = _StageGen(st, tp, sizes, H, stage_inputs(st, known), cfg)
+        gen = _StageGen(st, tp, sizes, stage_inputs(st, known), cfg)
         src, ins, outs = gen.source(out_axes, known)
         kernels.append(src)
         for name in outs:

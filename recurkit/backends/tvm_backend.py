@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 
 from ..ir.bind import BoundCall
-from ..ir.interpret import evaluate
 from ..ir.node import Node, depends_on_state
 from ._config import merge_defaults
+from .host import token_loop_args
 from .tvm_build import (_CACHE, _LOCK, GEN_VERSION, cache_dir, compile_source,  # noqa: F401
                         cuda_ptx, target)
 
@@ -410,18 +410,7 @@ def run_tvm_sequential(bc: BoundCall, knobs: dict | None = None):
     """Run the sequential form of a stateful program as a compiled TVM kernel."""
     p = bc.program
     fn, gen = _kernel(p, bc.sizes, bc.H, knobs)
-    vals = evaluate(bc, gen.feeds)
-    feeds = [vals[id(f)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in f.dims))
-             .contiguous() for f in gen.feeds]
-    if bc.cu_seqlens is None:
-        seg = [(b, 0, bc.T) for b in range(bc.B)]
-    else:
-        seg = [(0, s, e) for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
-    segt = torch.tensor(seg, dtype=torch.int32)
-    sshape = (len(seg), bc.H, *(bc.sizes[d] for d in p.state.dims))
-    s0 = (bc.initial_state.float().contiguous() if bc.initial_state is not None
-          else torch.zeros(sshape))
-    sf = torch.empty(sshape)
+    feeds, segt, s0, sf = token_loop_args(bc, gen.feeds)
     o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))  # all written
     fn(o, s0, sf, segt, *feeds)
     return o.to(bc.out_dtype), (sf if bc.output_final_state else None)

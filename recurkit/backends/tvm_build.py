@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from ._config import cache_root
+
 _CACHE: dict[str, Callable] = {}
 _LOCK = threading.Lock()
 
@@ -56,10 +58,8 @@ GEN_VERSION = 4   # bump when the generated code changes meaning
 
 
 def cache_dir() -> str:
-    """Where compiled kernels live: $RECURKIT_CACHE_DIR, else ~/.cache/recurkit."""
-    root = os.environ.get("RECURKIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "recurkit")
-    return os.path.join(root, "tvm")
+    """Where compiled TVM kernels live: ``tvm/`` under the cache root (see ``cache_root``)."""
+    return os.path.join(cache_root(), "tvm")
 
 
 def compile_source(src: str) -> Callable:

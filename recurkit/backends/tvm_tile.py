@@ -8,14 +8,12 @@ name, so broadcasting needs no code. Values cross stages in [N, H, chunks, *axes
 from __future__ import annotations
 
 import threading
-from typing import Callable
-
 import torch
 
 from ..ir.bind import BoundCall
-from ..ir.interpret import evaluate
 from ..lowering.tile import Stage, TileProgram, stage_inputs
-from .torch_backend import FLUSH_BELOW, Packing, _initial_state, decays_positive
+from .host import chunk_args, chunk_result, scan_args, scan_result
+from .torch_backend import FLUSH_BELOW, decays_positive
 from .tvm_backend import _Gen, _f, compile_source, run_tvm_sequential
 
 _PLANS: dict[tuple, list] = {}   # compiled stages per (program, form, chunk, sizes)
@@ -229,13 +227,8 @@ def run_tvm_chunked(tp: TileProgram, bc: BoundCall):
         return run_tvm_sequential(bc)
     p = bc.program
     C = tp.chunk
-    pk = Packing(bc, C)
-    vals = evaluate(bc, list(tp.prologue.values()))
-    env: dict[str, torch.Tensor] = {}
-    axes: dict[str, tuple[str, ...]] = {}
-    for k, n in tp.prologue.items():
-        env[k] = pk.pack(vals[id(n)]).contiguous()
-        axes[k] = ("i", *n.dims)
+    pk, env, s0 = chunk_args(tp, bc)
+    axes = {k: ("i", *n.dims) for k, n in tp.prologue.items()}
     key = (p.content_hash(), tp.form, C, tuple(sorted(bc.sizes.items())), bc.H)
     with _LOCK:
         kernels = _PLANS.get(key)
@@ -261,19 +254,14 @@ def run_tvm_chunked(tp: TileProgram, bc: BoundCall):
             ys.append(torch.empty(shape))
         extra = []
         if st.carried:
-            s0 = _initial_state(bc, pk.N).contiguous()
             final = torch.empty_like(s0)
             extra = [s0, final]
         fn(*args, *ys, *extra)
         for name, y in zip(outs, ys):
             env[name] = y
             axes[name] = out_axes[name]
-    o = env[tp.stages[-1].outputs[0]]
-    oaxes = axes[tp.stages[-1].outputs[0]]
-    odims = p.output.dims
-    perm = [0, 1, 2] + [3 + oaxes.index(a) for a in ("i", *odims)]
-    o_t = pk.unpack(o.permute(perm))
-    return o_t.to(bc.out_dtype), (final if bc.output_final_state else None)
+    last = tp.stages[-1].outputs[0]
+    return chunk_result(bc, pk, env[last], axes[last], final)
 
 
 def stage_sources(tp: TileProgram, sizes: dict[str, int], H: int) -> list[str]:
@@ -333,24 +321,8 @@ def _scan_source(D: int, H: int, signed: bool) -> str:
 
 def run_tvm_scan(tp: TileProgram, bc: BoundCall):
     """The scan form: the linear scan as a TVM kernel, the readout evaluated from h."""
-    p = bc.program
-    if len(p.state.dims) != 1:
-        raise NotImplementedError("tvm scan kernel: vector states with one dim only")
-    D = bc.sizes[p.state.dims[0]]
-    signed = "scan_sign" in tp.prologue
-    fn = compile_source(_scan_source(D, bc.H, signed))
-    vals = evaluate(bc, list(tp.prologue.values()))
-    full = (bc.B, bc.T, bc.H, D)
-    pro = {k: vals[id(n)].expand(full).contiguous() for k, n in tp.prologue.items()}
-    if bc.cu_seqlens is None:
-        seg = [(b, 0, bc.T) for b in range(bc.B)]
-    else:
-        seg = [(0, s, e) for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
-    s0 = _initial_state(bc, len(seg)).contiguous()
-    sf, hs = torch.empty_like(s0), torch.empty(full)
-    args = [torch.expm1(pro["scan_log_a"])] + ([torch.sign(pro["scan_sign"])] if signed else []) + [
-        pro["scan_b"], hs, s0, sf, torch.tensor(seg, dtype=torch.int32)]
-    fn(*args)
-    out = evaluate(bc, [p.output], {id(p.new_state): hs})[id(p.output)]
-    o = out.expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
-    return o.to(bc.out_dtype), (sf if bc.output_final_state else None)
+    m, sg, b, seg, s0, sf = scan_args(tp, bc)
+    fn = compile_source(_scan_source(m.shape[-1], bc.H, sg is not None))
+    hs = torch.empty_like(m)
+    fn(m, *([sg] if sg is not None else []), b, hs, s0, sf, seg)
+    return scan_result(bc, hs, sf)
