@@ -194,13 +194,8 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
     op = CompiledOp(p, backend, form, chunk, knobs)
     tp = op.tile_program
     if backend == "triton":
-        from .backends import triton_backend as tb
-        from .backends.triton_seq import scan_source
-        if tp is None:
-            return tb.sequential_module_source(p, sizes, H, op.knobs)
-        if tp.form == "scan":
-            return scan_source(sizes[p.state.dims[0]], H, "scan_sign" in tp.prologue)
-        return tb.chunk_module_source(tp, sizes, H, op.knobs)
+        from .backends.triton_backend import module_source
+        return module_source(p, tp, sizes, H, op.knobs)
     from .backends.tvm_backend import sequential_source
     from .backends.tvm_tile import _scan_source, stage_sources
     if tp is None:

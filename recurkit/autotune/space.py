@@ -107,7 +107,6 @@ def prune_static(program, cands: list[Candidate], sizes: dict[str, int], H: int,
     """Drop Triton candidates whose kernels, compiled ahead of time for ``arch``, exceed the
     device's shared memory or spill registers. Returns (kept, {dropped: why})."""
     from ..backends import triton_backend as tb
-    from ..backends.triton_seq import scan_source
     from ..lowering.forms import lower
     kept, dropped = [], {}
     for c in cands:
@@ -116,14 +115,8 @@ def prune_static(program, cands: list[Candidate], sizes: dict[str, int], H: int,
             continue
         cfg = tb.check_config(c.knob_dict)
         try:
-            if c.form == "sequential":
-                src = tb.sequential_module_source(program, sizes, H, cfg)
-            elif c.form == "scan":
-                tp = lower(program, "scan")
-                src = scan_source(sizes[program.state.dims[0]], H, "scan_sign" in tp.prologue,
-                                  num_warps=tb.warps(cfg, False))
-            else:
-                src = tb.chunk_module_source(lower(program, c.form, c.chunk), sizes, H, cfg)
+            tp = None if c.form == "sequential" else lower(program, c.form, c.chunk)
+            src = tb.module_source(program, tp, sizes, H, cfg)
             report = tb.aot_compile(src, arch, cfg)
         except Exception as e:  # noqa: BLE001 - a candidate that does not compile is dropped
             dropped[c] = f"does not compile for {arch}: {type(e).__name__}: {e}"[:300]

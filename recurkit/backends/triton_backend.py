@@ -121,9 +121,18 @@ def sequential_gen(p, sizes: dict[str, int], H: int, config: dict | None = None)
     return SeqGen(p, sizes, H, check_config(config)["block_v"])
 
 
-def sequential_module_source(p, sizes, H, config=None) -> str:
+def module_source(program, tp: TileProgram | None, sizes: dict[str, int], H: int,
+                  config: dict | None = None) -> str:
+    """The generated module for ``program`` lowered to ``tp`` (None: the sequential form) at
+    the given dim sizes and head count: what the runners below load, for reading and for
+    compiling ahead of time."""
     cfg = check_config(config)
-    return sequential_gen(p, sizes, H, cfg).source(warps(cfg, False))
+    if tp is None or tp.form == "sequential":
+        return sequential_gen(program, sizes, H, cfg).source(warps(cfg, False))
+    if tp.form == "scan":
+        return scan_source(sizes[program.state.dims[0]], H, "scan_sign" in tp.prologue,
+                           num_warps=warps(cfg, False))
+    return chunk_source(tp, sizes, H, cfg)[0]
 
 
 def run_triton_sequential(bc: BoundCall, config: dict | None = None):
@@ -148,12 +157,6 @@ def run_triton_scan(tp: TileProgram, bc: BoundCall, config: dict | None = None):
     hs = torch.empty_like(m)
     _launch(mod, interpret, m, sg, b, hs, s0, sf, seg, bc.T, seg.shape[0])
     return scan_result(bc, hs, sf)
-
-
-def chunk_module_source(tp: TileProgram, sizes: dict[str, int], H: int,
-                        config: dict | None = None) -> str:
-    cfg = check_config(config)
-    return chunk_source(tp, sizes, H, cfg)[0]
 
 
 def run_triton_chunked(tp: TileProgram, bc: BoundCall, config: dict | None = None):
