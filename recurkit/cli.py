@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "tune":
         return _tune(args)
     if args.cmd == "cache":
-        from .autotune import TuneCache
+        from .autotune import Candidate, TuneCache
         c = TuneCache()
         if args.action == "clear":
             print(f"removed {c.clear()} tuning results from {c.path}")
@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         entries = c.entries()
         print(f"{len(entries)} tuning results in {c.path}")
         for key, e in sorted(entries.items(), key=lambda kv: kv[1].get("program", "")):
-            from .autotune import Candidate
             best = Candidate.from_json(e["best"]).label()
             d = e.get("default_seconds")
             speed = f", {d / e['seconds']:.2f}x the default" if d else ""

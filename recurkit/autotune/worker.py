@@ -1,6 +1,6 @@
 """Measuring candidates in a separate process, so that none can take the caller down.
 
-The worker (a spawned process, reused across candidates) builds each candidate, checks it
+The worker (a child process, reused across candidates) builds each candidate, checks it
 against the reference interpreter on a small input, then times it at the real shape: warm-up,
 repeats, median. A candidate that raises, computes a wrong answer, crashes the process or
 runs past its time limit is reported as failed; a crashed or hung worker is replaced.
@@ -20,6 +20,11 @@ import traceback
 
 import torch
 
+from ..backends.dispatch import runner
+from ..ir.bind import bind_call
+from ..ir.interpret import run_reference
+from ..ir.program import Program
+from ..lowering.forms import lower
 from .space import Candidate
 
 VERIFY_T = 37          # tokens of the correctness check: not a multiple of any chunk
@@ -43,7 +48,6 @@ def make_inputs(program, B: int, T: int, H: int, sizes: dict[str, int], dtype=to
 
 def build(program, cand: Candidate):
     """A callable(*inputs, **kw) -> (output, final_state) for the candidate."""
-    from ..ir.bind import bind_call
     run = build_bound(program, cand)
 
     def call(*xs, **kw):
@@ -56,8 +60,6 @@ def build_bound(program, cand: Candidate):
     if cand.backend.startswith("py:"):   # an external runner factory: "py:module:function"
         mod, fn = cand.backend[3:].rsplit(":", 1)
         return getattr(importlib.import_module(mod), fn)(program, cand)
-    from ..backends.dispatch import runner
-    from ..lowering.forms import lower
     return runner(cand.backend, cand.form, lower(program, cand.form, cand.chunk),
                   cand.knob_dict or None)
 
@@ -76,8 +78,6 @@ def measure(program, cand: Candidate, shape: dict, repeats: int, warmup: int = 1
                                                    seed=1).items()}
     S0 = (torch.randn(1, H, *(sizes[d] for d in program.state.dims),
                       generator=torch.Generator().manual_seed(2)) * 0.3).to(dev)
-    from ..ir.bind import bind_call
-    from ..ir.interpret import run_reference
     o_ref, s_ref = run_reference(bind_call(program, (), {
         **small, "initial_state": S0, "output_final_state": True}))
     o, s = fn(**small, initial_state=S0, output_final_state=True)
@@ -119,7 +119,6 @@ def _recv(f):
 
 def serve(fin, fout) -> None:
     """The worker's loop: (program JSON, candidate, shape, repeats, threads) in, result out."""
-    from ..ir.program import Program
     programs: dict[str, Program] = {}
     while True:
         try:
