@@ -137,6 +137,11 @@ def test_reserved_dim_names():
         return S + x, S
     refused(step, match="reserved", marker="MARK-reserved")
 
+    def positions(S: rk.State["i"], x: rk.Token["i"]):  # MARK-position
+        return S + x, S
+    refused(positions, match="reserved for the positions inside a chunk",
+            marker="MARK-position")
+
 
 def test_bool_arithmetic_is_refused():
     def step(S: rk.State["K", "V"], k: rk.Token["K"], v: rk.Token["V"], g: rk.Token[()]):

@@ -9,7 +9,8 @@ from .node import BOOL, F32, ROLES
 from .program import Program
 from .typing_rules import TypeRule, infer
 
-RESERVED_DIMS = ("B", "T", "H", "N")
+RESERVED_DIMS = ("B", "T", "H", "N")   # the call's batch, time, head and sequence axes
+POSITION_AXES = ("i", "j")              # positions inside a chunk, in tile programs
 
 
 def verify_program(p: Program) -> None:
@@ -20,6 +21,10 @@ def verify_program(p: Program) -> None:
     for d in p.dims:
         if d in RESERVED_DIMS:
             err(f"dim name '{d}' is reserved for the layout axes {list(RESERVED_DIMS)}",
+                hint="pick another name, e.g. 'K', 'V' or 'D'")
+        if d in POSITION_AXES:
+            err(f"dim name '{d}' is reserved for the positions inside a chunk "
+                f"{list(POSITION_AXES)} that lowered programs index",
                 hint="pick another name, e.g. 'K', 'V' or 'D'")
     names = [s.name for s in p.inputs]
     if len(set(names)) != len(names):
