@@ -180,12 +180,46 @@ def test_tile_verifier_catches_a_broken_program():
         verify_tile_program(tp)
 
 
-def test_chunk_stages_in_bounded_groups(monkeypatch):
-    """Chunk stages run on groups of chunks when [i, j, K] intermediates would be large."""
+@pytest.mark.parametrize("stream_bytes", [1, 1 << 16])
+def test_chunk_stages_streamed_in_groups(monkeypatch, stream_bytes):
+    """The stages are streamed over groups of chunks (one chunk per group, or a few): the
+    result does not depend on the grouping."""
     from recurkit.backends import torch_backend
-    monkeypatch.setattr(torch_backend, "CHUNK_STAGE_BYTES", 1)   # one chunk per group
-    for name in ["kda", "gla"]:
+    monkeypatch.setattr(torch_backend, "STREAM_BYTES", stream_bytes)
+    for name in ["kda", "gla", "gated_delta_rule"]:
         x, S0, (o_ref, S_ref) = reference(name, 100, True)
         o, S = rk.compile(decl_of(name), backend="torch", chunk=16)(
             *x, initial_state=S0, output_final_state=True)
         assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+def test_loop_plan_matches_op_by_op_execution():
+    """The torch backend's loop plan (fused baddbmm, transposed views, and the general path
+    where a contraction is not one matmul) computes what executing the ops one by one does."""
+    from recurkit.backends.torch_ops import LoopPlan, Val, exec_op
+    from recurkit.lowering.tile import TileOp
+    g = torch.Generator().manual_seed(0)
+    N, H, C, K, V = 2, 3, 4, 5, 6
+    first = {"Y": Val(torch.randn(N, H, K, C, generator=g), ("K", "i")),
+             "bT": Val(torch.randn(N, H, V, C, generator=g), ("V", "i")),
+             "b": Val(torch.randn(N, H, C, V, generator=g), ("i", "V")),
+             "d": Val(torch.rand(N, H, K, generator=g), ("K",)),
+             "S": Val(torch.randn(N, H, K, V, generator=g), ("K", "V"))}
+    ops = [TileOp("s1", "contract", ("Y", "S"), ("V", "i"), (("over", ("K",)),)),
+           TileOp("nuT", "ir", ("bT", "s1"), ("V", "i"), (("ir_op", "add"),)),  # acc (V, i)
+           TileOp("s2", "contract", ("Y", "b"), ("V", "K"), (("over", ("i",)),)),
+           TileOp("s3", "contract", ("Y", "S"), ("i", "V"), (("over", ("K",)),)),
+           TileOp("nu", "ir", ("b", "s3"), ("i", "V"), (("ir_op", "add"),)),    # fused
+           TileOp("tot", "contract", ("S", "S"), (), (("over", ("K", "V")),)),   # not a matmul
+           TileOp("s4", "ir", ("S", "d"), ("K", "V"), (("ir_op", "mul"),)),
+           TileOp("s5", "contract", ("Y", "nu"), ("K", "V"), (("over", ("i",)),)),
+           TileOp("S", "ir", ("s4", "s5"), ("K", "V"), (("ir_op", "add"),))]
+    plan = LoopPlan(ops, "S", first, C, {"K": K, "V": V}, needed=("nuT", "s2", "tot"))
+    env = {n: v.t for n, v in first.items()}
+    plan.run(env)
+    ref = dict(first)
+    for op in ops:
+        ref[op.out] = exec_op(op, ref, C, {"K": K, "V": V})
+    for n in ("nuT", "s2", "nu", "tot", "S"):
+        got = Val(env[n], plan.axes[n]).to(ref[n].axes)
+        assert torch.allclose(got, ref[n].t, atol=1e-5), n

@@ -1,134 +1,19 @@
 """The torch backend: executes a tile program with batched torch ops.
 
-Chunk stages run for all chunks of all sequences at once (batch axes N, H, chunks); only the
-state pass loops, over chunks. Values carry named axes; every op aligns its operands by name.
+Chunk stages run batched over sequences, heads and a group of chunks (batch axes N, H,
+chunks); the groups are streamed: prep for a group, the state pass over its chunks (the only
+Python loop, run through a ``LoopPlan``), then the group's outputs. Values carry named axes;
+every op aligns its operands by name.
 The sequential form is the reference step loop; the scan form is a parallel doubling scan.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..ir.bind import BoundCall
-from ..ir.interpret import BINARY_TORCH, UNARY_TORCH, evaluate, run_reference
-from ..lowering.tile import TileOp, TileProgram
-
-
-class Val:
-    """A tensor whose last axes have names; the leading ``nb`` axes are batch axes."""
-
-    __slots__ = ("t", "axes")
-
-    def __init__(self, t: torch.Tensor, axes: tuple[str, ...]):
-        self.t, self.axes = t, tuple(axes)
-
-    def permuted(self, want: tuple[str, ...]) -> "Val":
-        return self if self.axes == tuple(want) else Val(self.to(want), want)
-
-    def to(self, want: tuple[str, ...]) -> torch.Tensor:
-        """View with axes in ``want`` order, size 1 where this value lacks an axis."""
-        if self.axes == want:
-            return self.t
-        nb = self.t.dim() - len(self.axes)
-        order = [a for a in want if a in self.axes]
-        perm = list(range(nb)) + [nb + self.axes.index(a) for a in order]
-        t = self.t.permute(perm) if perm != list(range(self.t.dim())) else self.t
-        shape = list(t.shape[:nb])
-        it = iter(t.shape[nb:])
-        for a in want:
-            shape.append(next(it) if a in self.axes else 1)
-        return t.reshape(shape)
-
-
-FLUSH_BELOW = 1e-20
-
-
-def _decay_exp(x: torch.Tensor) -> torch.Tensor:
-    """exp of a log-decay, with results below 1e-20 set to 0. Products of such factors would
-    be fp32 denormals, which make x86 matmuls ~100x slower, while a term scaled by 1e-20 is
-    far below fp32 resolution (6e-8) next to the undecayed terms it is summed with."""
-    return F.threshold(torch.exp(x), FLUSH_BELOW, 0.0)
-
-
-def _flush(x: torch.Tensor) -> torch.Tensor:
-    """Zero the entries below 1e-30 in magnitude (one fused op; see _decay_exp): applied to
-    the operands of the state pass's matmuls, where decayed values meet the state."""
-    return F.hardshrink(x, 1e-30)
-
-
-def _tril(C: int, strict: bool, device) -> torch.Tensor:
-    return torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
-
-
-def _contract(x: Val, y: Val, over: tuple[str, ...], want: tuple[str, ...]) -> Val:
-    """sum over ``over`` of x * y, as one batched matmul: [.., bat, m, c] @ [.., bat, c, n]."""
-    bat = tuple(d for d in x.axes if d in y.axes and d not in over)
-    m = tuple(d for d in x.axes if d not in y.axes)
-    n = tuple(d for d in y.axes if d not in x.axes)
-    xt, yt = x.to(bat + m + over), y.to(bat + over + n)
-    nbx, nby = xt.dim() - len(x.axes), yt.dim() - len(y.axes)
-    bshape = xt.shape[nbx:nbx + len(bat)]
-    msz = xt.shape[nbx + len(bat):nbx + len(bat) + len(m)]
-    csz = xt.shape[xt.dim() - len(over):]
-    nsz = yt.shape[yt.dim() - len(n):] if n else ()
-    mm = 1
-    for v in msz:
-        mm *= v
-    cc = 1
-    for v in csz:
-        cc *= v
-    xr = xt.reshape(*xt.shape[:nbx], *bshape, mm, cc)
-    yr = yt.reshape(*yt.shape[:nby], *bshape, cc, -1)
-    r = torch.matmul(xr, yr)
-    r = r.reshape(*r.shape[:-2], *msz, *nsz)
-    return Val(r, bat + m + n).permuted(want)
-
-
-def exec_op(op: TileOp, env: dict[str, Val], C: int, sizes: dict[str, int]) -> Val:
-    a = [env[x] for x in op.args]
-    o = op.op
-    dev = next(iter(env.values())).t.device
-    if o == "ir":
-        fn = op.attr("ir_op")
-        xs = [v.to(op.axes) for v in a]
-        if fn == "exp":
-            return Val(_decay_exp(xs[0]), op.axes)
-        if fn in UNARY_TORCH:
-            return Val(UNARY_TORCH[fn](xs[0]), op.axes)
-        if fn == "where":
-            return Val(torch.where(*xs), op.axes)
-        return Val(BINARY_TORCH[fn](*xs), op.axes)
-    if o == "contract":
-        return _contract(a[0], a[1], tuple(op.attr("over")), op.axes)
-    if o == "eye":
-        return Val(torch.eye(sizes[op.axes[0]], device=dev), op.axes)
-    if o == "rename":
-        return Val(a[0].t, op.axes)
-    if o in ("cumsum", "last", "shift"):
-        x = a[0]
-        d = x.t.dim() - len(x.axes) + x.axes.index(op.attr("axis"))
-        if o == "cumsum":
-            return Val(x.t.cumsum(d), op.axes)
-        if o == "last":
-            return Val(x.t.select(d, -1), op.axes)
-        head = torch.zeros_like(x.t.narrow(d, 0, 1))
-        return Val(torch.cat([head, x.t.narrow(d, 0, x.t.shape[d] - 1)], d), op.axes)
-    if o == "decay_ratio":
-        x, y = a
-        diff = x.to(op.axes) - y.to(op.axes)
-        keep = _tril(C, op.attr("mask") == "i>j", diff.device)
-        keep = Val(keep, ("i", "j")).to(op.axes)
-        return Val(_decay_exp(diff.masked_fill(~keep, float("-inf"))), op.axes)
-    if o == "mask":
-        keep = _tril(C, op.attr("mask") == "i>j", a[0].t.device)
-        return Val(a[0].to(op.axes) * Val(keep, ("i", "j")).to(op.axes), op.axes)
-    if o == "invert_unit_lower":
-        Lt = a[0].to(("i", "j"))
-        eye = torch.eye(C, dtype=Lt.dtype, device=Lt.device)
-        inv = torch.linalg.solve_triangular(eye - Lt, eye.expand_as(Lt), upper=False,
-                                            unitriangular=True)
-        return Val(inv, ("i", "j")).permuted(op.axes)
-    raise NotImplementedError(f"torch backend: no rule for tile op {o!r}")
+from ..ir.interpret import evaluate, run_reference
+from ..lowering.tile import TileProgram
+from .torch_ops import FLUSH_BELOW, LoopPlan, Val, _flush, exec_op  # noqa: F401 - FLUSH_BELOW
 
 
 # --- packing tokens into chunks -------------------------------------------------------------
@@ -169,7 +54,7 @@ class Packing:
             mask = self.valid.reshape(*self.valid.shape, *([1] * (g.dim() - 2)))
             g = torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
         g = g.reshape(self.N, self.nc, self.C, *g.shape[2:])                   # [N, nc, C, H, ..]
-        return g.movedim(3, 1).contiguous()                                     # [N, H, nc, C, ..]
+        return g.movedim(3, 1)                                                  # [N, H, nc, C, ..]
 
     def unpack(self, o: torch.Tensor) -> torch.Tensor:
         """o: [N, H, chunks, C, *dims] -> [B, T, H, *dims]."""
@@ -213,73 +98,84 @@ def _initial_state(bc: BoundCall, N: int) -> torch.Tensor:
     return bc.initial_state.float()
 
 
-CHUNK_STAGE_BYTES = 1 << 28   # 256 MiB for the widest intermediate of a chunk stage
+STREAM_BYTES = 1 << 20   # the widest intermediate of a chunk stage, per group of chunks
 
 
-def _run_chunk_stage(st, env: dict[str, Val], nc: int, group: int, C: int,
-                     sizes: dict[str, int]) -> dict[str, Val]:
-    """Run a chunk-parallel stage on slices of ``group`` chunks; returns its outputs."""
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in st.outputs}
-    axes: dict[str, tuple[str, ...]] = {}
-    for c0 in range(0, nc, group):
-        local = {k: Val(v.t[:, :, c0:c0 + group], v.axes) if v.t.dim() - len(v.axes) == 3
-                 else v for k, v in env.items()}
-        for op in st.ops:
+def _run_stage(st, env: dict[str, Val], C: int, sizes: dict[str, int],
+               skip: frozenset = frozenset()) -> dict[str, Val]:
+    """Run a chunk-parallel stage on the chunks in ``env`` (but the ops whose outputs are in
+    ``skip``: already there); returns its outputs."""
+    local = dict(env)
+    for op in st.ops:
+        if op.out not in skip:
             local[op.out] = local[op.attr("value")] if op.op == "load" else exec_op(
                 op, local, C, sizes)
-        for n in st.outputs:
-            parts[n].append(local[n].t)
-            axes[n] = local[n].axes
-    return {n: Val(ts[0] if len(ts) == 1 else torch.cat(ts, 2), axes[n])
-            for n, ts in parts.items()}
+    return {n: local[n] for n in st.outputs}
+
+
+def _numel(axes: tuple[str, ...], size: dict[str, int]) -> int:
+    n = 1
+    for a in axes:
+        n *= size.get(a.rstrip("'"), 1)
+    return n
 
 
 def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
+    """The three stages streamed over groups of chunks: prep for a group, the state pass over
+    its chunks, then its outputs. Intermediates are group-sized (about STREAM_BYTES), so
+    they stay in cache and come from the allocator's free lists instead of fresh pages."""
     C = tp.chunk
     pk = Packing(bc, C)
-    env: dict[str, Val] = {}
-    for k, n in tp.prologue.items():
-        env[k] = Val(pk.pack(pro[k]), ("i", *n.dims))
+    packed = {k: Val(pk.pack(pro[k]), ("i", *n.dims)) for k, n in tp.prologue.items()}
     prep, sp, out = tp.stages
-    # chunk stages run on groups of chunks, so that [i, j, K] intermediates stay bounded
-    widest = max([bc.sizes[d] for d in bc.sizes] + [1])
-    per_chunk_bytes = pk.N * bc.H * C * C * widest * 4
-    group = max(1, min(pk.nc, CHUNK_STAGE_BYTES // per_chunk_bytes))
-    env.update(_run_chunk_stage(prep, env, pk.nc, group, C, bc.sizes))
-    # the state pass: loop over chunks, batch axes [N, H]
+    N, H, nc = pk.N, bc.H, pk.nc
+    size = {**bc.sizes, "i": C, "j": C}
+    widest = max([1] + [_numel(op.axes, size) for st in (prep, out) for op in st.ops])
+    G = max(1, min(nc, STREAM_BYTES // (N * H * widest * 4)))
     S = tp.meta["state"]
+    state_axes = sp.ops[0].axes
     matmul_operands = {a for op in sp.ops if op.op == "contract" for a in op.args}
-    per_chunk = {name: Val(_flush(env[name].t), env[name].axes) if name in matmul_operands
-                 else env[name] for name in prep.outputs}
-    collected: dict[str, torch.Tensor] = {}
-    local: dict[str, Val] = {}
-    for c in range(pk.nc):
-        for name, v in per_chunk.items():
-            local[name] = Val(v.t[:, :, c], v.axes)
-        for op in sp.ops:
-            if op.op == "zeros":
-                if c == 0:
-                    local[op.out] = Val(_initial_state(bc, pk.N), op.axes)
-                continue
-            val = exec_op(op, local, C, bc.sizes)
-            if op.out == S:
-                val = Val(_flush(val.t), val.axes)
-            local[op.out] = val
-        for name in sp.outputs:
-            if name == S:
-                continue
-            t = local[name].t
-            if name not in collected:   # [N, H, chunks, ...], filled chunk by chunk
-                collected[name] = t.new_empty(t.shape[:2] + (pk.nc,) + t.shape[2:])
-            collected[name][:, :, c] = t
-    for name, t in collected.items():
-        env[name] = Val(t, local[name].axes)
-    env.update(_run_chunk_stage(out, env, pk.nc, group, C, bc.sizes))
-    o = env[out.outputs[0]]
-    odims = bc.program.output.dims
-    o_t = pk.unpack(o.to(("i", *odims)))
-    final = local[S].to(bc.program.state.dims) if bc.output_final_state else None
-    return o_t.to(bc.out_dtype), final
+    # the output stage's reads of the state entering each chunk run inside the loop, so that
+    # those states ([chunks, K, V] per sequence and head) are never stored
+    states = {op.out for op in sp.ops if op.out in sp.outputs and op.axes == state_axes}
+    in_loop = [op for op in out.ops if op.op == "contract" and any(x in states for x in op.args)
+               and all(x in states or x in prep.outputs for x in op.args)]
+    later = {x for op in out.ops if op not in in_loop for x in op.args}
+    keep = [n for n in sp.outputs if n != S and n in later] + [op.out for op in in_loop]
+    skip = frozenset(op.out for op in in_loop)
+    loop_ops = [op for op in sp.ops if op.op != "zeros"] + in_loop
+    cur: dict[str, torch.Tensor] = {S: _initial_state(bc, N)}
+    plan, o_all = None, None
+    for g0 in range(0, nc, G):
+        g1 = min(nc, g0 + G)
+        genv = {k: Val(v.t[:, :, g0:g1], v.axes) for k, v in packed.items()}
+        pre = _run_stage(prep, genv, C, bc.sizes)
+        chunk_t = {n: _flush(v.t) if n in matmul_operands else v.t for n, v in pre.items()}
+        kept: dict[str, torch.Tensor] = {}
+        for c in range(g1 - g0):
+            for name, t in chunk_t.items():
+                cur[name] = t[:, :, c]
+            if plan is None:
+                first = {n: Val(cur[n], pre[n].axes) for n in chunk_t}
+                first[S] = Val(cur[S], state_axes)
+                plan = LoopPlan(loop_ops, S, first, C, bc.sizes, tuple(keep))
+            plan.run(cur)
+            for name in keep:
+                t = cur[name]
+                if name not in kept:   # [N, H, chunks of the group, ...]
+                    kept[name] = t.new_empty(t.shape[:2] + (g1 - g0,) + t.shape[2:])
+                kept[name][:, :, c] = t
+        genv.update(pre)
+        genv.update({n: Val(t, plan.axes[n]) for n, t in kept.items()})
+        o = _run_stage(out, genv, C, bc.sizes, skip)[out.outputs[0]]
+        o_t = o.to(("i", *bc.program.output.dims))
+        if o_all is None:   # [N, chunks, C, H, dims]: the token order of the output
+            o_all = o_t.new_empty(N, nc, C, H, *o_t.shape[4:])
+        o_all[:, g0:g1].copy_(o_t.movedim(1, 3))
+    o_full = pk.unpack(o_all.movedim(3, 1))
+    final = Val(cur[S], plan.axes[S] if plan else state_axes).to(bc.program.state.dims) \
+        if bc.output_final_state else None
+    return o_full.to(bc.out_dtype), final
 
 
 def _scan(la: torch.Tensor, sg: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
