@@ -56,6 +56,23 @@ def test_forms_match_reference_chunk32(name, form, chunk):
     check(name, form, chunk, 40, True, Bn=1)
 
 
+PER_CHANNEL = [c for c in cases([16]) if c.values[0] in ("gla", "kda", "dplr_delta_rule", "gdn2")
+               and c.values[1].startswith("chunk")]
+
+
+@pytest.mark.parametrize("name,form,chunk", PER_CHANNEL)
+def test_per_channel_contractions_blocked_over_k(name, form, chunk, monkeypatch):
+    """Per-channel [i, j, K] contractions are rendered as a loop over blocks of K (so they fit
+    in registers at K = 128); with a tiny block budget the small test shapes take that path
+    too (blocks of one channel), and still match the reference."""
+    from recurkit.backends import triton_tile
+    monkeypatch.setattr(triton_tile._StageGen, "KBLOCK_ELEMS", 64)
+    src = rk.codegen(decl_of(name), "triton", form=form, chunk=chunk, sizes={
+        d: 8 for d in decl_of(name).program.dims})
+    assert "for kb in range(0, 8, 1):" in src
+    check(name, form, chunk, 37, True)
+
+
 @pytest.mark.parametrize("T", [1, 63, 100])
 @pytest.mark.parametrize("name", ["gated_delta_rule", "gla", "hgrn"])
 def test_odd_lengths_default_form(name, T):
@@ -177,10 +194,10 @@ def test_generated_source_matches_golden(name, form, chunk):
 
 
 # --- ahead of time: every kernel of every built-in at its default config -------------------
-# known: the chunk-16 WY prep of dplr_delta_rule (two erase vectors, so two [16, 16, 128]
-# per-channel blocks) spills ~0.4 KB at K = V = 128, and on sm_80 the chunk-32 delta-rule prep
-# 8 bytes; asserted, so that a fix shows
-SPILLS = {("dplr_delta_rule", "prep_kernel")}
+# known: on sm_80 the chunk-32 delta-rule prep spills 8 bytes at the default 8 warps (ptxas
+# caps it at 128 registers; at 4 or 16 warps it does not spill, but other kernels then do);
+# asserted, so that a fix shows
+SPILLS: set = set()
 SPILLS_SM80 = SPILLS | {("delta_rule", "prep_kernel")}
 
 

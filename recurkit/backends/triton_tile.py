@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from ..lowering.tile import Stage, TileOp, TileProgram, stage_inputs
+from .triton_blocked import BlockedContractions
 from .triton_seq import FLUSH, HEADER, TRITON_BINARY, TRITON_UNARY, pow2
 
 
@@ -20,7 +21,7 @@ def _var(name: str) -> str:
     return "v_" + re.sub(r"\W", "_", name.replace("'", "p"))
 
 
-class _StageGen:
+class _StageGen(BlockedContractions):
     def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int],
                  inputs: dict[str, tuple[str, ...]], cfg: dict):
         self.st, self.tp, self.C = st, tp, tp.chunk
@@ -40,12 +41,16 @@ class _StageGen:
         self.split = last if last and uses and last not in along and \
             last + "'" not in {a for op in st.ops for a in op.axes} else None
         self.bsplit = min(pow2(cfg["block_v"]), max(16, pow2(sizes[last]))) if self.split else 0
+        self.kctx: tuple[str, int] | None = None   # (axis, block) inside a blocked loop
+        self.ptrs: dict[str, tuple[str, str]] = {}  # stage input -> (pointer, lead offset)
 
     # --- axes -------------------------------------------------------------------------------
     def size(self, a: str) -> int:
         return self.C if a in ("i", "j") else self.sizes[a.rstrip("'")]
 
     def block(self, a: str) -> int:
+        if self.kctx and a == self.kctx[0]:
+            return self.kctx[1]
         if a == self.split:
             return self.bsplit
         return self.C if a in ("i", "j") else max(16, pow2(self.size(a)))
@@ -56,7 +61,9 @@ class _StageGen:
     def ar(self, a: str, axes: tuple[str, ...]) -> str:
         """Index of axis ``a`` shaped to broadcast over ``axes``."""
         base = f"tl.arange(0, {self.block(a)})"
-        if a == self.split:
+        if self.kctx and a == self.kctx[0]:
+            base = f"(kb + {base})"
+        elif a == self.split:
             base = f"(pv * {self.bsplit} + {base})"
         if len(axes) <= 1:
             return base
@@ -81,7 +88,8 @@ class _StageGen:
             terms.append(f"{t} * {stride}" if stride != 1 else t)
             stride *= self.size(a)
         masks = [f"({self.ar(a, axes)} < {self.size(a)})" for a in axes
-                 if self.block(a) != self.size(a) or a == self.split]
+                 if self.block(a) != self.size(a) or a == self.split or
+                 (self.kctx and a == self.kctx[0])]
         return " + ".join(reversed(terms)) or "0", " & ".join(masks) or None, stride
 
     def emit(self, out: str, axes: tuple[str, ...], expr: str, ind: int) -> None:
@@ -216,7 +224,10 @@ class _StageGen:
         sh = (f"tl.where(tl.arange(0, {C})[:, None] - 1 == tl.arange(0, {C})[None, :], "
               "1.0, 0.0)")
         xv = self.to(x, (axis, *rest))
-        if len(rest) == 1:
+        if len(rest) == 1 and self.block(rest[0]) < 16:   # too narrow for tl.dot
+            self.emit(op.out, (axis, *rest), f"tl.reduce({sh}[:, :, None] * {xv}[None, :, :], "
+                      "1, _add)", ind)
+        elif len(rest) == 1:
             self.emit(op.out, (axis, *rest), f"tl.dot({sh}, {xv}, input_precision=\"ieee\")",
                       ind)
         else:
@@ -278,9 +289,16 @@ class _StageGen:
             L += ["    p = pid.to(tl.int64)"]
             ind = 1
         for k, name in enumerate(ins):
+            self.ptrs[name] = (f"X{k}", lead)
             self.load(name, f"X{k}", lead, ind)
+        groups = self.blocked_groups()
+        done = {op.out for members in groups.values() for op, _ in members}
+        live = self.live(done, carried) if groups else {op.out for op in st.ops}
         for op in st.ops:
-            self.op(op, ind)
+            if op.out in groups:
+                self.blocked(groups[op.out], ind)
+            if op.out not in done and op.out in live:
+                self.op(op, ind)
             if loop and op.out == carried and op.op != "zeros":   # the next chunk's state
                 L.append("    " * ind + f"{v} = {self.to(carried, sd)}")
                 self.var[carried], self.axes[carried] = v, sd
