@@ -56,6 +56,19 @@ class Packing:
         g = g.reshape(self.N, self.nc, self.C, *g.shape[2:])                   # [N, nc, C, H, ..]
         return g.movedim(3, 1)                                                  # [N, H, nc, C, ..]
 
+    def pack_chunks(self, v: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        """Chunks c0..c1 of ``pack(v)``, contiguous (one cache-sized copy)."""
+        bc = self.bc
+        if bc.cu_seqlens is not None or v.shape[1] == 1:
+            return self.pack(v)[:, :, c0:c1].contiguous()
+        v = v.expand(bc.B, bc.T, bc.H, *v.shape[3:])
+        g = v[:, c0 * self.C:min(bc.T, c1 * self.C)]
+        pad = (c1 - c0) * self.C - g.shape[1]
+        if pad:
+            g = torch.cat([g, g.new_zeros(bc.B, pad, *g.shape[2:])], 1)
+        g = g.reshape(self.N, c1 - c0, self.C, *g.shape[2:])
+        return g.movedim(3, 1).contiguous()
+
     def unpack(self, o: torch.Tensor) -> torch.Tensor:
         """o: [N, H, chunks, C, *dims] -> [B, T, H, *dims]."""
         bc = self.bc
@@ -126,7 +139,6 @@ def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
     they stay in cache and come from the allocator's free lists instead of fresh pages."""
     C = tp.chunk
     pk = Packing(bc, C)
-    packed = {k: Val(pk.pack(pro[k]), ("i", *n.dims)) for k, n in tp.prologue.items()}
     prep, sp, out = tp.stages
     N, H, nc = pk.N, bc.H, pk.nc
     size = {**bc.sizes, "i": C, "j": C}
@@ -148,7 +160,8 @@ def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
     plan, o_all = None, None
     for g0 in range(0, nc, G):
         g1 = min(nc, g0 + G)
-        genv = {k: Val(v.t[:, :, g0:g1], v.axes) for k, v in packed.items()}
+        genv = {k: Val(pk.pack_chunks(pro[k], g0, g1), ("i", *n.dims))
+                for k, n in tp.prologue.items()}
         pre = _run_stage(prep, genv, C, bc.sizes)
         chunk_t = {n: _flush(v.t) if n in matmul_operands else v.t for n, v in pre.items()}
         kept: dict[str, torch.Tensor] = {}

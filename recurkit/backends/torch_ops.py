@@ -60,6 +60,10 @@ def _contract(x: Val, y: Val, over: tuple[str, ...], want: tuple[str, ...]) -> V
     bat = tuple(d for d in x.axes if d in y.axes and d not in over)
     m = tuple(d for d in x.axes if d not in y.axes)
     n = tuple(d for d in y.axes if d not in x.axes)
+    if not bat and len(m) == 1 and len(n) == 1 and len(over) == 1:   # a matmul of views
+        xt = x.t if x.axes == m + over else x.t.transpose(-1, -2)
+        yt = y.t if y.axes == over + n else y.t.transpose(-1, -2)
+        return Val(torch.matmul(xt, yt), m + n).permuted(want)
     xt, yt = x.to(bat + m + over), y.to(bat + over + n)
     nbx, nby = xt.dim() - len(x.axes), yt.dim() - len(y.axes)
     bshape = xt.shape[nbx:nbx + len(bat)]
