@@ -194,13 +194,6 @@ def test_generated_source_matches_golden(name, form, chunk):
 
 
 # --- ahead of time: every kernel of every built-in at its default config -------------------
-# known: on sm_80 the chunk-32 delta-rule prep spills 8 bytes at the default 8 warps (ptxas
-# caps it at 128 registers; at 4 or 16 warps it does not spill, but other kernels then do);
-# asserted, so that a fix shows
-SPILLS: set = set()
-SPILLS_SM80 = SPILLS | {("delta_rule", "prep_kernel")}
-
-
 def sources(name):
     p = decl_of(name).program
     sizes = {d: (512 if d == "D" else 128) for d in p.dims}
@@ -220,8 +213,4 @@ def test_aot_compiles_every_kernel(name, arch):
             assert 0 <= r["shared"] <= tb.SHARED_LIMIT[arch], r
             if arch.startswith("sm_"):
                 assert r["registers"] is not None, r
-                if (name, r["kernel"]) in (SPILLS_SM80 if arch == "sm_80" else SPILLS):
-                    assert r["spill_bytes"] > 0, f"{name} {r['kernel']} no longer spills: " \
-                        "remove it from SPILLS"
-                else:
-                    assert r["spill_bytes"] == 0, (form, r)
+                assert r["spill_bytes"] == 0, (form, r)

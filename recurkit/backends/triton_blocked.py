@@ -104,12 +104,15 @@ class BlockedContractions:
             accs[op.out] = f"acc_{self.n}"
             shape = ", ".join(str(self.block(a)) for a in op.axes)
             self.L.append(f"{pad}{accs[op.out]} = tl.full([{shape}], 0.0, tl.float32)")
+        ops = {o.out: o for _, (anc, _) in members for o in anc}
+        loads = {x for _, (_, ls) in members for x in ls}
+        self.ensure([x for o in [*ops.values(), *(m for m, _ in members)] for x in o.args
+                     if x not in ops and x not in loads], ind)   # read once, outside the loop
         saved = dict(self.var), dict(self.axes)
         self.L.append(f"{pad}for kb in range(0, {self.size(k)}, {bk}):")
         self.kctx = (k, bk)
-        ops = {o.out: o for _, (anc, _) in members for o in anc}
         order = [o for o in self.st.ops if o.out in ops]
-        for name in sorted({x for _, (_, loads) in members for x in loads}):
+        for name in sorted(loads):
             ptr, lead = self.ptrs[name]
             self.load(name, ptr, lead, ind + 1)
         for o in order:

@@ -43,6 +43,7 @@ class _StageGen(BlockedContractions):
         self.bsplit = min(pow2(cfg["block_v"]), max(16, pow2(sizes[last]))) if self.split else 0
         self.kctx: tuple[str, int] | None = None   # (axis, block) inside a blocked loop
         self.ptrs: dict[str, tuple[str, str]] = {}  # stage input -> (pointer, lead offset)
+        self.deferred: dict[str, str] = {}            # load op output -> the input it reads
 
     # --- axes -------------------------------------------------------------------------------
     def size(self, a: str) -> int:
@@ -91,6 +92,19 @@ class _StageGen(BlockedContractions):
                  if self.block(a) != self.size(a) or a == self.split or
                  (self.kctx and a == self.kctx[0])]
         return " + ".join(reversed(terms)) or "0", " & ".join(masks) or None, stride
+
+    def ensure(self, names, ind: int) -> None:
+        """Read the stage inputs among ``names`` that are not read yet."""
+        for name in names:
+            if name in self.var:
+                continue
+            src = self.deferred.get(name, name)
+            if src != name:
+                self.ensure([src], ind)
+            elif name in self.ptrs:
+                self.load(name, *self.ptrs[name], ind)
+            if src in self.var:
+                self.var[name], self.axes[name] = self.var[src], self.axes[src]
 
     def emit(self, out: str, axes: tuple[str, ...], expr: str, ind: int) -> None:
         self.n += 1
@@ -288,24 +302,51 @@ class _StageGen(BlockedContractions):
             lead = "p"
             L += ["    p = pid.to(tl.int64)"]
             ind = 1
-        for k, name in enumerate(ins):
+        for k, name in enumerate(ins):   # each input is read where it is first used
             self.ptrs[name] = (f"X{k}", lead)
-            self.load(name, f"X{k}", lead, ind)
         groups = self.blocked_groups()
         done = {op.out for members in groups.values() for op, _ in members}
         live = self.live(done, carried) if groups else {op.out for op in st.ops}
+        # an output that only renames a value is stored as soon as that value exists, so
+        # that it is not held in registers to the end of the kernel
+        alias = {op.out: op for op in st.ops if op.op in ("rename", "load")}
+        stored: set[str] = set()
+
+        def store_ready() -> None:
+            for k, name in enumerate(outs):
+                chain, x = [], name
+                while x in alias and x not in self.var:
+                    chain.append(alias[x])
+                    nxt = alias[x].attr("value") if alias[x].op == "load" else alias[x].args[0]
+                    if nxt == x:   # a load of the stage input of the same name
+                        break
+                    x = nxt
+                if name in stored or not chain or x not in self.var or x == carried:
+                    continue
+                self.ensure([x], ind)
+                for op in reversed(chain):
+                    self.op(op, ind)
+                self.store(name, f"Y{k}", lead, ind)
+                out_axes[name] = self.axes[name]
+                stored.add(name)
         for op in st.ops:
             if op.out in groups:
                 self.blocked(groups[op.out], ind)
-            if op.out not in done and op.out in live:
+            if op.op == "load" and not loop:   # read where first used
+                self.deferred[op.out] = op.attr("value")
+            elif op.out not in done and op.out in live:
+                self.ensure(op.args, ind)
                 self.op(op, ind)
             if loop and op.out == carried and op.op != "zeros":   # the next chunk's state
                 L.append("    " * ind + f"{v} = {self.to(carried, sd)}")
                 self.var[carried], self.axes[carried] = v, sd
             for k, name in enumerate(outs):
-                if op.out == name:
+                if op.out == name and name not in stored:
+                    self.ensure([name], ind)
                     self.store(name, f"Y{k}", lead, ind)
                     out_axes[name] = self.axes[name]
+                    stored.add(name)
+            store_ready()
         if loop:
             self.var[carried], self.axes[carried] = v, sd
             self.store(carried, "SF", "nh", 1)
