@@ -7,7 +7,9 @@ name, so broadcasting needs no code. Values cross stages in [N, H, chunks, *axes
 """
 from __future__ import annotations
 
+import re
 import threading
+
 import torch
 
 from ..ir.bind import BoundCall
@@ -26,34 +28,50 @@ def _v(axis: str) -> str:
 
 class _StageGen:
     def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int], C: int,
-                 inputs: dict[str, tuple[str, ...]], H: int):
+                 inputs: dict[str, tuple[str, ...]], H: int, gpu: bool = False):
         self.st, self.tp, self.C, self.H = st, tp, C, H
+        self.gpu = gpu
+        # on a GPU, one block per grid point and one thread per entry of the state's last dim
+        # (when no op of the stage reduces along it): each thread holds its column of every
+        # value that has that dim, and computes the others itself
+        sd = tp.meta["program"].state.dims
+        last = sd[-1] if sd else None
+        along = {a for op in st.ops for a in tuple(op.attr("over") or ()) +
+                 ((op.attr("axis"),) if op.attr("axis") else ())}
+        primed = {a for op in st.ops for a in op.axes if a.endswith("'")}
+        self.tdim = last if gpu and last and last not in along and last + "'" not in primed \
+            else None
         self.sizes = dict(sizes)
         self.inputs = inputs            # global values this stage reads: name -> axes
         self.lines: list[str] = []
         self.allocs: list[str] = []      # local buffers, allocated once per parallel task
         self.buf: dict[str, tuple[str, tuple[str, ...]]] = {}   # value -> (buffer expr, axes)
         self.n = 0
+        self.alloc_pad = "    " * (3 if gpu else 2)
 
     def size(self, axis: str) -> int:
         return self.C if axis in ("i", "j") else self.sizes[axis.rstrip("'")]
 
     def shape(self, axes) -> str:
+        axes = [a for a in axes if a != self.tdim]   # a thread's own column
         return ", ".join(str(self.size(a)) for a in axes) if axes else "1"
 
     def ref(self, name: str, axes_env: dict[str, str]) -> str:
         buf, axes = self.buf[name]
-        idx = ", ".join(axes_env[a] for a in axes)
+        env = {**axes_env, self.tdim: "tx"} if self.tdim else axes_env
+        idx = ", ".join(env[a] for a in axes)
         if buf.startswith("G:"):   # a global [N, H, chunks, *axes] (or [N, H, *axes]) buffer
             lead = buf[2:]
             return f"{lead}{', ' if axes else ''}{idx}]"
-        return f"{buf}[{idx if axes else '0'}]"
+        idx = ", ".join(env[a] for a in axes if a != self.tdim)
+        return f"{buf}[{idx if idx else '0'}]"
 
     def loops(self, axes, body: list[str], ind: int, vec: bool = True) -> list[str]:
         out, pad = [], "    " * ind
+        axes = [a for a in axes if a != self.tdim]
         for k, a in enumerate(axes):
-            kind = "T.vectorized" if vec and k == len(axes) - 1 and self.size(a) <= 1024 \
-                else "T.serial"
+            kind = "T.vectorized" if vec and not self.gpu and k == len(axes) - 1 and \
+                self.size(a) <= 1024 else "T.serial"
             out.append(f"{pad}for {_v(a)} in {kind}({self.size(a)}):")
             pad += "    "
         return out + [pad + b for b in body]
@@ -63,7 +81,7 @@ class _StageGen:
         the value it rebinds (S = S + ...)."""
         self.n += 1
         b = f"L{self.n}"
-        self.allocs.append(f"        {b} = T.alloc_buffer(({self.shape(axes)},), "
+        self.allocs.append(f"{self.alloc_pad}{b} = T.alloc_buffer(({self.shape(axes)},), "
                            "\"float32\", scope=\"local\")")
         if name is not None:
             self.buf[name] = (b, tuple(axes))
@@ -83,7 +101,7 @@ class _StageGen:
         if o == "zeros":   # the carried state, set up by the stage itself
             return
         b = self.alloc(None, ax, ind)
-        tgt = f"{b}[{', '.join(_v(a) for a in ax) if ax else '0'}]"
+        tgt = f"{b}[{self.lidx(ax, {a: _v(a) for a in ax})}]"
         L = self.lines
         if o == "ir":
             fn = op.attr("ir_op")
@@ -149,7 +167,15 @@ class _StageGen:
         self.buf[op.out] = (b, tuple(ax))
 
     def ref_buf(self, b: str, axes, env) -> str:
-        return f"{b}[{', '.join(env[a] for a in axes)}]"
+        return f"{b}[{self.lidx(axes, env)}]"
+
+    def lidx(self, axes, env) -> str:
+        """Index of a local buffer (without the thread's own dim, on a GPU)."""
+        return ", ".join(env[a] for a in axes if a != self.tdim) or "0"
+
+    def gidx(self, axes, env) -> str:
+        """Index of a global buffer's trailing axes (the thread's own dim is ``tx``)."""
+        return ", ".join("tx" if a == self.tdim else env[a] for a in axes)
 
     def source(self, loop: bool) -> tuple[str, list[str], list[str]]:
         """TVMScript of the stage; the names of its global inputs and outputs, in order."""
@@ -181,66 +207,76 @@ class _StageGen:
         if carried:
             head.append(f"    S0 = T.match_buffer(s0, (NN, {H}{''.join(', ' + str(self.size(a)) for a in sd)}), \"float32\")")
             head.append(f"    SF = T.match_buffer(sf, (NN, {H}{''.join(', ' + str(self.size(a)) for a in sd)}), \"float32\")")
+        g = 1 if self.gpu else 0   # the thread loop's extra level
+        pad = "    " * (2 + g)
+        grid = f"NN * {H}" if loop else f"NN * {H} * NC"
+        if self.gpu:
+            head.append(f"    for p in T.thread_binding({grid}, thread=\"blockIdx.x\"):")
+            nt = self.size(self.tdim) if self.tdim else 1
+            head.append(f"        for tx in T.thread_binding({nt}, thread=\"threadIdx.x\"):")
+        else:
+            head.append(f"    for p in T.parallel({grid}):")
         if loop:
-            head.append(f"    for nh in T.parallel(NN * {H}):")
-            head += [f"        n = nh // {H}", f"        h = nh % {H}"]
-            ind = 2
+            head += [f"{pad}n = p // {H}", f"{pad}h = p % {H}"]
+            ind = 2 + g
             self.lines = []
             sb = self.alloc(carried, sd, ind)
             e = {a: _v(a) for a in sd}
-            self.lines += self.loops(sd, [f"{sb}[{', '.join(e[a] for a in sd)}] = "
-                                          f"S0[n, h, {', '.join(e[a] for a in sd)}]"], ind)
-            self.lines.append("        for c in T.serial(NC):")
-            body_ind = 3
+            self.lines += self.loops(sd, [f"{sb}[{self.lidx(sd, e)}] = "
+                                          f"S0[n, h, {self.gidx(sd, e)}]"], ind)
+            self.lines.append(f"{pad}for c in T.serial(NC):")
+            body_ind = 3 + g
         else:
-            head.append(f"    for p in T.parallel(NN * {H} * NC):")
-            head += [f"        n = p // ({H} * NC)", f"        h = p // NC % {H}",
-                     "        c = p % NC"]
-            body_ind = 2
+            head += [f"{pad}n = p // ({H} * NC)", f"{pad}h = p // NC % {H}",
+                     f"{pad}c = p % NC"]
+            body_ind = 2 + g
             self.lines = []
         for op in st.ops:
             self.op(op, body_ind)
             if carried and op.out == carried and op.op != "zeros":   # the next chunk's state
                 b, axes = self.buf[carried]
                 e = {a: _v(a) for a in axes}
-                self.lines += self.loops(axes, [f"{sb}[{', '.join(e[a] for a in axes)}] = "
-                                                f"{b}[{', '.join(e[a] for a in axes)}]"],
+                self.lines += self.loops(axes, [f"{sb}[{self.lidx(axes, e)}] = "
+                                                f"{b}[{self.lidx(axes, e)}]"],
                                          body_ind)
                 self.buf[carried] = (sb, sd)
             for k, name in enumerate(outs):   # stage outputs go to their global buffers
                 if op.out == name and name != carried:
                     axes = out_axes[name]
                     e = {a: _v(a) for a in axes}
-                    idx = "".join(", " + e[a] for a in axes)
-                    self.lines += self.loops(axes, [f"Y{k}[n, h, c{idx}] = "
-                                                    f"{self.ref(name, e)}"], body_ind)
+                    idx = "".join(", " + x for x in self.gidx(axes, e).split(", ") if x)
+                    ind, guard = body_ind, []
+                    if self.tdim and self.tdim not in axes:   # the same in every thread
+                        guard, ind = ["    " * body_ind + "if tx == 0:"], body_ind + 1
+                    self.lines += guard + self.loops(axes, [f"Y{k}[n, h, c{idx}] = "
+                                                            f"{self.ref(name, e)}"], ind)
         if loop:
             e = {a: _v(a) for a in sd}
-            self.lines += self.loops(sd, [f"SF[n, h, {', '.join(e[a] for a in sd)}] = "
-                                          f"{sb}[{', '.join(e[a] for a in sd)}]"], 2)
+            self.lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = "
+                                          f"{sb}[{self.lidx(sd, e)}]"], 2 + g)
         return "\n".join(head + self.allocs + self.lines) + "\n", ins, outs
 
 
-def run_tvm_chunked(tp: TileProgram, bc: BoundCall):
-    """Run a chunk-form tile program with one compiled TVM kernel per stage."""
+def run_tvm_chunked(tp: TileProgram, bc: BoundCall, emulate_gpu: bool = False):
+    """Run a chunk-form tile program with one compiled TVM kernel per stage. With
+    ``emulate_gpu``, the kernels are the GPU rendering (the one ``chunk_cuda_source`` compiles)
+    with its block and thread loops run serially on the CPU: a check of the GPU kernels'
+    semantics on a machine without a GPU."""
     if not decays_positive(tp, bc):   # the log-space form does not apply to this call
         return run_tvm_sequential(bc)
     p = bc.program
     C = tp.chunk
     pk, env, s0 = chunk_args(tp, bc)
     axes = {k: ("i", *n.dims) for k, n in tp.prologue.items()}
-    key = (p.content_hash(), tp.form, C, tuple(sorted(bc.sizes.items())), bc.H)
+    key = (p.content_hash(), tp.form, C, tuple(sorted(bc.sizes.items())), bc.H, emulate_gpu)
     with _LOCK:
         kernels = _PLANS.get(key)
     if kernels is None:
         kernels = []
-        known = dict(axes)
-        for st in tp.stages:
-            gen = _StageGen(st, tp, bc.sizes, C, stage_inputs(st, known), bc.H)
-            src, ins, outs = gen.source(loop=st.kind == "loop")
-            out_axes = {op.out: op.axes for op in st.ops}
-            for name in outs:
-                known[name] = out_axes[name]
+        for src, ins, outs, out_axes in _stages(tp, bc.sizes, bc.H, gpu=emulate_gpu):
+            if emulate_gpu:
+                src = re.sub(r'T\.thread_binding\(([^,]+), thread="[^"]+"\)', r"T.serial(\1)",
+                             src)
             kernels.append((compile_source(src), ins, outs, out_axes))
         with _LOCK:
             _PLANS[key] = kernels
@@ -264,17 +300,39 @@ def run_tvm_chunked(tp: TileProgram, bc: BoundCall):
     return chunk_result(bc, pk, env[last], axes[last], final)
 
 
-def stage_sources(tp: TileProgram, sizes: dict[str, int], H: int) -> list[str]:
-    """The TVMScript of every stage of a chunk-form tile program (for reading and tests)."""
+def _stages(tp: TileProgram, sizes: dict[str, int], H: int, gpu: bool = False) -> list:
+    """(TVMScript, inputs, outputs, output axes) of every stage of a chunk-form program."""
     known = {k: ("i", *n.dims) for k, n in tp.prologue.items()}
     out = []
     for st in tp.stages:
-        gen = _StageGen(st, tp, sizes, tp.chunk, stage_inputs(st, known), H)
-        src, _, outs = gen.source(loop=st.kind == "loop")
+        gen = _StageGen(st, tp, sizes, tp.chunk, stage_inputs(st, known), H, gpu)
+        src, ins, outs = gen.source(loop=st.kind == "loop")
         out_axes = {op.out: op.axes for op in st.ops}
         known.update({n: out_axes[n] for n in outs})
-        out.append(src)
+        out.append((src, ins, outs, out_axes))
     return out
+
+
+def stage_sources(tp: TileProgram, sizes: dict[str, int], H: int, gpu: bool = False
+                  ) -> list[str]:
+    """The TVMScript of every stage of a chunk-form tile program (for reading and tests)."""
+    return [src for src, *_ in _stages(tp, sizes, H, gpu)]
+
+
+def chunk_cuda_source(tp: TileProgram, sizes: dict[str, int], H: int, arch: str = "sm_90"
+                      ) -> str:
+    """CUDA C of every stage of a chunk-form tile program for ``arch``, generated with no GPU:
+    one block per grid point (sequence, head[, chunk]), one thread per entry of the state's
+    last dim where no op of the stage reduces along it (else one thread)."""
+    import tvm
+    import tvm.script
+    out = []
+    for k, src in enumerate(stage_sources(tp, sizes, H, gpu=True)):
+        func = tvm.script.from_source(src).with_attr("global_symbol", tp.stages[k].name)
+        ex = tvm.compile(tvm.IRModule({tp.stages[k].name: func}),
+                         target=tvm.target.Target({"kind": "cuda", "arch": arch}))
+        out.append(ex.mod.imports[0].inspect_source())
+    return "\n".join(out)
 
 
 def _scan_source(D: int, H: int, signed: bool) -> str:
