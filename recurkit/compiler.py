@@ -1,6 +1,8 @@
 """``rk.compile``: a declaration in, an op with the declaration's call signature out."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from .backends.dispatch import runner
@@ -9,6 +11,7 @@ from .backends.triton_backend import check_config
 from .backends.triton_backend import default_chunk as triton_default_chunk
 from .backends.tvm_backend import check_knobs, run_tvm_sequential
 from .ir import CallError, Program, Recurrence, bind_call
+from .custom_op import register
 from .ir.bind import signature_names
 from .lowering.forms import lower
 
@@ -52,6 +55,7 @@ class CompiledOp:
         self.knobs = None
         self.autotune = _effort(autotune)
         self._tuned: dict[tuple, object] = {}
+        self._op = None
         if self.autotune and (backend != "auto" or form or chunk or knobs):
             raise ValueError("autotune chooses the backend, form, chunk and knobs itself: "
                              "leave backend='auto' and form/chunk/knobs unset")
@@ -89,7 +93,39 @@ class CompiledOp:
                         f"[backend={backend}, form={self.form}]")
 
     def __call__(self, *args, **kwargs):
+        """Stateful declarations run through this op's torch custom op (see ``torch_op``), so
+        that autograd and ``torch.compile`` see one opaque op; stateless ones run directly."""
         bc = bind_call(self.program, args, kwargs)
+        if self.backend == "tvm" and bc.device.type != "cpu":
+            raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
+        if self.program.new_state is None:
+            return self._run_bound(bc)
+        return self.torch_op(*args, **kwargs)
+
+    def forward(self, **kw):
+        """``(output, final_state)`` for keyword inputs, computed here (not through the custom
+        op): the op's kernel, and, for the torch and reference backends, its gradient path."""
+        return self._run_bound(bind_call(self.program, (), {**kw, "output_final_state": True}))
+
+    @property
+    def torch_op(self):
+        """The torch custom op ``torch.ops.recurkit_jit.<name>_<config hash>`` this op calls:
+        its kernel is this op's forward; its backward recomputes the forward with the torch
+        tile program (the reference, for backend='reference') under autograd."""
+        if self._op is None:
+            cfg = repr((self.program.content_hash(), self.backend, self.form,
+                        self.tile_program.chunk if self.tile_program is not None else None,
+                        sorted((self.knobs or {}).items()), self.autotune))
+            digest = hashlib.sha1(cfg.encode()).hexdigest()[:12]
+            if self.backend in ("torch", "reference"):
+                grad = self
+            else:
+                grad = CompiledOp(self.program, "torch")
+            self._op = register(self.program, f"recurkit_jit::{self.program.name}_{digest}",
+                                self.forward, grad.forward)
+        return self._op
+
+    def _run_bound(self, bc):
         if self.autotune and self._tunable(bc):
             return self._tuned_runner(bc)(bc)
         if self.backend == "auto":
@@ -117,8 +153,9 @@ class CompiledOp:
         return run
 
     def _tunable(self, bc) -> bool:
-        """autotune: stateful calls on CPU or CUDA that need no gradient (the tuned kernels
-        have no backward yet); others run as backend='auto' would."""
+        """autotune: stateful calls on CPU or CUDA, computed without autograd (as the custom
+        op's kernel always is; its backward recomputes with the torch backend); others run
+        as backend='auto' would."""
         if bc.device.type not in ("cpu", "cuda") or self.program.new_state is None:
             return False
         tensors = list(bc.tensors.values()) + ([bc.initial_state] if bc.initial_state
@@ -126,14 +163,15 @@ class CompiledOp:
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
     def _tvm_fits(self, bc) -> bool:
-        """auto: the compiled TVM kernel for stateful CPU calls that need no gradient (it has
-        no backward yet); the torch backend, which autograd differentiates, otherwise."""
+        """auto: the compiled TVM kernel for stateful CPU calls computed without autograd
+        (the custom op's kernel); the torch backend, which autograd differentiates, when
+        called for gradients directly (``forward`` under autograd)."""
         return bc.device.type == "cpu" and self._tunable(bc)
 
     def __repr__(self) -> str:
         if self.backend == "auto":
-            return (f"<rk.compile {self.program.name} backend=auto: tvm sequential on CPU "
-                    f"without grad, else torch {self.form} chunk={self.tile_program.chunk}>")
+            return (f"<rk.compile {self.program.name} backend=auto: tvm sequential on CPU, "
+                    f"else torch {self.form} chunk={self.tile_program.chunk}>")
         chunk = f" chunk={self.tile_program.chunk}" if self.tile_program is not None and \
             self.tile_program.chunk else ""
         return f"<rk.compile {self.program.name} backend={self.backend} form={self.form}{chunk}>"
@@ -154,7 +192,8 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
             autotune: bool | str = False) -> CompiledOp:
     """Compile a declaration.
 
-    backend: "auto" (per call: "tvm" for CPU tensors that need no gradient, else "torch"),
+    backend: "auto" (per call: "tvm" for CPU tensors, else "torch"; gradients recompute the
+    forward with "torch"),
     "torch" (tile programs run with batched torch ops),
     "tvm" (compiled CPU kernels; the sequential form unless ``form`` says otherwise),
     "triton" (generated Triton kernels: on the GPU for CUDA tensors, in Triton's interpreter
@@ -166,7 +205,7 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     see ``recurkit.backends.tvm_backend.DEFAULT_KNOBS``), for "triton" the launch config
     (``num_warps``, ``num_stages``, ``block_v``, ``precision``; see
     ``recurkit.backends.triton_backend.DEFAULT_CONFIG``). autotune: True (= "quick") or
-    "full": on the first call (CPU or CUDA) of each shape bucket that needs no gradient, measure the
+    "full": on the first call (CPU or CUDA) of each shape bucket, measure the
     candidates (forms, chunk sizes, backends, knobs), each verified against the reference,
     keep the fastest in the tuning cache and run it; later calls and processes reuse it.
     """

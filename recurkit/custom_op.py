@@ -1,0 +1,144 @@
+"""Torch custom ops for stateful declarations (``torch.ops.<ns>.<name>``).
+
+An op has one schema for every device: the declaration's tensor inputs in order, its scalars
+as optional floats (None: the declared default), then ``initial_state``, ``cu_seqlens``; it
+always returns ``(output, final_state)``. Its kernel is a given compiled forward, its fake impl
+follows the IR's shape rules, and its backward recomputes the forward with a differentiable
+path (the torch tile program, or the reference) under autograd. (The backward generated from
+the declaration, as an adjoint recurrence, is not built yet.) ``rk.export`` names such ops;
+every ``rk.compile`` result of a stateful declaration calls one registered under
+``recurkit_jit``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ir.bind import bind_call, signature_names
+
+_REGISTERED: dict[str, "TorchOp"] = {}
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == \
+        b.untyped_storage().data_ptr()
+
+
+class TorchOp:
+    """Calls ``torch.ops.<ns>.<name>`` with the declaration's call signature; returns
+    ``(output, final_state or None)`` like a compiled op. ``kernel(**kw)`` computes
+    ``(output, final_state)`` (no gradient); ``grad_kernel(**kw)`` computes the same with
+    torch ops that autograd differentiates (the backward recomputes through it)."""
+
+    def __init__(self, program, qualname: str, kernel, grad_kernel):
+        self.program, self.qualname = program, qualname
+        specs = program.call_inputs
+        self.tensor_names = [s.name for s in specs if s.role in ("token", "param")]
+        self.scalar_names = [s.name for s in specs if s.role == "scalar"]
+        # the op's arguments, in schema order
+        self.arg_names = self.tensor_names + self.scalar_names + ["initial_state", "cu_seqlens"]
+        ns, name = qualname.split("::")
+        args = [f"Tensor {n}" for n in self.tensor_names] + \
+               [f"float? {n}=None" for n in self.scalar_names] + \
+               ["Tensor? initial_state=None", "Tensor? cu_seqlens=None"]
+        self.lib = torch.library.Library(ns, "FRAGMENT")
+        self.lib.define(f"{name}({', '.join(args)}) -> (Tensor, Tensor)")
+        self._fwd, self._grad_path = kernel, grad_kernel
+        self.lib.impl(name, self._kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(qualname, self._fake, lib=self.lib)
+        torch.library.register_autograd(qualname, self._backward, setup_context=self._setup,
+                                        lib=self.lib)
+        self.op = getattr(getattr(torch.ops, ns), name)
+
+    # --- the op's parts --------------------------------------------------------------------
+    def _kwargs(self, args) -> dict:
+        names = self.arg_names
+        kw = dict(zip(names, list(args) + [None] * (len(names) - len(args))))
+        for n in self.scalar_names:   # None: the declared default
+            if kw[n] is None:
+                del kw[n]
+        return kw
+
+    def _kernel(self, *args):
+        kw = self._kwargs(args)
+        with torch.no_grad():
+            o, S = self._fwd(**kw)
+        given = [x for x in args if isinstance(x, torch.Tensor)]
+        # a custom op's outputs may not alias its inputs (an empty sequence's final state is
+        # its initial state)
+        return tuple(t.clone() if any(_shares(t, x) for x in given) else t.contiguous()
+                     for t in (o, S))
+
+    def _fake(self, *args):
+        kw = self._kwargs(args)
+        p = self.program
+        sizes: dict[str, int] = {}
+        first = None
+        for spec in p.call_inputs:
+            if spec.role not in ("token", "param"):
+                continue
+            x = kw[spec.name]
+            first = first if first is not None else x
+            lead = 3 if spec.role == "token" else 1
+            sizes.update(zip(spec.dims, x.shape[lead:]))
+        B, T, H = first.shape[:3]
+        cu = kw.get("cu_seqlens")
+        N = cu.shape[0] - 1 if cu is not None else B
+        o = first.new_empty((B, T, H, *(sizes[d] for d in p.output.dims)))
+        S = first.new_empty((N, H, *(sizes[d] for d in p.state.dims)), dtype=torch.float32)
+        return o, S
+
+    def _setup(self, ctx, inputs, output) -> None:
+        ctx.n_in = len(inputs)
+        saved = [x if isinstance(x, torch.Tensor) else None for x in inputs]
+        ctx.scalars = [None if isinstance(x, torch.Tensor) else x for x in inputs]
+        ctx.save_for_backward(*[x if x is not None else torch.empty(0) for x in saved])
+        ctx.is_tensor = [x is not None for x in saved]
+
+    def _backward(self, ctx, grad_o, grad_S):
+        saved = ctx.saved_tensors
+        args = [saved[i] if ctx.is_tensor[i] else ctx.scalars[i] for i in range(ctx.n_in)]
+        kw = self._kwargs(args)
+        names = self.tensor_names + ["initial_state"]
+        leaves = {n: kw[n].detach().requires_grad_(kw[n].is_floating_point())
+                  for n in names if kw.get(n) is not None}
+        with torch.enable_grad():
+            o, S = self._grad_path(**{**kw, **leaves})
+            outs, grads_out = [o], [grad_o]
+            if grad_S is not None:
+                outs.append(S)
+                grads_out.append(grad_S)
+            want = [v for v in leaves.values() if v.requires_grad]
+            got = torch.autograd.grad(outs, want, grads_out, allow_unused=True)
+        by_name = dict(zip([n for n, v in leaves.items() if v.requires_grad], got))
+        return tuple(by_name.get(n) for n in self.arg_names)
+
+    # --- calling it -------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        bc = bind_call(self.program, args, dict(kwargs))   # errors name the argument
+        want_final = bc.output_final_state
+        given = dict(zip(signature_names(self.program), args))
+        given.update(kwargs)
+        cu = given.get("cu_seqlens")
+        if cu is not None and not isinstance(cu, torch.Tensor):   # a list of offsets
+            given["cu_seqlens"] = torch.tensor(list(cu), dtype=torch.int64)
+        o, S = self.op(*[given.get(n) for n in self.arg_names])
+        return o, (S if want_final else None)
+
+    def __repr__(self) -> str:
+        return f"<{self.program.name} as torch.ops.{self.qualname.replace('::', '.')}>"
+
+
+
+
+def register(program, qualname: str, kernel, grad_kernel) -> TorchOp:
+    """The op ``qualname`` for ``program``: registered now, or the one already registered
+    under that name for the same declaration (a ValueError for another one)."""
+    hit = _REGISTERED.get(qualname)
+    if hit is not None:
+        if hit.program.content_hash() != program.content_hash():
+            raise ValueError(f"{qualname} is already registered for another declaration "
+                             f"({hit.program.name}); choose another name")
+        return hit
+    op = TorchOp(program, qualname, kernel, grad_kernel)
+    _REGISTERED[qualname] = op
+    return op
