@@ -88,6 +88,7 @@ class TorchOp:
         return o, S
 
     def _setup(self, ctx, inputs, output) -> None:
+        ctx.set_materialize_grads(False)   # an unused final state needs no backward pass
         ctx.n_in = len(inputs)
         saved = [x if isinstance(x, torch.Tensor) else None for x in inputs]
         ctx.scalars = [None if isinstance(x, torch.Tensor) else x for x in inputs]
@@ -103,10 +104,10 @@ class TorchOp:
                   for n in names if kw.get(n) is not None}
         with torch.enable_grad():
             o, S = self._grad_path(**{**kw, **leaves})
-            outs, grads_out = [o], [grad_o]
-            if grad_S is not None:
-                outs.append(S)
-                grads_out.append(grad_S)
+            pairs = [(t, g) for t, g in ((o, grad_o), (S, grad_S)) if g is not None]
+            if not pairs:
+                return tuple(None for _ in self.arg_names)
+            outs, grads_out = [t for t, _ in pairs], [g for _, g in pairs]
             want = [v for v in leaves.values() if v.requires_grad]
             got = torch.autograd.grad(outs, want, grads_out, allow_unused=True)
         by_name = dict(zip([n for n, v in leaves.items() if v.requires_grad], got))
