@@ -8,6 +8,8 @@ The sequential form is the reference step loop; the scan form is a parallel doub
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..ir.bind import BoundCall
@@ -56,18 +58,15 @@ class Packing:
         g = g.reshape(self.N, self.nc, self.C, *g.shape[2:])                   # [N, nc, C, H, ..]
         return g.movedim(3, 1)                                                  # [N, H, nc, C, ..]
 
-    def pack_chunks(self, v: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
-        """Chunks c0..c1 of ``pack(v)``, contiguous (one cache-sized copy)."""
+    def pack_group(self, v: torch.Tensor, Tg: int, G: int) -> torch.Tensor:
+        """v: [B|1, Tg|1, H|1, *dims], the Tg tokens of G chunks (fixed length; Tg <= G * C)
+        -> [N, H, G, C, *dims], contiguous, zeros where padded."""
         bc = self.bc
-        if bc.cu_seqlens is not None or v.shape[1] == 1:
-            return self.pack(v)[:, :, c0:c1].contiguous()
-        v = v.expand(bc.B, bc.T, bc.H, *v.shape[3:])
-        g = v[:, c0 * self.C:min(bc.T, c1 * self.C)]
-        pad = (c1 - c0) * self.C - g.shape[1]
+        v = v.expand(bc.B, Tg, bc.H, *v.shape[3:])
+        pad = G * self.C - v.shape[1]
         if pad:
-            g = torch.cat([g, g.new_zeros(bc.B, pad, *g.shape[2:])], 1)
-        g = g.reshape(self.N, c1 - c0, self.C, *g.shape[2:])
-        return g.movedim(3, 1).contiguous()
+            v = torch.cat([v, v.new_zeros(bc.B, pad, *v.shape[2:])], 1)
+        return v.reshape(self.N, G, self.C, *v.shape[2:]).movedim(3, 1).contiguous()
 
     def unpack(self, o: torch.Tensor) -> torch.Tensor:
         """o: [N, H, chunks, C, *dims] -> [B, T, H, *dims]."""
@@ -85,11 +84,10 @@ def run_tile(tp: TileProgram, bc: BoundCall):
         return run_reference(bc)
     if not decays_positive(tp, bc):
         return run_reference(bc)   # a non-positive decay: the log-space chunk forms do not apply
+    if tp.form == "chunk_gated" or tp.form == "chunk_wy":
+        return _run_chunked(tp, bc)
     vals = evaluate(bc, list(tp.prologue.values()))
-    pro = {k: vals[id(n)] for k, n in tp.prologue.items()}
-    if tp.form == "scan":
-        return _run_scan(tp, bc, pro)
-    return _run_chunked(tp, bc, pro)
+    return _run_scan(tp, bc, {k: vals[id(n)] for k, n in tp.prologue.items()})
 
 
 def decays_positive(tp: TileProgram, bc: BoundCall) -> bool:
@@ -133,12 +131,27 @@ def _numel(axes: tuple[str, ...], size: dict[str, int]) -> int:
     return n
 
 
-def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
-    """The three stages streamed over groups of chunks: prep for a group, the state pass over
-    its chunks, then its outputs. Intermediates are group-sized (about STREAM_BYTES), so
-    they stay in cache and come from the allocator's free lists instead of fresh pages."""
+def _group_prologue(tp: TileProgram, bc: BoundCall, t0: int, t1: int) -> dict:
+    """The prologue values of tokens t0..t1 (fixed length), evaluated on slices of the
+    token inputs."""
+    tensors = {s.name: bc.tensors[s.name][:, t0:t1] if s.role == "token" else
+               bc.tensors[s.name] for s in bc.program.inputs if s.name in bc.tensors}
+    gbc = dataclasses.replace(bc, tensors=tensors, T=t1 - t0)
+    vals = evaluate(gbc, list(tp.prologue.values()))
+    return {k: vals[id(n)] for k, n in tp.prologue.items()}
+
+
+def _run_chunked(tp: TileProgram, bc: BoundCall):
+    """The three stages streamed over groups of chunks: the prologue and prep for a group,
+    the state pass over its chunks, then its outputs. Intermediates are group-sized (about
+    STREAM_BYTES), so they stay in cache and come from the allocator's free lists instead of
+    fresh pages."""
     C = tp.chunk
     pk = Packing(bc, C)
+    full = None   # varlen: the prologue for all tokens, gathered per group
+    if bc.cu_seqlens is not None:
+        vals = evaluate(bc, list(tp.prologue.values()))
+        full = {k: pk.pack(vals[id(n)]) for k, n in tp.prologue.items()}
     prep, sp, out = tp.stages
     N, H, nc = pk.N, bc.H, pk.nc
     size = {**bc.sizes, "i": C, "j": C}
@@ -160,8 +173,14 @@ def _run_chunked(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
     plan, o_all = None, None
     for g0 in range(0, nc, G):
         g1 = min(nc, g0 + G)
-        genv = {k: Val(pk.pack_chunks(pro[k], g0, g1), ("i", *n.dims))
-                for k, n in tp.prologue.items()}
+        if full is None:
+            t0, t1 = g0 * C, min(bc.T, g1 * C)
+            gpro = _group_prologue(tp, bc, t0, t1)
+            genv = {k: Val(pk.pack_group(gpro[k], t1 - t0, g1 - g0), ("i", *n.dims))
+                    for k, n in tp.prologue.items()}
+        else:
+            genv = {k: Val(full[k][:, :, g0:g1].contiguous(), ("i", *n.dims))
+                    for k, n in tp.prologue.items()}
         pre = _run_stage(prep, genv, C, bc.sizes)
         chunk_t = {n: _flush(v.t) if n in matmul_operands else v.t for n, v in pre.items()}
         kept: dict[str, torch.Tensor] = {}
