@@ -17,9 +17,9 @@ from .compiler import CompiledOp, codegen, compile
 from .export import export
 from .lowering import analyze
 from .lowering.forms import LoweringError, lower
-from .ir import (CallError, DeclarationError, DimExpr, Param, Program, Recurrence, Scalar, State,
-                 Token, dim, recurrence)
-from .ir.dsl import (contract, dot, exp, head, l2norm, log, max, maximum, minimum, outer, relu,
+from .ir import (CallError, DeclarationError, DimExpr, Index, Param, Program, Recurrence, Row,
+                 Scalar, State, Tiled, Token, Weight, dim, recurrence, tiled)
+from .ir.dsl import (contract, dot, exp, gather, head, l2norm, log, max, maximum, minimum, outer, relu,
                      rsqrt, sigmoid, silu, softplus, sqrt, sum, tanh, where)
 from . import ops  # noqa: E402  (ops use the names above)
 from . import nn  # noqa: E402,F401  (layers use the ops)
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = ["CompiledOp", "codegen", "compile", "export", "analyze", "lower", "LoweringError",
            "CallError", "DeclarationError", "DimExpr", "Param",
            "Program", "Recurrence", "Scalar", "State", "Token", "dim", "recurrence", "contract",
+           "Row", "Weight", "Index", "Tiled", "tiled", "gather",
            "dot", "exp", "head", "l2norm", "log", "max", "maximum", "minimum", "outer", "relu",
            "rsqrt", "sigmoid", "silu", "softplus", "sqrt", "sum", "tanh", "where", "ops",
            "nn", "__version__"]

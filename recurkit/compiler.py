@@ -190,7 +190,9 @@ def _effort(autotune) -> str | None:
 def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A001
             chunk: int | None = None, knobs: dict | None = None,
             autotune: bool | str = False) -> CompiledOp:
-    """Compile a declaration.
+    """Compile a declaration. (A tiled declaration, ``@rk.tiled``, compiles to a
+    ``recurkit.tiled_op.TiledTorchOp``: forward and generated backward kernels as custom ops,
+    backend "auto" (TVM on CPU, Triton on CUDA), "tvm", "triton" or "torch".)
 
     backend: "auto" (per call: "tvm" for CPU tensors, else "torch"; gradients recompute the
     forward with "torch"),
@@ -209,8 +211,15 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     candidates (forms, chunk sizes, backends, knobs), each verified against the reference,
     keep the fastest in the tuning cache and run it; later calls and processes reuse it.
     """
-    return CompiledOp(as_program(decl), resolve_backend(backend), form, chunk, knobs,
-                      autotune)
+    p = as_program(decl)
+    if p.is_tiled:
+        if form or chunk or knobs or autotune:
+            raise ValueError(f"{p.name} is a tiled declaration: form, chunk, knobs and "
+                             "autotune apply to recurrences")
+        from .tiled_op import compile_tiled
+        return compile_tiled(p, resolve_backend(backend) if backend != "reference"
+                             else "torch")
+    return CompiledOp(p, resolve_backend(backend), form, chunk, knobs, autotune)
 
 
 def codegen(decl, backend: str = "triton", *, form: str | None = None,

@@ -63,6 +63,22 @@ class Param(_Annotation):
     role = "param"
 
 
+class Row(_Annotation):
+    """A per-sample input of a tiled op, laid out [N, *dims]: ``rk.Row["I"]``."""
+    role = "row"
+
+
+class Weight(_Annotation):
+    """A parameter of a tiled op laid out [*dims] (no heads): ``rk.Weight["O"]``."""
+    role = "weight"
+
+
+class Index(_Annotation):
+    """Integer indices of a tiled op laid out [*dims], read through ``rk.gather``:
+    ``rk.Index["O"]``."""
+    role = "index"
+
+
 class Scalar(_Annotation):
     """A call-time number (e.g. ``scale: rk.Scalar = rk.dim("K") ** -0.5``)."""
     role = "scalar"
@@ -312,6 +328,21 @@ def contract(a, b):
 dot = contract
 
 
+def gather(x, idx, dim: str | None = None):
+    """``x`` read at the integer indices ``idx`` along ``dim``: for x [I] and idx: rk.Index["O"]
+    the result is [O] with ``out[o] = x[idx[o]]``. ``dim`` may be left out when x has one dim.
+    """
+    s = _need_sym("gather", x, idx)
+    if not (isinstance(x, Sym) and isinstance(idx, Sym)):
+        raise s._tracer.error("rk.gather needs a traced value and an rk.Index input")
+    if dim is None:
+        if len(x.dims) != 1:
+            raise s._tracer.error(f"rk.gather from a value with dims {list(x.dims)} needs dim=",
+                                  "say which dim the indices select along")
+        dim = x.dims[0]
+    return Sym(s._tracer.make("gather", (x._node, idx._node), (("dim", dim),)), s._tracer)
+
+
 def outer(a, b):
     """Outer product of values with disjoint dims: ``rk.outer(k, v)`` is [K, V]."""
     s = _need_sym("outer", a, b)
@@ -373,6 +404,6 @@ def head() -> Sym:
     return Sym(t._memo[key], t)
 
 
-__all__ = ["State", "Token", "Param", "Scalar", "Sym", "exp", "log", "sigmoid", "softplus",
+__all__ = ["State", "Token", "Param", "Scalar", "Row", "Weight", "Index", "Sym", "gather", "exp", "log", "sigmoid", "softplus",
            "silu", "tanh", "sqrt", "rsqrt", "relu", "maximum", "minimum", "where", "contract",
            "dot", "outer", "sum", "max", "l2norm", "head", "BOOL"]

@@ -12,11 +12,14 @@ from typing import Any, Iterator
 from .errors import Loc
 
 # dtypes of values inside a step. Token/param inputs of any float storage dtype are read as f32.
-F32, BOOL = "f32", "bool"
-DTYPES = (F32, BOOL)
+F32, BOOL, INDEX = "f32", "bool", "index"
+DTYPES = (F32, BOOL, INDEX)
 
 # Inputs of a step. "head" is the per-head index h (0..H-1), a per-head scalar with no argument.
 ROLES = ("state", "token", "param", "scalar", "head")
+# Inputs of a tiled (stateless, time-free) declaration: "row" is laid out [N, *dims] (one row
+# per sample), "weight" [*dims], "index" [*dims] integers into a dim of a row (see "gather").
+TILED_ROLES = ("row", "weight", "index", "scalar")
 
 UNARY = ("neg", "exp", "log", "sigmoid", "softplus", "silu", "tanh", "sqrt", "rsqrt", "abs",
          "relu")
@@ -26,7 +29,7 @@ REDUCE = ("sum", "max")
 
 # op -> number of arguments (None: see the op's own rule)
 ARITY: dict[str, int] = {
-    "input": 0, "const": 0, "where": 3, "contract": 2, **{o: 1 for o in UNARY},
+    "input": 0, "const": 0, "where": 3, "contract": 2, "gather": 2, **{o: 1 for o in UNARY},
     **{o: 2 for o in BINARY}, **{o: 2 for o in COMPARE}, **{o: 1 for o in REDUCE},
 }
 
@@ -40,6 +43,7 @@ class Node:
       const:    value
       contract: over (the contracted dims)
       sum/max:  over (the reduced dims)
+      gather:   dim (the dim of args[0] that args[1], an index value, selects along)
     Equality is identity; structural identity is the program's content hash.
     """
 

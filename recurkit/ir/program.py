@@ -23,7 +23,8 @@ class InputSpec:
     """One argument of the step function.
 
     role: "state" | "token" ([B,T,H,*dims]) | "param" ([H,*dims]) | "scalar" (a call-time
-    number; ``default`` is a number, a DimExpr or None for required).
+    number; ``default`` is a number, a DimExpr or None for required); in tiled declarations
+    "row" ([N,*dims]), "weight" ([*dims]) and "index" ([*dims], integers).
     dims are as declared (the tensor layout); nodes use the program's canonical order.
     """
 
@@ -33,7 +34,7 @@ class InputSpec:
     default: float | DimExpr | None = None
 
     def layout(self) -> str:
-        lead = {"state": "N, H", "token": "B, T, H", "param": "H"}.get(self.role, "")
+        lead = {"state": "N, H", "token": "B, T, H", "param": "H", "row": "N"}.get(self.role, "")
         return "[" + ", ".join(x for x in [lead, *self.dims] if x) + "]"
 
 
@@ -56,6 +57,11 @@ class Program:
     @property
     def state(self) -> InputSpec | None:
         return next((i for i in self.inputs if i.role == "state"), None)
+
+    @property
+    def is_tiled(self) -> bool:
+        """A tiled declaration (rows, weights, indices; no time axis, no state)."""
+        return any(s.role in ("row", "weight", "index") for s in self.inputs)
 
     @property
     def call_inputs(self) -> tuple[InputSpec, ...]:
@@ -106,7 +112,8 @@ def _node_label(n: Node, ids: dict[int, str]) -> str:
 
 
 def format_program(p: Program) -> str:
-    lines = [f"recurrence {p.name}" + (f"  ({p.loc})" if p.loc else "")]
+    kind = "tiled" if p.is_tiled else "recurrence"
+    lines = [f"{kind} {p.name}" + (f"  ({p.loc})" if p.loc else "")]
     lines.append(f"  dims    {', '.join(p.dims) if p.dims else '(none)'}")
     for spec in p.inputs:
         if spec.role == "scalar":
@@ -124,6 +131,8 @@ def format_program(p: Program) -> str:
         extra = ""
         if n.op in ("contract", "sum", "max"):
             extra = f"[{', '.join(n.attr('over'))}]"
+        elif n.op == "gather":
+            extra = f"[{n.attr('dim')}]"
         ty = _fmt_dims(n.dims) + ("" if n.dtype == "f32" else f" {n.dtype}")
         text = f"  %{i}: {ty} = {n.op}{extra}({args})"
         rendered.append((text, n.loc))
@@ -148,6 +157,8 @@ def _encode(p: Program, keep_names: bool) -> dict:
                 continue
             if k == "over":
                 v = [rename[d] for d in v]
+            elif k == "dim":
+                v = rename[v]
             out.append([k, v])
         return out
 

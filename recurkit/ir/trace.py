@@ -9,7 +9,7 @@ from typing import Any, Callable
 from . import dsl
 from .dimexpr import DimExpr
 from .errors import DeclarationError, Loc
-from .node import F32, Node
+from .node import F32, INDEX, TILED_ROLES, Node
 from .program import InputSpec, Program
 from .verify import verify_program
 
@@ -43,6 +43,33 @@ class Recurrence:
         return f"<rk.recurrence {self.name} {self.content_hash()[:12]}>"
 
 
+class Tiled(Recurrence):
+    """A tiled declaration: a stateless op over rows (samples), e.g. a logic-gate layer.
+
+    Calling it runs the reference interpreter on ``(*rows/weights/indices, **scalars)`` and
+    returns the output [N, *out_dims]; ``rk.compile`` gives the kernels and their backward.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from .tiled import run_tiled_reference
+        return run_tiled_reference(self.program, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<rk.tiled {self.name} {self.content_hash()[:12]}>"
+
+
+def tiled(fn: Callable | None = None, *, name: str | None = None):
+    """Decorator: trace ``fn`` into a tiled declaration.
+
+    ``fn(x: rk.Row[...], idx: rk.Index[...], w: rk.Weight[...], c: rk.Scalar = 1.0) -> out``
+    computes one output row from one input row; ``rk.gather(x, idx)`` reads a row at fixed
+    indices. Every value must be elementwise over the output's dims (see DESIGN.md, "tiled").
+    """
+    if fn is None:
+        return lambda f: tiled(f, name=name)
+    return Tiled(fn, trace(fn, name, kind="tiled"))
+
+
 def recurrence(fn: Callable | None = None, *, name: str | None = None):
     """Decorator: trace ``fn`` (the step of a recurrence) into a declaration.
 
@@ -55,9 +82,9 @@ def recurrence(fn: Callable | None = None, *, name: str | None = None):
     return Recurrence(fn, trace(fn, name))
 
 
-def trace(fn: Callable, name: str | None = None) -> Program:
+def trace(fn: Callable, name: str | None = None, kind: str = "recurrence") -> Program:
     if not callable(fn) or not hasattr(fn, "__code__"):
-        raise TypeError(f"@rk.recurrence decorates a Python function, got {fn!r}")
+        raise TypeError(f"@rk.{kind} decorates a Python function, got {fn!r}")
     name = name or fn.__name__
     where = Loc(fn.__code__.co_filename, fn.__code__.co_firstlineno)
 
@@ -65,6 +92,15 @@ def trace(fn: Callable, name: str | None = None) -> Program:
         return DeclarationError(what, loc or where, hint, name)
 
     specs = _read_signature(fn, err)
+    allowed = TILED_ROLES if kind == "tiled" else ("state", "token", "param", "scalar")
+    for s in specs:
+        if s.role not in allowed:
+            names = {"row": "Row", "weight": "Weight", "index": "Index", "state": "State",
+                     "token": "Token", "param": "Param", "scalar": "Scalar"}
+            raise err(f"argument '{s.name}' is an rk.{names[s.role]}, which @rk.{kind} does "
+                      "not take", "use rk.Row / rk.Weight / rk.Index / rk.Scalar with "
+                      "@rk.tiled" if kind == "tiled" else "rk.Row / rk.Weight / rk.Index "
+                      "inputs belong to @rk.tiled declarations")
     dims: list[str] = []
     for s in sorted(specs, key=lambda s: s.role != "state"):
         dims += [d for d in s.dims if d not in dims]
@@ -77,7 +113,8 @@ def trace(fn: Callable, name: str | None = None) -> Program:
     tracer = dsl.Tracer(name, tuple(dims), where)
     args = []
     for i, s in enumerate(specs):
-        node = Node("input", (), tuple(d for d in dims if d in s.dims), F32,
+        node = Node("input", (), tuple(d for d in dims if d in s.dims),
+                    INDEX if s.role == "index" else F32,
                     (("role", s.role), ("index", i), ("name", s.name)), where)
         args.append(dsl.Sym(node, tracer))
 
@@ -131,7 +168,7 @@ def _read_signature(fn: Callable, err) -> list[InputSpec]:
         if not isinstance(ann, dsl.Spec):
             raise err(f"argument '{p.name}' is annotated {_describe_ann(ann)}",
                       "annotate every argument: rk.State[...], rk.Token[...], rk.Param[...] "
-                      "or rk.Scalar")
+                      "or rk.Scalar (rk.Row / rk.Weight / rk.Index in @rk.tiled)")
         default = None
         if p.default is not inspect.Parameter.empty:
             if ann.role != "scalar":

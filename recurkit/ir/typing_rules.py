@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .node import ARITY, BINARY, BOOL, COMPARE, F32, REDUCE, UNARY
+from .node import ARITY, BINARY, BOOL, COMPARE, F32, INDEX, REDUCE, UNARY
 
 
 class TypeRule(Exception):
@@ -34,6 +34,25 @@ def infer(op: str, args: Sequence[tuple[tuple[str, ...], str]], attrs: dict,
         for name in d:
             if name not in order:
                 raise TypeRule(f"undeclared dim '{name}'")
+    if op == "gather":
+        (dx, tx), (di, ti) = args
+        dim = attrs.get("dim")
+        if ti != INDEX:
+            raise TypeRule("rk.gather: the second argument must be an rk.Index input",
+                           "declare the indices as idx: rk.Index['O'] and write "
+                           "rk.gather(x, idx)")
+        if tx != F32:
+            raise TypeRule(f"rk.gather: cannot gather from a {tx} value")
+        if dim not in dx:
+            raise TypeRule(f"rk.gather along dim '{dim}', but the value has dims {_show(dx)}")
+        rest = [d for d in dx if d != dim]
+        clash = [d for d in di if d in rest or d == dim]
+        if clash:
+            raise TypeRule(f"rk.gather: the indices' dim '{clash[0]}' is also a dim of the "
+                           f"gathered value {_show(dx)}",
+                           "the result takes the indices' dims in place of the gathered dim, "
+                           "so they must be new dims")
+        return _canon(set(rest) | set(di), order), F32
     if op in UNARY:
         (d, t), = args
         _need_float(op, t)
@@ -83,6 +102,9 @@ def infer(op: str, args: Sequence[tuple[tuple[str, ...], str]], attrs: dict,
 
 
 def _need_float(op: str, dtype: str) -> None:
+    if dtype == INDEX:
+        raise TypeRule(f"'{op}' of an rk.Index input: indices only select, through rk.gather",
+                       "write rk.gather(x, idx) to read x at the indices")
     if dtype != F32:
         raise TypeRule(f"'{op}' needs a numeric value, got a {dtype} comparison result",
                        "use rk.where(cond, a, b) to turn a comparison into numbers")

@@ -5,7 +5,7 @@ import math
 
 from .dimexpr import DimExpr
 from .errors import DeclarationError
-from .node import BOOL, F32, ROLES
+from .node import BOOL, F32, INDEX, ROLES, TILED_ROLES
 from .program import Program
 from .typing_rules import TypeRule, infer
 
@@ -35,7 +35,7 @@ def verify_program(p: Program) -> None:
     if states and p.inputs[0].role != "state":
         err(f"the state '{states[0].name}' must be the first argument of the step")
     for s in p.inputs:
-        if s.role not in ROLES or s.role == "head":
+        if s.role not in ROLES + TILED_ROLES or s.role == "head":
             err(f"input '{s.name}' has unknown role {s.role!r}")
         for d in s.dims:
             if d not in p.dims:
@@ -62,7 +62,8 @@ def verify_program(p: Program) -> None:
             if not (isinstance(idx, int) and 0 <= idx < len(p.inputs)):
                 err(f"input node refers to argument #{idx}, which does not exist", n.loc)
             spec = p.inputs[idx]
-            if spec.role != role or n.dims != p.canonical(spec.dims) or n.dtype != F32:
+            want = INDEX if role == "index" else F32
+            if spec.role != role or n.dims != p.canonical(spec.dims) or n.dtype != want:
                 err(f"input node for '{spec.name}' does not match its declaration", n.loc)
         elif n.op == "const":
             v = n.attr("value")
@@ -78,6 +79,12 @@ def verify_program(p: Program) -> None:
                 err(f"node {n.op} is typed {list(n.dims)} {n.dtype}, its rule gives "
                     f"{list(dims)} {dtype}", n.loc)
 
+    tiled = [s.name for s in p.inputs if s.role in ("row", "weight", "index")]
+    timed = [s.name for s in p.inputs if s.role in ("state", "token", "param")]
+    if tiled and timed:
+        err(f"inputs {tiled} (tiled) and {timed} (recurrence) are mixed in one declaration")
+    if p.output.dtype == INDEX:
+        err("the output is an rk.Index input", p.output.loc, "gather with it: rk.gather(x, idx)")
     if p.output.dtype == BOOL:
         err("the output is a comparison (bool)", p.output.loc,
             "return numbers, e.g. rk.where(cond, 1.0, 0.0)")

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .export import export
+from .. import ops
+from ..export import export
 
 
 def _dt_bias(n: int) -> torch.Tensor:

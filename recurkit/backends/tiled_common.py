@@ -1,0 +1,76 @@
+"""What every backend needs to render a tiled plan: the inputs in kernel order, the order in
+which to bind the values of some roots, and the host-side inverse (CSR) index of a gather."""
+from __future__ import annotations
+
+import torch
+
+from ..ir.node import Node, toposort
+from ..lowering.tiled import TiledPlan
+
+
+def kernel_inputs(plan: TiledPlan) -> list:
+    """The declaration's tensor inputs (rows, weights, indices) in declaration order."""
+    return [s for s in plan.program.call_inputs if s.role != "scalar"]
+
+
+def scalar_names(plan: TiledPlan) -> list[str]:
+    return [s.name for s in plan.program.call_inputs if s.role == "scalar"]
+
+
+def bindings(roots: list[Node]) -> list[Node]:
+    """The computed nodes behind ``roots``, each after its arguments (a value per node)."""
+    return [n for n in toposort(roots) if n.op not in ("input", "const")]
+
+
+def direct(plan: TiledPlan, spec) -> bool:
+    """Whether a row input is read directly (it carries the output's dims)."""
+    return spec.role == "row" and plan.program.canonical(spec.dims) == plan.out_dims
+
+
+def canonical_flat(plan: TiledPlan, tc, spec) -> torch.Tensor:
+    """A tensor input as kernels read it: dims in canonical order, the output's dims (or a
+    gathered row's one dim) flattened: rows [N, M | I], weights and indices [M]."""
+    x = tc.tensors[spec.name]
+    lead = 1 if spec.role == "row" else 0
+    canon = plan.program.canonical(spec.dims)
+    if canon != spec.dims:
+        x = x.permute(*range(lead), *(lead + spec.dims.index(d) for d in canon))
+    return x.reshape(tc.N, -1) if lead else x.reshape(-1)
+
+
+def to_declared(plan: TiledPlan, tc, spec, g: torch.Tensor) -> torch.Tensor:
+    """A gradient computed in canonical order (any flattening) back in ``spec``'s layout and
+    the input's dtype."""
+    x = tc.tensors[spec.name]
+    lead = 1 if spec.role == "row" else 0
+    canon = plan.program.canonical(spec.dims)
+    shape = list(x.shape[:lead]) + [x.shape[lead + spec.dims.index(d)] for d in canon]
+    g = g.reshape(shape)
+    if canon != spec.dims:
+        g = g.permute(*range(lead), *(lead + canon.index(d) for d in spec.dims))
+    return g.to(x.dtype).contiguous()
+
+
+def inverse_index(plan: TiledPlan, tensors: dict[str, torch.Tensor], row: str, M: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For row ``row`` read through gathers s = 0.. (in plan order among its scatters):
+    ``offsets`` [I + 1] and ``entries`` [E] (int32) such that the entries of input position i,
+    ``entries[offsets[i]:offsets[i+1]]``, are the flat positions s * M + m whose index is i.
+    ``M`` is the number of output elements. (Gradients gather through it: no atomics.)"""
+    scat = plan.gathered_rows()[row]
+    I = tensors[row].shape[-1]
+    flat = torch.cat([_canon_index(plan, tensors, s.index) for s in scat])
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=I)
+    offsets = torch.zeros(I + 1, dtype=torch.int64, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets.to(torch.int32), order.to(torch.int32)
+
+
+def _canon_index(plan: TiledPlan, tensors, name: str) -> torch.Tensor:
+    spec = next(s for s in plan.program.inputs if s.name == name)
+    x = tensors[name]
+    canon = plan.program.canonical(spec.dims)
+    if canon != spec.dims:
+        x = x.permute(*(spec.dims.index(d) for d in canon))
+    return x.reshape(-1).long()

@@ -1,0 +1,45 @@
+"""The tiled form in torch: the forward by the reference evaluator, the backward by evaluating
+the derived cotangent expressions (the oracle for the compiled kernels, and the fallback)."""
+from __future__ import annotations
+
+import torch
+
+from ..ir.tiled import TiledCall, evaluate_tiled
+from ..lowering.tiled import TiledPlan
+from .tiled_common import _canon_index, to_declared
+
+
+def run_tiled_torch(plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
+    out = plan.program.output
+    with torch.no_grad():
+        v = evaluate_tiled(tc, [out])[id(out)]
+    return v.expand(tc.out_shape).to(tc.out_dtype).contiguous()
+
+
+def tiled_grads_torch(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of every row and weight input (zeros where the output does not depend on
+    it), each in its input's dtype and shape."""
+    roots = [*plan.row_grads.values(), *plan.weight_grads.values(),
+             *(s.cot for s in plan.scatters)]
+    N, shape = tc.N, tc.out_shape
+    with torch.no_grad():
+        vals = evaluate_tiled(tc, roots, {id(plan.dy): dy.float().reshape(shape)})
+        grads: dict[str, torch.Tensor] = {}
+        for name, node in plan.row_grads.items():
+            grads[name] = vals[id(node)].expand(shape).clone()
+        for name, node in plan.weight_grads.items():
+            grads[name] = vals[id(node)].expand(shape).sum(0)
+        for s in plan.scatters:
+            x = tc.tensors[s.row]
+            g = grads.setdefault(s.row, torch.zeros(x.shape, dtype=torch.float32,
+                                                    device=x.device))
+            idx = _canon_index(plan, tc.tensors, s.index)
+            g.index_add_(1, idx, vals[id(s.cot)].expand(shape).reshape(N, -1))
+    out = {}
+    for spec in plan.program.call_inputs:
+        if spec.role in ("row", "weight"):
+            x = tc.tensors[spec.name]
+            g = grads.get(spec.name)
+            out[spec.name] = (torch.zeros_like(x) if g is None else
+                              to_declared(plan, tc, spec, g))
+    return out

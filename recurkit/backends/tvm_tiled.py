@@ -1,0 +1,231 @@
+"""The tiled form as compiled TVM CPU kernels: the forward and the three backward passes.
+
+Kernels are TVMScript specialised to the output and gathered-row sizes, with the number of rows
+N left symbolic (one compiled kernel serves every batch size). Each value of the expression DAG
+is bound once (a let per node) inside the loop over output elements:
+
+  forward   parallel over rows n, loop over m:        out[n, m] = f(inputs at (n, m))
+  rows      parallel over rows n, loop over m:        drow[n, m], G_r[n, s * M + m]
+  columns   parallel over m, loop over rows n:        dw[m] = sum_n (cotangent of w)(n, m)
+  inverse   parallel over rows n, loop over inputs i: dx_r[n, i] = sum of G_r[n, e] over the
+                                                      entries e of i (host-built CSR index)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..ir.node import Node
+from ..ir.tiled import TiledCall
+from ..lowering.tiled import TiledPlan
+from .tiled_common import (bindings, canonical_flat, direct, inverse_index, kernel_inputs,
+                           scalar_names, to_declared)
+from .tvm_backend import _Gen
+from .tvm_build import _LOCK, compile_source
+
+_KERNELS: dict[tuple, Callable] = {}
+
+
+class _Render:
+    """TVMScript expressions of a plan's nodes at (row n, output element m)."""
+
+    def __init__(self, plan: TiledPlan, sizes: dict[str, int]):
+        self.plan, self.sizes = plan, sizes
+        self.M = 1
+        for d in plan.out_dims:
+            self.M *= sizes[d]
+        self.specs = kernel_inputs(plan)
+        self.scalars = scalar_names(plan)
+        self.names: dict[int, str] = {}
+
+    def buf(self, spec) -> str:
+        return f"A_{spec.name}"
+
+    def header(self, extra_in: list[str], outs: list[tuple[str, str, str]]) -> list[str]:
+        """The prim_func head: handles, the symbolic N, every buffer."""
+        handles = [f"h_{x}" for x in extra_in] + ["h_sc"] + [f"h_{s.name}" for s in self.specs] \
+            + [f"h_{o[0]}" for o in outs]
+        lines = ["@T.prim_func", f"def main({', '.join(h + ': T.handle' for h in handles)}):",
+                 '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+                 "    N = T.int32()"]
+        M = self.M
+        for x in extra_in:
+            lines.append(f"    {x} = T.match_buffer(h_{x}, (N, {M}), \"float32\")")
+        lines.append(f"    SC = T.match_buffer(h_sc, ({max(1, len(self.scalars))},), "
+                     "\"float32\")")
+        for s in self.specs:
+            if s.role == "row":
+                shape = f"(N, {M})" if direct(self.plan, s) else f"(N, {self.sizes[s.dims[0]]})"
+                lines.append(f"    {self.buf(s)} = T.match_buffer(h_{s.name}, {shape}, "
+                             "\"float32\")")
+            else:
+                dt = "int32" if s.role == "index" else "float32"
+                lines.append(f"    {self.buf(s)} = T.match_buffer(h_{s.name}, ({M},), "
+                             f"\"{dt}\")")
+        for name, shape, dt in outs:
+            lines.append(f"    {name} = T.match_buffer(h_{name}, {shape}, \"{dt}\")")
+        return lines
+
+    def leaf(self, n: Node) -> str:
+        if n.op == "const":
+            return f"T.float32({float(n.attr('value'))!r})"
+        if n is self.plan.dy:
+            return "DY[n, m]"
+        role, name = n.attr("role"), n.attr("name")
+        if role == "scalar":
+            return f"SC[{self.scalars.index(name)}]"
+        if role == "weight":
+            return f"A_{name}[m]"
+        return f"A_{name}[n, m]"   # a row read directly
+
+    def ref(self, n: Node) -> str:
+        return self.names[id(n)] if id(n) in self.names else self.leaf(n)
+
+    def lets(self, roots: list[Node], pad: str) -> list[str]:
+        lines = []
+        for n in bindings(roots):
+            if id(n) in self.names:
+                continue
+            if n.op == "gather":
+                src, idx = n.args
+                e = f"A_{src.attr('name')}[n, A_{idx.attr('name')}[m]]"
+            elif n.op == "where":
+                e = "T.Select({}, {}, {})".format(*(self.ref(a) for a in n.args))
+            elif n.op in _Gen.UNARY:
+                e = _Gen.UNARY[n.op].format(self.ref(n.args[0]))
+            else:
+                e = _Gen.BINARY[n.op].format(*(self.ref(a) for a in n.args))
+            name = f"v{len(self.names)}"
+            self.names[id(n)] = name
+            lines.append(f"{pad}{name} = {e}")
+        return lines
+
+
+def forward_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
+    r = _Render(plan, sizes)
+    lines = r.header([], [("OUT", f"(N, {r.M})", "float32")])
+    lines += ["    for n in T.parallel(N):", f"        for m in T.serial({r.M}):"]
+    lines += r.lets([plan.program.output], " " * 12)
+    lines.append(f"            OUT[n, m] = {r.ref(plan.program.output)}")
+    return "\n".join(lines) + "\n"
+
+
+def rows_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
+    """Per (n, m): the directly read rows' gradients and each gathered row's G buffer."""
+    r = _Render(plan, sizes)
+    gathered = plan.gathered_rows()
+    outs = [(f"D_{name}", f"(N, {r.M})", "float32") for name in plan.row_grads]
+    outs += [(f"G_{row}", f"(N, {len(sc) * r.M})", "float32") for row, sc in gathered.items()]
+    lines = r.header(["DY"], outs)
+    lines += ["    for n in T.parallel(N):", f"        for m in T.serial({r.M}):"]
+    roots = [*plan.row_grads.values(), *(s.cot for s in plan.scatters)]
+    lines += r.lets(roots, " " * 12)
+    for name, node in plan.row_grads.items():
+        lines.append(f"            D_{name}[n, m] = {r.ref(node)}")
+    for row, sc in gathered.items():
+        for k, s in enumerate(sc):
+            lines.append(f"            G_{row}[n, {k * r.M} + m] = {r.ref(s.cot)}")
+    return "\n".join(lines) + "\n"
+
+
+def columns_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
+    """Per m: every weight's gradient, summed over the rows in one pass."""
+    r = _Render(plan, sizes)
+    outs = [(f"D_{name}", f"({r.M},)", "float32") for name in plan.weight_grads]
+    lines = r.header(["DY"], outs)
+    lines.append(f"    for m in T.parallel({r.M}):")
+    for name in plan.weight_grads:
+        lines.append(f"        D_{name}[m] = T.float32(0)")
+    lines.append("        for n in T.serial(N):")
+    lines += r.lets(list(plan.weight_grads.values()), " " * 12)
+    for name, node in plan.weight_grads.items():
+        lines.append(f"            D_{name}[m] = D_{name}[m] + {r.ref(node)}")
+    return "\n".join(lines) + "\n"
+
+
+INVERSE_SOURCE = '''@T.prim_func
+def main(h_g: T.handle, h_off: T.handle, h_ent: T.handle, h_dx: T.handle):
+    T.func_attr({"global_symbol": "main", "tir.noalias": True})
+    N = T.int32()
+    W = T.int32()
+    I = T.int32()
+    E = T.int32()
+    G = T.match_buffer(h_g, (N, W), "float32")
+    OFF = T.match_buffer(h_off, (I + 1,), "int32")
+    ENT = T.match_buffer(h_ent, (E,), "int32")
+    DX = T.match_buffer(h_dx, (N, I), "float32")
+    for n in T.parallel(N):
+        for i in T.serial(I):
+            DX[n, i] = T.float32(0)
+            for e in T.serial(OFF[i + 1] - OFF[i]):
+                DX[n, i] = DX[n, i] + G[n, ENT[OFF[i] + e]]
+'''
+
+
+def _kernel(kind: str, plan: TiledPlan, sizes: dict[str, int]) -> Callable:
+    key = (kind, plan.program.content_hash(), tuple(sorted(sizes.items())),
+           torch.get_num_threads())
+    with _LOCK:
+        hit = _KERNELS.get(key)
+    if hit is None:
+        src = {"forward": forward_source, "rows": rows_source,
+               "columns": columns_source}[kind](plan, sizes) if kind != "inverse" \
+            else INVERSE_SOURCE
+        hit = compile_source(src)
+        with _LOCK:
+            _KERNELS[key] = hit
+    return hit
+
+
+def _args(plan: TiledPlan, tc: TiledCall, M: int) -> list[torch.Tensor]:
+    sc = [tc.scalars[n] for n in scalar_names(plan)] or [0.0]
+    out = [torch.tensor(sc, dtype=torch.float32)]
+    for s in kernel_inputs(plan):
+        x = canonical_flat(plan, tc, s)
+        out.append(x.to(torch.int32 if s.role == "index" else torch.float32).contiguous())
+    return out
+
+
+def _M(plan: TiledPlan, tc: TiledCall) -> int:
+    M = 1
+    for d in plan.out_dims:
+        M *= tc.sizes[d]
+    return M
+
+
+def run_tiled_tvm(plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
+    M = _M(plan, tc)
+    out = torch.empty(tc.N, M)
+    _kernel("forward", plan, tc.sizes)(*_args(plan, tc, M), out)
+    return out.reshape(tc.out_shape).to(tc.out_dtype)
+
+
+def tiled_grads_tvm(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    M, N = _M(plan, tc), tc.N
+    args = _args(plan, tc, M)
+    d = dy.float().reshape(N, M).contiguous()
+    grads: dict[str, torch.Tensor] = {}
+    gathered = plan.gathered_rows()
+    if plan.row_grads or gathered:
+        drow = {name: torch.empty(N, M) for name in plan.row_grads}
+        G = {row: torch.empty(N, len(sc) * M) for row, sc in gathered.items()}
+        _kernel("rows", plan, tc.sizes)(d, *args, *drow.values(), *G.values())
+        grads.update(drow)
+        inv = _kernel("inverse", plan, tc.sizes)
+        for row in gathered:
+            off, ent = inverse_index(plan, tc.tensors, row, M)
+            dx = torch.empty(N, tc.tensors[row].shape[-1])
+            inv(G[row], off, ent, dx)
+            grads[row] = dx if row not in grads else grads[row] + dx
+    if plan.weight_grads:
+        dw = {name: torch.empty(M) for name in plan.weight_grads}
+        _kernel("columns", plan, tc.sizes)(d, *args, *dw.values())
+        grads.update(dw)
+    out = {}
+    for s in plan.program.call_inputs:
+        if s.role in ("row", "weight"):
+            x = tc.tensors[s.name]
+            g = grads.get(s.name)
+            out[s.name] = torch.zeros_like(x) if g is None else to_declared(plan, tc, s, g)
+    return out

@@ -1,0 +1,91 @@
+"""Hard (bit-packed) logic-gate networks: the gate tables and the network a trained model
+lowers to.
+
+Each of the 16 two-input gates is its truth table: gate g maps (a, b) to bit ``3 - (2a + b)`` of
+g (0 = false, 1 = and, 3 = a, 5 = b, 6 = xor, 7 = or, 14 = nand, 15 = true, ...), difflogic's
+numbering. Two exact forms of it are used:
+
+  real   y = k0 + k1 a + k2 b + k3 ab  (the relaxation's basis: ``GATE_COEFFS``[g] = k)
+  bits   y = c0 ^ (c1 & a) ^ (c2 & b) ^ (c3 & a & b)  (its algebraic normal form over GF(2):
+         ``GATE_ANF``[g] = c), one branch-free formula for every gate on 64 samples a word.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def gate_bit(g: int, a: int, b: int) -> int:
+    return (g >> (3 - (2 * a + b))) & 1
+
+
+def _tables() -> tuple[torch.Tensor, torch.Tensor]:
+    coeffs, anf = [], []
+    for g in range(16):
+        f00, f01, f10, f11 = (gate_bit(g, a, b) for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)))
+        coeffs.append([f00, f10 - f00, f01 - f00, f11 - f10 - f01 + f00])
+        anf.append([f00, f00 ^ f10, f00 ^ f01, f00 ^ f01 ^ f10 ^ f11])
+    return (torch.tensor(coeffs, dtype=torch.float32), torch.tensor(anf, dtype=torch.int64))
+
+
+GATE_COEFFS, GATE_ANF = _tables()   # [16, 4] each
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One hard layer: neuron o computes gate ``gates[o]`` of inputs ``ia[o]``, ``ib[o]``."""
+
+    ia: torch.Tensor      # [O] int64
+    ib: torch.Tensor      # [O] int64
+    gates: torch.Tensor   # [O] int64 in 0..15
+
+    @property
+    def out_dim(self) -> int:
+        return self.ia.numel()
+
+    def masks(self) -> torch.Tensor:
+        """[O, 4] int64 words: all ones where the gate's ANF has the term, else zero."""
+        return -GATE_ANF[self.gates]
+
+
+@dataclass(frozen=True)
+class PackedNet:
+    """A hard network: layers of gates on ``in_dim`` bits, then GroupSum over ``classes``
+    equal groups of the last layer's outputs divided by ``tau``."""
+
+    in_dim: int
+    layers: tuple[PackedLayer, ...]
+    classes: int
+    tau: float
+
+    def __post_init__(self):
+        width = self.in_dim
+        for i, layer in enumerate(self.layers):
+            for name, idx in (("ia", layer.ia), ("ib", layer.ib)):
+                if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= width):
+                    raise ValueError(f"layer {i}: {name} indexes outside its {width} inputs")
+            width = layer.out_dim
+        if not self.layers:
+            raise ValueError("a hard network needs at least one logic layer")
+        if width % self.classes:
+            raise ValueError(f"GroupSum over {self.classes} classes needs the last layer's "
+                             f"width ({width}) to be a multiple of it")
+
+    @property
+    def group(self) -> int:
+        return self.layers[-1].out_dim // self.classes
+
+    def gate_count(self) -> int:
+        return sum(layer.out_dim for layer in self.layers)
+
+
+def eval_packed_reference(net: PackedNet, x: torch.Tensor) -> torch.Tensor:
+    """Class counts [N, classes] (int64) of bool inputs [N, in_dim], gate by gate in torch:
+    the semantic definition the packed kernels are tested against."""
+    h = x.to(torch.int64)
+    for layer in net.layers:
+        a, b = h[:, layer.ia], h[:, layer.ib]
+        g = layer.gates
+        h = (g >> (3 - (2 * a + b))) & 1
+    return h.reshape(h.shape[0], net.classes, net.group).sum(-1)

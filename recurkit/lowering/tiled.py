@@ -1,0 +1,219 @@
+"""The tiled form: a stateless declaration over rows, and its backward derived from the IR.
+
+A tiled declaration computes, for every sample n and every output element m (the output's dims
+flattened), one expression of the inputs at (n, m): rows read directly carry the output's
+dims; rows read through ``rk.gather`` have one dim that the index selects along; weights carry
+the output's dims; scalars are numbers. That makes the forward one elementwise kernel.
+
+The backward is reverse-mode differentiation of the same node DAG, done symbolically here so
+every backend renders it like a forward: the cotangent of each node is a new IR expression of
+the forward nodes and the output's cotangent ``dy``. It splits into three passes:
+
+  rows     per (n, m): the gradient of each directly read row, and each gather's
+           contribution ``G[n, s, m]`` to the row it reads;
+  columns  per m: the weights' gradients, a sum over n of their cotangents (no atomics);
+  inverse  per (n, i) of a gathered row: the sum of ``G[n, s, m]`` over the (s, m) whose index
+           is i, through an inverse (CSR) index of the indices (no atomics).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..ir.dsl import Tracer
+from ..ir.node import BINARY, COMPARE, INDEX, UNARY, Node, toposort
+from ..ir.program import Program
+from .forms import LoweringError
+
+ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where"}
+
+
+@dataclass(frozen=True)
+class Scatter:
+    """One gather's share of a row's gradient: ``cot`` [n, m] goes to ``row``[n, index[m]]."""
+
+    gather: Node
+    row: str
+    index: str
+    cot: Node
+
+
+@dataclass(frozen=True, eq=False)
+class TiledPlan:
+    """The lowered tiled declaration: the forward and its derived backward expressions."""
+
+    program: Program
+    dy: Node                                   # the output's cotangent, an input [N, *out]
+    row_grads: dict[str, Node] = field(default_factory=dict)      # rows read directly
+    weight_grads: dict[str, Node] = field(default_factory=dict)   # summed over n
+    scatters: tuple[Scatter, ...] = ()         # rows read through gathers
+
+    @property
+    def out_dims(self) -> tuple[str, ...]:
+        return self.program.output.dims
+
+    @property
+    def grad_inputs(self) -> list[str]:
+        """The float tensor inputs (rows, weights) in declaration order: the gradients'."""
+        return [s.name for s in self.program.call_inputs if s.role in ("row", "weight")]
+
+    def gathered_rows(self) -> dict[str, list[Scatter]]:
+        out: dict[str, list[Scatter]] = {}
+        for s in self.scatters:
+            out.setdefault(s.row, []).append(s)
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"tiled form of {self.program.name}: out [N, {', '.join(self.out_dims)}]"]
+        for kind, d in (("row", self.row_grads), ("weight", self.weight_grads)):
+            for name, node in d.items():
+                lines.append(f"  d{name} ({kind}) = {_show(node)}")
+        for s in self.scatters:
+            lines.append(f"  d{s.row}[n, {s.index}[m]] += {_show(s.cot)}")
+        return "\n".join(lines)
+
+
+def _show(n: Node, depth: int = 0) -> str:
+    if n.op == "input":
+        return n.attr("name")
+    if n.op == "const":
+        return repr(n.attr("value"))
+    if depth > 6:
+        return "..."
+    args = ", ".join(_show(a, depth + 1) for a in n.args)
+    extra = f"[{n.attr('dim')}]" if n.op == "gather" else ""
+    return f"{n.op}{extra}({args})"
+
+
+def check_tiled(p: Program) -> None:
+    """Refuse (LoweringError, naming the value) what the tiled form cannot compute."""
+    out = p.output.dims
+    where = f"{p.name}"
+
+    def bad(n: Node, what: str, hint: str) -> LoweringError:
+        at = f" (line {n.loc.line})" if n.loc else ""
+        return LoweringError(f"{where}{at}: {what}; {hint}")
+
+    for n in p.nodes():
+        if n.op == "input":
+            role = n.attr("role")
+            if role == "weight" and n.dims != out:
+                raise bad(n, f"weight '{n.attr('name')}' has dims {list(n.dims)}, the output "
+                          f"{list(out)}", "a tiled op's weights carry exactly the output's dims")
+            continue
+        if n.op == "const":
+            continue
+        if n.op == "gather":
+            src = n.args[0]
+            if src.op != "input" or src.attr("role") != "row" or len(src.dims) != 1:
+                raise bad(n, "rk.gather reads a computed value or a row with several dims",
+                          "gather directly from an rk.Row input with one dim")
+            if n.dims != out:
+                raise bad(n, f"a gather gives dims {list(n.dims)}, the output {list(out)}",
+                          "index with an rk.Index carrying the output's dims")
+            continue
+        if n.op not in ELEMENTWISE:
+            raise bad(n, f"'{n.op}' is not elementwise",
+                      "tiled ops are elementwise over the output (plus gathers)")
+        if n.dims not in ((), out):
+            raise bad(n, f"a value has dims {list(n.dims)}, the output {list(out)}",
+                      "every value of a tiled op carries the output's dims")
+        for a in n.args:
+            if a.op == "input" and a.attr("role") == "row" and a.dims != out:
+                raise bad(n, f"row '{a.attr('name')}' with dims {list(a.dims)} is used "
+                          "directly", "read rows with other dims through rk.gather")
+
+
+class _Adjoint:
+    """Builds cotangent expressions as IR nodes (typed by the same rules as traced ones)."""
+
+    def __init__(self, p: Program):
+        self.t = Tracer(p.name + "_grad", p.dims, p.loc)
+
+    def op(self, name: str, *args) -> Node:
+        return self.t.make(name, tuple(self.lift(a) for a in args))
+
+    def lift(self, x) -> Node:
+        return x if isinstance(x, Node) else self.t.const(float(x))
+
+    def where(self, c: Node, a, b) -> Node:
+        return self.t.make("where", (c, self.lift(a), self.lift(b)))
+
+    def vjp(self, n: Node, g: Node) -> list[Node | None]:
+        """The cotangents of ``n``'s arguments given ``g``, the cotangent of ``n``."""
+        o = self.op
+        a = n.args[0] if n.args else None
+        b = n.args[1] if len(n.args) > 1 else None
+        k = n.op
+        if k == "neg":
+            return [o("neg", g)]
+        if k == "exp":
+            return [o("mul", g, n)]
+        if k == "log":
+            return [o("div", g, a)]
+        if k == "sigmoid":
+            return [o("mul", g, o("mul", n, o("sub", 1.0, n)))]
+        if k == "tanh":
+            return [o("mul", g, o("sub", 1.0, o("mul", n, n)))]
+        if k == "sqrt":
+            return [o("div", o("mul", g, 0.5), n)]
+        if k == "rsqrt":
+            return [o("mul", o("mul", g, -0.5), o("mul", n, o("mul", n, n)))]
+        if k == "abs":
+            return [self.where(o("lt", a, 0.0), o("neg", g), g)]
+        if k == "relu":
+            return [self.where(o("gt", a, 0.0), g, 0.0)]
+        if k == "silu":
+            s = o("sigmoid", a)
+            return [o("mul", g, o("mul", s, o("add", 1.0, o("mul", a, o("sub", 1.0, s)))))]
+        if k == "softplus":
+            return [o("mul", g, o("sigmoid", a))]
+        if k == "add":
+            return [g, g]
+        if k == "sub":
+            return [g, o("neg", g)]
+        if k == "mul":
+            return [o("mul", g, b), o("mul", g, a)]
+        if k == "div":
+            return [o("div", g, b), o("neg", o("div", o("mul", g, n), b))]
+        if k == "pow":
+            return [o("mul", g, o("mul", b, o("pow", a, o("sub", b, 1.0)))),
+                    o("mul", g, o("mul", n, o("log", a)))]
+        if k in ("maximum", "minimum"):
+            first = o("ge" if k == "maximum" else "le", a, b)
+            return [self.where(first, g, 0.0), self.where(first, 0.0, g)]
+        if k == "where":
+            return [None, self.where(a, g, 0.0), self.where(a, 0.0, g)]
+        if k in COMPARE:
+            return [None, None]
+        raise LoweringError(f"no derivative rule for '{k}'")  # pragma: no cover - checked
+
+
+def lower_tiled(p: Program) -> TiledPlan:
+    """The tiled form of ``p``: checks, then derives the backward expressions."""
+    if not p.is_tiled:
+        raise LoweringError(f"{p.name} is a recurrence, not a tiled declaration")
+    check_tiled(p)
+    adj = _Adjoint(p)
+    dy = Node("input", (), p.output.dims, "f32",
+              (("role", "row"), ("index", len(p.inputs)), ("name", "dy")))
+    cot: dict[int, Node] = {id(p.output): dy}
+    nodes = toposort([p.output])
+    for n in reversed(nodes):
+        g = cot.get(id(n))
+        if g is None or n.op in ("input", "const", "gather"):
+            continue
+        for a, ga in zip(n.args, adj.vjp(n, g)):
+            if ga is None or a.op == "const" or a.dtype == INDEX:
+                continue
+            if a.op == "input" and a.attr("role") == "scalar":
+                continue
+            prev = cot.get(id(a))
+            cot[id(a)] = ga if prev is None else adj.op("add", prev, ga)
+    row_grads, weight_grads, scatters = {}, {}, []
+    for n in nodes:
+        if n.op == "input" and n.attr("role") in ("row", "weight") and id(n) in cot:
+            (row_grads if n.attr("role") == "row" else weight_grads)[n.attr("name")] = cot[id(n)]
+        elif n.op == "gather" and id(n) in cot:
+            scatters.append(Scatter(n, n.args[0].attr("name"), n.args[1].attr("name"),
+                                    cot[id(n)]))
+    return TiledPlan(p, dy, row_grads, weight_grads, tuple(scatters))

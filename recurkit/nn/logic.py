@@ -1,0 +1,183 @@
+"""Differentiable logic-gate networks (difflogic): soft layers to train, one hard kernel to run.
+
+``LogicLayer`` runs the tiled declaration ``rk.ops.logic_layer`` (compiled: TVM on CPU, Triton
+on CUDA, with its generated backward) on coefficients ``k = softmax(z) @ GATE_COEFFS``; in eval
+mode each neuron is its argmax gate. ``GroupSum`` sums equal groups of the last layer per
+class and divides by ``tau``. ``compile_hard(model)`` turns a trained ``nn.Sequential`` of them
+into one bit-packed kernel whose scores equal the eval-mode model's exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..lowering.packed import GATE_COEFFS, PackedLayer, PackedNet
+
+CONNECTIONS = ("random", "unique")
+
+
+def connections(in_dim: int, out_dim: int, kind: str = "random",
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two inputs of each neuron. "random": each drawn uniformly (possibly equal);
+    "unique": every input used (when 2 * out_dim >= in_dim), inputs used as evenly as
+    possible, and no neuron reads one input twice (when in_dim > 1)."""
+    if kind not in CONNECTIONS:
+        raise ValueError(f"connections must be one of {CONNECTIONS}, got {kind!r}")
+    if in_dim < 1 or out_dim < 1:
+        raise ValueError(f"a logic layer needs in_dim, out_dim >= 1, got {in_dim}, {out_dim}")
+    if kind == "random":
+        ia = torch.randint(0, in_dim, (out_dim,), generator=generator)
+        ib = torch.randint(0, in_dim, (out_dim,), generator=generator)
+        return ia, ib
+    reps = -(-2 * out_dim // in_dim)
+    slots = torch.cat([torch.randperm(in_dim, generator=generator) for _ in range(reps)])
+    ia, ib = slots[:out_dim].clone(), slots[out_dim:2 * out_dim].clone()
+    if in_dim > 1:   # repair neurons that read one input twice by swapping their b
+        for o in (ia == ib).nonzero().flatten().tolist():
+            for p in range(out_dim):
+                if ia[o] != ib[p] and ia[p] != ib[o]:
+                    ib[o], ib[p] = ib[p].clone(), ib[o].clone()
+                    break
+    return ia, ib
+
+
+class LogicLayer(nn.Module):
+    """``out_dim`` neurons, each a learned mix of the 16 two-input gates of two fixed inputs.
+
+    Input [N, in_dim] with values in [0, 1]; output [N, out_dim]. ``gumbel_tau``: when set,
+    training samples Gumbel noise on the gate logits and runs the hard (argmax) gate forward
+    with the softmax's gradient (straight-through); ``backend``: as ``rk.compile``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, connections: str = "random",
+                 gumbel_tau: float | None = None, backend: str = "auto",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        from .. import compile as rk_compile
+        from ..ops import logic_layer
+        self.in_dim, self.out_dim, self.kind = in_dim, out_dim, connections
+        if gumbel_tau is not None and not gumbel_tau > 0:
+            raise ValueError(f"gumbel_tau must be > 0 (or None), got {gumbel_tau!r}")
+        self.gumbel_tau = gumbel_tau
+        ia, ib = _connections(in_dim, out_dim, connections, generator)
+        self.register_buffer("ia", ia)
+        self.register_buffer("ib", ib)
+        self.weights = nn.Parameter(torch.randn(out_dim, 16, generator=generator))
+        self.op = rk_compile(logic_layer, backend)
+
+    def gates(self) -> torch.Tensor:
+        """The hard gate of each neuron (argmax of its logits), [out_dim] in 0..15."""
+        return self.weights.argmax(-1)
+
+    def coefficients(self) -> torch.Tensor:
+        """[out_dim, 4]: (k0, k1, k2, k3) of each neuron for the current mode."""
+        C = GATE_COEFFS.to(self.weights.device)
+        if not self.training:
+            return C[self.gates()]
+        z = self.weights
+        if self.gumbel_tau is None:
+            return F.softmax(z, -1) @ C
+        u = torch.rand_like(z).clamp_(1e-10, 1.0 - 1e-7)
+        p = F.softmax((z - torch.log(-torch.log(u))) / self.gumbel_tau, -1)
+        hard = F.one_hot(p.argmax(-1), 16).to(p.dtype)
+        return (hard + p - p.detach()) @ C
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"LogicLayer({self.in_dim}, {self.out_dim}): expected input "
+                             f"[N, {self.in_dim}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            x = x.float()
+        k = self.coefficients().to(x.dtype)
+        return self.op(x, self.ia, self.ib, k[:, 0], k[:, 1], k[:, 2], k[:, 3])
+
+    def extra_repr(self) -> str:
+        return f"{self.in_dim}, {self.out_dim}, connections={self.kind!r}"
+
+
+def _connections(in_dim, out_dim, kind, generator):
+    return connections(in_dim, out_dim, kind, generator)
+
+
+class GroupSum(nn.Module):
+    """[N, k * g] -> [N, k]: the sum of each of ``k`` consecutive groups, divided by ``tau``."""
+
+    def __init__(self, k: int, tau: float = 1.0):
+        super().__init__()
+        if k < 1 or not tau > 0:
+            raise ValueError(f"GroupSum needs k >= 1 and tau > 0, got k={k}, tau={tau}")
+        self.k, self.tau = k, float(tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.k:
+            raise ValueError(f"GroupSum({self.k}): the input's last dim ({x.shape[-1]}) is "
+                             f"not a multiple of {self.k}")
+        return x.reshape(*x.shape[:-1], self.k, -1).sum(-1) / self.tau
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, tau={self.tau}"
+
+
+class HardLogicNet:
+    """A compiled hard network: ``net(x)`` takes bool inputs [N, in_dim] and returns the class
+    scores [N, k] (float32) that the eval-mode model gives; ``counts(x)`` the integer counts.
+    ``backend``: "auto" (TVM on CPU, Triton on CUDA), "tvm", "triton" or "torch" (the gate by
+    gate reference)."""
+
+    def __init__(self, net: PackedNet, backend: str = "auto", words: int = 8):
+        if backend not in ("auto", "tvm", "triton", "torch"):
+            raise ValueError(f"unknown backend {backend!r}; choose auto, tvm, triton or torch")
+        if words < 1:
+            raise ValueError(f"words must be >= 1, got {words}")
+        self.net, self.backend, self.words = net, backend, words
+        self._buffers: dict[str, tuple] = {}
+
+    def counts(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != net.in_dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected inputs [N, {net.in_dim}], got {got}")
+        if x.dtype != torch.bool:
+            raise ValueError(f"expected a bool tensor (hard inputs), got {x.dtype}; threshold "
+                             "float inputs first, e.g. x > 0.5")
+        N = x.shape[0]
+        backend = self.backend
+        if backend == "auto":
+            backend = {"cpu": "tvm", "cuda": "triton"}.get(x.device.type, "torch")
+        if backend == "torch":
+            from ..lowering.packed import eval_packed_reference
+            return eval_packed_reference(net, x).to(torch.int32)
+        key = f"{backend}:{x.device}"
+        if key not in self._buffers:
+            from ..backends.tvm_packed import net_buffers
+            self._buffers[key] = tuple(t.to(x.device) for t in net_buffers(net))
+        if backend == "tvm":
+            if x.device.type != "cpu":
+                raise ValueError("the TVM hard kernel runs on CPU tensors")
+            from ..backends.tvm_packed import pack_bits, run_packed_tvm
+            return run_packed_tvm(net, pack_bits(x, self.words), self.words,
+                                  self._buffers[key])[:N]
+        from ..backends.triton_packed import run_packed_triton
+        return run_packed_triton(net, x, self._buffers[key])[:N]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.counts(x).to(torch.float32) / self.net.tau
+
+
+def compile_hard(model: nn.Module, backend: str = "auto", words: int = 8) -> HardLogicNet:
+    """A trained ``nn.Sequential`` of ``LogicLayer``s ending in a ``GroupSum`` (an
+    ``nn.Flatten`` first is allowed) as one bit-packed kernel; see ``HardLogicNet``."""
+    mods = list(model) if isinstance(model, nn.Sequential) else [model]
+    mods = [m for m in mods if not isinstance(m, nn.Flatten)]
+    layers = [m for m in mods if isinstance(m, LogicLayer)]
+    if not layers or not isinstance(mods[-1], GroupSum) or len(layers) != len(mods) - 1:
+        raise ValueError("compile_hard takes an nn.Sequential of LogicLayer modules followed "
+                         "by one GroupSum, got " + ", ".join(type(m).__name__ for m in mods))
+    for a, b in zip(layers, layers[1:]):
+        if a.out_dim != b.in_dim:
+            raise ValueError(f"layer widths do not chain: {a} feeds {b}")
+    gs = mods[-1]
+    with torch.no_grad():
+        packed = tuple(PackedLayer(m.ia.cpu(), m.ib.cpu(), m.gates().cpu()) for m in layers)
+    return HardLogicNet(PackedNet(layers[0].in_dim, packed, gs.k, gs.tau), backend, words)

@@ -1,0 +1,157 @@
+"""Compiled tiled declarations, as torch custom ops with their generated backward.
+
+Each compiled tiled declaration is two custom ops, ``<ns>::<name>`` (the forward) and
+``<ns>::<name>_backward`` (every row and weight gradient at once, from the backward derived in
+``lowering.tiled``): schema ``(Tensor <each row, index, weight in order>, float? <scalars>)``.
+The forward's autograd calls the backward op, so ``torch.compile`` sees two opaque ops and
+traces both without graph breaks. Kernels by device and backend: "tvm" on CPU tensors,
+"triton" on CUDA tensors (and in Triton's interpreter for CPU tensors when asked for), "torch"
+anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from .ir.tiled import TiledCall, bind_tiled
+from .lowering.tiled import TiledPlan, lower_tiled
+
+TILED_BACKENDS = ("auto", "torch", "tvm", "triton")
+_REGISTERED: dict[str, "TiledTorchOp"] = {}
+
+
+def _forward(backend: str, plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
+    if backend == "tvm":
+        from .backends.tvm_tiled import run_tiled_tvm
+        return run_tiled_tvm(plan, tc)
+    if backend == "triton":
+        from .backends.triton_tiled import run_tiled_triton
+        return run_tiled_triton(plan, tc)
+    from .backends.tiled_torch import run_tiled_torch
+    return run_tiled_torch(plan, tc)
+
+
+def _backward(backend: str, plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict:
+    if backend == "tvm":
+        from .backends.tvm_tiled import tiled_grads_tvm
+        return tiled_grads_tvm(plan, tc, dy)
+    if backend == "triton":
+        from .backends.triton_tiled import tiled_grads_triton
+        return tiled_grads_triton(plan, tc, dy)
+    from .backends.tiled_torch import tiled_grads_torch
+    return tiled_grads_torch(plan, tc, dy)
+
+
+def kernel_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs on ``device``: "auto" is TVM on CPU, Triton on CUDA, else torch;
+    a TVM op given CUDA tensors runs Triton (TVM kernels here are CPU kernels)."""
+    if backend == "auto":
+        return {"cpu": "tvm", "cuda": "triton"}.get(device.type, "torch")
+    if backend == "tvm" and device.type != "cpu":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+class TiledTorchOp:
+    """A tiled declaration as ``torch.ops.<ns>.<name>``, called with the declaration's
+    signature (inputs by position or name, scalars as numbers)."""
+
+    def __init__(self, program, qualname: str, backend: str = "auto"):
+        if backend not in TILED_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} for a tiled op; choose one of "
+                             f"{', '.join(TILED_BACKENDS)}")
+        self.program, self.qualname, self.backend = program, qualname, backend
+        self.plan = lower_tiled(program)
+        specs = program.call_inputs
+        self.tensor_names = [s.name for s in specs if s.role != "scalar"]
+        self.scalar_names = [s.name for s in specs if s.role == "scalar"]
+        self.grad_names = self.plan.grad_inputs
+        ns, name = qualname.split("::")
+        args = [f"Tensor {n}" for n in self.tensor_names] + \
+               [f"float? {n}=None" for n in self.scalar_names]
+        self.lib = torch.library.Library(ns, "FRAGMENT")
+        self.lib.define(f"{name}({', '.join(args)}) -> Tensor")
+        self.lib.define(f"{name}_backward(Tensor dy, {', '.join(args)}) -> Tensor[]")
+        self.lib.impl(name, self._kernel, "CompositeExplicitAutograd")
+        self.lib.impl(f"{name}_backward", self._backward_kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(qualname, self._fake, lib=self.lib)
+        torch.library.register_fake(f"{qualname}_backward", self._fake_backward, lib=self.lib)
+        torch.library.register_autograd(qualname, self._autograd, setup_context=self._setup,
+                                        lib=self.lib)
+        self.op = getattr(getattr(torch.ops, ns), name)
+        self.backward_op = getattr(getattr(torch.ops, ns), f"{name}_backward")
+
+    def _bind(self, args, check: bool = False) -> TiledCall:
+        names = self.tensor_names + self.scalar_names
+        kw = {n: v for n, v in zip(names, args) if v is not None}
+        return bind_tiled(self.program, (), kw, check_indices=check)
+
+    def _kernel(self, *args):
+        tc = self._bind(args, check=True)   # out-of-range indices never reach a kernel
+        with torch.no_grad():
+            return _forward(kernel_backend(self.backend, tc.device), self.plan, tc).contiguous()
+
+    def _backward_kernel(self, dy, *args):
+        tc = self._bind(args)
+        g = _backward(kernel_backend(self.backend, tc.device), self.plan, tc, dy.contiguous())
+        return [g[n] for n in self.grad_names]
+
+    def _fake(self, *args):
+        p = self.program
+        kw = dict(zip(self.tensor_names, args))
+        sizes: dict[str, int] = {}
+        first = None
+        for spec in p.call_inputs:
+            if spec.role == "scalar":
+                continue
+            x = kw[spec.name]
+            lead = 1 if spec.role == "row" else 0
+            if spec.role == "row" and first is None:
+                first = x
+            sizes.update(zip(spec.dims, x.shape[lead:]))
+        return first.new_empty((first.shape[0], *(sizes[d] for d in p.output.dims)))
+
+    def _fake_backward(self, dy, *args):
+        kw = dict(zip(self.tensor_names, args))
+        return [torch.empty_like(kw[n]) for n in self.grad_names]
+
+    def _setup(self, ctx, inputs, output) -> None:
+        ctx.save_for_backward(*[x for x in inputs if isinstance(x, torch.Tensor)])
+        ctx.scalars = [x for x in inputs[len(self.tensor_names):]]
+
+    def _autograd(self, ctx, dy):
+        tensors = ctx.saved_tensors
+        grads = self.backward_op(dy, *tensors, *ctx.scalars)
+        by_name = dict(zip(self.grad_names, grads))
+        return tuple(by_name.get(n) for n in self.tensor_names) + \
+            tuple(None for _ in self.scalar_names)
+
+    def __call__(self, *args, **kwargs):
+        tc = bind_tiled(self.program, args, kwargs)   # errors name the argument
+        return self.op(*[tc.tensors[n] for n in self.tensor_names],
+                       *[tc.scalars[n] for n in self.scalar_names])
+
+    def __repr__(self) -> str:
+        return f"<tiled {self.program.name} as torch.ops.{self.qualname.replace('::', '.')}>"
+
+
+def register_tiled(program, qualname: str, backend: str = "auto") -> TiledTorchOp:
+    """The op ``qualname`` for ``program`` (registered once; a ValueError when the name is
+    taken by another declaration)."""
+    hit = _REGISTERED.get(qualname)
+    if hit is not None:
+        if hit.program.content_hash() != program.content_hash():
+            raise ValueError(f"{qualname} is already registered for another declaration "
+                             f"({hit.program.name}); choose another name")
+        return hit
+    op = TiledTorchOp(program, qualname, backend)
+    _REGISTERED[qualname] = op
+    return op
+
+
+def compile_tiled(program, backend: str = "auto") -> TiledTorchOp:
+    """``rk.compile`` of a tiled declaration: a custom op under ``recurkit_jit`` named by the
+    declaration and its content hash."""
+    key = hashlib.sha1(f"{program.content_hash()}:{backend}".encode()).hexdigest()[:12]
+    return register_tiled(program, f"recurkit_jit::{program.name}_{key}", backend)
