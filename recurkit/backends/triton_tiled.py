@@ -1,0 +1,218 @@
+"""The tiled form as Triton kernels: forward and the three backward passes (see
+``lowering.tiled``), one generated module per declaration and output size.
+
+Programs tile (rows n, output elements m) in [BLOCK_N, BLOCK_M] blocks; a gathered row is read
+with the index loaded for the block's m. The weight pass loops over all rows for its block of
+m and reduces in registers; the inverse pass loops, for its block of input positions i, over
+the longest entry list of the block (shorter lists masked). Runs on the GPU for CUDA tensors
+and in Triton's interpreter for CPU tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir.node import Node
+from ..ir.tiled import TiledCall
+from ..lowering.tiled import TiledPlan
+from .tiled_common import (bindings, canonical_flat, direct, inverse_index, kernel_inputs,
+                           scalar_names, to_declared)
+from .triton_backend import load_module
+from .triton_seq import HEADER, TRITON_BINARY, TRITON_UNARY, lit, power
+
+BLOCK_N, BLOCK_M, BLOCK_I = 16, 64, 64
+
+
+class _Render:
+    def __init__(self, plan: TiledPlan, sizes: dict[str, int]):
+        self.plan, self.sizes = plan, sizes
+        self.M = 1
+        for d in plan.out_dims:
+            self.M *= sizes[d]
+        self.specs = kernel_inputs(plan)
+        self.scalars = scalar_names(plan)
+
+    def params(self) -> list[str]:
+        return ["SC"] + [f"A_{s.name}" for s in self.specs]
+
+    def body(self, roots: list[Node], pad: str = "    ") -> tuple[list[str], dict[int, str]]:
+        names: dict[int, str] = {}
+        lines: list[str] = []
+        M = self.M
+
+        def ref(n: Node) -> str:
+            if id(n) in names:
+                return names[id(n)]
+            if n.op == "const":
+                return lit(n.attr("value"))
+            if n is self.plan.dy:
+                return f"tl.load(DY + n * {M} + m, mask=mask, other=0.0)"
+            role, name = n.attr("role"), n.attr("name")
+            if role == "scalar":
+                return f"tl.load(SC + {self.scalars.index(name)})"
+            if role == "weight":
+                return f"tl.load(A_{name} + m, mask=mmask, other=0.0)"
+            return f"tl.load(A_{name} + n * {M} + m, mask=mask, other=0.0)"
+
+        for n in bindings(roots):
+            a = [ref(x) for x in n.args]
+            if n.op == "gather":
+                src, idx = n.args
+                I = self.sizes[src.dims[0]]
+                e = (f"tl.load(A_{src.attr('name')} + n * {I} + tl.load(A_{idx.attr('name')} + m,"
+                     f" mask=mmask, other=0), mask=mask, other=0.0)")
+            elif n.op == "pow":
+                e = power(a[0], n.args[1], a[1])
+            elif n.op == "where":
+                e = f"tl.where({a[0]}, {a[1]}, {a[2]})"
+            elif n.op in TRITON_UNARY:
+                e = TRITON_UNARY[n.op].format(*a)
+            else:
+                e = TRITON_BINARY[n.op].format(*a)
+            names[id(n)] = f"v{len(names)}"
+            lines.append(f"{pad}{names[id(n)]} = {e}")
+        return lines, {**names, **{id(r): ref(r) for r in roots if id(r) not in names}}
+
+
+_TILE = ["    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)",
+         "    m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M))[None, :]"]
+
+
+def module_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
+    r = _Render(plan, sizes)
+    M, P = r.M, ", ".join(r.params())
+    gathered = plan.gathered_rows()
+    out = [HEADER]
+    # forward
+    lines, names = r.body([plan.program.output])
+    out += ["", "@triton.jit",
+            f"def fwd(OUT, {P}, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):", *_TILE,
+            f"    mmask = m < {M}", "    mask = (n < N) & mmask", *lines,
+            f"    tl.store(OUT + n * {M} + m, {names[id(plan.program.output)]} + "
+            "tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32), mask=mask)"]
+    # rows pass
+    roots = [*plan.row_grads.values(), *(s.cot for s in plan.scatters)]
+    douts = [f"D_{x}" for x in plan.row_grads] + [f"G_{x}" for x in gathered]
+    lines, names = r.body(roots)
+    out += ["", "@triton.jit",
+            f"def rows(DY, {P}, {', '.join(douts) or 'UNUSED'}, N, BLOCK_N: tl.constexpr, "
+            "BLOCK_M: tl.constexpr):", *_TILE,
+            f"    mmask = m < {M}", "    mask = (n < N) & mmask", *lines,
+            "    zero = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)"]
+    for x, node in plan.row_grads.items():
+        out.append(f"    tl.store(D_{x} + n * {M} + m, {names[id(node)]} + zero, mask=mask)")
+    for row, sc in gathered.items():
+        for k, s in enumerate(sc):
+            out.append(f"    tl.store(G_{row} + n * {len(sc) * M} + {k * M} + m, "
+                       f"{names[id(s.cot)]} + zero, mask=mask)")
+    # columns pass
+    wnames = list(plan.weight_grads)
+    lines, names = r.body(list(plan.weight_grads.values()), pad="        ")
+    out += ["", "@triton.jit",
+            f"def columns(DY, {P}, {', '.join('D_' + w for w in wnames) or 'UNUSED'}, N, "
+            "BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):",
+            "    m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))[None, :]",
+            f"    mmask = m < {M}"]
+    out += [f"    acc{j} = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)" for j in range(len(wnames))]
+    out += ["    for n0 in range(0, N, BLOCK_N):",
+            "        n = (n0 + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)",
+            "        mask = (n < N) & mmask", *lines]
+    for j, w in enumerate(wnames):
+        out.append(f"        acc{j} += tl.where(mask, {names[id(plan.weight_grads[w])]}, 0.0)")
+    for j, w in enumerate(wnames):
+        out.append(f"    tl.store(D_{w} + m, tl.reduce(acc{j}, 0, _add)[None, :], mask=mmask)")
+    # inverse-index pass
+    out += ["", "@triton.jit",
+            "def inverse(G, OFF, ENT, DX, N, W, I, BLOCK_N: tl.constexpr, "
+            "BLOCK_I: tl.constexpr):",
+            "    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)",
+            "    i = (tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :]",
+            "    imask = i < I",
+            "    lo = tl.load(OFF + i, mask=imask, other=0)",
+            "    cnt = tl.load(OFF + i + 1, mask=imask, other=0) - lo",
+            "    longest = tl.reduce(tl.reduce(cnt, 1, _max), 0, _max)",
+            "    acc = tl.full([BLOCK_N, BLOCK_I], 0.0, tl.float32)",
+            "    for e in range(0, longest):",
+            "        ok = imask & (e < cnt)",
+            "        ent = tl.load(ENT + lo + e, mask=ok, other=0)",
+            "        acc += tl.load(G + n * W + ent, mask=ok & (n < N), other=0.0)",
+            "    tl.store(DX + n * I + i, acc, mask=(n < N) & imask)"]
+    return "\n".join(out) + "\n"
+
+
+def _module(plan: TiledPlan, tc: TiledCall):
+    return load_module(module_source(plan, tc.sizes), tc.device.type != "cuda")
+
+
+def _M(plan: TiledPlan, tc: TiledCall) -> int:
+    M = 1
+    for d in plan.out_dims:
+        M *= tc.sizes[d]
+    return M
+
+
+def _args(plan: TiledPlan, tc: TiledCall) -> list[torch.Tensor]:
+    sc = [tc.scalars[n] for n in scalar_names(plan)] or [0.0]
+    out = [torch.tensor(sc, dtype=torch.float32, device=tc.device)]
+    for s in kernel_inputs(plan):
+        x = canonical_flat(plan, tc, s)
+        out.append(x.to(torch.int32 if s.role == "index" else torch.float32).contiguous())
+    return out
+
+
+def _run(mod, interpret: bool, name: str, grid, *args) -> None:
+    import triton
+
+    def call():
+        getattr(mod, name)[grid](*args)
+    if interpret:
+        with triton.knobs.runtime.scope():
+            triton.knobs.runtime.interpret = True
+            call()
+    else:
+        call()
+
+
+def run_tiled_triton(plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
+    M, N = _M(plan, tc), tc.N
+    mod, interp = _module(plan, tc), tc.device.type != "cuda"
+    out = torch.empty(N, M, device=tc.device)
+    grid = (-(-N // BLOCK_N), -(-M // BLOCK_M))
+    _run(mod, interp, "fwd", grid, out, *_args(plan, tc), N, BLOCK_N, BLOCK_M)
+    return out.reshape(tc.out_shape).to(tc.out_dtype)
+
+
+def tiled_grads_triton(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+    M, N, dev = _M(plan, tc), tc.N, tc.device
+    mod, interp = _module(plan, tc), dev.type != "cuda"
+    args = _args(plan, tc)
+    d = dy.float().reshape(N, M).contiguous()
+    dummy = torch.empty(1, device=dev)
+    grads: dict[str, torch.Tensor] = {}
+    gathered = plan.gathered_rows()
+    grid = (-(-N // BLOCK_N), -(-M // BLOCK_M))
+    if plan.row_grads or gathered:
+        drow = {x: torch.empty(N, M, device=dev) for x in plan.row_grads}
+        G = {row: torch.empty(N, len(sc) * M, device=dev) for row, sc in gathered.items()}
+        outs = [*drow.values(), *G.values()] or [dummy]
+        _run(mod, interp, "rows", grid, d, *args, *outs, N, BLOCK_N, BLOCK_M)
+        grads.update(drow)
+        for row, sc in gathered.items():
+            off, ent = inverse_index(plan, tc.tensors, row, M)
+            I = tc.tensors[row].shape[-1]
+            dx = torch.empty(N, I, device=dev)
+            _run(mod, interp, "inverse", (-(-N // BLOCK_N), -(-I // BLOCK_I)), G[row], off, ent,
+                 dx, N, len(sc) * M, I, BLOCK_N, BLOCK_I)
+            grads[row] = dx if row not in grads else grads[row] + dx
+    if plan.weight_grads:
+        dw = {x: torch.empty(M, device=dev) for x in plan.weight_grads}
+        _run(mod, interp, "columns", (-(-M // BLOCK_M),), d, *args, *dw.values(), N,
+             BLOCK_N, BLOCK_M)
+        grads.update(dw)
+    out = {}
+    for s in plan.program.call_inputs:
+        if s.role in ("row", "weight"):
+            x = tc.tensors[s.name]
+            g = grads.get(s.name)
+            out[s.name] = torch.zeros_like(x) if g is None else to_declared(plan, tc, s, g)
+    return out
