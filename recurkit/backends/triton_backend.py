@@ -207,6 +207,24 @@ def aot_compile(src: str, arch: str = "sm_90", config: dict | None = None) -> li
     return out
 
 
+def aot_compile_kernel(fn, signature: dict, constants: dict, arch: str = "sm_90",
+                       num_warps: int = 4) -> dict:
+    """Compile one @triton.jit function of a loaded module for ``arch`` with no GPU; the
+    report is as ``aot_compile``'s. ``signature`` maps every argument to a Triton type
+    ("*fp32", "i32", "constexpr", ...), ``constants`` the constexpr ones to values."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    if arch not in TARGETS:
+        raise ValueError(f"unknown target {arch!r}; choose one of {', '.join(TARGETS)}")
+    k = triton.compile(triton.compiler.ASTSource(fn, signature, constants),
+                       target=GPUTarget(*TARGETS[arch]), options={"num_warps": num_warps})
+    rec = {"kernel": fn.__name__, "arch": arch, "shared": k.metadata.shared,
+           "registers": None, "spill_bytes": None}
+    if "cubin" in k.asm:
+        rec.update(_cubin_usage(k.asm["cubin"]))
+    return rec
+
+
 def _cubin_usage(cubin: bytes) -> dict:
     import re
     import shutil

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..lowering.packed import PackedNet
-from .triton_backend import load_module
+from .triton_backend import aot_compile_kernel, load_module
 from .triton_seq import HEADER
 
 BLOCK_W, BLOCK_O = 16, 64
@@ -102,3 +102,11 @@ def run_packed_triton(net: PackedNet, x: torch.Tensor, buffers: tuple) -> torch.
             mod.hard[grid](*args)
         outs.append(out)
     return torch.cat(outs)
+
+
+def aot_report(net: PackedNet, arch: str = "sm_90") -> dict:
+    """Compile the network's kernel for ``arch`` with no GPU (registers, spills, shared)."""
+    fn = load_module(packed_source(net), interpret=False).hard
+    sig = {"X": "*i64", "IA": "*i32", "IB": "*i32", "MK": "*i64", "S": "*i64", "CNT": "*i64",
+           "OUT": "*i32", "NW": "i32", "BLOCK_W": "constexpr", "BLOCK_O": "constexpr"}
+    return aot_compile_kernel(fn, sig, {"BLOCK_W": BLOCK_W, "BLOCK_O": BLOCK_O}, arch)

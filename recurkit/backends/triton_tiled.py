@@ -16,7 +16,7 @@ from ..ir.tiled import TiledCall
 from ..lowering.tiled import TiledPlan
 from .tiled_common import (bindings, canonical_flat, direct, inverse_index, kernel_inputs,
                            scalar_names, to_declared)
-from .triton_backend import load_module
+from .triton_backend import aot_compile_kernel, load_module
 from .triton_seq import HEADER, TRITON_BINARY, TRITON_UNARY, lit, power
 
 BLOCK_N, BLOCK_M, BLOCK_I = 16, 64, 64
@@ -215,4 +215,20 @@ def tiled_grads_triton(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor
             x = tc.tensors[s.name]
             g = grads.get(s.name)
             out[s.name] = torch.zeros_like(x) if g is None else to_declared(plan, tc, s, g)
+    return out
+
+
+def aot_report(plan: TiledPlan, sizes: dict[str, int], arch: str = "sm_90") -> list[dict]:
+    """Compile the four kernels for ``arch`` with no GPU (registers, spills, shared memory)."""
+    mod = load_module(module_source(plan, sizes), interpret=False)
+    index = {f"A_{s.name}" for s in kernel_inputs(plan) if s.role == "index"}
+    out = []
+    for name, blocks in (("fwd", ("BLOCK_N", "BLOCK_M")), ("rows", ("BLOCK_N", "BLOCK_M")),
+                         ("columns", ("BLOCK_N", "BLOCK_M")), ("inverse", ("BLOCK_N", "BLOCK_I"))):
+        fn = getattr(mod, name)
+        sig = {a: ("constexpr" if a in blocks else "i32" if a in ("N", "W", "I") else
+                   "*i32" if a in index or a in ("OFF", "ENT") else "*fp32")
+               for a in fn.arg_names}
+        consts = {"BLOCK_N": BLOCK_N, "BLOCK_M": BLOCK_M, "BLOCK_I": BLOCK_I}
+        out.append(aot_compile_kernel(fn, sig, {b: consts[b] for b in blocks}, arch))
     return out

@@ -80,8 +80,8 @@ class LogicLayer(nn.Module):
             return F.softmax(z, -1) @ C
         u = torch.rand_like(z).clamp_(1e-10, 1.0 - 1e-7)
         p = F.softmax((z - torch.log(-torch.log(u))) / self.gumbel_tau, -1)
-        hard = F.one_hot(p.argmax(-1), 16).to(p.dtype)
-        return (hard + p - p.detach()) @ C
+        soft = p @ C   # x - x.detach() is exactly 0: the forward is exactly the hard gate
+        return C[p.argmax(-1)] + (soft - soft.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_dim:
