@@ -125,9 +125,8 @@ def run_packed_tvm(net: PackedNet, xp: torch.Tensor, words: int = 4,
 PACK_SOURCE = '''@T.prim_func
 def main(h_x: T.handle, h_out: T.handle):
     T.func_attr({"global_symbol": "main", "tir.noalias": True})
-    N = T.int32()
     NB = T.int32()
-    X = T.match_buffer(h_x, (N, %(F)d), "uint8")
+    X = T.match_buffer(h_x, (NB * %(P)d, %(F)d), "uint8")
     OUT = T.match_buffer(h_out, (NB, %(F)d, %(W)d), "int64")
     for blk in T.parallel(NB):
         LOC = T.alloc_buffer((%(W)d, %(F)d), "int64")
@@ -136,9 +135,8 @@ def main(h_x: T.handle, h_out: T.handle):
                 LOC[w, f] = T.int64(0)
             for s in T.serial(64):
                 for f in T.vectorized(%(F)d):
-                    LOC[w, f] = T.bitwise_or(LOC[w, f], T.shift_left(T.Cast("int64", T.if_then_else(
-                        blk * %(P)d + w * 64 + s < N, X[T.min(blk * %(P)d + w * 64 + s, N - 1), f],
-                        T.uint8(0))), T.Cast("int64", s)))
+                    LOC[w, f] = T.bitwise_or(LOC[w, f], T.shift_left(
+                        T.Cast("int64", X[blk * %(P)d + w * 64 + s, f]), T.Cast("int64", s)))
         for f in T.serial(%(F)d):
             for w in T.serial(%(W)d):
                 OUT[blk, f, w] = LOC[w, f]
@@ -147,20 +145,27 @@ def main(h_x: T.handle, h_out: T.handle):
 
 def pack_bits(x: torch.Tensor, words: int = 4) -> torch.Tensor:
     """Bool inputs [N, F] on the CPU as int64 words [NB, F, words] (see ``pack_bits_torch``),
-    by a compiled kernel."""
+    by a compiled kernel: whole blocks straight from ``x``, the last partial block from a
+    zero-padded copy of its rows."""
     N, F = x.shape
     xb = x.contiguous()
     xb = xb.view(torch.uint8) if xb.dtype == torch.bool else (xb != 0).to(torch.uint8)
-    NB = -(-N // (64 * words))
+    per = 64 * words
+    full, NB = N // per, -(-N // per)
     key = ("pack", F, words, torch.get_num_threads())
     with _LOCK:
         fn = _KERNELS.get(key)
     if fn is None:
-        fn = compile_source(PACK_SOURCE % {"F": F, "W": words, "P": 64 * words})
+        fn = compile_source(PACK_SOURCE % {"F": F, "W": words, "P": per})
         with _LOCK:
             _KERNELS[key] = fn
     out = torch.empty(NB, F, words, dtype=torch.int64)
-    fn(xb, out)
+    if full:
+        fn(xb[:full * per], out[:full])
+    if NB > full:
+        tail = torch.zeros(per, F, dtype=torch.uint8)
+        tail[:N - full * per] = xb[full * per:]
+        fn(tail, out[full:])
     return out
 
 
