@@ -31,12 +31,12 @@ from recurkit.lowering.packed import GATE_COEFFS  # noqa: E402
 
 
 def plain_torch_forward(model: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode difflogic in torch: per layer a, b = x[:, ia], x[:, ib] and the argmax gate's
+    """Eval-mode difflogic in torch: per layer a, b = the gathered columns and the argmax gate's
     real form k0 + k1 a + k2 b + k3 a b."""
     for m in model:
         if isinstance(m, rk.nn.LogicLayer):
             k = GATE_COEFFS[m.gates()]
-            a, b = x[:, m.ia], x[:, m.ib]
+            a, b = x.index_select(1, m.ia), x.index_select(1, m.ib)
             x = k[:, 0] + k[:, 1] * a + k[:, 2] * b + k[:, 3] * a * b
         else:
             x = m(x)
