@@ -227,14 +227,25 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
             knobs: dict | None = None) -> str:
     """The source the backend generates for ``decl`` at the given dim sizes (default 64 for
     every dim) and head count: a Triton module (kernels and their ``launch`` function) for
-    "triton", TVMScript (one function per kernel) for "tvm"."""
+    "triton", TVMScript (one function per kernel) for "tvm". For a tiled declaration: the
+    forward and backward kernels (forward, rows, columns, inverse)."""
     p = as_program(decl)
     if backend not in ("triton", "tvm"):
         raise ValueError(f"codegen shows generated source for 'triton' or 'tvm', got "
                          f"{backend!r}")
+    sizes = {**{d: 64 for d in p.dims}, **(sizes or {})}
+    if p.is_tiled:
+        from .lowering.tiled import lower_tiled
+        plan = lower_tiled(p)
+        if backend == "triton":
+            from .backends.triton_tiled import module_source as tiled_module
+            return tiled_module(plan, sizes)
+        from .backends.tvm_tiled import (INVERSE_SOURCE, columns_source, forward_source,
+                                         rows_source)
+        return "\n\n".join(f(plan, sizes) for f in (forward_source, rows_source,
+                                                     columns_source)) + "\n\n" + INVERSE_SOURCE
     if p.new_state is None:
         raise ValueError(f"{p.name} is stateless: nothing to generate")
-    sizes = {**{d: 64 for d in p.dims}, **(sizes or {})}
     unknown = set(sizes) - set(p.dims)
     if unknown:
         raise ValueError(f"sizes names dims {sorted(unknown)} that {p.name} does not have "

@@ -23,3 +23,22 @@ def test_tile_program_matches_golden(name, form, chunk):
         path.write_text(text)
     assert path.exists(), f"missing golden file {path}; run with RECURKIT_UPDATE_GOLDEN=1"
     assert text == path.read_text()
+
+
+TILED = [("logic_layer", {"I": 24, "O": 40}), ("group_sum", {"C": 10, "G": 8})]
+
+
+@pytest.mark.parametrize("name,sizes", TILED, ids=[c[0] for c in TILED])
+def test_tiled_form_and_sources_match_golden(name, sizes):
+    """The derived backward and the TVM and Triton source of the built-in tiled ops."""
+    from recurkit.lowering.tiled import lower_tiled
+    decl = getattr(rk.ops, name)
+    parts = {"tiled.txt": str(lower_tiled(decl.program)) + "\n",
+             "tiled.tvm.py.txt": rk.codegen(decl, "tvm", sizes=sizes),
+             "tiled.triton.py.txt": rk.codegen(decl, "triton", sizes=sizes)}
+    for suffix, text in parts.items():
+        path = GOLDEN / f"{name}.{suffix}"
+        if os.environ.get("RECURKIT_UPDATE_GOLDEN"):
+            path.write_text(text)
+        assert path.exists(), f"missing golden file {path}; run with RECURKIT_UPDATE_GOLDEN=1"
+        assert text == path.read_text(), path

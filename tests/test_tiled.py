@@ -17,6 +17,15 @@ def mixed(x: rk.Row["I"], r: rk.Row["Q", "P"], idx: rk.Index["P", "Q"], w: rk.We
     return rk.where(a > 0.2, rk.exp(a) * w, c * rk.sigmoid(r * w)) + rk.tanh(r) * a / (1.0 + a * a)
 
 
+@rk.tiled
+def reduced(x: rk.Row["G", "C"], y: rk.Row["C"], idx: rk.Index["C"], z: rk.Row["I"],
+            w: rk.Weight["C"]):
+    """A reduction over a row whose dims are not in output-then-reduced order, next to a
+    gather, a weight and a directly read row."""
+    s = rk.sum(rk.exp(x) * x - 1.0, "G")
+    return s * w + y * rk.gather(z, idx) + rk.sigmoid(s)
+
+
 def logic_inputs(N, I=19, O=70, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(N, I, generator=g).to(dtype)
@@ -32,7 +41,20 @@ def mixed_inputs(N, dtype=torch.float32, seed=0):
             torch.randn(Q, P, generator=g).to(dtype))
 
 
-CASES = {"logic_layer": (rk.ops.logic_layer, logic_inputs), "mixed": (mixed, mixed_inputs)}
+def reduced_inputs(N, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, 4, 3, generator=g).to(dtype), torch.randn(N, 3, generator=g).to(dtype),
+            torch.randint(0, 6, (3,), generator=g), torch.randn(N, 6, generator=g).to(dtype),
+            torch.randn(3, generator=g).to(dtype))
+
+
+def group_sum_inputs(N, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, 10, 7, generator=g).to(dtype), 1.7)
+
+
+CASES = {"logic_layer": (rk.ops.logic_layer, logic_inputs), "mixed": (mixed, mixed_inputs),
+         "reduced": (reduced, reduced_inputs), "group_sum": (rk.ops.group_sum, group_sum_inputs)}
 
 
 def test_tiled_declaration_prints_hashes_and_round_trips():
@@ -73,8 +95,20 @@ def test_tiled_declaration_errors():
     @rk.tiled
     def reduces(x: rk.Row["I"], idx: rk.Index["O"]):
         return rk.sum(rk.gather(x, idx), "O") + rk.gather(x, idx)
-    with pytest.raises(LoweringError, match="not elementwise"):
+    with pytest.raises(LoweringError, match=r"rk.sum leaves dims \[\]"):
         lower_tiled(reduces.program)
+
+    @rk.tiled
+    def maxes(x: rk.Row["O", "G"]):
+        return rk.max(x, "G")
+    with pytest.raises(LoweringError, match="tiled ops reduce with rk.sum"):
+        lower_tiled(maxes.program)
+
+    @rk.tiled
+    def weighted_inside(x: rk.Row["O", "G"], w: rk.Weight["O"]):
+        return rk.sum(x * w, "G")
+    with pytest.raises(LoweringError, match="weight 'w' is read inside a reduction"):
+        lower_tiled(weighted_inside.program)
 
     @rk.tiled
     def narrow_weight(x: rk.Row["I"], idx: rk.Index["O", "P"], w: rk.Weight["O"]):
@@ -106,15 +140,19 @@ def test_tiled_call_errors():
 def test_tiled_forward_and_backward_match_reference(backend, case, N):
     decl, make = CASES[case]
     args = make(N)
-    leaves = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+    leaves = [a.clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a
+              for a in args]
     ref = decl(*leaves)
     dy = torch.randn_like(ref)
-    want = torch.autograd.grad(ref, [a for a in leaves if a.requires_grad], dy)
+    want = torch.autograd.grad(ref, [a for a in leaves if torch.is_tensor(a) and a.requires_grad],
+                               dy)
     op = rk.compile(decl, backend=backend)
-    leaves2 = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+    leaves2 = [a.clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a
+               for a in args]
     out = op(*leaves2)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    got = torch.autograd.grad(out, [a for a in leaves2 if a.requires_grad], dy)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(out, [a for a in leaves2 if torch.is_tensor(a) and a.requires_grad],
+                              dy)
     for g, w in zip(got, want):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
@@ -155,6 +193,8 @@ def test_tiled_op_under_torch_compile_fullgraph():
 def test_tiled_triton_kernels_compile_ahead_of_time(arch):
     from recurkit.backends.triton_tiled import aot_report
     for plan, sizes in ((lower_tiled(rk.ops.logic_layer.program), {"I": 784, "O": 8000}),
-                        (lower_tiled(mixed.program), {"I": 11, "P": 5, "Q": 3})):
+                        (lower_tiled(mixed.program), {"I": 11, "P": 5, "Q": 3}),
+                        (lower_tiled(reduced.program), {"G": 4, "C": 3, "I": 6}),
+                        (lower_tiled(rk.ops.group_sum.program), {"C": 10, "G": 800})):
         for r in aot_report(plan, sizes, arch):
             assert r["spill_bytes"] in (0, None), r

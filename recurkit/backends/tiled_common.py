@@ -27,6 +27,43 @@ def direct(plan: TiledPlan, spec) -> bool:
     return spec.role == "row" and plan.program.canonical(spec.dims) == plan.out_dims
 
 
+def is_wide(plan: TiledPlan, n: Node) -> bool:
+    """Whether a value lives inside a reduction (it carries a dim the output lacks)."""
+    return n.op != "gather" and n.dtype == "f32" and any(d not in plan.out_dims
+                                                         for d in n.dims)
+
+
+def reduced_size(plan: TiledPlan, sizes: dict[str, int], dims) -> int:
+    """The number of positions r of the dims in ``dims`` that the output lacks."""
+    R = 1
+    for d in dims:
+        if d not in plan.out_dims:
+            R *= sizes[d]
+    return R
+
+
+def wide_address(plan: TiledPlan, sizes: dict[str, int], dims, m: str, r: str) -> str:
+    """The flat position, in canonical order of ``dims`` (the output's plus reduced ones), of
+    output element ``m`` and reduced position ``r`` (both flattened in canonical order)."""
+    out = list(plan.out_dims)
+    red = [d for d in dims if d not in out]
+    R = reduced_size(plan, sizes, dims)
+    if list(dims) == out + red:
+        return f"{m} * {R} + {r}" if out else r
+
+    def strides(ds):
+        st, acc = {}, 1
+        for d in reversed(ds):
+            st[d], acc = acc, acc * sizes[d]
+        return st
+    so, sr, sw = strides(out), strides(red), strides(list(dims))
+    terms = []
+    for d in dims:
+        v, st = (m, so[d]) if d in out else (r, sr[d])
+        terms.append(f"(({v} // {st}) % {sizes[d]}) * {sw[d]}")
+    return "(" + " + ".join(terms) + ")"
+
+
 def canonical_flat(plan: TiledPlan, tc, spec) -> torch.Tensor:
     """A tensor input as kernels read it: dims in canonical order, the output's dims (or a
     gathered row's one dim) flattened: rows [N, M | I], weights and indices [M]."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ir.interpret import align
 from ..ir.tiled import TiledCall, evaluate_tiled
 from ..lowering.tiled import TiledPlan
 from .tiled_common import _canon_index, to_declared
@@ -25,8 +26,11 @@ def tiled_grads_torch(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict[
     with torch.no_grad():
         vals = evaluate_tiled(tc, roots, {id(plan.dy): dy.float().reshape(shape)})
         grads: dict[str, torch.Tensor] = {}
+        specs = {s.name: s for s in plan.program.inputs}
         for name, node in plan.row_grads.items():
-            grads[name] = vals[id(node)].expand(shape).clone()
+            dims = plan.program.canonical(specs[name].dims)   # the output's, or wider
+            v = align(vals[id(node)], node.dims, dims, 1)
+            grads[name] = v.expand(N, *(tc.sizes[d] for d in dims)).clone()
         for name, node in plan.weight_grads.items():
             grads[name] = vals[id(node)].expand(shape).sum(0)
         for s in plan.scatters:

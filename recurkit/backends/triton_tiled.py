@@ -14,8 +14,8 @@ import torch
 from ..ir.node import Node
 from ..ir.tiled import TiledCall
 from ..lowering.tiled import TiledPlan
-from .tiled_common import (bindings, canonical_flat, direct, inverse_index, kernel_inputs,
-                           scalar_names, to_declared)
+from .tiled_common import (bindings, canonical_flat, inverse_index, is_wide, kernel_inputs,
+                           reduced_size, scalar_names, to_declared, wide_address)
 from .triton_backend import aot_compile_kernel, load_module
 from .triton_seq import HEADER, TRITON_BINARY, TRITON_UNARY, lit, power
 
@@ -34,43 +34,77 @@ class _Render:
     def params(self) -> list[str]:
         return ["SC"] + [f"A_{s.name}" for s in self.specs]
 
+    def leaf(self, n: Node) -> str:
+        M = self.M
+        if n.op == "const":
+            return lit(n.attr("value"))
+        if n is self.plan.dy:
+            return f"tl.load(DY + n * {M} + m, mask=mask, other=0.0)"
+        role, name = n.attr("role"), n.attr("name")
+        if role == "scalar":
+            return f"tl.load(SC + {self.scalars.index(name)})"
+        if role == "weight":
+            return f"tl.load(A_{name} + m, mask=mmask, other=0.0)"
+        if is_wide(self.plan, n):   # a row inside a reduction, at position r
+            width = M * reduced_size(self.plan, self.sizes, n.dims)
+            at = wide_address(self.plan, self.sizes, n.dims, "m", "r")
+            return f"tl.load(A_{name} + n * {width} + {at}, mask=mask, other=0.0)"
+        return f"tl.load(A_{name} + n * {M} + m, mask=mask, other=0.0)"
+
+    def expr(self, n: Node, names: dict) -> str:
+        a = [names[id(x)] if id(x) in names else self.leaf(x) for x in n.args]
+        if n.op == "gather":
+            src, idx = n.args
+            I = self.sizes[src.dims[0]]
+            return (f"tl.load(A_{src.attr('name')} + n * {I} + tl.load(A_{idx.attr('name')} + m,"
+                    f" mask=mmask, other=0), mask=mask, other=0.0)")
+        if n.op == "pow":
+            return power(a[0], n.args[1], a[1])
+        if n.op == "where":
+            return f"tl.where({a[0]}, {a[1]}, {a[2]})"
+        if n.op == "div":   # correctly rounded, as torch's (plain / is approximate on GPUs)
+            z = "tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)"
+            return f"tl.div_rn({a[0]} + {z}, {a[1]} + {z})"
+        if n.op in TRITON_UNARY:
+            return TRITON_UNARY[n.op].format(*a)
+        return TRITON_BINARY[n.op].format(*a)
+
     def body(self, roots: list[Node], pad: str = "    ") -> tuple[list[str], dict[int, str]]:
+        """Bind every output-level value behind ``roots`` (a loop over r per reduction);
+        returns the lines and every root's expression."""
         names: dict[int, str] = {}
         lines: list[str] = []
-        M = self.M
-
-        def ref(n: Node) -> str:
-            if id(n) in names:
-                return names[id(n)]
-            if n.op == "const":
-                return lit(n.attr("value"))
-            if n is self.plan.dy:
-                return f"tl.load(DY + n * {M} + m, mask=mask, other=0.0)"
-            role, name = n.attr("role"), n.attr("name")
-            if role == "scalar":
-                return f"tl.load(SC + {self.scalars.index(name)})"
-            if role == "weight":
-                return f"tl.load(A_{name} + m, mask=mmask, other=0.0)"
-            return f"tl.load(A_{name} + n * {M} + m, mask=mask, other=0.0)"
-
         for n in bindings(roots):
-            a = [ref(x) for x in n.args]
-            if n.op == "gather":
-                src, idx = n.args
-                I = self.sizes[src.dims[0]]
-                e = (f"tl.load(A_{src.attr('name')} + n * {I} + tl.load(A_{idx.attr('name')} + m,"
-                     f" mask=mmask, other=0), mask=mask, other=0.0)")
-            elif n.op == "pow":
-                e = power(a[0], n.args[1], a[1])
-            elif n.op == "where":
-                e = f"tl.where({a[0]}, {a[1]}, {a[2]})"
-            elif n.op in TRITON_UNARY:
-                e = TRITON_UNARY[n.op].format(*a)
+            if id(n) in names or is_wide(self.plan, n):
+                continue
+            if n.op == "sum":
+                acc = f"red{len(names)}"
+                R = reduced_size(self.plan, self.sizes, n.args[0].dims)
+                inner, local = self.wide_body([n.args[0]], names, pad + "    ")
+                lines += [f"{pad}{acc} = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)",
+                          f"{pad}for r in range({R}):", *inner,
+                          f"{pad}    {acc} += {self.ref(n.args[0], local)}"]
+                e = acc
             else:
-                e = TRITON_BINARY[n.op].format(*a)
+                e = self.expr(n, names)
             names[id(n)] = f"v{len(names)}"
             lines.append(f"{pad}{names[id(n)]} = {e}")
-        return lines, {**names, **{id(r): ref(r) for r in roots if id(r) not in names}}
+        return lines, {**names, **{id(r): self.ref(r, names) for r in roots
+                                   if not is_wide(self.plan, r)}}
+
+    def wide_body(self, roots: list[Node], names: dict, pad: str) -> tuple[list[str], dict]:
+        local = dict(names)
+        lines = []
+        for n in bindings(roots):
+            if id(n) in local:
+                continue
+            e = self.expr(n, local)
+            local[id(n)] = f"w{len(local)}"
+            lines.append(f"{pad}{local[id(n)]} = {e}")
+        return lines, local
+
+    def ref(self, n: Node, names: dict) -> str:
+        return names[id(n)] if id(n) in names else self.leaf(n)
 
 
 _TILE = ["    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)",
@@ -98,8 +132,18 @@ def module_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
             "BLOCK_M: tl.constexpr):", *_TILE,
             f"    mmask = m < {M}", "    mask = (n < N) & mmask", *lines,
             "    zero = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)"]
+    specs = {x.name: x for x in r.specs}
     for x, node in plan.row_grads.items():
-        out.append(f"    tl.store(D_{x} + n * {M} + m, {names[id(node)]} + zero, mask=mask)")
+        wide = plan.program.canonical(specs[x].dims)
+        if wide == plan.out_dims:
+            out.append(f"    tl.store(D_{x} + n * {M} + m, {names[id(node)]} + zero, mask=mask)")
+            continue
+        R = reduced_size(plan, sizes, wide)   # a row read inside a reduction: every r
+        inner, local = r.wide_body([node], names, "        ")
+        out += [f"    for r in range({R}):", *inner,
+                f"        tl.store(D_{x} + n * {M * R} + "
+                f"{wide_address(plan, sizes, wide, 'm', 'r')}, {r.ref(node, local)} + zero, "
+                "mask=mask)"]
     for row, sc in gathered.items():
         for k, s in enumerate(sc):
             out.append(f"    tl.store(G_{row} + n * {len(sc) * M} + {k * M} + m, "
@@ -112,14 +156,15 @@ def module_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
             "BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):",
             "    m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))[None, :]",
             f"    mmask = m < {M}"]
-    out += [f"    acc{j} = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)" for j in range(len(wnames))]
+    out += [f"    acc{j} = tl.full([BLOCK_M], 0.0, tl.float32)" for j in range(len(wnames))]
     out += ["    for n0 in range(0, N, BLOCK_N):",
             "        n = (n0 + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)",
             "        mask = (n < N) & mmask", *lines]
     for j, w in enumerate(wnames):
-        out.append(f"        acc{j} += tl.where(mask, {names[id(plan.weight_grads[w])]}, 0.0)")
+        out.append(f"        acc{j} += tl.reduce(tl.where(mask, {names[id(plan.weight_grads[w])]}, "
+                   "0.0), 0, _add)")
     for j, w in enumerate(wnames):
-        out.append(f"    tl.store(D_{w} + m, tl.reduce(acc{j}, 0, _add)[None, :], mask=mmask)")
+        out.append(f"    tl.store(D_{w} + m, acc{j}[None, :], mask=mmask)")
     # inverse-index pass
     out += ["", "@triton.jit",
             "def inverse(G, OFF, ENT, DX, N, W, I, BLOCK_N: tl.constexpr, "
@@ -192,7 +237,8 @@ def tiled_grads_triton(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor
     gathered = plan.gathered_rows()
     grid = (-(-N // BLOCK_N), -(-M // BLOCK_M))
     if plan.row_grads or gathered:
-        drow = {x: torch.empty(N, M, device=dev) for x in plan.row_grads}
+        drow = {x: torch.empty(N, tc.tensors[x][0].numel(), device=dev)
+                for x in plan.row_grads}
         G = {row: torch.empty(N, len(sc) * M, device=dev) for row, sc in gathered.items()}
         outs = [*drow.values(), *G.values()] or [dummy]
         _run(mod, interp, "rows", grid, d, *args, *outs, N, BLOCK_N, BLOCK_M)

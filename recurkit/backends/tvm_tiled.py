@@ -19,8 +19,8 @@ import torch
 from ..ir.node import Node
 from ..ir.tiled import TiledCall
 from ..lowering.tiled import TiledPlan
-from .tiled_common import (bindings, canonical_flat, direct, inverse_index, kernel_inputs,
-                           scalar_names, to_declared)
+from .tiled_common import (bindings, canonical_flat, inverse_index, is_wide, kernel_inputs,
+                           reduced_size, scalar_names, to_declared, wide_address)
 from .tvm_backend import _Gen
 from .tvm_build import _LOCK, compile_source
 
@@ -38,9 +38,17 @@ class _Render:
         self.specs = kernel_inputs(plan)
         self.scalars = scalar_names(plan)
         self.names: dict[int, str] = {}
+        self.count = 0   # values bound so far
+        self.reds = 0    # reductions so far
 
     def buf(self, spec) -> str:
         return f"A_{spec.name}"
+
+    def row_width(self, spec) -> int:
+        """Elements per sample of a row: M (direct), I (gathered) or M * R (in a reduction)."""
+        if spec.name in self.plan.gathered_rows():
+            return self.sizes[spec.dims[0]]
+        return self.M * reduced_size(self.plan, self.sizes, spec.dims)
 
     def header(self, extra_in: list[str], outs: list[tuple[str, str, str]]) -> list[str]:
         """The prim_func head: handles, the symbolic N, every buffer."""
@@ -56,7 +64,7 @@ class _Render:
                      "\"float32\")")
         for s in self.specs:
             if s.role == "row":
-                shape = f"(N, {M})" if direct(self.plan, s) else f"(N, {self.sizes[s.dims[0]]})"
+                shape = f"(N, {self.row_width(s)})"
                 lines.append(f"    {self.buf(s)} = T.match_buffer(h_{s.name}, {shape}, "
                              "\"float32\")")
             else:
@@ -67,7 +75,7 @@ class _Render:
             lines.append(f"    {name} = T.match_buffer(h_{name}, {shape}, \"{dt}\")")
         return lines
 
-    def leaf(self, n: Node) -> str:
+    def leaf(self, n: Node, wide=None) -> str:
         if n.op == "const":
             return f"T.float32({float(n.attr('value'))!r})"
         if n is self.plan.dy:
@@ -77,56 +85,105 @@ class _Render:
             return f"SC[{self.scalars.index(name)}]"
         if role == "weight":
             return f"A_{name}[m]"
+        if is_wide(self.plan, n):   # a row inside a reduction, at position r
+            return f"A_{name}[n, {wide_address(self.plan, self.sizes, n.dims, 'm', 'r')}]"
         return f"A_{name}[n, m]"   # a row read directly
 
-    def ref(self, n: Node) -> str:
-        return self.names[id(n)] if id(n) in self.names else self.leaf(n)
+    def ref(self, n: Node, names=None) -> str:
+        names = self.names if names is None else names
+        return names[id(n)] if id(n) in names else self.leaf(n)
+
+    def expr(self, n: Node, names) -> str:
+        ref = lambda a: self.ref(a, names)  # noqa: E731
+        if n.op == "gather":
+            src, idx = n.args
+            return f"A_{src.attr('name')}[n, A_{idx.attr('name')}[m]]"
+        if n.op == "where":
+            return "T.Select({}, {}, {})".format(*(ref(a) for a in n.args))
+        if n.op in _Gen.UNARY:
+            return _Gen.UNARY[n.op].format(ref(n.args[0]))
+        return _Gen.BINARY[n.op].format(*(ref(a) for a in n.args))
+
+    def fresh(self) -> str:
+        self.count += 1
+        return f"v{self.count}"
 
     def lets(self, roots: list[Node], pad: str) -> list[str]:
+        """Bind every output-level value behind ``roots`` (a loop per reduction)."""
         lines = []
         for n in bindings(roots):
-            if id(n) in self.names:
+            if id(n) in self.names or is_wide(self.plan, n):
                 continue
-            if n.op == "gather":
-                src, idx = n.args
-                e = f"A_{src.attr('name')}[n, A_{idx.attr('name')}[m]]"
-            elif n.op == "where":
-                e = "T.Select({}, {}, {})".format(*(self.ref(a) for a in n.args))
-            elif n.op in _Gen.UNARY:
-                e = _Gen.UNARY[n.op].format(self.ref(n.args[0]))
+            if n.op == "sum":
+                j = self.reds
+                self.reds += 1
+                R = reduced_size(self.plan, self.sizes, n.args[0].dims)
+                lines += [f"{pad}RED[{j}] = T.float32(0)", f"{pad}for r in T.serial({R}):"]
+                body, names = self.wide_lets([n.args[0]], pad + "    ")
+                lines += body + [f"{pad}    RED[{j}] = RED[{j}] + {self.ref(n.args[0], names)}"]
+                e = f"RED[{j}]"
             else:
-                e = _Gen.BINARY[n.op].format(*(self.ref(a) for a in n.args))
-            name = f"v{len(self.names)}"
-            self.names[id(n)] = name
-            lines.append(f"{pad}{name} = {e}")
+                e = self.expr(n, self.names)
+            self.names[id(n)] = self.fresh()
+            lines.append(f"{pad}{self.names[id(n)]} = {e}")
         return lines
+
+    def wide_lets(self, roots: list[Node], pad: str) -> tuple[list[str], dict]:
+        """Bind the values inside a reduction (at position r), in a scope of their own."""
+        names = dict(self.names)
+        lines = []
+        for n in bindings(roots):
+            if id(n) in names:
+                continue
+            names[id(n)] = self.fresh()
+            lines.append(f"{pad}{names[id(n)]} = {self.expr(n, names)}")
+        return lines, names
+
+    def with_reds(self, lines: list[str], at: int, pad: str) -> list[str]:
+        """Insert the reductions' accumulator buffer at line ``at``."""
+        if not self.reds:
+            return lines
+        return lines[:at] + [f"{pad}RED = T.alloc_buffer(({self.reds},), \"float32\")"] + \
+            lines[at:]
 
 
 def forward_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
     r = _Render(plan, sizes)
     lines = r.header([], [("OUT", f"(N, {r.M})", "float32")])
     lines += ["    for n in T.parallel(N):", f"        for m in T.serial({r.M}):"]
+    at = len(lines) - 1
     lines += r.lets([plan.program.output], " " * 12)
     lines.append(f"            OUT[n, m] = {r.ref(plan.program.output)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(r.with_reds(lines, at, " " * 8)) + "\n"
 
 
 def rows_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
     """Per (n, m): the directly read rows' gradients and each gathered row's G buffer."""
     r = _Render(plan, sizes)
     gathered = plan.gathered_rows()
-    outs = [(f"D_{name}", f"(N, {r.M})", "float32") for name in plan.row_grads]
+    specs = {x.name: x for x in r.specs}
+    outs = [(f"D_{name}", f"(N, {r.row_width(specs[name])})", "float32")
+            for name in plan.row_grads]
     outs += [(f"G_{row}", f"(N, {len(sc) * r.M})", "float32") for row, sc in gathered.items()]
     lines = r.header(["DY"], outs)
     lines += ["    for n in T.parallel(N):", f"        for m in T.serial({r.M}):"]
+    at = len(lines) - 1
+    pad = " " * 12
     roots = [*plan.row_grads.values(), *(s.cot for s in plan.scatters)]
-    lines += r.lets(roots, " " * 12)
+    lines += r.lets(roots, pad)
     for name, node in plan.row_grads.items():
-        lines.append(f"            D_{name}[n, m] = {r.ref(node)}")
+        wide = plan.program.canonical(specs[name].dims)
+        if wide != plan.out_dims:   # a row read inside a reduction: its gradient at every r
+            body, names = r.wide_lets([node], pad + "    ")
+            lines += [f"{pad}for r in T.serial({reduced_size(plan, sizes, wide)}):", *body,
+                      f"{pad}    D_{name}[n, {wide_address(plan, sizes, wide, 'm', 'r')}]"
+                      f" = {r.ref(node, names)}"]
+        else:
+            lines.append(f"{pad}D_{name}[n, m] = {r.ref(node)}")
     for row, sc in gathered.items():
         for k, s in enumerate(sc):
-            lines.append(f"            G_{row}[n, {k * r.M} + m] = {r.ref(s.cot)}")
-    return "\n".join(lines) + "\n"
+            lines.append(f"{pad}G_{row}[n, {k * r.M} + m] = {r.ref(s.cot)}")
+    return "\n".join(r.with_reds(lines, at, " " * 8)) + "\n"
 
 
 def columns_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
@@ -135,13 +192,14 @@ def columns_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
     outs = [(f"D_{name}", f"({r.M},)", "float32") for name in plan.weight_grads]
     lines = r.header(["DY"], outs)
     lines.append(f"    for m in T.parallel({r.M}):")
+    at = len(lines)
     for name in plan.weight_grads:
         lines.append(f"        D_{name}[m] = T.float32(0)")
     lines.append("        for n in T.serial(N):")
     lines += r.lets(list(plan.weight_grads.values()), " " * 12)
     for name, node in plan.weight_grads.items():
         lines.append(f"            D_{name}[m] = D_{name}[m] + {r.ref(node)}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(r.with_reds(lines, at, " " * 8)) + "\n"
 
 
 INVERSE_SOURCE = '''@T.prim_func
@@ -208,7 +266,7 @@ def tiled_grads_tvm(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict[st
     grads: dict[str, torch.Tensor] = {}
     gathered = plan.gathered_rows()
     if plan.row_grads or gathered:
-        drow = {name: torch.empty(N, M) for name in plan.row_grads}
+        drow = {name: torch.empty(N, tc.tensors[name][0].numel()) for name in plan.row_grads}
         G = {row: torch.empty(N, len(sc) * M) for row, sc in gathered.items()}
         _kernel("rows", plan, tc.sizes)(d, *args, *drow.values(), *G.values())
         grads.update(drow)

@@ -3,7 +3,9 @@
 A tiled declaration computes, for every sample n and every output element m (the output's dims
 flattened), one expression of the inputs at (n, m): rows read directly carry the output's
 dims; rows read through ``rk.gather`` have one dim that the index selects along; weights carry
-the output's dims; scalars are numbers. That makes the forward one elementwise kernel.
+the output's dims; scalars are numbers; an ``rk.sum`` reduces a subexpression of rows that
+carry the output's dims plus the reduced ones (e.g. GroupSum). That makes the forward one
+elementwise kernel with, per reduction, a loop over the reduced positions r.
 
 The backward is reverse-mode differentiation of the same node DAG, done symbolically here so
 every backend renders it like a forward: the cotangent of each node is a new IR expression of
@@ -25,6 +27,11 @@ from ..ir.program import Program
 from .forms import LoweringError
 
 ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where"}
+
+
+def reductions(roots: list[Node]) -> list[Node]:
+    """The sum nodes behind ``roots``."""
+    return [n for n in toposort(roots) if n.op == "sum"]
 
 
 @dataclass(frozen=True)
@@ -93,34 +100,61 @@ def check_tiled(p: Program) -> None:
         at = f" (line {n.loc.line})" if n.loc else ""
         return LoweringError(f"{where}{at}: {what}; {hint}")
 
+    wide_of: dict[int, tuple[str, ...]] = {}   # node -> the wide dims of the sum it feeds
+    for n in reversed(p.nodes()):
+        if n.op == "sum":
+            wide = n.args[0].dims
+            if n.dims != out:
+                raise bad(n, f"rk.sum leaves dims {list(n.dims)}, the output has {list(out)}",
+                          "a tiled op reduces to exactly the output's dims")
+            if id(n) in wide_of:
+                raise bad(n, "a reduction inside a reduction", "reduce once, over every dim")
+            wide_of[id(n.args[0])] = wide
+        elif id(n) in wide_of and n.op != "input":
+            for a in n.args:
+                if a.dims:
+                    wide_of.setdefault(id(a), wide_of[id(n)])
     for n in p.nodes():
+        wide = wide_of.get(id(n))
         if n.op == "input":
             role = n.attr("role")
             if role == "weight" and n.dims != out:
                 raise bad(n, f"weight '{n.attr('name')}' has dims {list(n.dims)}, the output "
                           f"{list(out)}", "a tiled op's weights carry exactly the output's dims")
+            if wide is not None and role != "row":
+                raise bad(n, f"{role} '{n.attr('name')}' is read inside a reduction",
+                          "reductions of a tiled op read rows carrying the reduced dims")
             continue
         if n.op == "const":
             continue
+        if n.op == "max":
+            raise bad(n, "rk.max in a tiled op", "tiled ops reduce with rk.sum")
         if n.op == "gather":
             src = n.args[0]
             if src.op != "input" or src.attr("role") != "row" or len(src.dims) != 1:
                 raise bad(n, "rk.gather reads a computed value or a row with several dims",
                           "gather directly from an rk.Row input with one dim")
-            if n.dims != out:
+            if n.dims != out or wide is not None:
                 raise bad(n, f"a gather gives dims {list(n.dims)}, the output {list(out)}",
-                          "index with an rk.Index carrying the output's dims")
+                          "index with an rk.Index carrying the output's dims, outside "
+                          "reductions")
             continue
-        if n.op not in ELEMENTWISE:
+        if n.op != "sum" and n.op not in ELEMENTWISE:
             raise bad(n, f"'{n.op}' is not elementwise",
-                      "tiled ops are elementwise over the output (plus gathers)")
-        if n.dims not in ((), out):
+                      "tiled ops are elementwise over the output (plus gathers and sums)")
+        level = wide if wide is not None else out
+        if n.op != "sum" and n.dims not in ((), level):
             raise bad(n, f"a value has dims {list(n.dims)}, the output {list(out)}",
-                      "every value of a tiled op carries the output's dims")
-        for a in n.args:
-            if a.op == "input" and a.attr("role") == "row" and a.dims != out:
+                      "every value of a tiled op carries the output's dims (inside an "
+                      "rk.sum: the output's dims and the reduced ones)")
+        for a in ([] if n.op == "sum" else n.args):
+            if a.op == "input" and a.attr("role") == "row" and a.dims != level:
                 raise bad(n, f"row '{a.attr('name')}' with dims {list(a.dims)} is used "
-                          "directly", "read rows with other dims through rk.gather")
+                          "directly", "read rows with other dims through rk.gather or rk.sum")
+            if a.dims and a.dims != level:
+                raise bad(n, f"a value with dims {list(a.dims)} meets one with "
+                          f"{list(level)}", "inside an rk.sum use only values that carry "
+                          "the reduced dims (or none)")
 
 
 class _Adjoint:
@@ -185,6 +219,8 @@ class _Adjoint:
             return [None, self.where(a, g, 0.0), self.where(a, 0.0, g)]
         if k in COMPARE:
             return [None, None]
+        if k == "sum":   # the cotangent broadcasts over the reduced dims
+            return [g]
         raise LoweringError(f"no derivative rule for '{k}'")  # pragma: no cover - checked
 
 

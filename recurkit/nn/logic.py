@@ -2,8 +2,8 @@
 
 ``LogicLayer`` runs the tiled declaration ``rk.ops.logic_layer`` (compiled: TVM on CPU, Triton
 on CUDA, with its generated backward) on coefficients ``k = softmax(z) @ GATE_COEFFS``; in eval
-mode each neuron is its argmax gate. ``GroupSum`` sums equal groups of the last layer per
-class and divides by ``tau``. ``compile_hard(model)`` turns a trained ``nn.Sequential`` of them
+mode each neuron is its argmax gate. ``GroupSum`` (``rk.ops.group_sum``) sums equal groups of
+the last layer per class and divides by ``tau``. ``compile_hard(model)`` turns a trained ``nn.Sequential`` of them
 into one bit-packed kernel whose scores equal the eval-mode model's exactly.
 """
 from __future__ import annotations
@@ -101,19 +101,28 @@ def _connections(in_dim, out_dim, kind, generator):
 
 
 class GroupSum(nn.Module):
-    """[N, k * g] -> [N, k]: the sum of each of ``k`` consecutive groups, divided by ``tau``."""
+    """[..., k * g] -> [..., k]: the sum of each of ``k`` consecutive groups, divided by
+    ``tau`` (the compiled tiled op ``rk.ops.group_sum``)."""
 
-    def __init__(self, k: int, tau: float = 1.0):
+    def __init__(self, k: int, tau: float = 1.0, backend: str = "auto"):
         super().__init__()
+        from .. import compile as rk_compile
+        from ..ops import group_sum
         if k < 1 or not tau > 0:
             raise ValueError(f"GroupSum needs k >= 1 and tau > 0, got k={k}, tau={tau}")
         self.k, self.tau = k, float(tau)
+        self.op = rk_compile(group_sum, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] % self.k:
-            raise ValueError(f"GroupSum({self.k}): the input's last dim ({x.shape[-1]}) is "
-                             f"not a multiple of {self.k}")
-        return x.reshape(*x.shape[:-1], self.k, -1).sum(-1) / self.tau
+        if x.dim() < 1 or x.shape[-1] % self.k:
+            raise ValueError(f"GroupSum({self.k}): the input's last dim "
+                             f"({x.shape[-1] if x.dim() else None}) is not a multiple of "
+                             f"{self.k}")
+        if not x.is_floating_point():
+            x = x.float()
+        lead = x.shape[:-1]
+        y = self.op(x.reshape(-1, self.k, x.shape[-1] // self.k), self.tau)
+        return y.reshape(*lead, self.k)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, tau={self.tau}"

@@ -4,12 +4,13 @@ Each output neuron o reads inputs a = x[ia[o]] and b = x[ib[o]] and mixes the 16
 gates; every relaxed gate is k0 + k1 a + k2 b + k3 ab, so the layer is that bilinear form with
 per-neuron coefficients k = softmax(z) @ GATE_COEFFS (``recurkit.lowering.packed``). The
 coefficients are the op's weights, so its generated backward gives dk as four reductions per
-neuron and dx through the inverse index of (ia, ib).
+neuron and dx through the inverse index of (ia, ib). ``group_sum`` is GroupSum (a reduction
+over each class's group, divided by the temperature).
 """
 from __future__ import annotations
 
-from ..ir import Index, Row, Weight, tiled
-from ..ir.dsl import gather
+from ..ir import Index, Row, Scalar, Weight, tiled
+from ..ir.dsl import gather, sum as rk_sum
 
 
 @tiled
@@ -19,3 +20,9 @@ def logic_layer(x: Row["I"], ia: Index["O"], ib: Index["O"], k0: Weight["O"],
     a = gather(x, ia)
     b = gather(x, ib)
     return k0 + k1 * a + k2 * b + k3 * a * b
+
+
+@tiled
+def group_sum(x: Row["C", "G"], tau: Scalar = 1.0):
+    """difflogic's GroupSum: y[n, c] = sum_g x[n, c, g] / tau."""
+    return rk_sum(x, "G") / tau
