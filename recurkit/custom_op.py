@@ -134,12 +134,19 @@ class TorchOp:
 def register(program, qualname: str, kernel, grad_kernel) -> TorchOp:
     """The op ``qualname`` for ``program``: registered now, or the one already registered
     under that name for the same declaration (a ValueError for another one)."""
+    return register_once(program, qualname,
+                         lambda: TorchOp(program, qualname, kernel, grad_kernel))
+
+
+def register_once(program, qualname: str, make):
+    """The op registered under ``qualname`` (one table for every kind of op), made by
+    ``make()`` on first use; a ValueError when the name belongs to another declaration."""
     hit = _REGISTERED.get(qualname)
     if hit is not None:
         if hit.program.content_hash() != program.content_hash():
             raise ValueError(f"{qualname} is already registered for another declaration "
                              f"({hit.program.name}); choose another name")
         return hit
-    op = TorchOp(program, qualname, kernel, grad_kernel)
+    op = make()
     _REGISTERED[qualname] = op
     return op

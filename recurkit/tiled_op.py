@@ -14,11 +14,11 @@ import hashlib
 
 import torch
 
+from .custom_op import register_once
 from .ir.tiled import TiledCall, bind_tiled
 from .lowering.tiled import TiledPlan, lower_tiled
 
 TILED_BACKENDS = ("auto", "torch", "tvm", "triton")
-_REGISTERED: dict[str, "TiledTorchOp"] = {}
 
 
 def _forward(backend: str, plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
@@ -141,15 +141,7 @@ class TiledTorchOp:
 def register_tiled(program, qualname: str, backend: str = "auto") -> TiledTorchOp:
     """The op ``qualname`` for ``program`` (registered once; a ValueError when the name is
     taken by another declaration)."""
-    hit = _REGISTERED.get(qualname)
-    if hit is not None:
-        if hit.program.content_hash() != program.content_hash():
-            raise ValueError(f"{qualname} is already registered for another declaration "
-                             f"({hit.program.name}); choose another name")
-        return hit
-    op = TiledTorchOp(program, qualname, backend)
-    _REGISTERED[qualname] = op
-    return op
+    return register_once(program, qualname, lambda: TiledTorchOp(program, qualname, backend))
 
 
 def compile_tiled(program, backend: str = "auto") -> TiledTorchOp:

@@ -8,6 +8,34 @@ from ..ir.node import Node, toposort
 from ..lowering.tiled import TiledPlan
 
 
+class RenderBase:
+    """What a backend's renderer of a tiled plan starts from: the output size M (its dims
+    flattened), the tensor inputs in kernel order and the scalars' names."""
+
+    def __init__(self, plan: TiledPlan, sizes: dict[str, int]):
+        self.plan, self.sizes = plan, sizes
+        self.M = out_size(plan, sizes)
+        self.specs = kernel_inputs(plan)
+        self.scalars = scalar_names(plan)
+
+
+def out_size(plan: TiledPlan, sizes: dict[str, int]) -> int:
+    M = 1
+    for d in plan.out_dims:
+        M *= sizes[d]
+    return M
+
+
+def kernel_args(plan: TiledPlan, tc) -> list[torch.Tensor]:
+    """The scalars (one fp32 buffer) and the tensor inputs as kernels read them."""
+    sc = [tc.scalars[n] for n in scalar_names(plan)] or [0.0]
+    out = [torch.tensor(sc, dtype=torch.float32, device=tc.device)]
+    for s in kernel_inputs(plan):
+        x = canonical_flat(plan, tc, s)
+        out.append(x.to(torch.int32 if s.role == "index" else torch.float32).contiguous())
+    return out
+
+
 def kernel_inputs(plan: TiledPlan) -> list:
     """The declaration's tensor inputs (rows, weights, indices) in declaration order."""
     return [s for s in plan.program.call_inputs if s.role != "scalar"]

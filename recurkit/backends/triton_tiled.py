@@ -14,23 +14,15 @@ import torch
 from ..ir.node import Node
 from ..ir.tiled import TiledCall
 from ..lowering.tiled import TiledPlan
-from .tiled_common import (bindings, canonical_flat, inverse_index, is_wide, kernel_inputs,
-                           reduced_size, scalar_names, to_declared, wide_address)
+from .tiled_common import (RenderBase, bindings, inverse_index, is_wide, kernel_args,
+                           kernel_inputs, out_size, reduced_size, to_declared, wide_address)
 from .triton_backend import aot_compile_kernel, load_module
 from .triton_seq import HEADER, TRITON_BINARY, TRITON_UNARY, lit, power
 
 BLOCK_N, BLOCK_M, BLOCK_I = 16, 64, 64
 
 
-class _Render:
-    def __init__(self, plan: TiledPlan, sizes: dict[str, int]):
-        self.plan, self.sizes = plan, sizes
-        self.M = 1
-        for d in plan.out_dims:
-            self.M *= sizes[d]
-        self.specs = kernel_inputs(plan)
-        self.scalars = scalar_names(plan)
-
+class _Render(RenderBase):
     def params(self) -> list[str]:
         return ["SC"] + [f"A_{s.name}" for s in self.specs]
 
@@ -188,22 +180,6 @@ def _module(plan: TiledPlan, tc: TiledCall):
     return load_module(module_source(plan, tc.sizes), tc.device.type != "cuda")
 
 
-def _M(plan: TiledPlan, tc: TiledCall) -> int:
-    M = 1
-    for d in plan.out_dims:
-        M *= tc.sizes[d]
-    return M
-
-
-def _args(plan: TiledPlan, tc: TiledCall) -> list[torch.Tensor]:
-    sc = [tc.scalars[n] for n in scalar_names(plan)] or [0.0]
-    out = [torch.tensor(sc, dtype=torch.float32, device=tc.device)]
-    for s in kernel_inputs(plan):
-        x = canonical_flat(plan, tc, s)
-        out.append(x.to(torch.int32 if s.role == "index" else torch.float32).contiguous())
-    return out
-
-
 def _run(mod, interpret: bool, name: str, grid, *args) -> None:
     import triton
 
@@ -218,19 +194,19 @@ def _run(mod, interpret: bool, name: str, grid, *args) -> None:
 
 
 def run_tiled_triton(plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
-    M, N = _M(plan, tc), tc.N
+    M, N = out_size(plan, tc.sizes), tc.N
     mod, interp = _module(plan, tc), tc.device.type != "cuda"
     out = torch.empty(N, M, device=tc.device)
     grid = (-(-N // BLOCK_N), -(-M // BLOCK_M))
-    _run(mod, interp, "fwd", grid, out, *_args(plan, tc), N, BLOCK_N, BLOCK_M)
+    _run(mod, interp, "fwd", grid, out, *kernel_args(plan, tc), N, BLOCK_N, BLOCK_M)
     return out.reshape(tc.out_shape).to(tc.out_dtype)
 
 
 def tiled_grads_triton(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor
                        ) -> dict[str, torch.Tensor]:
-    M, N, dev = _M(plan, tc), tc.N, tc.device
+    M, N, dev = out_size(plan, tc.sizes), tc.N, tc.device
     mod, interp = _module(plan, tc), dev.type != "cuda"
-    args = _args(plan, tc)
+    args = kernel_args(plan, tc)
     d = dy.float().reshape(N, M).contiguous()
     dummy = torch.empty(1, device=dev)
     grads: dict[str, torch.Tensor] = {}

@@ -19,24 +19,19 @@ import torch
 from ..ir.node import Node
 from ..ir.tiled import TiledCall
 from ..lowering.tiled import TiledPlan
-from .tiled_common import (bindings, canonical_flat, inverse_index, is_wide, kernel_inputs,
-                           reduced_size, scalar_names, to_declared, wide_address)
+from .tiled_common import (RenderBase, bindings, inverse_index, is_wide, kernel_args, out_size,
+                           reduced_size, to_declared, wide_address)
 from .tvm_backend import _Gen
 from .tvm_build import _LOCK, compile_source
 
 _KERNELS: dict[tuple, Callable] = {}
 
 
-class _Render:
+class _Render(RenderBase):
     """TVMScript expressions of a plan's nodes at (row n, output element m)."""
 
     def __init__(self, plan: TiledPlan, sizes: dict[str, int]):
-        self.plan, self.sizes = plan, sizes
-        self.M = 1
-        for d in plan.out_dims:
-            self.M *= sizes[d]
-        self.specs = kernel_inputs(plan)
-        self.scalars = scalar_names(plan)
+        super().__init__(plan, sizes)
         self.names: dict[int, str] = {}
         self.count = 0   # values bound so far
         self.reds = 0    # reductions so far
@@ -236,32 +231,16 @@ def _kernel(kind: str, plan: TiledPlan, sizes: dict[str, int]) -> Callable:
     return hit
 
 
-def _args(plan: TiledPlan, tc: TiledCall, M: int) -> list[torch.Tensor]:
-    sc = [tc.scalars[n] for n in scalar_names(plan)] or [0.0]
-    out = [torch.tensor(sc, dtype=torch.float32)]
-    for s in kernel_inputs(plan):
-        x = canonical_flat(plan, tc, s)
-        out.append(x.to(torch.int32 if s.role == "index" else torch.float32).contiguous())
-    return out
-
-
-def _M(plan: TiledPlan, tc: TiledCall) -> int:
-    M = 1
-    for d in plan.out_dims:
-        M *= tc.sizes[d]
-    return M
-
-
 def run_tiled_tvm(plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
-    M = _M(plan, tc)
+    M = out_size(plan, tc.sizes)
     out = torch.empty(tc.N, M)
-    _kernel("forward", plan, tc.sizes)(*_args(plan, tc, M), out)
+    _kernel("forward", plan, tc.sizes)(*kernel_args(plan, tc), out)
     return out.reshape(tc.out_shape).to(tc.out_dtype)
 
 
 def tiled_grads_tvm(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, torch.Tensor]:
-    M, N = _M(plan, tc), tc.N
-    args = _args(plan, tc, M)
+    M, N = out_size(plan, tc.sizes), tc.N
+    args = kernel_args(plan, tc)
     d = dy.float().reshape(N, M).contiguous()
     grads: dict[str, torch.Tensor] = {}
     gathered = plan.gathered_rows()

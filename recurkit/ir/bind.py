@@ -45,10 +45,8 @@ def signature_names(program: Program) -> list[str]:
     return [s.name for s in program.call_inputs] + list(CALL_OPTIONS)
 
 
-def bind_call(program: Program, args: tuple, kwargs: dict) -> BoundCall:
-    """Match ``args``/``kwargs`` to the declaration and check every tensor."""
-    names = signature_names(program)
-    op = program.name
+def match_args(op: str, names: list[str], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``args``/``kwargs`` by argument name (a CallError for too many, unknown or repeated)."""
     if len(args) > len(names):
         raise CallError(f"{op}() takes at most {len(names)} arguments ({', '.join(names)}), "
                         f"got {len(args)}")
@@ -60,7 +58,13 @@ def bind_call(program: Program, args: tuple, kwargs: dict) -> BoundCall:
         if k in given:
             raise CallError(f"{op}() got argument '{k}' twice (by position and by name)")
         given[k] = v
+    return given
 
+
+def bind_call(program: Program, args: tuple, kwargs: dict) -> BoundCall:
+    """Match ``args``/``kwargs`` to the declaration and check every tensor."""
+    op = program.name
+    given = match_args(op, signature_names(program), args, kwargs)
     sizes: dict[str, int] = {}
     where: dict[str, str] = {}
     lead: dict[str, int] = {}

@@ -7,11 +7,9 @@ indices; inside, everything is evaluated in fp32 with a leading batch axis of N 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 
-from .bind import FLOAT_DTYPES, _scalar
+from .bind import FLOAT_DTYPES, _scalar, match_args
 from .errors import CallError
 from .interpret import BINARY_TORCH, UNARY_TORCH, align
 from .node import Node, toposort
@@ -50,18 +48,7 @@ def bind_tiled(program: Program, args: tuple, kwargs: dict,
                check_indices: bool = True) -> TiledCall:
     """Match ``args``/``kwargs`` to a tiled declaration and check every tensor and index."""
     op = program.name
-    names = [s.name for s in program.call_inputs]
-    if len(args) > len(names):
-        raise CallError(f"{op}() takes at most {len(names)} arguments ({', '.join(names)}), "
-                        f"got {len(args)}")
-    given: dict[str, Any] = dict(zip(names, args))
-    for k, v in kwargs.items():
-        if k not in names:
-            raise CallError(f"{op}() got an unexpected argument '{k}'; it takes "
-                            f"{', '.join(names)}")
-        if k in given:
-            raise CallError(f"{op}() got argument '{k}' twice (by position and by name)")
-        given[k] = v
+    given = match_args(op, [s.name for s in program.call_inputs], args, kwargs)
     sizes: dict[str, int] = {}
     where: dict[str, str] = {}
     tensors: dict[str, torch.Tensor] = {}
