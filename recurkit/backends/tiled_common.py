@@ -116,6 +116,19 @@ def to_declared(plan: TiledPlan, tc, spec, g: torch.Tensor) -> torch.Tensor:
     return g.to(x.dtype).contiguous()
 
 
+def declared_grads(plan: TiledPlan, tc, grads: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """Every row and weight input's gradient in its layout and dtype (zeros where ``grads``,
+    computed in canonical order, has none)."""
+    out = {}
+    for s in plan.program.call_inputs:
+        if s.role in ("row", "weight"):
+            g = grads.get(s.name)
+            out[s.name] = (torch.zeros_like(tc.tensors[s.name]) if g is None else
+                           to_declared(plan, tc, s, g))
+    return out
+
+
 def inverse_index(plan: TiledPlan, tensors: dict[str, torch.Tensor], row: str, M: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """For row ``row`` read through gathers s = 0.. (in plan order among its scatters):

@@ -7,7 +7,7 @@ import torch
 from ..ir.interpret import align
 from ..ir.tiled import TiledCall, evaluate_tiled
 from ..lowering.tiled import TiledPlan
-from .tiled_common import _canon_index, to_declared
+from .tiled_common import _canon_index, declared_grads
 
 
 def run_tiled_torch(plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
@@ -39,11 +39,4 @@ def tiled_grads_torch(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict[
                                                     device=x.device))
             idx = _canon_index(plan, tc.tensors, s.index)
             g.index_add_(1, idx, vals[id(s.cot)].expand(shape).reshape(N, -1))
-    out = {}
-    for spec in plan.program.call_inputs:
-        if spec.role in ("row", "weight"):
-            x = tc.tensors[spec.name]
-            g = grads.get(spec.name)
-            out[spec.name] = (torch.zeros_like(x) if g is None else
-                              to_declared(plan, tc, spec, g))
-    return out
+    return declared_grads(plan, tc, grads)

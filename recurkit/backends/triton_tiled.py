@@ -15,7 +15,7 @@ from ..ir.node import Node
 from ..ir.tiled import TiledCall
 from ..lowering.tiled import TiledPlan
 from .tiled_common import (RenderBase, bindings, inverse_index, is_wide, kernel_args,
-                           kernel_inputs, out_size, reduced_size, to_declared, wide_address)
+                           kernel_inputs, out_size, reduced_size, declared_grads, wide_address)
 from .triton_backend import aot_compile_kernel, load_module
 from .triton_seq import HEADER, TRITON_BINARY, TRITON_UNARY, lit, power
 
@@ -231,13 +231,7 @@ def tiled_grads_triton(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor
         _run(mod, interp, "columns", (-(-M // BLOCK_M),), d, *args, *dw.values(), N,
              BLOCK_N, BLOCK_M)
         grads.update(dw)
-    out = {}
-    for s in plan.program.call_inputs:
-        if s.role in ("row", "weight"):
-            x = tc.tensors[s.name]
-            g = grads.get(s.name)
-            out[s.name] = torch.zeros_like(x) if g is None else to_declared(plan, tc, s, g)
-    return out
+    return declared_grads(plan, tc, grads)
 
 
 def aot_report(plan: TiledPlan, sizes: dict[str, int], arch: str = "sm_90") -> list[dict]:

@@ -20,7 +20,7 @@ from ..ir.node import Node
 from ..ir.tiled import TiledCall
 from ..lowering.tiled import TiledPlan
 from .tiled_common import (RenderBase, bindings, inverse_index, is_wide, kernel_args, out_size,
-                           reduced_size, to_declared, wide_address)
+                           reduced_size, declared_grads, wide_address)
 from .tvm_backend import _Gen
 from .tvm_build import _LOCK, compile_source
 
@@ -259,10 +259,4 @@ def tiled_grads_tvm(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict[st
         dw = {name: torch.empty(M) for name in plan.weight_grads}
         _kernel("columns", plan, tc.sizes)(d, *args, *dw.values())
         grads.update(dw)
-    out = {}
-    for s in plan.program.call_inputs:
-        if s.role in ("row", "weight"):
-            x = tc.tensors[s.name]
-            g = grads.get(s.name)
-            out[s.name] = torch.zeros_like(x) if g is None else to_declared(plan, tc, s, g)
-    return out
+    return declared_grads(plan, tc, grads)
