@@ -9,14 +9,66 @@ from ..lowering.tiled import TiledPlan
 
 
 class RenderBase:
-    """What a backend's renderer of a tiled plan starts from: the output size M (its dims
-    flattened), the tensor inputs in kernel order and the scalars' names."""
+    """What a backend's renderer of a tiled plan shares: the output size M (its dims
+    flattened), the tensor inputs in kernel order, the scalars' names, and the binding of
+    values (one per node, a loop per reduction) and of leaves. A backend supplies the syntax:
+    ``const``, ``scalar_at``, ``weight_at``, ``row_at``, ``expr``, ``reduction``, ``fresh``."""
 
     def __init__(self, plan: TiledPlan, sizes: dict[str, int]):
         self.plan, self.sizes = plan, sizes
         self.M = out_size(plan, sizes)
         self.specs = kernel_inputs(plan)
         self.scalars = scalar_names(plan)
+
+    def leaf(self, n: Node) -> str:
+        """An input or constant at (n, m), or at reduced position r inside a reduction."""
+        if n.op == "const":
+            return self.const(float(n.attr("value")))
+        if n is self.plan.dy:
+            return self.row_at("DY", self.M, "m")
+        role, name = n.attr("role"), n.attr("name")
+        if role == "scalar":
+            return self.scalar_at(self.scalars.index(name))
+        if role == "weight":
+            return self.weight_at(f"A_{name}")
+        if is_wide(self.plan, n):   # a row inside a reduction, at position r
+            width = self.M * reduced_size(self.plan, self.sizes, n.dims)
+            return self.row_at(f"A_{name}", width,
+                               wide_address(self.plan, self.sizes, n.dims, "m", "r"))
+        return self.row_at(f"A_{name}", self.M, "m")   # a row read directly
+
+    def ref(self, n: Node, names: dict) -> str:
+        return names[id(n)] if id(n) in names else self.leaf(n)
+
+    def lets(self, roots: list[Node], names: dict, pad: str) -> list[str]:
+        """Bind (into ``names``) every output-level value behind ``roots``; a reduction
+        becomes a loop over its reduced positions."""
+        lines: list[str] = []
+        for n in bindings(roots):
+            if id(n) in names or is_wide(self.plan, n):
+                continue
+            if n.op == "sum":
+                R = reduced_size(self.plan, self.sizes, n.args[0].dims)
+                inner, local = self.wide_lets([n.args[0]], names, pad + "    ")
+                loop, e = self.reduction(names, R, inner, self.ref(n.args[0], local), pad)
+                lines += loop
+            else:
+                e = self.expr(n, names)
+            names[id(n)] = self.fresh(names, wide=False)
+            lines.append(f"{pad}{names[id(n)]} = {e}")
+        return lines
+
+    def wide_lets(self, roots: list[Node], names: dict, pad: str) -> tuple[list[str], dict]:
+        """Bind the values inside a reduction (at position r), in a scope of their own."""
+        local = dict(names)
+        lines = []
+        for n in bindings(roots):
+            if id(n) in local:
+                continue
+            e = self.expr(n, local)
+            local[id(n)] = self.fresh(local, wide=True)
+            lines.append(f"{pad}{local[id(n)]} = {e}")
+        return lines, local
 
 
 def out_size(plan: TiledPlan, sizes: dict[str, int]) -> int:
@@ -48,11 +100,6 @@ def scalar_names(plan: TiledPlan) -> list[str]:
 def bindings(roots: list[Node]) -> list[Node]:
     """The computed nodes behind ``roots``, each after its arguments (a value per node)."""
     return [n for n in toposort(roots) if n.op not in ("input", "const")]
-
-
-def direct(plan: TiledPlan, spec) -> bool:
-    """Whether a row input is read directly (it carries the output's dims)."""
-    return spec.role == "row" and plan.program.canonical(spec.dims) == plan.out_dims
 
 
 def is_wide(plan: TiledPlan, n: Node) -> bool:

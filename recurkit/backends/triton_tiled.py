@@ -14,7 +14,7 @@ import torch
 from ..ir.node import Node
 from ..ir.tiled import TiledCall
 from ..lowering.tiled import TiledPlan
-from .tiled_common import (RenderBase, bindings, inverse_index, is_wide, kernel_args,
+from .tiled_common import (RenderBase, inverse_index, is_wide, kernel_args,
                            kernel_inputs, out_size, reduced_size, declared_grads, wide_address)
 from .triton_backend import aot_compile_kernel, load_module
 from .triton_seq import HEADER, TRITON_BINARY, TRITON_UNARY, lit, power
@@ -26,22 +26,17 @@ class _Render(RenderBase):
     def params(self) -> list[str]:
         return ["SC"] + [f"A_{s.name}" for s in self.specs]
 
-    def leaf(self, n: Node) -> str:
-        M = self.M
-        if n.op == "const":
-            return lit(n.attr("value"))
-        if n is self.plan.dy:
-            return f"tl.load(DY + n * {M} + m, mask=mask, other=0.0)"
-        role, name = n.attr("role"), n.attr("name")
-        if role == "scalar":
-            return f"tl.load(SC + {self.scalars.index(name)})"
-        if role == "weight":
-            return f"tl.load(A_{name} + m, mask=mmask, other=0.0)"
-        if is_wide(self.plan, n):   # a row inside a reduction, at position r
-            width = M * reduced_size(self.plan, self.sizes, n.dims)
-            at = wide_address(self.plan, self.sizes, n.dims, "m", "r")
-            return f"tl.load(A_{name} + n * {width} + {at}, mask=mask, other=0.0)"
-        return f"tl.load(A_{name} + n * {M} + m, mask=mask, other=0.0)"
+    def const(self, v: float) -> str:
+        return lit(v)
+
+    def scalar_at(self, i: int) -> str:
+        return f"tl.load(SC + {i})"
+
+    def weight_at(self, buf: str) -> str:
+        return f"tl.load({buf} + m, mask=mmask, other=0.0)"
+
+    def row_at(self, buf: str, width: int, at: str) -> str:
+        return f"tl.load({buf} + n * {width} + {at}, mask=mask, other=0.0)"
 
     def expr(self, n: Node, names: dict) -> str:
         a = [names[id(x)] if id(x) in names else self.leaf(x) for x in n.args]
@@ -61,42 +56,22 @@ class _Render(RenderBase):
             return TRITON_UNARY[n.op].format(*a)
         return TRITON_BINARY[n.op].format(*a)
 
+    def fresh(self, names: dict, wide: bool) -> str:
+        return f"{'w' if wide else 'v'}{len(names)}"
+
+    def reduction(self, names, R: int, inner: list[str], value: str, pad: str):
+        """A register tile summed over r."""
+        acc = f"red{len(names)}"
+        return ([f"{pad}{acc} = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)",
+                 f"{pad}for r in range({R}):", *inner, f"{pad}    {acc} += {value}"], acc)
+
     def body(self, roots: list[Node], pad: str = "    ") -> tuple[list[str], dict[int, str]]:
-        """Bind every output-level value behind ``roots`` (a loop over r per reduction);
-        returns the lines and every root's expression."""
+        """Bind every output-level value behind ``roots``; returns the lines and every
+        output-level root's expression."""
         names: dict[int, str] = {}
-        lines: list[str] = []
-        for n in bindings(roots):
-            if id(n) in names or is_wide(self.plan, n):
-                continue
-            if n.op == "sum":
-                acc = f"red{len(names)}"
-                R = reduced_size(self.plan, self.sizes, n.args[0].dims)
-                inner, local = self.wide_body([n.args[0]], names, pad + "    ")
-                lines += [f"{pad}{acc} = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)",
-                          f"{pad}for r in range({R}):", *inner,
-                          f"{pad}    {acc} += {self.ref(n.args[0], local)}"]
-                e = acc
-            else:
-                e = self.expr(n, names)
-            names[id(n)] = f"v{len(names)}"
-            lines.append(f"{pad}{names[id(n)]} = {e}")
+        lines = self.lets(roots, names, pad)
         return lines, {**names, **{id(r): self.ref(r, names) for r in roots
                                    if not is_wide(self.plan, r)}}
-
-    def wide_body(self, roots: list[Node], names: dict, pad: str) -> tuple[list[str], dict]:
-        local = dict(names)
-        lines = []
-        for n in bindings(roots):
-            if id(n) in local:
-                continue
-            e = self.expr(n, local)
-            local[id(n)] = f"w{len(local)}"
-            lines.append(f"{pad}{local[id(n)]} = {e}")
-        return lines, local
-
-    def ref(self, n: Node, names: dict) -> str:
-        return names[id(n)] if id(n) in names else self.leaf(n)
 
 
 _TILE = ["    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None].to(tl.int64)",
@@ -131,7 +106,7 @@ def module_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
             out.append(f"    tl.store(D_{x} + n * {M} + m, {names[id(node)]} + zero, mask=mask)")
             continue
         R = reduced_size(plan, sizes, wide)   # a row read inside a reduction: every r
-        inner, local = r.wide_body([node], names, "        ")
+        inner, local = r.wide_lets([node], names, "        ")
         out += [f"    for r in range({R}):", *inner,
                 f"        tl.store(D_{x} + n * {M * R} + "
                 f"{wide_address(plan, sizes, wide, 'm', 'r')}, {r.ref(node, local)} + zero, "

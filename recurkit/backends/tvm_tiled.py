@@ -19,8 +19,8 @@ import torch
 from ..ir.node import Node
 from ..ir.tiled import TiledCall
 from ..lowering.tiled import TiledPlan
-from .tiled_common import (RenderBase, bindings, inverse_index, is_wide, kernel_args, out_size,
-                           reduced_size, declared_grads, wide_address)
+from .tiled_common import (RenderBase, declared_grads, inverse_index, kernel_args, out_size,
+                           reduced_size, wide_address)
 from .tvm_backend import _Gen
 from .tvm_build import _LOCK, compile_source
 
@@ -70,23 +70,17 @@ class _Render(RenderBase):
             lines.append(f"    {name} = T.match_buffer(h_{name}, {shape}, \"{dt}\")")
         return lines
 
-    def leaf(self, n: Node, wide=None) -> str:
-        if n.op == "const":
-            return f"T.float32({float(n.attr('value'))!r})"
-        if n is self.plan.dy:
-            return "DY[n, m]"
-        role, name = n.attr("role"), n.attr("name")
-        if role == "scalar":
-            return f"SC[{self.scalars.index(name)}]"
-        if role == "weight":
-            return f"A_{name}[m]"
-        if is_wide(self.plan, n):   # a row inside a reduction, at position r
-            return f"A_{name}[n, {wide_address(self.plan, self.sizes, n.dims, 'm', 'r')}]"
-        return f"A_{name}[n, m]"   # a row read directly
+    def const(self, v: float) -> str:
+        return f"T.float32({v!r})"
 
-    def ref(self, n: Node, names=None) -> str:
-        names = self.names if names is None else names
-        return names[id(n)] if id(n) in names else self.leaf(n)
+    def scalar_at(self, i: int) -> str:
+        return f"SC[{i}]"
+
+    def weight_at(self, buf: str) -> str:
+        return f"{buf}[m]"
+
+    def row_at(self, buf: str, width: int, at: str) -> str:
+        return f"{buf}[n, {at}]"
 
     def expr(self, n: Node, names) -> str:
         ref = lambda a: self.ref(a, names)  # noqa: E731
@@ -99,40 +93,16 @@ class _Render(RenderBase):
             return _Gen.UNARY[n.op].format(ref(n.args[0]))
         return _Gen.BINARY[n.op].format(*(ref(a) for a in n.args))
 
-    def fresh(self) -> str:
+    def fresh(self, names: dict, wide: bool) -> str:
         self.count += 1
         return f"v{self.count}"
 
-    def lets(self, roots: list[Node], pad: str) -> list[str]:
-        """Bind every output-level value behind ``roots`` (a loop per reduction)."""
-        lines = []
-        for n in bindings(roots):
-            if id(n) in self.names or is_wide(self.plan, n):
-                continue
-            if n.op == "sum":
-                j = self.reds
-                self.reds += 1
-                R = reduced_size(self.plan, self.sizes, n.args[0].dims)
-                lines += [f"{pad}RED[{j}] = T.float32(0)", f"{pad}for r in T.serial({R}):"]
-                body, names = self.wide_lets([n.args[0]], pad + "    ")
-                lines += body + [f"{pad}    RED[{j}] = RED[{j}] + {self.ref(n.args[0], names)}"]
-                e = f"RED[{j}]"
-            else:
-                e = self.expr(n, self.names)
-            self.names[id(n)] = self.fresh()
-            lines.append(f"{pad}{self.names[id(n)]} = {e}")
-        return lines
-
-    def wide_lets(self, roots: list[Node], pad: str) -> tuple[list[str], dict]:
-        """Bind the values inside a reduction (at position r), in a scope of their own."""
-        names = dict(self.names)
-        lines = []
-        for n in bindings(roots):
-            if id(n) in names:
-                continue
-            names[id(n)] = self.fresh()
-            lines.append(f"{pad}{names[id(n)]} = {self.expr(n, names)}")
-        return lines, names
+    def reduction(self, names, R: int, inner: list[str], value: str, pad: str):
+        """An accumulator slot in the RED buffer (see ``with_reds``) summed over r."""
+        j = self.reds
+        self.reds += 1
+        return ([f"{pad}RED[{j}] = T.float32(0)", f"{pad}for r in T.serial({R}):", *inner,
+                 f"{pad}    RED[{j}] = RED[{j}] + {value}"], f"RED[{j}]")
 
     def with_reds(self, lines: list[str], at: int, pad: str) -> list[str]:
         """Insert the reductions' accumulator buffer at line ``at``."""
@@ -147,8 +117,8 @@ def forward_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
     lines = r.header([], [("OUT", f"(N, {r.M})", "float32")])
     lines += ["    for n in T.parallel(N):", f"        for m in T.serial({r.M}):"]
     at = len(lines) - 1
-    lines += r.lets([plan.program.output], " " * 12)
-    lines.append(f"            OUT[n, m] = {r.ref(plan.program.output)}")
+    lines += r.lets([plan.program.output], r.names, " " * 12)
+    lines.append(f"            OUT[n, m] = {r.ref(plan.program.output, r.names)}")
     return "\n".join(r.with_reds(lines, at, " " * 8)) + "\n"
 
 
@@ -165,19 +135,19 @@ def rows_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
     at = len(lines) - 1
     pad = " " * 12
     roots = [*plan.row_grads.values(), *(s.cot for s in plan.scatters)]
-    lines += r.lets(roots, pad)
+    lines += r.lets(roots, r.names, pad)
     for name, node in plan.row_grads.items():
         wide = plan.program.canonical(specs[name].dims)
         if wide != plan.out_dims:   # a row read inside a reduction: its gradient at every r
-            body, names = r.wide_lets([node], pad + "    ")
+            body, names = r.wide_lets([node], r.names, pad + "    ")
             lines += [f"{pad}for r in T.serial({reduced_size(plan, sizes, wide)}):", *body,
                       f"{pad}    D_{name}[n, {wide_address(plan, sizes, wide, 'm', 'r')}]"
                       f" = {r.ref(node, names)}"]
         else:
-            lines.append(f"{pad}D_{name}[n, m] = {r.ref(node)}")
+            lines.append(f"{pad}D_{name}[n, m] = {r.ref(node, r.names)}")
     for row, sc in gathered.items():
         for k, s in enumerate(sc):
-            lines.append(f"{pad}G_{row}[n, {k * r.M} + m] = {r.ref(s.cot)}")
+            lines.append(f"{pad}G_{row}[n, {k * r.M} + m] = {r.ref(s.cot, r.names)}")
     return "\n".join(r.with_reds(lines, at, " " * 8)) + "\n"
 
 
@@ -191,9 +161,9 @@ def columns_source(plan: TiledPlan, sizes: dict[str, int]) -> str:
     for name in plan.weight_grads:
         lines.append(f"        D_{name}[m] = T.float32(0)")
     lines.append("        for n in T.serial(N):")
-    lines += r.lets(list(plan.weight_grads.values()), " " * 12)
+    lines += r.lets(list(plan.weight_grads.values()), r.names, " " * 12)
     for name, node in plan.weight_grads.items():
-        lines.append(f"            D_{name}[m] = D_{name}[m] + {r.ref(node)}")
+        lines.append(f"            D_{name}[m] = D_{name}[m] + {r.ref(node, r.names)}")
     return "\n".join(r.with_reds(lines, at, " " * 8)) + "\n"
 
 
