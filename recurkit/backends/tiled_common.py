@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ir.interpret import _to_canonical
 from ..ir.node import Node, toposort
 from ..lowering.tiled import TiledPlan
 
@@ -142,11 +143,8 @@ def wide_address(plan: TiledPlan, sizes: dict[str, int], dims, m: str, r: str) -
 def canonical_flat(plan: TiledPlan, tc, spec) -> torch.Tensor:
     """A tensor input as kernels read it: dims in canonical order, the output's dims (or a
     gathered row's one dim) flattened: rows [N, M | I], weights and indices [M]."""
-    x = tc.tensors[spec.name]
     lead = 1 if spec.role == "row" else 0
-    canon = plan.program.canonical(spec.dims)
-    if canon != spec.dims:
-        x = x.permute(*range(lead), *(lead + spec.dims.index(d) for d in canon))
+    x = _to_canonical(tc.tensors[spec.name], spec.dims, plan.program.canonical(spec.dims), lead)
     return x.reshape(tc.N, -1) if lead else x.reshape(-1)
 
 
@@ -176,15 +174,14 @@ def declared_grads(plan: TiledPlan, tc, grads: dict[str, torch.Tensor]
     return out
 
 
-def inverse_index(plan: TiledPlan, tensors: dict[str, torch.Tensor], row: str, M: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def inverse_index(plan: TiledPlan, tc, row: str, M: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For row ``row`` read through gathers s = 0.. (in plan order among its scatters):
     ``offsets`` [I + 1] and ``entries`` [E] (int32) such that the entries of input position i,
     ``entries[offsets[i]:offsets[i+1]]``, are the flat positions s * M + m whose index is i.
     ``M`` is the number of output elements. (Gradients gather through it: no atomics.)"""
     scat = plan.gathered_rows()[row]
-    I = tensors[row].shape[-1]
-    flat = torch.cat([_canon_index(plan, tensors, s.index) for s in scat])
+    I = tc.tensors[row].shape[-1]
+    flat = torch.cat([flat_index(plan, tc, s.index) for s in scat])
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=I)
     offsets = torch.zeros(I + 1, dtype=torch.int64, device=flat.device)
@@ -192,10 +189,7 @@ def inverse_index(plan: TiledPlan, tensors: dict[str, torch.Tensor], row: str, M
     return offsets.to(torch.int32), order.to(torch.int32)
 
 
-def _canon_index(plan: TiledPlan, tensors, name: str) -> torch.Tensor:
+def flat_index(plan: TiledPlan, tc, name: str) -> torch.Tensor:
+    """Index input ``name`` flattened in canonical order (int64)."""
     spec = next(s for s in plan.program.inputs if s.name == name)
-    x = tensors[name]
-    canon = plan.program.canonical(spec.dims)
-    if canon != spec.dims:
-        x = x.permute(*(spec.dims.index(d) for d in canon))
-    return x.reshape(-1).long()
+    return canonical_flat(plan, tc, spec).long()

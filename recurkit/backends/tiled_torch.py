@@ -7,7 +7,7 @@ import torch
 from ..ir.interpret import align
 from ..ir.tiled import TiledCall, evaluate_tiled
 from ..lowering.tiled import TiledPlan
-from .tiled_common import _canon_index, declared_grads
+from .tiled_common import declared_grads, flat_index
 
 
 def run_tiled_torch(plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
@@ -37,6 +37,6 @@ def tiled_grads_torch(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict[
             x = tc.tensors[s.row]
             g = grads.setdefault(s.row, torch.zeros(x.shape, dtype=torch.float32,
                                                     device=x.device))
-            idx = _canon_index(plan, tc.tensors, s.index)
+            idx = flat_index(plan, tc, s.index)
             g.index_add_(1, idx, vals[id(s.cot)].expand(shape).reshape(N, -1))
     return declared_grads(plan, tc, grads)

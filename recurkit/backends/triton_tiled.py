@@ -195,7 +195,7 @@ def tiled_grads_triton(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor
         _run(mod, interp, "rows", grid, d, *args, *outs, N, BLOCK_N, BLOCK_M)
         grads.update(drow)
         for row, sc in gathered.items():
-            off, ent = inverse_index(plan, tc.tensors, row, M)
+            off, ent = inverse_index(plan, tc, row, M)
             I = tc.tensors[row].shape[-1]
             dx = torch.empty(N, I, device=dev)
             _run(mod, interp, "inverse", (-(-N // BLOCK_N), -(-I // BLOCK_I)), G[row], off, ent,

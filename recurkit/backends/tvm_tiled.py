@@ -221,7 +221,7 @@ def tiled_grads_tvm(plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict[st
         grads.update(drow)
         inv = _kernel("inverse", plan, tc.sizes)
         for row in gathered:
-            off, ent = inverse_index(plan, tc.tensors, row, M)
+            off, ent = inverse_index(plan, tc, row, M)
             dx = torch.empty(N, tc.tensors[row].shape[-1])
             inv(G[row], off, ent, dx)
             grads[row] = dx if row not in grads else grads[row] + dx

@@ -11,7 +11,7 @@ import torch
 
 from .bind import FLOAT_DTYPES, _scalar, match_args
 from .errors import CallError
-from .interpret import BINARY_TORCH, UNARY_TORCH, align
+from .interpret import _to_canonical, apply_node
 from .node import Node, toposort
 from .program import Program
 
@@ -108,12 +108,6 @@ def bind_tiled(program: Program, args: tuple, kwargs: dict,
     return TiledCall(program, tensors, scalars, sizes, N, out_dtype, device)
 
 
-def _canon(x: torch.Tensor, have: tuple[str, ...], want: tuple[str, ...]) -> torch.Tensor:
-    if have == want:
-        return x
-    return x.permute(0, *(1 + have.index(d) for d in want))
-
-
 def gather_values(v: torch.Tensor, x: Node, idx: torch.Tensor, n: Node) -> torch.Tensor:
     """``v`` (values of node ``x``, one batch axis) read at ``idx`` as node ``n`` says."""
     dim, idims = n.attr("dim"), n.args[1].dims
@@ -121,7 +115,7 @@ def gather_values(v: torch.Tensor, x: Node, idx: torch.Tensor, n: Node) -> torch
     g = v.index_select(axis, idx.reshape(-1).long())
     g = g.reshape(*v.shape[:axis], *idx.shape, *v.shape[axis + 1:])
     have = x.dims[:x.dims.index(dim)] + idims + x.dims[x.dims.index(dim) + 1:]
-    return _canon(g, have, n.dims)
+    return _to_canonical(g, have, n.dims, 1)
 
 
 def evaluate_tiled(tc: TiledCall, roots: list[Node],
@@ -137,37 +131,18 @@ def evaluate_tiled(tc: TiledCall, roots: list[Node],
             if spec.role == "scalar":
                 v = torch.tensor([tc.scalars[spec.name]], device=tc.device)
             elif spec.role == "index":
-                v = tc.tensors[spec.name].long()
-                if spec.dims != n.dims:
-                    v = v.permute(*(spec.dims.index(d) for d in n.dims))
+                v = _to_canonical(tc.tensors[spec.name].long(), spec.dims, n.dims, 0)
             else:
                 x = tc.tensors[spec.name].float()
                 if spec.role == "weight":
                     x = x.unsqueeze(0)
-                v = _canon(x, spec.dims, n.dims)
+                v = _to_canonical(x, spec.dims, n.dims, 1)
         elif n.op == "const":
             v = torch.tensor([float(n.attr("value"))], device=tc.device)
         elif n.op == "gather":
             v = gather_values(vals[id(n.args[0])], n.args[0], vals[id(n.args[1])], n)
-        elif n.op in UNARY_TORCH:
-            v = UNARY_TORCH[n.op](vals[id(n.args[0])])
-        elif n.op in BINARY_TORCH or n.op == "where":
-            xs = [align(vals[id(a)], a.dims, n.dims, 1) for a in n.args]
-            v = torch.where(*xs) if n.op == "where" else BINARY_TORCH[n.op](*xs)
-        elif n.op in ("sum", "max"):
-            (a,) = n.args
-            axes = tuple(1 + a.dims.index(d) for d in n.attr("over"))
-            v = vals[id(a)].sum(axes) if n.op == "sum" else vals[id(a)].amax(axes)
-        elif n.op == "contract":
-            a, b = n.args
-            letters = {d: chr(ord("a") + i) for i, d in enumerate(dict.fromkeys(a.dims + b.dims))}
-            spec_s = "z{},z{}->z{}".format(*("".join(letters[d] for d in x)
-                                             for x in (a.dims, b.dims, n.dims)))
-            va, vb = vals[id(a)], vals[id(b)]
-            nb = max(va.shape[0], vb.shape[0])
-            v = torch.einsum(spec_s, va.expand(nb, *va.shape[1:]), vb.expand(nb, *vb.shape[1:]))
-        else:  # pragma: no cover - the verifier admits no other op
-            raise NotImplementedError(f"tiled reference has no rule for op '{n.op}'")
+        else:   # elementwise, reductions, contractions: the recurrence interpreter's rules
+            v = apply_node(n, [vals[id(a)] for a in n.args], 1)
         vals[id(n)] = v
     return vals
 
