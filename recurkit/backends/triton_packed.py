@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lowering.packed import PackedNet
+from ..lowering.packed import PackedNet, pack_bits_torch
 from .triton_backend import aot_compile_kernel, load_module
 from .triton_seq import HEADER
 
@@ -69,12 +69,7 @@ def packed_source(net: PackedNet) -> str:
 def pack_words(x: torch.Tensor) -> torch.Tensor:
     """Bool inputs [N, F] as int64 words [F, ceil(N / 64)] (sample n at bit n % 64 of word
     n // 64), with torch ops on the inputs' device."""
-    N, F = x.shape
-    NW = -(-N // 64)
-    bits = torch.zeros(NW * 64, F, dtype=torch.int64, device=x.device)
-    bits[:N] = x.to(torch.int64)
-    bits = bits.reshape(NW, 64, F).permute(2, 0, 1)
-    return (bits << torch.arange(64, device=x.device, dtype=torch.int64)).sum(-1).contiguous()
+    return pack_bits_torch(x, 1)[:, :, 0].T.contiguous()
 
 
 def run_packed_triton(net: PackedNet, x: torch.Tensor, buffers: tuple) -> torch.Tensor:

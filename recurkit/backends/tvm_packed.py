@@ -144,7 +144,8 @@ def main(h_x: T.handle, h_out: T.handle):
 
 
 def pack_bits(x: torch.Tensor, words: int = 4) -> torch.Tensor:
-    """Bool inputs [N, F] on the CPU as int64 words [NB, F, words] (see ``pack_bits_torch``),
+    """Bool inputs [N, F] on the CPU as int64 words [NB, F, words] (the layout of
+    ``lowering.packed.pack_bits_torch``),
     by a compiled kernel: whole blocks straight from ``x``, the last partial block from a
     zero-padded copy of its rows."""
     N, F = x.shape
@@ -167,16 +168,3 @@ def pack_bits(x: torch.Tensor, words: int = 4) -> torch.Tensor:
         tail[:N - full * per] = xb[full * per:]
         fn(tail, out[full:])
     return out
-
-
-def pack_bits_torch(x: torch.Tensor, words: int = 4) -> torch.Tensor:
-    """Bool (or 0/1) inputs [N, F] as int64 words [NB, F, words], sample n at bit n % 64 of
-    word (n // 64) % words of block n // (64 * words); padding samples are zero."""
-    N, F = x.shape
-    per = 64 * words
-    NB = -(-N // per)
-    bits = torch.zeros(NB * per, F, dtype=torch.int64)
-    bits[:N] = x.to(torch.int64)
-    bits = bits.reshape(NB, words, 64, F).permute(0, 3, 1, 2)          # [NB, F, words, 64]
-    shifts = torch.arange(64, dtype=torch.int64)
-    return (bits << shifts).sum(-1)   # distinct bits: the sum is their OR

@@ -89,3 +89,17 @@ def eval_packed_reference(net: PackedNet, x: torch.Tensor) -> torch.Tensor:
         g = layer.gates
         h = (g >> (3 - (2 * a + b))) & 1
     return h.reshape(h.shape[0], net.classes, net.group).sum(-1)
+
+
+def pack_bits_torch(x: torch.Tensor, words: int = 4) -> torch.Tensor:
+    """Bool (or 0/1) inputs [N, F] as int64 words [NB, F, words] on ``x``'s device: sample n
+    at bit n % 64 of word (n // 64) % words of block n // (64 * words); padding samples are
+    zero. (The kernels' layout, in torch ops.)"""
+    N, F = x.shape
+    per = 64 * words
+    NB = -(-N // per)
+    bits = torch.zeros(NB * per, F, dtype=torch.int64, device=x.device)
+    bits[:N] = x.to(torch.int64)
+    bits = bits.reshape(NB, words, 64, F).permute(0, 3, 1, 2)          # [NB, F, words, 64]
+    shifts = torch.arange(64, dtype=torch.int64, device=x.device)
+    return (bits << shifts).sum(-1)   # distinct bits: the sum is their OR
