@@ -128,9 +128,8 @@ class TiledTorchOp:
             tuple(None for _ in self.scalar_names)
 
     def __call__(self, *args, **kwargs):
-        # errors name the argument; the index range is checked by the kernel when tracing
-        tc = bind_tiled(self.program, args, kwargs,
-                        check_indices=not torch.compiler.is_compiling())
+        # errors name the argument; the index range is checked once, by the op's kernel
+        tc = bind_tiled(self.program, args, kwargs, check_indices=False)
         return self.op(*[tc.tensors[n] for n in self.tensor_names],
                        *[tc.scalars[n] for n in self.scalar_names])
 
