@@ -234,6 +234,10 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
         raise ValueError(f"codegen shows generated source for 'triton' or 'tvm', got "
                          f"{backend!r}")
     sizes = {**{d: 64 for d in p.dims}, **(sizes or {})}
+    unknown = set(sizes) - set(p.dims)
+    if unknown:
+        raise ValueError(f"sizes names dims {sorted(unknown)} that {p.name} does not have "
+                         f"(its dims: {', '.join(p.dims)})")
     if p.is_tiled:
         from .lowering.tiled import lower_tiled
         plan = lower_tiled(p)
@@ -246,10 +250,6 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
                                                      columns_source)) + "\n\n" + INVERSE_SOURCE
     if p.new_state is None:
         raise ValueError(f"{p.name} is stateless: nothing to generate")
-    unknown = set(sizes) - set(p.dims)
-    if unknown:
-        raise ValueError(f"sizes names dims {sorted(unknown)} that {p.name} does not have "
-                         f"(its dims: {', '.join(p.dims)})")
     op = CompiledOp(p, backend, form, chunk, knobs)
     tp = op.tile_program
     if backend == "triton":

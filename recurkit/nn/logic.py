@@ -42,6 +42,9 @@ def connections(in_dim: int, out_dim: int, kind: str = "random",
     return ia, ib
 
 
+_connections = connections   # LogicLayer's argument of the same name hides it
+
+
 class LogicLayer(nn.Module):
     """``out_dim`` neurons, each a learned mix of the 16 two-input gates of two fixed inputs.
 
@@ -94,10 +97,6 @@ class LogicLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_dim}, {self.out_dim}, connections={self.kind!r}"
-
-
-def _connections(in_dim, out_dim, kind, generator):
-    return connections(in_dim, out_dim, kind, generator)
 
 
 class GroupSum(nn.Module):
