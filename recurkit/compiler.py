@@ -11,6 +11,7 @@ from .backends.triton_backend import check_config
 from .backends.triton_backend import default_chunk as triton_default_chunk
 from .backends.tvm_backend import check_knobs, run_tvm_sequential
 from .ir import CallError, Program, Recurrence, bind_call
+from .backends.adjoint_host import adjoint_runner, check_backward
 from .custom_op import register
 from .ir.bind import signature_names
 from .lowering.forms import lower
@@ -50,8 +51,9 @@ class CompiledOp:
 
     def __init__(self, program: Program, backend: str, form: str | None = None,
                  chunk: int | None = None, knobs: dict | None = None,
-                 autotune: bool | str = False):
+                 autotune: bool | str = False, backward: str = "auto"):
         self.program, self.backend = program, backend
+        self.backward = check_backward(backward)
         self.knobs = None
         self.autotune = _effort(autotune)
         self._tuned: dict[tuple, object] = {}
@@ -110,19 +112,22 @@ class CompiledOp:
     @property
     def torch_op(self):
         """The torch custom op ``torch.ops.recurkit_jit.<name>_<config hash>`` this op calls:
-        its kernel is this op's forward; its backward recomputes the forward with the torch
-        tile program (the reference, for backend='reference') under autograd."""
+        its kernel is this op's forward; its backward is the generated adjoint (see
+        ``compile``'s ``backward``) or recomputes the forward with the torch tile program (the
+        reference, for backend='reference') under autograd."""
         if self._op is None:
             cfg = repr((self.program.content_hash(), self.backend, self.form,
                         self.tile_program.chunk if self.tile_program is not None else None,
-                        sorted((self.knobs or {}).items()), self.autotune))
+                        sorted((self.knobs or {}).items()), self.autotune, self.backward))
             digest = hashlib.sha1(cfg.encode()).hexdigest()[:12]
             if self.backend in ("torch", "reference"):
                 grad = self
             else:
                 grad = CompiledOp(self.program, "torch")
+            adjoint = None if self.backend == "reference" else adjoint_runner(
+                self.program, self.backward)
             self._op = register(self.program, f"recurkit_jit::{self.program.name}_{digest}",
-                                self.forward, grad.forward)
+                                self.forward, grad.forward, adjoint)
         return self._op
 
     def _run_bound(self, bc):
@@ -189,7 +194,7 @@ def _effort(autotune) -> str | None:
 
 def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A001
             chunk: int | None = None, knobs: dict | None = None,
-            autotune: bool | str = False) -> CompiledOp:
+            autotune: bool | str = False, backward: str = "auto") -> CompiledOp:
     """Compile a declaration. (A tiled declaration, ``@rk.tiled``, compiles to a
     ``recurkit.tiled_op.TiledTorchOp``: forward and generated backward kernels as custom ops,
     backend "auto" (TVM on CPU, Triton on CUDA), "tvm", "triton" or "torch".)
@@ -210,6 +215,10 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     "full": on the first call (CPU or CUDA) of each shape bucket, measure the
     candidates (forms, chunk sizes, backends, knobs), each verified against the reference,
     keep the fastest in the tuning cache and run it; later calls and processes reuse it.
+    backward (gradients of stateful declarations): "auto" (the generated adjoint, a compiled
+    TVM kernel, for CPU tensors; elsewhere the forward recomputed with the torch backend under
+    autograd), "adjoint" (the generated adjoint everywhere: off the CPU, a torch step loop,
+    slow) or "autograd" (always the recompute).
     """
     p = as_program(decl)
     if p.is_tiled:
@@ -219,7 +228,7 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
         from .tiled_op import compile_tiled
         return compile_tiled(p, resolve_backend(backend) if backend != "reference"
                              else "torch")
-    return CompiledOp(p, resolve_backend(backend), form, chunk, knobs, autotune)
+    return CompiledOp(p, resolve_backend(backend), form, chunk, knobs, autotune, backward)
 
 
 def codegen(decl, backend: str = "triton", *, form: str | None = None,

@@ -3,11 +3,11 @@
 An op has one schema for every device: the declaration's tensor inputs in order, its scalars
 as optional floats (None: the declared default), then ``initial_state``, ``cu_seqlens``; it
 always returns ``(output, final_state)``. Its kernel is a given compiled forward, its fake impl
-follows the IR's shape rules, and its backward recomputes the forward with a differentiable
-path (the torch tile program, or the reference) under autograd. (The backward generated from
-the declaration, as an adjoint recurrence, is not built yet.) ``rk.export`` names such ops;
-every ``rk.compile`` result of a stateful declaration calls one registered under
-``recurkit_jit``.
+follows the IR's shape rules, and its backward is the generated adjoint (``adjoint``: the
+backward step derived from the declaration, run back in time by a compiled kernel) where one
+serves the call, else the forward recomputed with a differentiable path (the torch tile
+program, or the reference) under autograd. ``rk.export`` names such ops; every
+``rk.compile`` result of a stateful declaration calls one registered under ``recurkit_jit``.
 """
 from __future__ import annotations
 
@@ -27,9 +27,11 @@ class TorchOp:
     """Calls ``torch.ops.<ns>.<name>`` with the declaration's call signature; returns
     ``(output, final_state or None)`` like a compiled op. ``kernel(**kw)`` computes
     ``(output, final_state)`` (no gradient); ``grad_kernel(**kw)`` computes the same with
-    torch ops that autograd differentiates (the backward recomputes through it)."""
+    torch ops that autograd differentiates (the backward recomputes through it);
+    ``adjoint(kw, leaves, grad_o, grad_S)``, if given, returns the gradients by argument name
+    from the generated adjoint, or None where it does not serve the call."""
 
-    def __init__(self, program, qualname: str, kernel, grad_kernel):
+    def __init__(self, program, qualname: str, kernel, grad_kernel, adjoint=None):
         self.program, self.qualname = program, qualname
         specs = program.call_inputs
         self.tensor_names = [s.name for s in specs if s.role in ("token", "param")]
@@ -42,12 +44,18 @@ class TorchOp:
                ["Tensor? initial_state=None", "Tensor? cu_seqlens=None"]
         self.lib = torch.library.Library(ns, "FRAGMENT")
         self.lib.define(f"{name}({', '.join(args)}) -> (Tensor, Tensor)")
-        self._fwd, self._grad_path = kernel, grad_kernel
+        # the gradient of every tensor input, then of the initial state (empty when none)
+        self.lib.define(f"{name}_backward(Tensor? grad_out, Tensor? grad_final_state, "
+                        f"{', '.join(args)}) -> Tensor[]")
+        self._fwd, self._grad_path, self._adjoint = kernel, grad_kernel, adjoint
         self.lib.impl(name, self._kernel, "CompositeExplicitAutograd")
+        self.lib.impl(f"{name}_backward", self._backward_kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(qualname, self._fake, lib=self.lib)
+        torch.library.register_fake(f"{qualname}_backward", self._fake_backward, lib=self.lib)
         torch.library.register_autograd(qualname, self._backward, setup_context=self._setup,
                                         lib=self.lib)
         self.op = getattr(getattr(torch.ops, ns), name)
+        self.backward_op = getattr(getattr(torch.ops, ns), f"{name}_backward")
 
     # --- the op's parts --------------------------------------------------------------------
     def _kwargs(self, args) -> dict:
@@ -96,22 +104,54 @@ class TorchOp:
         ctx.is_tensor = [x is not None for x in saved]
 
     def _backward(self, ctx, grad_o, grad_S):
+        if grad_o is None and grad_S is None:
+            return tuple(None for _ in self.arg_names)
         saved = ctx.saved_tensors
         args = [saved[i] if ctx.is_tensor[i] else ctx.scalars[i] for i in range(ctx.n_in)]
-        kw = self._kwargs(args)
-        names = self.tensor_names + ["initial_state"]
-        leaves = {n: kw[n].detach().requires_grad_(kw[n].is_floating_point())
-                  for n in names if kw.get(n) is not None}
-        with torch.enable_grad():
-            o, S = self._grad_path(**{**kw, **leaves})
-            pairs = [(t, g) for t, g in ((o, grad_o), (S, grad_S)) if g is not None]
-            if not pairs:
-                return tuple(None for _ in self.arg_names)
-            outs, grads_out = [t for t, _ in pairs], [g for _, g in pairs]
-            want = [v for v in leaves.values() if v.requires_grad]
-            got = torch.autograd.grad(outs, want, grads_out, allow_unused=True)
-        by_name = dict(zip([n for n, v in leaves.items() if v.requires_grad], got))
+        grads = self.backward_op(grad_o, grad_S, *args)
+        by_name = dict(zip(self.tensor_names, grads))
+        if self._kwargs(args).get("initial_state") is not None:
+            by_name["initial_state"] = grads[-1]
         return tuple(by_name.get(n) for n in self.arg_names)
+
+    def _backward_kernel(self, grad_o, grad_S, *args):
+        """The gradients, from the generated adjoint where it serves the call, else by
+        recomputing the forward through the differentiable path under autograd."""
+        with torch.inference_mode(False):   # AOT-compiled backwards run in inference mode
+            return self._gradients(grad_o, grad_S, self._kwargs(args))
+
+    def _gradients(self, grad_o, grad_S, kw: dict) -> list[torch.Tensor]:
+        names = self.tensor_names + ["initial_state"]
+        # autograd (through the prologue, or the whole recompute) needs leaves that are not
+        # inference tensors: those are copied
+        leaves = {n: (kw[n].clone() if kw[n].is_inference() else kw[n].detach())
+                  .requires_grad_(kw[n].is_floating_point())
+                  for n in names if kw.get(n) is not None}
+        got = None
+        if self._adjoint is not None:
+            got = self._adjoint(kw, leaves, grad_o, grad_S)
+        if got is None:
+            with torch.enable_grad():
+                o, S = self._grad_path(**{**kw, **leaves})
+                pairs = [(t, g) for t, g in ((o, grad_o), (S, grad_S)) if g is not None]
+                want = [n for n, v in leaves.items() if v.requires_grad]
+                res = torch.autograd.grad([t for t, _ in pairs], [leaves[n] for n in want],
+                                          [g for _, g in pairs], allow_unused=True)
+            got = dict(zip(want, res))
+        out = [got.get(n) if got.get(n) is not None else torch.zeros_like(kw[n])
+               for n in self.tensor_names]
+        init = kw.get("initial_state")
+        g0 = got.get("initial_state") if init is not None else None
+        out.append(out[0].new_empty(0) if init is None else
+                   (g0 if g0 is not None else torch.zeros_like(init)))
+        return out
+
+    def _fake_backward(self, grad_o, grad_S, *args):
+        kw = self._kwargs(args)
+        init = kw.get("initial_state")
+        first = kw[self.tensor_names[0]]
+        return [torch.empty_like(kw[n]) for n in self.tensor_names] + [
+            first.new_empty(0) if init is None else torch.empty_like(init)]
 
     # --- calling it -------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -131,11 +171,11 @@ class TorchOp:
 
 
 
-def register(program, qualname: str, kernel, grad_kernel) -> TorchOp:
+def register(program, qualname: str, kernel, grad_kernel, adjoint=None) -> TorchOp:
     """The op ``qualname`` for ``program``: registered now, or the one already registered
     under that name for the same declaration (a ValueError for another one)."""
     return register_once(program, qualname,
-                         lambda: TorchOp(program, qualname, kernel, grad_kernel))
+                         lambda: TorchOp(program, qualname, kernel, grad_kernel, adjoint))
 
 
 def register_once(program, qualname: str, make):

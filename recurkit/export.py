@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from .compiler import CompiledOp, as_program
+from .backends.adjoint_host import adjoint_runner
 from .custom_op import TorchOp, register
 
 
-def export(decl, qualname: str, backend: str = "auto") -> TorchOp:
+def export(decl, qualname: str, backend: str = "auto", backward: str = "auto") -> TorchOp:
     """Register ``decl`` as the torch custom op ``qualname`` ("namespace::name") and return a
     callable with the declaration's signature. ``torch.ops.namespace.name`` takes the tensor
     inputs, the scalars (None for their defaults), ``initial_state`` and ``cu_seqlens`` and
     returns ``(output, final_state)``; a tiled declaration's op takes its rows, indices and
     weights and returns the output (its backward is ``torch.ops.namespace.name_backward``).
     Either works with autograd, ``torch.compile`` (no graph
-    breaks) and ``torch.library.opcheck``."""
+    breaks) and ``torch.library.opcheck``. ``backward`` chooses how a recurrence's gradients
+    are computed, as in ``rk.compile``."""
     if not isinstance(qualname, str) or qualname.count("::") != 1 or not all(
             part.isidentifier() for part in qualname.split("::")):
         raise ValueError(f"export name must look like 'namespace::name', got {qualname!r}")
@@ -25,4 +27,4 @@ def export(decl, qualname: str, backend: str = "auto") -> TorchOp:
         raise ValueError(f"{p.name} is stateless: export takes recurrences")
     fwd = CompiledOp(p, backend)
     grad = CompiledOp(p, "torch")
-    return register(p, qualname, fwd.forward, grad.forward)
+    return register(p, qualname, fwd.forward, grad.forward, adjoint_runner(p, backward))

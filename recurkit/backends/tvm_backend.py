@@ -278,7 +278,8 @@ class _Gen:
                          "thread=\"threadIdx.x\"):")
             ind = 3
         pad = "    " * ind
-        lines += [f"{pad}n = nh // {H}", f"{pad}h = nh % {H}", f"{pad}row = SEG[n, 0]",
+        lines += [f"{pad}n: T.let = nh // {H}", f"{pad}h: T.let = nh % {H}",
+                  f"{pad}row: T.let = SEG[n, 0]",
                   f"{pad}S = T.alloc_buffer(({self.local_shape(sd)},), \"float32\", "
                   "scope=\"local\")"]
         for n in self.step:
@@ -294,7 +295,7 @@ class _Gen:
             lines.append(f"{pad}{self.names[id(n)]}_next = T.alloc_buffer(("
                          f"{self.local_shape(n.dims)},), \"float32\", scope=\"local\")")
         if pre:         # ... and for the first token, before the loop
-            lines.append(f"{pad}t0 = T.min(SEG[n, 1], TT - 1)")
+            lines.append(f"{pad}t0: T.let = T.min(SEG[n, 1], TT - 1)")
             self.tvar = "t0"
             for n in pre:
                 lines += self.node_code(n, ind)
@@ -302,9 +303,9 @@ class _Gen:
         lines.append(f"{pad}for t in T.serial(SEG[n, 2] - SEG[n, 1]):")
         ind2 = ind + 1
         pad2 = "    " * ind2
-        lines.append(f"{pad2}tt = SEG[n, 1] + t")
+        lines.append(f"{pad2}tt: T.let = SEG[n, 1] + t")
         if pre:
-            lines.append(f"{pad2}tn = T.min(tt + 1, TT - 1)")
+            lines.append(f"{pad2}tn: T.let = T.min(tt + 1, TT - 1)")
         for n in self.step:
             if id(n) in self.mat and id(n) not in after and n is not p.new_state and \
                     n not in pre:

@@ -217,7 +217,7 @@ class _StageGen:
         else:
             head.append(f"    for p in T.parallel({grid}):")
         if loop:
-            head += [f"{pad}n = p // {H}", f"{pad}h = p % {H}"]
+            head += [f"{pad}n: T.let = p // {H}", f"{pad}h: T.let = p % {H}"]
             ind = 2 + g
             self.lines = []
             sb = self.alloc(carried, sd, ind)
@@ -227,8 +227,8 @@ class _StageGen:
             self.lines.append(f"{pad}for c in T.serial(NC):")
             body_ind = 3 + g
         else:
-            head += [f"{pad}n = p // ({H} * NC)", f"{pad}h = p // NC % {H}",
-                     f"{pad}c = p % NC"]
+            head += [f"{pad}n: T.let = p // ({H} * NC)", f"{pad}h: T.let = p // NC % {H}",
+                     f"{pad}c: T.let = p % NC"]
             body_ind = 2 + g
             self.lines = []
         for op in st.ops:
@@ -364,13 +364,14 @@ def _scan_source(D: int, H: int, signed: bool) -> str:
               f"    SF = T.match_buffer(sf, (NS, {H}, {D}), \"float32\")",
               "    SEG = T.match_buffer(seg, (NS, 3), \"int32\")",
               f"    for nh in T.parallel(NS * {H}):",
-              f"        n = nh // {H}", f"        h = nh % {H}", "        row = SEG[n, 0]",
+              f"        n: T.let = nh // {H}", f"        h: T.let = nh % {H}",
+              "        row: T.let = SEG[n, 0]",
               *[f"        {v} = T.alloc_buffer(({D},), \"float32\", scope=\"local\")"
                 for v in ("hv", "cv", "yv", "tv")],
               f"        for d in T.vectorized({D}):", "            hv[d] = S0[n, h, d]",
               f"            cv[d] = {_f(0.0)}",
               "        for t in T.serial(SEG[n, 2] - SEG[n, 1]):",
-              "            tt = SEG[n, 1] + t",
+              "            tt: T.let = SEG[n, 1] + t",
               f"            for d in T.vectorized({D}):",
               *["                " + x for x in step if x],
               f"        for d in T.vectorized({D}):", "            SF[n, h, d] = hv[d]"]

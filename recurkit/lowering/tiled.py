@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir.dsl import Tracer
 from ..ir.node import BINARY, COMPARE, INDEX, UNARY, Node, toposort
 from ..ir.program import Program
 from .forms import LoweringError
+from .vjp import Vjp
 
 ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where"}
 
@@ -157,79 +157,12 @@ def check_tiled(p: Program) -> None:
                           "the reduced dims (or none)")
 
 
-class _Adjoint:
-    """Builds cotangent expressions as IR nodes (typed by the same rules as traced ones)."""
-
-    def __init__(self, p: Program):
-        self.t = Tracer(p.name + "_grad", p.dims, p.loc)
-
-    def op(self, name: str, *args) -> Node:
-        return self.t.make(name, tuple(self.lift(a) for a in args))
-
-    def lift(self, x) -> Node:
-        return x if isinstance(x, Node) else self.t.const(float(x))
-
-    def where(self, c: Node, a, b) -> Node:
-        return self.t.make("where", (c, self.lift(a), self.lift(b)))
-
-    def vjp(self, n: Node, g: Node) -> list[Node | None]:
-        """The cotangents of ``n``'s arguments given ``g``, the cotangent of ``n``."""
-        o = self.op
-        a = n.args[0] if n.args else None
-        b = n.args[1] if len(n.args) > 1 else None
-        k = n.op
-        if k == "neg":
-            return [o("neg", g)]
-        if k == "exp":
-            return [o("mul", g, n)]
-        if k == "log":
-            return [o("div", g, a)]
-        if k == "sigmoid":
-            return [o("mul", g, o("mul", n, o("sub", 1.0, n)))]
-        if k == "tanh":
-            return [o("mul", g, o("sub", 1.0, o("mul", n, n)))]
-        if k == "sqrt":
-            return [o("div", o("mul", g, 0.5), n)]
-        if k == "rsqrt":
-            return [o("mul", o("mul", g, -0.5), o("mul", n, o("mul", n, n)))]
-        if k == "abs":
-            return [self.where(o("lt", a, 0.0), o("neg", g), g)]
-        if k == "relu":
-            return [self.where(o("gt", a, 0.0), g, 0.0)]
-        if k == "silu":
-            s = o("sigmoid", a)
-            return [o("mul", g, o("mul", s, o("add", 1.0, o("mul", a, o("sub", 1.0, s)))))]
-        if k == "softplus":
-            return [o("mul", g, o("sigmoid", a))]
-        if k == "add":
-            return [g, g]
-        if k == "sub":
-            return [g, o("neg", g)]
-        if k == "mul":
-            return [o("mul", g, b), o("mul", g, a)]
-        if k == "div":
-            return [o("div", g, b), o("neg", o("div", o("mul", g, n), b))]
-        if k == "pow":
-            return [o("mul", g, o("mul", b, o("pow", a, o("sub", b, 1.0)))),
-                    o("mul", g, o("mul", n, o("log", a)))]
-        if k in ("maximum", "minimum"):
-            first = o("ge" if k == "maximum" else "le", a, b)
-            return [self.where(first, g, 0.0), self.where(first, 0.0, g)]
-        if k == "where":
-            return [None, self.where(a, g, 0.0), self.where(a, 0.0, g)]
-        if k in COMPARE:
-            return [None, None]
-        if k == "sum":   # the cotangent broadcasts over the reduced dims
-            return [g]
-        raise LoweringError(f"no derivative rule for '{k}'")  # pragma: no cover - checked
-
-
 def lower_tiled(p: Program) -> TiledPlan:
     """The tiled form of ``p``: checks, then derives the backward expressions."""
     if not p.is_tiled:
         raise LoweringError(f"{p.name} is a recurrence, not a tiled declaration")
     check_tiled(p)
-    adj = _Adjoint(p)
+    adj = Vjp(p, reduce=False)
     dy = Node("input", (), p.output.dims, "f32",
               (("role", "row"), ("index", len(p.inputs)), ("name", "dy")))
     cot: dict[int, Node] = {id(p.output): dy}

@@ -1,0 +1,188 @@
+"""The generated backward of recurrences (lowering/adjoint.py): the adjoint step derived from the
+declaration, run back in time from checkpoints by the compiled TVM kernel (the custom op's
+backward on CPU) and by the torch step runner, against autograd through the reference."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import recurkit as rk
+from recurkit.backends.adjoint_host import generated_backward, run_adjoint_torch
+from recurkit.backends.tvm_adjoint import run_adjoint_tvm
+from recurkit.ir.bind import bind_call
+from recurkit.lowering.adjoint import derive_adjoint
+from recurkit.ops import ALL
+from test_custom_recurrences import EXPECTED
+
+SIZES = {"K": 4, "V": 5, "D": 6}
+BUILTINS = {name: fn.decl for name, fn in ALL.items()}
+BUILTINS.update({f"{name}_{v}": d for name, fn in ALL.items() for v, d in fn.variants.items()})
+CUSTOM = {d.name: d for d in EXPECTED}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def draw(decl, T, B=1, H=2, seed=0, gate=(-0.5, -0.01), dtype=torch.float32):
+    """Tensor inputs by name: unit keys, log-decays in ``gate``, betas in (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for spec in decl.program.call_inputs:
+        if spec.role == "scalar":
+            continue
+        shape = ((B, T, H) if spec.role == "token" else (H,)) + tuple(SIZES[d] for d in spec.dims)
+        x = torch.randn(*shape, generator=gen)
+        if spec.name in ("g", "gk", "gv", "g_gamma"):
+            lo, hi = gate
+            x = lo + (hi - lo) * torch.rand(*shape, generator=gen)
+        elif spec.name in ("beta", "eta", "b", "w") and "dplr" not in decl.name:
+            x = torch.rand(*shape, generator=gen)
+        elif spec.name in ("k", "e", "r") or (spec.name == "b" and "dplr" in decl.name):
+            x = F.normalize(x, dim=-1) * (0.4 if spec.name in ("e", "r") else 1.0)
+        elif spec.name == "d":
+            x = torch.rand(*shape, generator=gen) * 0.9 + 0.05
+        out[spec.name] = x
+    if "dplr" in decl.name:   # a = -beta b keeps I + a b^T contractive
+        out["a"] = -out["b"] * torch.rand(B, T, H, 1, generator=gen)
+    return {n: x.to(dtype) for n, x in out.items()}
+
+
+def state_shape(decl, N, H=2):
+    return (N, H, *(SIZES[d] for d in decl.program.state.dims))
+
+
+def gradients(fn, xs: dict, S0, cu=None, seed=1):
+    """d/d(inputs, S0) of <o, w_o> + <S, w_S> for fixed random weights."""
+    leaves = {n: x.clone().requires_grad_() for n, x in xs.items()}
+    if S0 is not None:
+        leaves["initial_state"] = S0.clone().requires_grad_()
+    kw = dict(leaves)
+    if cu is not None:
+        kw["cu_seqlens"] = torch.tensor(cu)
+    o, S = fn(**kw, output_final_state=True)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (o.float() * torch.randn(o.shape, generator=gen)).sum() + \
+        (S.float() * torch.randn(S.shape, generator=gen)).sum()
+    got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return dict(zip(leaves, got))
+
+
+def check(decl, T=63, S0=True, cu=None, B=1, tol=1e-4, dtype=torch.float32, **draw_kw):
+    xs = draw(decl, T, B=B, dtype=dtype, **draw_kw)
+    N = B if cu is None else len(cu) - 1
+    init = torch.randn(*state_shape(decl, N)) * 0.5 if S0 else None
+    got = gradients(rk.compile(decl, backward="adjoint"), xs, init, cu)
+    want = gradients(rk.compile(decl, backend="reference"), xs, init, cu)
+    assert set(got) == set(want)
+    for n in want:
+        assert got[n] is not None, n
+        assert got[n].dtype == want[n].dtype, n
+        assert torch.isfinite(got[n]).all(), n
+        assert rel(got[n], want[n]) < tol, (decl.name, n, rel(got[n], want[n]))
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_builtin_gradients_match_the_reference(name):
+    decl = BUILTINS[name]
+    check(decl, T=1, S0=False)
+    check(decl, T=63)                       # two checkpoint chunks, the last one partial
+    check(decl, T=100, cu=[0, 1, 33, 33, 100])   # varlen: lengths 1, 32, 0 and 67
+
+
+@pytest.mark.parametrize("name", list(CUSTOM))
+def test_declarations_from_the_tests(name):
+    """Linear or not (the nonlinear step, a readout of the old state, a signed scan)."""
+    check(CUSTOM[name], T=70, B=2)
+
+
+@pytest.mark.parametrize("gate", [(-69.0, -60.0), (-1e-6, -1e-7)], ids=["decay~0", "decay~1"])
+@pytest.mark.parametrize("name", ["gated_delta_rule", "gla", "hgrn"])
+def test_extreme_gates(name, gate):
+    check(BUILTINS[name], T=100, gate=gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["gated_delta_rule", "kda"])
+def test_half_inputs(name, dtype):
+    """Inputs read and gradients returned in the input dtype, computed in fp32: equal to the
+    reference's up to the dtype's rounding of the result."""
+    check(BUILTINS[name], T=40, dtype=dtype, tol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["gated_delta_rule", "hgrn", "dplr_delta_rule"])
+def test_torch_runner_equals_the_compiled_kernel(name):
+    """The torch step runner (the path off the CPU) and the TVM kernel walk the same adjoint."""
+    decl = BUILTINS[name]
+    p = decl.program
+    adj = derive_adjoint(p)
+    xs = {n: x.requires_grad_() for n, x in draw(decl, 45).items()}
+    S0 = torch.randn(*state_shape(decl, 3)).requires_grad_()
+    cu = torch.tensor([0, 7, 7, 45])
+    bc = bind_call(p, (), {**xs, "initial_state": S0, "cu_seqlens": cu})
+    o, S = rk.compile(decl, backend="reference")(**xs, initial_state=S0, cu_seqlens=cu,
+                                                  output_final_state=True)
+    go, gS = torch.randn_like(o), torch.randn_like(S)
+    leaves = {**xs, "initial_state": S0}
+    a = generated_backward(bc, adj, go, gS, functools.partial(run_adjoint_torch, checkpoint=8),
+                           leaves)
+    b = generated_backward(bc, adj, go, gS, functools.partial(run_adjoint_tvm, chunk=16), leaves)
+    for n in a:
+        assert rel(a[n], b[n]) < 1e-5, n
+
+
+def test_only_the_final_state_or_only_the_output_gets_a_gradient():
+    decl = BUILTINS["gated_delta_rule"]
+    op, ref = rk.compile(decl), rk.compile(decl, backend="reference")
+    xs = draw(decl, 30)
+    for pick in (0, 1):
+        got = []
+        for fn in (op, ref):
+            leaves = {n: x.clone().requires_grad_() for n, x in xs.items()}
+            out = fn(**leaves, output_final_state=True)
+            out[pick].square().sum().backward()
+            got.append([leaves[n].grad for n in leaves])
+        for g, w in zip(*got):
+            assert rel(g, w) < 1e-4
+
+
+def test_the_adjoint_of_gated_delta_rule_reads_as_its_math():
+    """Printed: the feeds (state-free values), then the backward step's nodes; a
+    broadcasting product (the outer product k v^T) is no feed, so no K x V value is stored
+    per token."""
+    text = str(derive_adjoint(BUILTINS["gated_delta_rule"].program))
+    assert text.splitlines()[0] == "adjoint of gated_delta_rule"
+    feeds = [line for line in text.splitlines() if line.strip().startswith("feed")]
+    assert [f.split(":")[1].split("=")[0].strip() for f in feeds] == ["[]", "[K]", "[V]", "[]",
+                                                                     "[K]", "[]"]
+    assert "dS = " in text and "contract[K, V]" in text
+
+
+def test_backward_option():
+    decl = BUILTINS["gla"]
+    xs = draw(decl, 20)
+    want = gradients(rk.compile(decl, backend="reference"), xs, None)
+    got = gradients(rk.compile(decl, backward="autograd"), xs, None)
+    for n in want:
+        assert rel(got[n], want[n]) < 1e-4
+    with pytest.raises(ValueError, match="backward must be one of"):
+        rk.compile(decl, backward="magic")
+    with pytest.raises(ValueError, match="backward must be one of"):
+        rk.export(decl, "rk_test::gla_bad_backward", backward="magic")
+
+
+@pytest.mark.parametrize("name", list(BUILTINS) + list(CUSTOM))
+def test_opcheck_every_declaration_and_its_backward_op(name):
+    """opcheck (schema, fake impl, autograd registration, AOT dispatch) of the op that
+    rk.compile registers, and of its backward op, for every built-in (and its variants) and
+    every recurrence declared in the tests."""
+    decl = BUILTINS.get(name) or CUSTOM[name]
+    op = rk.compile(decl).torch_op
+    xs = draw(decl, 9)
+    S0 = torch.randn(*state_shape(decl, 1)) * 0.5
+    args = tuple(xs[n] for n in op.tensor_names) + (None,) * len(op.scalar_names) + (S0, None)
+    torch.library.opcheck(op.op.default, args)
+    o, S = op.op(*args)
+    torch.library.opcheck(op.backward_op.default,
+                          (torch.randn_like(o), torch.randn_like(S), *args))
