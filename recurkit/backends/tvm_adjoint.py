@@ -142,12 +142,21 @@ class _AdjGen(_Gen):
             inner = dom[-1] if dom else None
             lane_red = [it for it in grp if it.red and inner in it.node.attr("over")]
             split = bool(lane_red) and self.sizes[inner] % LANES == 0
+            pre: list[str] = []    # per row of the nest: row-local accumulators reset ...
+            post: list[str] = []   # ... and folded into the row's value
             for it in grp:   # reduction targets start at the identity
                 if not it.red:
                     continue
                 n = it.node
                 init = _f(float("-inf")) if n.op == "max" else _f(0.0)
-                if split and inner in n.attr("over"):
+                if split and self.row_local(n):
+                    acc = f"{self.names[id(n)]}_acc"
+                    pre += [f"for i_w in T.vectorized({self.width(inner)}):",
+                            f"    {acc}[i_w] = {init}"]
+                    terms = [f"{acc}[{i}]" for i in range(self.width(inner))]
+                    post.append(f"{self.names[id(n)]}[{self.idx(n.dims, self.env(n.dims))}] = "
+                                f"{_fold(terms, n.op)}")
+                elif split and inner in n.attr("over"):
                     e = self.env(n.dims)
                     lead = self.gidx(n.dims, e) + (", " if n.dims else "")
                     lines += self.loops(n.dims, [f"for i_w in T.vectorized("
@@ -167,9 +176,11 @@ class _AdjGen(_Gen):
                 body.append(self.item_code(it, e, split and it.red and
                                            inner in it.node.attr("over")))
             lets, self.lets = self.lets[1], None
-            lines += self.nest(dom, body, ind, split, not lane_red or split, lets)
+            lines += self.nest(dom, body, ind, split, not lane_red or split, lets, pre, post)
             for it in lane_red if split else []:   # lanes summed
                 n = it.node
+                if self.row_local(n):
+                    continue
                 en = self.env(n.dims)
                 acc = f"{self.names[id(n)]}_acc"
                 lead = self.gidx(n.dims, en) + (", " if n.dims else "")
@@ -182,25 +193,35 @@ class _AdjGen(_Gen):
         return lines
 
     def nest(self, dims, body: list[str], ind: int, split: bool, vector: bool,
-             lets: list[tuple[int, str, str]]) -> list[str]:
+             lets: list[tuple[int, str, str]], pre: list[str] = (),
+             post: list[str] = ()) -> list[str]:
         """The loops over ``dims`` around ``body``, each hoisted load bound at its level;
-        ``split``: the innermost dim runs as (outer, unrolled partial sums, vector lanes)."""
+        ``split``: the innermost dim runs as (outer, unrolled partial sums, vector lanes),
+        with ``pre`` and ``post`` around it (inside the outer dims' loops)."""
         pad = "    " * ind
         out = [f"{pad}{name}: T.let = {text}" for lv, name, text in lets if lv == 0]
         for k, d in enumerate(dims):
             if k == len(dims) - 1 and split:
                 w = self.width(d)
+                out += [pad + x for x in pre]
                 out += [f"{pad}for o_{d} in T.serial({self.sizes[d] // w}):",
                         f"{pad}    for i_u in T.unroll({w // LANES}):",
                         f"{pad}        for i_lane in T.vectorized({LANES}):"]
-                pad += "            "
-                break
+                return out + [pad + "            " + b for b in body] + [pad + x for x in post]
             kind = "T.vectorized" if vector and k == len(dims) - 1 and \
                 self.sizes[d] <= self.knobs["vectorize"] else "T.serial"
             out.append(f"{pad}for i_{d} in {kind}({self.sizes[d]}):")
             pad += "    "
             out += [f"{pad}{name}: T.let = {text}" for lv, name, text in lets if lv == k + 1]
         return out + [pad + b for b in body]
+
+    def row_local(self, n: Node) -> bool:
+        """A reduction along the innermost dim only, keeping the outer ones: its partial
+        sums live in registers for one row of the nest and are folded at the row's end."""
+        over = n.attr("over") or ()
+        dom = self.p.canonical(set(n.dims) | set(over))
+        return bool(n.dims) and len(over) == 1 and dom[-1] == over[0] and \
+            self.sizes[over[0]] % LANES == 0
 
     def width(self, d: str) -> int:
         """Partial sums kept per row of a reduction along ``d`` (the innermost dim): a few
@@ -221,7 +242,9 @@ class _AdjGen(_Gen):
             val = self._product(n, e)
         else:
             val = self.expr(n.args[0], e)
-        if lanes:
+        if lanes and self.row_local(n):
+            tgt = f"{self.names[id(n)]}_acc[i_u * {LANES} + i_lane]"
+        elif lanes:
             tgt = (f"{self.names[id(n)]}_acc[{self.gidx(n.dims, e)}{', ' if n.dims else ''}"
                    f"i_u * {LANES} + i_lane]")
         else:
@@ -349,8 +372,8 @@ class _AdjGen(_Gen):
                 over = n.attr("over") or ()
                 dom = self.p.canonical(set(n.dims) | set(over))
                 if dom and dom[-1] in over and self.sizes[dom[-1]] % LANES == 0:
-                    shp = ", ".join([str(self.sizes[d]) for d in n.dims] +
-                                    [str(self.width(dom[-1]))])
+                    shp = ", ".join([str(self.sizes[d]) for d in n.dims
+                                     if not self.row_local(n)] + [str(self.width(dom[-1]))])
                     L.append(f"{pad}{self.names[id(n)]}_acc = T.alloc_buffer(({shp},), "
                              "\"float32\", scope=\"local\")")
         e = self.env(sd)
@@ -381,6 +404,15 @@ class _AdjGen(_Gen):
         # 3. the initial state's cotangent
         L += self.loops(sd, [f"DS0[n, h, {g}] = G[{self.idx(sd, e)}]"], 2)
         return "\n".join(L) + "\n"
+
+
+def _fold(terms: list[str], op: str) -> str:
+    """The terms combined pairwise as a vector fold (i with i + half): independent adds."""
+    comb = (lambda a, b: f"T.max({a}, {b})") if op == "max" else (lambda a, b: f"({a} + {b})")
+    while len(terms) > 1:
+        half = len(terms) // 2
+        terms = [comb(terms[i], terms[i + half]) for i in range(half)] + terms[2 * half:]
+    return terms[0]
 
 
 def adjoint_source(adj: AdjointStep, sizes: dict[str, int], H: int,
