@@ -17,7 +17,7 @@ from .compiler import CompiledOp, codegen, compile
 from .export import export
 from .lowering import analyze
 from .lowering.forms import LoweringError, lower
-from .ir import (CallError, DeclarationError, DimExpr, Index, Param, Program, Recurrence, Row,
+from .ir import (Bits, CallError, DeclarationError, DimExpr, Index, Param, Program, Recurrence, Row,
                  Scalar, State, Tiled, Token, Weight, dim, recurrence, tiled)
 from .ir.dsl import (contract, dot, exp, gather, head, l2norm, log, max, maximum, minimum, outer, relu,
                      rsqrt, sigmoid, silu, softplus, sqrt, sum, tanh, where)
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = ["CompiledOp", "codegen", "compile", "export", "analyze", "lower", "LoweringError",
            "CallError", "DeclarationError", "DimExpr", "Param",
            "Program", "Recurrence", "Scalar", "State", "Token", "dim", "recurrence", "contract",
-           "Row", "Weight", "Index", "Tiled", "tiled", "gather",
+           "Row", "Weight", "Index", "Bits", "Tiled", "tiled", "gather",
            "dot", "exp", "head", "l2norm", "log", "max", "maximum", "minimum", "outer", "relu",
            "rsqrt", "sigmoid", "silu", "softplus", "sqrt", "sum", "tanh", "where", "ops",
            "nn", "__version__"]

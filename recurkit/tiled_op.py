@@ -16,12 +16,22 @@ import torch
 
 from .custom_op import register_once
 from .ir.tiled import TiledCall, bind_tiled
+from .lowering.lut import LutPlan, has_bits, lower_lut
 from .lowering.tiled import TiledPlan, lower_tiled
 
 TILED_BACKENDS = ("auto", "torch", "tvm", "triton")
 
 
-def _forward(backend: str, plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
+def _forward(backend: str, plan: TiledPlan | LutPlan, tc: TiledCall) -> torch.Tensor:
+    if isinstance(plan, LutPlan):
+        if backend == "tvm":
+            from .backends.tvm_lut import run_lut_tvm
+            return run_lut_tvm(plan, tc)
+        if backend == "triton":
+            from .backends.triton_lut import run_lut_triton
+            return run_lut_triton(plan, tc)
+        from .backends.lut_torch import run_lut_torch
+        return run_lut_torch(plan, tc)
     if backend == "tvm":
         from .backends.tvm_tiled import run_tiled_tvm
         return run_tiled_tvm(plan, tc)
@@ -32,7 +42,10 @@ def _forward(backend: str, plan: TiledPlan, tc: TiledCall) -> torch.Tensor:
     return run_tiled_torch(plan, tc)
 
 
-def _backward(backend: str, plan: TiledPlan, tc: TiledCall, dy: torch.Tensor) -> dict:
+def _backward(backend: str, plan: TiledPlan | LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict:
+    if isinstance(plan, LutPlan):   # two matmuls with the dequantized weight, any device
+        from .backends.lut_torch import lut_grads_torch
+        return lut_grads_torch(plan, tc, dy)
     if backend == "tvm":
         from .backends.tvm_tiled import tiled_grads_tvm
         return tiled_grads_tvm(plan, tc, dy)
@@ -62,7 +75,7 @@ class TiledTorchOp:
             raise ValueError(f"unknown backend {backend!r} for a tiled op; choose one of "
                              f"{', '.join(TILED_BACKENDS)}")
         self.program, self.qualname, self.backend = program, qualname, backend
-        self.plan = lower_tiled(program)
+        self.plan = lower_lut(program) if has_bits(program) else lower_tiled(program)
         specs = program.call_inputs
         self.tensor_names = [s.name for s in specs if s.role != "scalar"]
         self.scalar_names = [s.name for s in specs if s.role == "scalar"]
@@ -109,7 +122,8 @@ class TiledTorchOp:
             lead = 1 if spec.role == "row" else 0
             if spec.role == "row" and first is None:
                 first = x
-            sizes.update(zip(spec.dims, x.shape[lead:]))
+            dims = spec.dims[:-1] if spec.role == "bits" else spec.dims   # last one packed
+            sizes.update(zip(dims, x.shape[lead:]))
         return first.new_empty((first.shape[0], *(sizes[d] for d in p.output.dims)))
 
     def _fake_backward(self, dy, *args):

@@ -79,6 +79,14 @@ class Index(_Annotation):
     role = "index"
 
 
+class Bits(_Annotation):
+    """Sign codes of a tiled op, each -1 or +1, packed 8 per byte along the last dim:
+    ``rk.Bits["O", "G", "E"]`` is a uint8 tensor [O, G, E // 8] whose byte b holds the codes
+    of positions 8b .. 8b + 7 (bit j set: +1, clear: -1). In the step it is a float of
+    value -1 or +1; ``rk.sum(codes * x, "E")`` lowers to table look-ups (the LUT form)."""
+    role = "bits"
+
+
 class Scalar(_Annotation):
     """A call-time number (e.g. ``scale: rk.Scalar = rk.dim("K") ** -0.5``)."""
     role = "scalar"
@@ -404,6 +412,6 @@ def head() -> Sym:
     return Sym(t._memo[key], t)
 
 
-__all__ = ["State", "Token", "Param", "Scalar", "Row", "Weight", "Index", "Sym", "gather", "exp", "log", "sigmoid", "softplus",
+__all__ = ["State", "Token", "Param", "Scalar", "Row", "Weight", "Index", "Bits", "Sym", "gather", "exp", "log", "sigmoid", "softplus",
            "silu", "tanh", "sqrt", "rsqrt", "relu", "maximum", "minimum", "where", "contract",
            "dot", "outer", "sum", "max", "l2norm", "head", "BOOL"]

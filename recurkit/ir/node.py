@@ -19,7 +19,7 @@ DTYPES = (F32, BOOL, INDEX)
 ROLES = ("state", "token", "param", "scalar", "head")
 # Inputs of a tiled (stateless, time-free) declaration: "row" is laid out [N, *dims] (one row
 # per sample), "weight" [*dims], "index" [*dims] integers into a dim of a row (see "gather").
-TILED_ROLES = ("row", "weight", "index", "scalar")
+TILED_ROLES = ("row", "weight", "index", "bits", "scalar")
 
 UNARY = ("neg", "exp", "log", "sigmoid", "softplus", "silu", "tanh", "sqrt", "rsqrt", "abs",
          "relu")

@@ -24,7 +24,8 @@ class InputSpec:
 
     role: "state" | "token" ([B,T,H,*dims]) | "param" ([H,*dims]) | "scalar" (a call-time
     number; ``default`` is a number, a DimExpr or None for required); in tiled declarations
-    "row" ([N,*dims]), "weight" ([*dims]) and "index" ([*dims], integers).
+    "row" ([N,*dims]), "weight" ([*dims]), "index" ([*dims], integers) and "bits" ([*dims],
+    signs packed 8 per uint8 along the last dim).
     dims are as declared (the tensor layout); nodes use the program's canonical order.
     """
 
@@ -35,7 +36,10 @@ class InputSpec:
 
     def layout(self) -> str:
         lead = {"state": "N, H", "token": "B, T, H", "param": "H", "row": "N"}.get(self.role, "")
-        return "[" + ", ".join(x for x in [lead, *self.dims] if x) + "]"
+        dims = list(self.dims)
+        if self.role == "bits" and dims:
+            dims[-1] = f"{dims[-1]} // 8"
+        return "[" + ", ".join(x for x in [lead, *dims] if x) + "]"
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +65,7 @@ class Program:
     @property
     def is_tiled(self) -> bool:
         """A tiled declaration (rows, weights, indices; no time axis, no state)."""
-        return any(s.role in ("row", "weight", "index") for s in self.inputs)
+        return any(s.role in ("row", "weight", "index", "bits") for s in self.inputs)
 
     @property
     def call_inputs(self) -> tuple[InputSpec, ...]:

@@ -61,7 +61,11 @@ def bind_tiled(program: Program, args: tuple, kwargs: dict,
         if not isinstance(x, torch.Tensor):
             raise CallError(f"{op}() argument '{spec.name}': expected a torch.Tensor laid out "
                             f"{layout}, got {type(x).__name__}")
-        if spec.role == "index":
+        if spec.role == "bits":
+            if x.dtype != torch.uint8:
+                raise CallError(f"argument '{spec.name}': expected sign codes packed 8 per byte "
+                                f"(uint8) laid out {layout}, got {x.dtype}")
+        elif spec.role == "index":
             if x.dtype not in INDEX_DTYPES:
                 raise CallError(f"argument '{spec.name}': expected an int32 or int64 index "
                                 f"tensor laid out {layout}, got {x.dtype}")
@@ -83,7 +87,10 @@ def bind_tiled(program: Program, args: tuple, kwargs: dict,
             elif x.shape[0] != N:
                 raise CallError(f"argument '{spec.name}': N (axis 0 of {layout}) is "
                                 f"{x.shape[0]}, but '{where['N']}' has N = {N}")
-        for axis, (d, n) in enumerate(zip(spec.dims, x.shape[len(lead):]), start=len(lead)):
+        shape = list(x.shape[len(lead):])
+        if spec.role == "bits":   # the last dim is packed 8 per byte
+            shape[-1] *= 8
+        for axis, (d, n) in enumerate(zip(spec.dims, shape), start=len(lead)):
             if d in sizes and sizes[d] != n:
                 raise CallError(f"argument '{spec.name}': dim {d} (axis {axis} of {layout}) is "
                                 f"{n}, but '{where[d]}' bound {d} = {sizes[d]}")
@@ -106,6 +113,22 @@ def bind_tiled(program: Program, args: tuple, kwargs: dict,
     scalars = {s.name: _scalar(op, s, given.get(s.name), sizes)
                for s in program.call_inputs if s.role == "scalar"}
     return TiledCall(program, tensors, scalars, sizes, N, out_dtype, device)
+
+
+def unpack_signs(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., E // 8] -> fp32 [..., E] of -1 / +1 (bit j of byte b is position 8b + j)."""
+    bits = (codes.unsqueeze(-1) >> torch.arange(8, device=codes.device, dtype=torch.uint8)) & 1
+    return (bits.float() * 2 - 1).reshape(*codes.shape[:-1], codes.shape[-1] * 8)
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``unpack_signs``: [..., E] of signs (> 0: +1) -> uint8 [..., E // 8]."""
+    if signs.shape[-1] % 8:
+        raise ValueError(f"sign codes are packed 8 per byte: the last dim ({signs.shape[-1]}) "
+                         "must be a multiple of 8")
+    bits = (signs > 0).to(torch.uint8).reshape(*signs.shape[:-1], -1, 8)
+    weights = (1 << torch.arange(8, device=signs.device, dtype=torch.int32)).to(torch.uint8)
+    return (bits * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
 
 
 def gather_values(v: torch.Tensor, x: Node, idx: torch.Tensor, n: Node) -> torch.Tensor:
@@ -132,6 +155,9 @@ def evaluate_tiled(tc: TiledCall, roots: list[Node],
                 v = torch.tensor([tc.scalars[spec.name]], device=tc.device)
             elif spec.role == "index":
                 v = _to_canonical(tc.tensors[spec.name].long(), spec.dims, n.dims, 0)
+            elif spec.role == "bits":
+                v = _to_canonical(unpack_signs(tc.tensors[spec.name]).unsqueeze(0), spec.dims,
+                                  n.dims, 1)
             else:
                 x = tc.tensors[spec.name].float()
                 if spec.role == "weight":

@@ -95,10 +95,11 @@ def trace(fn: Callable, name: str | None = None, kind: str = "recurrence") -> Pr
     allowed = TILED_ROLES if kind == "tiled" else ("state", "token", "param", "scalar")
     for s in specs:
         if s.role not in allowed:
-            names = {"row": "Row", "weight": "Weight", "index": "Index", "state": "State",
+            names = {"row": "Row", "weight": "Weight", "index": "Index", "bits": "Bits",
+                     "state": "State",
                      "token": "Token", "param": "Param", "scalar": "Scalar"}
             raise err(f"argument '{s.name}' is an rk.{names[s.role]}, which @rk.{kind} does "
-                      "not take", "use rk.Row / rk.Weight / rk.Index / rk.Scalar with "
+                      "not take", "use rk.Row / rk.Weight / rk.Index / rk.Bits / rk.Scalar with "
                       "@rk.tiled" if kind == "tiled" else "rk.Row / rk.Weight / rk.Index "
                       "inputs belong to @rk.tiled declarations")
     dims: list[str] = []

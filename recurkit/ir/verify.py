@@ -79,7 +79,7 @@ def verify_program(p: Program) -> None:
                 err(f"node {n.op} is typed {list(n.dims)} {n.dtype}, its rule gives "
                     f"{list(dims)} {dtype}", n.loc)
 
-    tiled = [s.name for s in p.inputs if s.role in ("row", "weight", "index")]
+    tiled = [s.name for s in p.inputs if s.role in ("row", "weight", "index", "bits")]
     timed = [s.name for s in p.inputs if s.role in ("state", "token", "param")]
     if tiled and timed:
         err(f"inputs {tiled} (tiled) and {timed} (recurrence) are mixed in one declaration")

@@ -1,7 +1,9 @@
 """Layers: sequence mixers built on the exported recurrences (``mixers``), and differentiable
-logic-gate networks with their compiled hard inference (``logic``)."""
+logic-gate networks with their compiled hard inference (``logic``), and the shift-add linear
+layer with binary-coded weights (``shift_add``, quantized by ``bcq``)."""
 from .logic import GroupSum, HardLogicNet, LogicLayer, compile_hard, connections
 from .mixers import GLA, KDA, GatedDeltaNet, GatedRMSNorm, ShortConv
+from .shift_add import ShiftAddLinear
 
 __all__ = ["GLA", "KDA", "GatedDeltaNet", "GatedRMSNorm", "ShortConv", "GroupSum",
-           "HardLogicNet", "LogicLayer", "compile_hard", "connections"]
+           "HardLogicNet", "LogicLayer", "compile_hard", "connections", "ShiftAddLinear"]

@@ -1,0 +1,81 @@
+"""The LUT form in torch: the host's share of every backend and the torch backend itself.
+
+``scale_values`` evaluates the scale expression (weights and scalars only) once per call;
+``dequantized`` builds the dense weight ``W[o, g, e] = sum_p w * c`` from it; the forward is
+then one matmul, and the backward (every backend's: it runs on the device of the call) is two:
+``dx = dy W`` and the scale's cotangent ``sum_n dy * (c . x)``, carried to the weights by
+autograd through the scale expression.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir.tiled import TiledCall, evaluate_tiled, unpack_signs
+from ..lowering.lut import LutPlan
+
+
+def _letters(plan: LutPlan) -> dict[str, str]:
+    return {d: "abcdefghijklmnopqrstuvwxyz"[i] for i, d in enumerate(plan.program.dims)}
+
+
+def _spec(plan: LutPlan, name: str):
+    return next(s for s in plan.program.inputs if s.name == name)
+
+
+def scale_values(plan: LutPlan, tc: TiledCall, grad: bool = False) -> torch.Tensor:
+    """The scale ``w`` over ``plan.scale_dims`` (canonical order), fp32."""
+    with torch.set_grad_enabled(grad):
+        v = evaluate_tiled(tc, [plan.scale])[id(plan.scale)][0]
+    return v
+
+
+def dims_of(plan: LutPlan, name: str) -> tuple[str, ...]:
+    return _spec(plan, name).dims
+
+
+def dequantized(plan: LutPlan, tc: TiledCall, scale: torch.Tensor) -> torch.Tensor:
+    """The dense weight [out, *row dims] (the row's declared order) in fp32."""
+    L = _letters(plan)
+    cdims, rdims = dims_of(plan, plan.codes), dims_of(plan, plan.row)
+    signs = unpack_signs(tc.tensors[plan.codes])
+    sub = "".join(L[d] for d in plan.scale_dims)
+    spec = f"{sub},{''.join(L[d] for d in cdims)}->{L[plan.out]}{''.join(L[d] for d in rdims)}"
+    return torch.einsum(spec, scale, signs)
+
+
+def run_lut_torch(plan: LutPlan, tc: TiledCall) -> torch.Tensor:
+    with torch.no_grad():
+        W = dequantized(plan, tc, scale_values(plan, tc))
+        x = tc.tensors[plan.row].float().reshape(tc.N, -1)
+        return (x @ W.reshape(W.shape[0], -1).T).to(tc.out_dtype)
+
+
+def lut_grads_torch(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of the row and of every weight input, in their layouts and dtypes."""
+    L = _letters(plan)
+    x = tc.tensors[plan.row]
+    dyf = dy.float().reshape(tc.N, -1)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        scale = scale_values(plan, tc)
+        W = dequantized(plan, tc, scale)
+        out[plan.row] = (dyf @ W.reshape(W.shape[0], -1)).reshape(x.shape).to(x.dtype)
+        # the scale's cotangent: sum_n dy[n, o] * sum_e c[.., e] * x[n, .., e]
+        cdims, rdims = dims_of(plan, plan.codes), dims_of(plan, plan.row)
+        spec = (f"n{L[plan.out]},{''.join(L[d] for d in cdims)},n{''.join(L[d] for d in rdims)}"
+                f"->{''.join(L[d] for d in plan.scale_dims)}")
+        dscale = torch.einsum(spec, dyf, unpack_signs(tc.tensors[plan.codes]), x.float())
+    weights = [s.name for s in plan.program.call_inputs if s.role == "weight"]
+    leaves = {n: tc.tensors[n].detach().float().requires_grad_() for n in weights}
+    if leaves:
+        tg = TiledCall(tc.program, {**tc.tensors, **leaves}, tc.scalars, tc.sizes, tc.N,
+                       tc.out_dtype, tc.device)
+        with torch.enable_grad():
+            s = scale_values(plan, tg, grad=True)
+            got = torch.autograd.grad([s], list(leaves.values()), [dscale.expand(s.shape)],
+                                      allow_unused=True) if s.requires_grad else \
+                [None] * len(leaves)
+        for (n, leaf), g in zip(leaves.items(), got):
+            t = tc.tensors[n]
+            out[n] = torch.zeros_like(t) if g is None else g.to(t.dtype)
+    return out

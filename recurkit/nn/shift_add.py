@@ -1,0 +1,85 @@
+"""``ShiftAddLinear``: a linear layer with binary-coded weights, run by the shift-add op.
+
+``ShiftAddLinear.from_linear(linear, bits=3, group_size=128)`` quantizes the weight with
+``bcq_quantize`` (power-of-two alphas) and stores the codes packed 8 per byte in the op's
+layout (``rk.ops.shift_add``: [G, O, Q, E // 8] with E = group_size, G = in // E) and the
+alphas [G, O, Q]. ``forward`` calls the compiled tiled op: a torch custom op whose kernel is
+the TVM look-up kernel on CPU and the Triton decode-and-dot kernel on CUDA, with a backward
+for the input (and the alphas, were they trained).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ir.tiled import pack_signs, unpack_signs
+from .bcq import bcq_quantize
+
+
+def _op():
+    from .. import ops
+    from ..compiler import compile as rk_compile
+    return rk_compile(ops.shift_add)
+
+
+class ShiftAddLinear(nn.Module):
+    """y = x W^T + b with ``W[o, g*E + e] = sum_q alpha[g, o, q] * (+-1)``.
+
+    Buffers: ``codes`` uint8 [G, O, Q, E // 8], ``alpha`` fp32 [G, O, Q], ``bias`` fp32 [O]
+    or None. Inputs [..., in_features] of any float dtype; the output has the input's dtype.
+    """
+
+    def __init__(self, codes: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int):
+        super().__init__()
+        G, O, Q, S = codes.shape
+        if codes.dtype != torch.uint8 or S * 8 != group_size or alpha.shape != (G, O, Q):
+            raise ValueError(f"codes must be uint8 [G, O, Q, group_size // 8] and alpha "
+                             f"[G, O, Q]; got codes {codes.dtype} {tuple(codes.shape)}, "
+                             f"alpha {tuple(alpha.shape)}, group_size {group_size}")
+        self.in_features, self.out_features = G * group_size, O
+        self.bits, self.group_size = Q, group_size
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("alpha", alpha.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._fn = _op()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 3, group_size: int = 128,
+                    terms: int = 2) -> "ShiftAddLinear":
+        """Quantize ``linear`` (see ``bcq_quantize``; ``terms`` powers of two per alpha, 0
+        keeps fp32 alphas). Errors name a weight that is not 2-D or not float, an input
+        size that ``group_size`` does not divide, and bad ``bits``."""
+        W = linear.weight if isinstance(linear, nn.Linear) else linear
+        q = bcq_quantize(W.detach(), bits, group_size, terms=terms)
+        Q, O, K = q.codes.shape
+        G = K // group_size
+        signs = q.codes.reshape(Q, O, G, group_size).permute(2, 1, 0, 3)      # [G, O, Q, E]
+        bias = linear.bias if isinstance(linear, nn.Linear) else None
+        return cls(pack_signs(signs), q.alpha.permute(2, 1, 0), bias, group_size)
+
+    def nbytes(self) -> int:
+        """Bytes stored: the packed codes, the alphas (fp32) and the bias."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.alpha, self.bias)
+                   if t is not None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense fp32 weight [out_features, in_features] the layer computes with."""
+        signs = unpack_signs(self.codes)                                      # [G, O, Q, E]
+        W = torch.einsum("goq,goqe->oge", self.alpha, signs)
+        return W.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"ShiftAddLinear expects inputs [..., {self.in_features}], got "
+                             f"{tuple(x.shape)}")
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, self.in_features // self.group_size, self.group_size)
+        y = self._fn(xs, self.codes, self.alpha)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
