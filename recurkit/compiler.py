@@ -237,7 +237,9 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
     """The source the backend generates for ``decl`` at the given dim sizes (default 64 for
     every dim) and head count: a Triton module (kernels and their ``launch`` function) for
     "triton", TVMScript (one function per kernel) for "tvm". For a tiled declaration: the
-    forward and backward kernels (forward, rows, columns, inverse)."""
+    forward and backward kernels (forward, rows, columns, inverse); for one with rk.Bits codes
+    (the LUT form), the table and look-up kernels (TVM) or the decode-and-dot kernel (Triton).
+    ``sizes`` of packed dims count positions (multiples of 8)."""
     p = as_program(decl)
     if backend not in ("triton", "tvm"):
         raise ValueError(f"codegen shows generated source for 'triton' or 'tvm', got "
@@ -248,6 +250,14 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
         raise ValueError(f"sizes names dims {sorted(unknown)} that {p.name} does not have "
                          f"(its dims: {', '.join(p.dims)})")
     if p.is_tiled:
+        from .lowering.lut import has_bits, lower_lut
+        if has_bits(p):   # the LUT form: tables + look-ups (TVM), decode-and-dot (Triton)
+            plan = lower_lut(p)
+            if backend == "triton":
+                from .backends.triton_lut import KERNEL_SOURCE
+                return KERNEL_SOURCE
+            from .backends.tvm_lut import lookup_source, tables_source
+            return tables_source(plan, sizes) + "\n\n" + lookup_source(plan, sizes)
         from .lowering.tiled import lower_tiled
         plan = lower_tiled(p)
         if backend == "triton":

@@ -50,13 +50,23 @@ class LutPlan:
         return [s.name for s in self.program.call_inputs if s.role in ("row", "weight")]
 
     def __str__(self) -> str:
-        g = f", {self.group}" if self.group else ""
-        p = f"{self.plane}, " if self.plane else ""
-        return (f"lut form of {self.program.name}: y[n, {self.out}] = sum "
-                f"{'_'.join(d for d in (self.plane, self.group) if d) or ''} "
-                f"w[...] * sum_{self.packed} {self.codes}[{p}{self.out}{g}, {self.packed}]"
-                f" * {self.row}[n{g}, {self.packed}]  (look-ups over bytes of 8 "
-                f"{self.packed})")
+        summed = [d for d in (self.plane, self.group) if d]
+        over = f"sum over {', '.join(summed)} of " if summed else ""
+        scale = f"w[{', '.join(self.scale_dims)}]" if self.scale_dims else "w"
+        return (f"lut form of {self.program.name}: y[n, {self.out}] = {over}{scale} * "
+                f"sum over {self.packed} of {self.codes} * {self.row}\n"
+                f"  tables: 256 signed sums per 8 {self.packed} of {self.row}, per sample"
+                f"{' and ' + self.group if self.group else ''}\n"
+                f"  look-ups: one per byte of {self.codes}\n"
+                f"  w = {_show(self.scale)}")
+
+
+def _show(n: Node) -> str:
+    if n.op == "input":
+        return n.attr("name")
+    if n.op == "const":
+        return repr(n.attr("value"))
+    return f"{n.op}({', '.join(_show(a) for a in n.args)})"
 
 
 def _err(p: Program, n: Node | None, what: str, hint: str) -> LoweringError:
@@ -89,15 +99,17 @@ def lower_lut(p: Program) -> LutPlan:
     hint = ("write y = rk.sum(w * rk.sum(codes * x, 'E'), (plane and group dims)) with codes "
             "an rk.Bits input packed along E, x an rk.Row carrying E, and w weights/scalars")
     y = p.output
-    inner = None
-    if y.op == "sum":
-        over = set(y.attr("over"))
-        body = y.args[0]
-    else:
-        over, body = set(), y
-    split = _split_product(body, lambda a: a.op == "sum")
-    if body.op == "sum":
-        inner, scale = body, None
+
+    def is_inner(n: Node) -> bool:   # sum(codes * ...)
+        return n.op == "sum" and n.args[0].op == "mul" and any(
+            _input(a, "bits") for a in n.args[0].args)
+    inner = scale = None
+    over, body = set(), y
+    if y.op == "sum" and not is_inner(y):
+        over, body = set(y.attr("over")), y.args[0]
+    split = _split_product(body, is_inner)
+    if is_inner(body):
+        inner = body
     elif split is not None:
         inner, scale = split
     if inner is None:

@@ -1,0 +1,258 @@
+"""Shift-add matmul (issue 8): rk.Bits codes, the LUT form matched from the IR, its TVM and
+Triton (interpreter) kernels against the matmul with the dequantized weight, gradients,
+the custom op, ShiftAddLinear, and the refusals."""
+import pytest
+import torch
+
+import recurkit as rk
+from recurkit.backends.lut_torch import run_lut_torch
+from recurkit.backends.triton_lut import run_lut_triton
+from recurkit.backends.tvm_lut import run_lut_tvm
+from recurkit.ir.tiled import bind_tiled, pack_signs, run_tiled, unpack_signs
+from recurkit.lowering.lut import lower_lut
+
+RUNNERS = {"tvm": run_lut_tvm, "triton": run_lut_triton, "torch": run_lut_torch}
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def draw(G, E, O, Q, N, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, G, E, generator=gen).to(dtype)
+    signs = torch.randint(0, 2, (G, O, Q, E), generator=gen).float() * 2 - 1
+    alpha = torch.rand(G, O, Q, generator=gen) + 0.1
+    return x, pack_signs(signs), alpha, signs
+
+
+def dense(signs, alpha):
+    """W [O, G*E] = sum_q alpha * signs: the dequantized weight."""
+    G, O, Q, E = signs.shape
+    return torch.einsum("goq,goqe->oge", alpha, signs).reshape(O, G * E)
+
+
+# (G, E, O, Q, N): E = 64, 128 take the TVM kernel's 8-bytes-at-a-time path, E = 8, 24 the
+# byte path (and, for Triton, a block of positions with masked tails)
+SHAPES = [(1, 8, 1, 1, 1), (3, 16, 5, 2, 4), (2, 64, 33, 3, 1), (2, 128, 70, 4, 3),
+          (1, 24, 7, 2, 17)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("backend", list(RUNNERS))
+def test_kernels_equal_the_dequantized_matmul(backend, shape):
+    G, E, O, Q, N = shape
+    x, codes, alpha, signs = draw(*shape)
+    plan = lower_lut(rk.ops.shift_add.program)
+    y = RUNNERS[backend](plan, bind_tiled(rk.ops.shift_add.program, (x, codes, alpha), {}))
+    want = x.reshape(N, -1) @ dense(signs, alpha).T
+    assert y.shape == (N, O) and y.dtype == torch.float32
+    assert rel(y, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["tvm", "triton"])
+def test_half_inputs_are_read_and_computed_in_fp32(backend, dtype):
+    x, codes, alpha, signs = draw(2, 64, 9, 3, 2, dtype=dtype)
+    plan = lower_lut(rk.ops.shift_add.program)
+    y = RUNNERS[backend](plan, bind_tiled(rk.ops.shift_add.program, (x, codes, alpha), {}))
+    want = x.float().reshape(2, -1) @ dense(signs, alpha).T
+    assert y.dtype == dtype
+    assert rel(y, want) < 1e-2   # the output's rounding to the dtype
+
+
+def test_reference_interpreter_agrees():
+    x, codes, alpha, signs = draw(3, 16, 5, 2, 4)
+    y = run_tiled(bind_tiled(rk.ops.shift_add.program, (x, codes, alpha), {}))
+    assert rel(y, x.reshape(4, -1) @ dense(signs, alpha).T) < 1e-6
+
+
+def test_pack_and_unpack_signs_round_trip():
+    s = torch.randint(0, 2, (3, 5, 24)).float() * 2 - 1
+    packed = pack_signs(s)
+    assert packed.shape == (3, 5, 3) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_signs(packed), s)
+    assert int(pack_signs(torch.tensor([1., -1, -1, -1, -1, -1, -1, 1]))[0]) == 0b10000001
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_signs(torch.ones(2, 12))
+
+
+@pytest.mark.parametrize("backend", ["tvm", "torch"])
+def test_compiled_op_gradients_match_autograd_through_the_reference(backend):
+    op = rk.compile(rk.ops.shift_add, backend=backend)
+    x, codes, alpha, _ = draw(2, 16, 6, 3, 5)
+    got, want = [], []
+    dy = torch.randn(5, 6)
+    for fn, out in ((op, got), (None, want)):
+        xl, al = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+        if fn is None:
+            y = run_tiled(bind_tiled(rk.ops.shift_add.program, (xl, codes, al), {}))
+        else:
+            y = fn(xl, codes, al)
+        y.backward(dy)
+        out += [xl.grad, al.grad]
+    for g, w in zip(got, want):
+        assert rel(g, w) < 1e-5
+
+
+def test_custom_op_passes_opcheck_and_compiles_fullgraph():
+    op = rk.compile(rk.ops.shift_add)
+    x, codes, alpha, _ = draw(2, 16, 6, 2, 3)
+    torch.library.opcheck(op.op.default, (x, codes, alpha))
+    layer = torch.nn.Linear(64, 10)
+    model = torch.nn.Sequential(rk.nn.ShiftAddLinear.from_linear(layer, bits=2, group_size=32),
+                                torch.nn.ReLU(), torch.nn.Linear(10, 3))
+    xin = torch.randn(4, 64, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)   # a graph break would raise here
+    torch.testing.assert_close(compiled(xin), model(xin))
+    compiled(xin).square().sum().backward()
+    assert xin.grad is not None and xin.grad.abs().sum() > 0
+
+
+def test_shift_add_linear_from_linear():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 45)
+    x = torch.randn(2, 3, 256)
+    errs = []
+    for bits in (2, 3, 4):
+        m = rk.nn.ShiftAddLinear.from_linear(lin, bits=bits, group_size=64)
+        W = m.dequantized_weight()
+        y = m(x)
+        assert y.shape == (2, 3, 45)
+        assert rel(y, x @ W.T + lin.bias) < 1e-5           # the kernel is exact for its W
+        errs.append((W - lin.weight).norm().item() / lin.weight.norm().item())
+        assert m.nbytes() == 45 * 256 * bits // 8 + 4 * 45 * 4 * bits + 4 * 45
+    assert errs[0] > errs[1] > errs[2]                       # error falls as bits rise
+    assert m(x.half()).dtype == torch.float16
+
+
+def test_shift_add_linear_errors():
+    with pytest.raises(ValueError, match="not a multiple of group_size"):
+        rk.nn.ShiftAddLinear.from_linear(torch.nn.Linear(100, 4), group_size=64)
+    with pytest.raises(ValueError, match="2-D weight"):
+        rk.nn.ShiftAddLinear.from_linear(torch.randn(4, 64, 2), group_size=64)
+    with pytest.raises(ValueError, match="float weight"):
+        rk.nn.ShiftAddLinear.from_linear(torch.ones(4, 64, dtype=torch.int32), group_size=64)
+    m = rk.nn.ShiftAddLinear.from_linear(torch.nn.Linear(64, 4), bits=2, group_size=32)
+    with pytest.raises(ValueError, match=r"expects inputs \[\.\.\., 64\]"):
+        m(torch.randn(3, 63))
+
+
+def test_op_call_errors_name_the_argument():
+    op = rk.compile(rk.ops.shift_add)
+    x, codes, alpha, _ = draw(2, 16, 6, 2, 3)
+    with pytest.raises(rk.CallError, match="'codes'.*uint8.*int8"):
+        op(x, codes.to(torch.int8), alpha)
+    with pytest.raises(rk.CallError, match="'codes': dim E"):
+        op(x, codes[..., :1], alpha)
+    with pytest.raises(rk.CallError, match="'x'.*float32"):
+        op(x.int(), codes, alpha)
+
+
+@rk.tiled
+def binary_no_planes(x: rk.Row["G", "E"], codes: rk.Bits["O", "G", "E"],
+                     s: rk.Weight["O", "G"]):
+    return rk.sum(s * rk.sum(codes * x, "E"), "G")
+
+
+@rk.tiled
+def plane_major(x: rk.Row["G", "E"], codes: rk.Bits["Q", "O", "G", "E"],
+                alpha: rk.Weight["Q", "O", "G"], gain: rk.Weight["O"], tau: rk.Scalar = 2.0):
+    return rk.sum(alpha * gain / tau * rk.sum(codes * x, "E"), ("Q", "G"))
+
+
+@rk.tiled
+def signs_only(x: rk.Row["E"], codes: rk.Bits["O", "E"]):
+    return rk.sum(codes * x, "E")
+
+
+def _inputs(decl, sizes, N=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for spec in decl.program.call_inputs:
+        if spec.role == "scalar":
+            continue
+        shape = [sizes[d] for d in spec.dims]
+        if spec.role == "row":
+            out.append(torch.randn(N, *shape, generator=gen))
+        elif spec.role == "bits":
+            out.append(pack_signs(torch.randn(*shape, generator=gen)))
+        else:
+            out.append(torch.rand(*shape, generator=gen) + 0.1)
+    return out
+
+
+@pytest.mark.parametrize("decl", [binary_no_planes, plane_major, signs_only],
+                         ids=lambda d: d.name)
+@pytest.mark.parametrize("backend", list(RUNNERS))
+def test_other_declarations_lower_to_the_lut_form(decl, backend):
+    """Other layouts, no planes, no groups, a scale expression of weights and a scalar:
+    matched from the IR, no per-op code."""
+    sizes = {"G": 2, "E": 16, "O": 5, "Q": 3}
+    args = _inputs(decl, sizes)
+    plan = lower_lut(decl.program)
+    tc = bind_tiled(decl.program, tuple(args), {})
+    got = RUNNERS[backend](plan, tc)
+    assert rel(got, run_tiled(tc)) < 1e-5
+    # the custom op's gradients too
+    op = rk.compile(decl, backend="torch")
+    leaves = [a.clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    op(*leaves).square().sum().backward()
+    ref = [a.clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    run_tiled(bind_tiled(decl.program, tuple(ref), {})).square().sum().backward()
+    for a, b in zip(leaves, ref):
+        if a.is_floating_point():
+            assert rel(a.grad, b.grad) < 1e-5
+
+
+def test_declarations_outside_the_lut_form_are_refused():
+    @rk.tiled
+    def codes_times_weight(x: rk.Row["E"], codes: rk.Bits["O", "E"], w: rk.Weight["O", "E"]):
+        return rk.sum(codes * w, "E") + rk.sum(x, "E")
+
+    @rk.tiled
+    def packed_elsewhere(x: rk.Row["G"], codes: rk.Bits["O", "G", "E"]):
+        return rk.sum(rk.sum(codes * x, "E"), "G")
+
+    @rk.tiled
+    def keeps_the_plane(x: rk.Row["E"], codes: rk.Bits["O", "Q", "E"]):
+        return rk.sum(codes * x, "E")
+
+    @rk.tiled
+    def scale_reads_the_row(x: rk.Row["E"], y: rk.Row["O"], codes: rk.Bits["O", "E"]):
+        return y * rk.sum(codes * x, "E")
+
+    for decl, match in ((codes_times_weight, "must contract them with a row"),
+                        (packed_elsewhere, "lacks the packed dim 'E'"),
+                        (keeps_the_plane, "one output dim"),
+                        (scale_reads_the_row, "the scale reads row 'y'")):
+        with pytest.raises(rk.LoweringError, match=match):
+            lower_lut(decl.program)
+        with pytest.raises(rk.LoweringError, match=match):
+            rk.compile(decl)
+
+
+def test_bits_annotation_is_refused_in_recurrences():
+    with pytest.raises(rk.DeclarationError, match="rk.Bits"):
+        @rk.recurrence
+        def bad(S: rk.State["K"], k: rk.Token["K"], c: rk.Bits["K"]):
+            return S + k, S
+
+
+def test_lut_sources_match_golden():
+    """The generated TVM table and look-up kernels, and the printed plan."""
+    import os
+    from pathlib import Path
+    path = Path(__file__).parent / "golden" / "shift_add.lut.tvm.py.txt"
+    text = str(lower_lut(rk.ops.shift_add.program)) + "\n\n" + rk.codegen(
+        rk.ops.shift_add, "tvm", sizes={"G": 2, "E": 64, "O": 6, "Q": 2})
+    if os.environ.get("RECURKIT_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "gfx942"])
+def test_triton_kernel_compiles_ahead_of_time_without_spills(arch):
+    from recurkit.backends.triton_lut import aot_report
+    r = aot_report(arch)
+    assert r["spill_bytes"] in (0, None), r
