@@ -32,8 +32,8 @@ def dense(signs, alpha):
     return torch.einsum("goq,goqe->oge", alpha, signs).reshape(O, G * E)
 
 
-# (G, E, O, Q, N): E = 64, 128 take the TVM kernel's 8-bytes-at-a-time path, E = 8, 24 the
-# byte path (and, for Triton, a block of positions with masked tails)
+# (G, E, O, Q, N): E = 24 is no power of two (Triton masks the tail of its
+# position blocks); O = 1, 33, 70 leave partial blocks of outputs
 SHAPES = [(1, 8, 1, 1, 1), (3, 16, 5, 2, 4), (2, 64, 33, 3, 1), (2, 128, 70, 4, 3),
           (1, 24, 7, 2, 17)]
 

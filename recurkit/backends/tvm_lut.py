@@ -38,8 +38,8 @@ def _index(dims, at: dict[str, str]) -> str:
     return ", ".join(at[d] for d in dims)
 
 
-def _shape(dims, sizes: dict[str, int], packed: str | None = None, per: int = 8) -> str:
-    return ", ".join(str(sizes[d] // per if d == packed else sizes[d]) for d in dims)
+def _shape(dims, sizes: dict[str, int], packed: str | None = None) -> str:
+    return ", ".join(str(sizes[d] // 8 if d == packed else sizes[d]) for d in dims)
 
 
 def tables_source(plan: LutPlan, sizes: dict[str, int]) -> str:
@@ -74,7 +74,6 @@ def tables_source(plan: LutPlan, sizes: dict[str, int]) -> str:
 
 def lookup_source(plan: LutPlan, sizes: dict[str, int], block: int = BLOCK_O) -> str:
     cdims = dims_of(plan, plan.codes)
-    wide = sizes[plan.packed] % 64 == 0
     O = sizes[plan.out]
     Gs = sizes[plan.group] if plan.group else 1
     S = sizes[plan.packed] // 8
@@ -88,13 +87,8 @@ def lookup_source(plan: LutPlan, sizes: dict[str, int], block: int = BLOCK_O) ->
         at[plan.plane] = str(q)
         looks = []
         for s in range(S):
-            if wide:   # 8 code bytes per int64 load, taken apart with shifts
-                at[plan.packed] = str(s // 8)
-                byte = f"T.shift_right(C[{_index(cdims, at)}], T.int64({8 * (s % 8)})) & T.int64(255)"
-            else:
-                at[plan.packed] = str(s)
-                byte = f"C[{_index(cdims, at)}]"
-            looks.append(f"L[n, g, {s}, T.Cast(\"int32\", {byte})]")
+            at[plan.packed] = str(s)
+            looks.append(f"L[n, g, {s}, T.Cast(\"int32\", C[{_index(cdims, at)}])]")
         w = f"W[{_index(plan.scale_dims, at)}]" if plan.scale_dims else "W[0]"
         terms.append(f"{w} * {_tree(looks)}")
     wshape = _shape(plan.scale_dims, sizes) if plan.scale_dims else "1"
@@ -105,8 +99,7 @@ def lookup_source(plan: LutPlan, sizes: dict[str, int], block: int = BLOCK_O) ->
         '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
         "    N = T.int32()",
         f"    L = T.match_buffer(l, (N, {Gs}, {S}, 256), \"float32\")",
-        f"    C = T.match_buffer(c, ({_shape(cdims, sizes, plan.packed, 64 if wide else 8)}), "
-        f"\"{'int64' if wide else 'uint8'}\")",
+        f"    C = T.match_buffer(c, ({_shape(cdims, sizes, plan.packed)}), \"uint8\")",
         f"    W = T.match_buffer(w, ({wshape},), \"float32\")",
         f"    Y = T.match_buffer(y, (N, {O}), \"float32\")",
         f"    for ob in T.parallel({nb}):",
@@ -156,8 +149,6 @@ def run_lut_tvm(plan: LutPlan, tc: TiledCall) -> torch.Tensor:
     tables, lookup = _kernels(plan, sizes)
     x = tc.tensors[plan.row].float().contiguous()
     codes = tc.tensors[plan.codes].contiguous()
-    if tc.sizes[plan.packed] % 64 == 0:   # the kernel reads 8 code bytes at a time
-        codes = codes.view(torch.int64)
     shape = [tc.sizes[d] for d in plan.scale_dims]
     w = scale_values(plan, tc).expand(shape).contiguous().reshape(shape or [1])
     Gs = tc.sizes[plan.group] if plan.group else 1
