@@ -98,3 +98,19 @@ def depends_on_state(nodes: list[Node]) -> dict[int, bool]:
     for n in nodes:
         dep[id(n)] = n.role == "state" or any(dep[id(a)] for a in n.args)
     return dep
+
+
+def expr_text(n: Node, max_depth: int = 6, depth: int = 0) -> str:
+    """``n`` as one nested expression of input names and constants (for printing plans);
+    reductions show the dims they reduce, gathers the dim they select along, and anything
+    deeper than ``max_depth`` prints as "..."."""
+    if n.op == "input":
+        return n.attr("name")
+    if n.op == "const":
+        return repr(n.attr("value"))
+    if depth > max_depth:
+        return "..."
+    extra = (f"[{', '.join(n.attr('over'))}]" if n.op in ("contract", "sum", "max") else
+             f"[{n.attr('dim')}]" if n.op == "gather" else "")
+    args = ", ".join(expr_text(a, max_depth, depth + 1) for a in n.args)
+    return f"{n.op}{extra}({args})"

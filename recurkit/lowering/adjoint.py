@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.node import BINARY, F32, UNARY, Node, depends_on_state, toposort
+from ..ir.node import BINARY, F32, UNARY, Node, depends_on_state, expr_text, toposort
 from ..ir.program import Program, _fmt_dims
 from .vjp import Vjp
 
@@ -91,7 +91,7 @@ class AdjointStep:
             names[id(self.d_out)] = "dout"
         lines = [f"adjoint of {p.name}"]
         for i, f in enumerate(self.feeds):
-            lines.append(f"  feed    f{i}: {_fmt_dims(f.dims)} = {_show(f, {})}")
+            lines.append(f"  feed    f{i}: {_fmt_dims(f.dims)} = {expr_text(f, 4)}")
         body = [n for n in self.nodes() if id(n) not in names and n.op not in ("input",
                                                                                "const")]
         for i, n in enumerate(body):
@@ -115,17 +115,6 @@ def _label(n: Node, names: dict[int, str]) -> str:
     if n.op == "const":
         return repr(n.attr("value"))
     return n.attr("name") if n.op == "input" else "?"
-
-
-def _show(n: Node, names: dict[int, str], depth: int = 0) -> str:
-    if n.op == "input":
-        return n.attr("name")
-    if n.op == "const":
-        return repr(n.attr("value"))
-    if depth > 4:
-        return "..."
-    extra = f"[{', '.join(n.attr('over'))}]" if n.op in ("contract", "sum", "max") else ""
-    return f"{n.op}{extra}({', '.join(_show(a, names, depth + 1) for a in n.args)})"
 
 
 _NO_GRAD_ROLES = ("head", "scalar")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.node import Node, toposort
+from ..ir.node import Node, expr_text, toposort
 from ..ir.program import Program
 from .forms import LoweringError
 
@@ -58,15 +58,7 @@ class LutPlan:
                 f"  tables: 256 signed sums per 8 {self.packed} of {self.row}, per sample"
                 f"{' and ' + self.group if self.group else ''}\n"
                 f"  look-ups: one per byte of {self.codes}\n"
-                f"  w = {_show(self.scale)}")
-
-
-def _show(n: Node) -> str:
-    if n.op == "input":
-        return n.attr("name")
-    if n.op == "const":
-        return repr(n.attr("value"))
-    return f"{n.op}({', '.join(_show(a) for a in n.args)})"
+                f"  w = {expr_text(self.scale)}")
 
 
 def _err(p: Program, n: Node | None, what: str, hint: str) -> LoweringError:

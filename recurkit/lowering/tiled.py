@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ir.node import BINARY, COMPARE, INDEX, UNARY, Node, toposort
+from ..ir.node import BINARY, COMPARE, INDEX, UNARY, Node, expr_text, toposort
 from ..ir.program import Program
 from .forms import LoweringError
 from .vjp import Vjp
@@ -73,22 +73,10 @@ class TiledPlan:
         lines = [f"tiled form of {self.program.name}: out [N, {', '.join(self.out_dims)}]"]
         for kind, d in (("row", self.row_grads), ("weight", self.weight_grads)):
             for name, node in d.items():
-                lines.append(f"  d{name} ({kind}) = {_show(node)}")
+                lines.append(f"  d{name} ({kind}) = {expr_text(node)}")
         for s in self.scatters:
-            lines.append(f"  d{s.row}[n, {s.index}[m]] += {_show(s.cot)}")
+            lines.append(f"  d{s.row}[n, {s.index}[m]] += {expr_text(s.cot)}")
         return "\n".join(lines)
-
-
-def _show(n: Node, depth: int = 0) -> str:
-    if n.op == "input":
-        return n.attr("name")
-    if n.op == "const":
-        return repr(n.attr("value"))
-    if depth > 6:
-        return "..."
-    args = ", ".join(_show(a, depth + 1) for a in n.args)
-    extra = f"[{n.attr('dim')}]" if n.op == "gather" else ""
-    return f"{n.op}{extra}({args})"
 
 
 def check_tiled(p: Program) -> None:
