@@ -256,3 +256,12 @@ def test_triton_kernel_compiles_ahead_of_time_without_spills(arch):
     from recurkit.backends.triton_lut import aot_report
     r = aot_report(arch)
     assert r["spill_bytes"] in (0, None), r
+
+
+def test_bits_inputs_round_trip_through_json():
+    from recurkit.ir import Program
+    p = rk.ops.shift_add.program
+    q = Program.from_json(p.to_json())
+    assert [s.role for s in q.inputs] == ["row", "bits", "weight"]
+    assert q.content_hash() == p.content_hash()
+    assert q.inputs[1].layout() == "[G, O, Q, E // 8]"
