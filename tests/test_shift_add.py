@@ -265,3 +265,8 @@ def test_bits_inputs_round_trip_through_json():
     assert [s.role for s in q.inputs] == ["row", "bits", "weight"]
     assert q.content_hash() == p.content_hash()
     assert q.inputs[1].layout() == "[G, O, Q, E // 8]"
+
+
+def test_bits_without_dims_are_refused():
+    with pytest.raises(TypeError, match="needs at least one dim"):
+        rk.Bits[()]

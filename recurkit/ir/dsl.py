@@ -41,6 +41,14 @@ def _dims_of(role: str, item: Any) -> tuple[str, ...]:
     return dims
 
 
+def _packed_dims(role: str, item: Any) -> tuple[str, ...]:
+    dims = _dims_of(role, item)
+    if not dims:
+        raise TypeError("rk.Bits[...] needs at least one dim: the codes are packed 8 per "
+                        "byte along the last one, e.g. rk.Bits['O', 'E']")
+    return dims
+
+
 class _Annotation:
     role = ""
 
@@ -85,6 +93,9 @@ class Bits(_Annotation):
     of positions 8b .. 8b + 7 (bit j set: +1, clear: -1). In the step it is a float of
     value -1 or +1; ``rk.sum(codes * x, "E")`` lowers to table look-ups (the LUT form)."""
     role = "bits"
+
+    def __class_getitem__(cls, item) -> Spec:
+        return Spec(cls.role, _packed_dims(cls.role, item))
 
 
 class Scalar(_Annotation):

@@ -134,7 +134,7 @@ def lower_lut(p: Program) -> LutPlan:
                    f"sum over the plane and group dims {planes + groups}, keeping "
                    f"{outs[0]!r}")
     if scale is None:
-        scale = _one(p)
+        scale = Node("const", (), (), "f32", (("value", 1.0),))   # no scale: 1
     for n in toposort([scale]):
         if n.op == "input" and n.attr("role") not in ("weight", "scalar"):
             raise _err(p, n, f"the scale reads {n.attr('role')} '{n.attr('name')}'",
@@ -143,7 +143,3 @@ def lower_lut(p: Program) -> LutPlan:
             raise _err(p, n, f"'{n.op}' in the scale", "the scale is elementwise")
     return LutPlan(p, rspec.name, cspec.name, packed, outs[0],
                    planes[0] if planes else None, groups[0] if groups else None, scale)
-
-
-def _one(p: Program) -> Node:
-    return Node("const", (), (), "f32", (("value", 1.0),))
