@@ -29,15 +29,24 @@ def scale_values(plan: LutPlan, tc: TiledCall, grad: bool = False) -> torch.Tens
     return v
 
 
+def scale_tensor(plan: LutPlan, tc: TiledCall) -> torch.Tensor:
+    """The scale as a kernel reads it: contiguous over ``plan.scale_dims`` ([1] if none)."""
+    shape = [tc.sizes[d] for d in plan.scale_dims]
+    return scale_values(plan, tc).expand(shape).contiguous().reshape(shape or [1])
+
+
 def dims_of(plan: LutPlan, name: str) -> tuple[str, ...]:
     return _spec(plan, name).dims
 
 
-def dequantized(plan: LutPlan, tc: TiledCall, scale: torch.Tensor) -> torch.Tensor:
-    """The dense weight [out, *row dims] (the row's declared order) in fp32."""
+def dequantized(plan: LutPlan, tc: TiledCall, scale: torch.Tensor,
+                signs: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight [out, *row dims] (the row's declared order) in fp32; ``signs``: the
+    codes already unpacked, if the caller has them."""
     L = _letters(plan)
     cdims, rdims = dims_of(plan, plan.codes), dims_of(plan, plan.row)
-    signs = unpack_signs(tc.tensors[plan.codes])
+    if signs is None:
+        signs = unpack_signs(tc.tensors[plan.codes])
     sub = "".join(L[d] for d in plan.scale_dims)
     spec = f"{sub},{''.join(L[d] for d in cdims)}->{L[plan.out]}{''.join(L[d] for d in rdims)}"
     return torch.einsum(spec, scale, signs)
@@ -57,14 +66,14 @@ def lut_grads_torch(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str,
     dyf = dy.float().reshape(tc.N, -1)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        scale = scale_values(plan, tc)
-        W = dequantized(plan, tc, scale)
+        signs = unpack_signs(tc.tensors[plan.codes])
+        W = dequantized(plan, tc, scale_values(plan, tc), signs)
         out[plan.row] = (dyf @ W.reshape(W.shape[0], -1)).reshape(x.shape).to(x.dtype)
         # the scale's cotangent: sum_n dy[n, o] * sum_e c[.., e] * x[n, .., e]
         cdims, rdims = dims_of(plan, plan.codes), dims_of(plan, plan.row)
         spec = (f"n{L[plan.out]},{''.join(L[d] for d in cdims)},n{''.join(L[d] for d in rdims)}"
                 f"->{''.join(L[d] for d in plan.scale_dims)}")
-        dscale = torch.einsum(spec, dyf, unpack_signs(tc.tensors[plan.codes]), x.float())
+        dscale = torch.einsum(spec, dyf, signs, x.float())
     weights = [s.name for s in plan.program.call_inputs if s.role == "weight"]
     leaves = {n: tc.tensors[n].detach().float().requires_grad_() for n in weights}
     if leaves:
@@ -75,7 +84,7 @@ def lut_grads_torch(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str,
             got = torch.autograd.grad([s], list(leaves.values()), [dscale.expand(s.shape)],
                                       allow_unused=True) if s.requires_grad else \
                 [None] * len(leaves)
-        for (n, leaf), g in zip(leaves.items(), got):
+        for n, g in zip(leaves, got):
             t = tc.tensors[n]
             out[n] = torch.zeros_like(t) if g is None else g.to(t.dtype)
     return out

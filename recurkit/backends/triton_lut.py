@@ -15,7 +15,7 @@ import triton
 
 from ..ir.tiled import TiledCall
 from ..lowering.lut import LutPlan
-from .lut_torch import dims_of, scale_values
+from .lut_torch import dims_of, scale_tensor
 from .triton_backend import load_module
 
 BLOCK_E = 32   # positions decoded per step (larger tiles spill registers on sm_80/sm_90)
@@ -68,8 +68,7 @@ def launch_args(plan: LutPlan, tc: TiledCall):
     rdims, cdims = dims_of(plan, plan.row), dims_of(plan, plan.codes)
     x = tc.tensors[plan.row].contiguous()
     codes = tc.tensors[plan.codes].contiguous()
-    shape = [tc.sizes[d] for d in plan.scale_dims]
-    w = scale_values(plan, tc).expand(shape).contiguous().reshape(shape or [1])
+    w = scale_tensor(plan, tc)
     y = torch.empty(tc.N, tc.sizes[plan.out], device=x.device, dtype=torch.float32)
     size = lambda d: tc.sizes[d] if d else 1  # noqa: E731
     sizes = (tc.N, size(plan.out), size(plan.group), size(plan.plane), size(plan.packed))

@@ -13,6 +13,7 @@ shared TVM cache (``tvm_build``).
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Callable
 
@@ -20,7 +21,7 @@ import torch
 
 from ..ir.tiled import TiledCall
 from ..lowering.lut import LutPlan
-from .lut_torch import dims_of, scale_values
+from .lut_torch import dims_of, scale_tensor
 from .tvm_backend import _f
 from .tvm_build import compile_source
 
@@ -131,17 +132,11 @@ def _kernels(plan: LutPlan, sizes: dict[str, int]) -> tuple[Callable, Callable]:
 
 
 def _tables_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape)
     buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < _numel(shape):
-        buf = _SCRATCH.buf = torch.empty(_numel(shape))
-    return buf[:_numel(shape)].view(shape)
-
-
-def _numel(shape) -> int:
-    out = 1
-    for n in shape:
-        out *= n
-    return out
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.buf = torch.empty(n)
+    return buf[:n].view(shape)
 
 
 def run_lut_tvm(plan: LutPlan, tc: TiledCall) -> torch.Tensor:
@@ -149,8 +144,7 @@ def run_lut_tvm(plan: LutPlan, tc: TiledCall) -> torch.Tensor:
     tables, lookup = _kernels(plan, sizes)
     x = tc.tensors[plan.row].float().contiguous()
     codes = tc.tensors[plan.codes].contiguous()
-    shape = [tc.sizes[d] for d in plan.scale_dims]
-    w = scale_values(plan, tc).expand(shape).contiguous().reshape(shape or [1])
+    w = scale_tensor(plan, tc)
     Gs = tc.sizes[plan.group] if plan.group else 1
     lut = _tables_buffer((tc.N, Gs, tc.sizes[plan.packed] // 8, 256))
     y = torch.empty(tc.N, tc.sizes[plan.out])
