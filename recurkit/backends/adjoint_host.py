@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from ..ir.bind import BoundCall
+from ..ir.bind import BoundCall, bind_call
 from ..ir.interpret import apply_node, evaluate
 from ..ir.node import Node, toposort
-from ..lowering.adjoint import AdjointStep
+from ..lowering.adjoint import AdjointStep, derive_adjoint
 from .torch_backend import _initial_state, _segments
 
 CHECKPOINT = 64   # tokens between saved forward states (the torch runner)
@@ -148,8 +148,6 @@ def adjoint_runner(program, mode: str = "auto") -> Callable | None:
     the compiled TVM kernel for CPU tensors; elsewhere the torch step runner with
     ``mode="adjoint"``, or None (the op then recomputes through autograd) with "auto".
     None for ``mode="autograd"``."""
-    from ..ir.bind import bind_call
-    from ..lowering.adjoint import derive_adjoint
     if check_backward(mode) == "autograd":
         return None
     adj = derive_adjoint(program)
