@@ -5,9 +5,10 @@
 For Gated DeltaNet, GLA and KDA (bf16, D = 128, B in {1, 8}, T in {2048, 8192, 16384},
 H in {16, 32}) prints milliseconds per forward call of FLA's chunk_* function and of
 rk.compile(..., backend="triton") at its default config, with the ratio FLA / recurkit
-(> 1: recurkit is faster), plus the max relative difference of the outputs. Forward+backward
-is reported as unavailable: the generated backward is the torch-integration issue's work.
-Needs a CUDA GPU and fla-core (pip install fla-core); on a machine without one it says so and
+(> 1: recurkit is faster), plus the max relative difference of the outputs; then forward +
+backward (a loss through the output, gradients of every input) at B = 1 for both (recurkit's
+backward on a GPU recomputes the forward with the torch backend under autograd; the adjoint
+kernel is CPU-only). Needs a CUDA GPU and fla-core (pip install fla-core); on a machine without one it says so and
 exits.
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ def fla_fn(op: str):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="B=1, T=2048, H=16 only")
+    ap.add_argument("--no-backward", action="store_true", help="forward only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_chunk.py: no CUDA device here; run it on a machine with a GPU "
@@ -63,7 +65,7 @@ def main() -> int:
         (B, T, H) for B in (1, 8) for T in (2048, 8192, 16384) for H in (16, 32)]
     D = 128
     print(f"{'op':18} {'B':>2} {'T':>6} {'H':>3}  {'FLA ms':>8} {'rk ms':>8} {'FLA/rk':>7} "
-          f"{'max rel diff':>12}  fwd+bwd")
+          f"{'max rel diff':>12}")
     for op in ("gated_delta_rule", "gla", "kda"):
         ours = rk.compile(getattr(rk.ops, op).decl, backend="triton")
         try:
@@ -81,7 +83,26 @@ def main() -> int:
                 o_fla = theirs(*x)[0].float()
                 diff = ((o_rk - o_fla).abs().max() / o_fla.abs().max()).item()
             print(f"{op:18} {B:>2} {T:>6} {H:>3}  {t_fla:8.3f} {t_rk:8.3f} "
-                  f"{t_fla / t_rk:7.2f} {diff:12.2e}  n/a (no generated backward yet)",
+                  f"{t_fla / t_rk:7.2f} {diff:12.2e}", flush=True)
+    if args.no_backward:
+        return 0
+    print(f"forward + backward, ms\n{'op':18} {'B':>2} {'T':>6} {'H':>3}  {'FLA ms':>8} "
+          f"{'rk ms':>8} {'FLA/rk':>7}")
+    for op in ("gated_delta_rule", "gla", "kda"):
+        ours = rk.compile(getattr(rk.ops, op).decl, backend="triton")
+        try:
+            theirs = fla_fn(op)
+        except ImportError:
+            theirs = None
+        for B, T, H in [s for s in shapes if s[0] == 1 and s[1] <= 8192]:
+            x = [t.requires_grad_() for t in inputs(op, B, T, H, D, "cuda")]
+
+            def step(fn):
+                o = fn(*x)[0]
+                torch.autograd.grad(o.float().square().sum(), x)
+            t_rk = do_bench(lambda: step(ours))
+            t_fla = do_bench(lambda: step(theirs)) if theirs is not None else float("nan")
+            print(f"{op:18} {B:>2} {T:>6} {H:>3}  {t_fla:8.3f} {t_rk:8.3f} {t_fla / t_rk:7.2f}",
                   flush=True)
     return 0
 

@@ -11,7 +11,12 @@ from recurkit.backends.tvm_lut import run_lut_tvm
 from recurkit.ir.tiled import bind_tiled, pack_signs, run_tiled, unpack_signs
 from recurkit.lowering.lut import lower_lut
 
-RUNNERS = {"tvm": run_lut_tvm, "triton": run_lut_triton, "torch": run_lut_torch}
+RUNNERS = {"tvm": run_lut_tvm, "torch": run_lut_torch,
+           "triton-dot": lambda plan, tc: run_lut_triton(plan, tc, kernel="dot"),
+           # tiny blocks and program budget: several output blocks, byte blocks and group
+           # slices (partial sums added on the host) at the test shapes
+           "triton-lut": lambda plan, tc: run_lut_triton(plan, tc, kernel="lut", lut_block_o=4,
+                                                         lut_block_b=2, lut_programs=4)}
 
 
 def rel(a, b):
@@ -51,7 +56,7 @@ def test_kernels_equal_the_dequantized_matmul(backend, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["tvm", "triton"])
+@pytest.mark.parametrize("backend", ["tvm", "triton-dot", "triton-lut"])
 def test_half_inputs_are_read_and_computed_in_fp32(backend, dtype):
     x, codes, alpha, signs = draw(2, 64, 9, 3, 2, dtype=dtype)
     plan = lower_lut(rk.ops.shift_add.program)
@@ -251,11 +256,21 @@ def test_lut_sources_match_golden():
     assert text == path.read_text()
 
 
+@pytest.mark.parametrize("kernel", ["dot", "tables", "lookup"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90", "gfx942"])
-def test_triton_kernel_compiles_ahead_of_time_without_spills(arch):
+def test_triton_kernels_compile_ahead_of_time_without_spills(arch, kernel):
     from recurkit.backends.triton_lut import aot_report
-    r = aot_report(arch)
+    # at the runner's default blocks
+    r = aot_report(arch, kernel, block_o=64 if kernel == "lookup" else 32,
+                   block_b=8 if kernel == "lookup" else 16)
     assert r["spill_bytes"] in (0, None), r
+
+
+def test_triton_runner_refuses_an_unknown_kernel():
+    x, codes, alpha, _ = draw(1, 8, 2, 1, 1)
+    tc = bind_tiled(rk.ops.shift_add.program, (x, codes, alpha), {})
+    with pytest.raises(ValueError, match="'lut' or 'dot'"):
+        run_lut_triton(lower_lut(rk.ops.shift_add.program), tc, kernel="gather")
 
 
 def test_bits_inputs_round_trip_through_json():

@@ -1,12 +1,20 @@
-"""The LUT form for CUDA tensors as one Triton kernel: bit-planes decoded in registers, then
-``tl.dot``.
+"""The LUT form for CUDA tensors as Triton kernels, two ways.
 
-On a GPU a batch of samples shares every decoded weight tile, so instead of tables the kernel
-decodes, per group, the codes of a block of outputs into a [BLOCK_O, E] tile of
-``sum_p w * (+-1)`` in registers and multiplies it with the [BLOCK_N, E] block of samples on
-the tensor cores (fp32 inputs with ``input_precision="ieee"``: exact to fp32 rounding). The
-plan's dims reach the kernel as strides (0 for a dim a tensor lacks), so any declared layout
-works. Runs in Triton's interpreter on CPU tensors (tests) and compiles ahead of time.
+``dot``: a batch of samples shares every decoded weight tile, so the kernel decodes, per
+group, the codes of a block of outputs into a [BLOCK_O, E] tile of ``sum_p w * (+-1)`` in
+registers and multiplies it with the [BLOCK_N, E] block of samples (fp32 inputs with
+``input_precision="ieee"``: exact to fp32 rounding).
+
+``lut``: the table look-ups of the LUT form itself. A first kernel builds, per sample, group
+and code byte, the 256 signed sums of its 8 positions (fp32, in global memory: 1 KiB per byte
+of a row, so a sample's tables stay in L2); a second reads each code byte once and looks its
+sum up, a program per (block of outputs, sample, slice of the groups); the slices' partial
+sums are added on the host.
+
+``run_lut_triton`` picks ``lut`` for batches of at most ``LUT_MAX_N`` samples and ``dot``
+above (see benchmarks/shift_add_gpu.py for the measurement behind the switch). The plan's
+dims reach the kernels as strides (0 for a dim a tensor lacks), so any declared layout works.
+Both run in Triton's interpreter on CPU tensors (tests) and compile ahead of time.
 """
 from __future__ import annotations
 
@@ -19,10 +27,16 @@ from .lut_torch import dims_of, scale_tensor
 from .triton_backend import load_module
 
 BLOCK_E = 32   # positions decoded per step (larger tiles spill registers on sm_80/sm_90)
+LUT_MAX_N = 8  # batches up to this size take the look-up kernels on a GPU
 
 
 KERNEL_SOURCE = '''import triton
 import triton.language as tl
+
+
+@triton.jit
+def _add(a, b):   # tl.sum is a JIT function of a module imported outside the interpreter
+    return a + b
 
 
 @triton.jit
@@ -56,6 +70,56 @@ def lut_dot_kernel(x_ptr, c_ptr, w_ptr, y_ptr, N, O, G, P, E,
             acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
     tl.store(y_ptr + offs_n[:, None] * O + offs_o[None, :], acc,
              mask=mask_n[:, None] & mask_o[None, :])
+
+
+@triton.jit
+def lut_tables_kernel(x_ptr, t_ptr, G, E, NB, sxn, sxg, sxe, BLOCK_B: tl.constexpr):
+    # t[n, g, b, i] = sum_{j < 8} (+x[n, g, 8b + j] if bit j of i else -x[n, g, 8b + j])
+    pid_ng = tl.program_id(0)
+    n = pid_ng // G
+    g = pid_ng % G
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < NB
+    idx = tl.arange(0, 256)
+    t = tl.full([BLOCK_B, 256], 0.0, tl.float32)
+    for j in range(0, 8):
+        e = offs_b * 8 + j
+        xv = tl.load(x_ptr + n * sxn + g * sxg + e * sxe, mask=mask_b & (e < E),
+                     other=0.0).to(tl.float32)
+        on = ((idx >> j) & 1) == 1
+        t += tl.where(on[None, :], xv[:, None], -xv[:, None])
+    tl.store(t_ptr + (pid_ng * NB + offs_b[:, None]) * 256 + idx[None, :], t,
+             mask=mask_b[:, None])
+
+
+@triton.jit
+def lut_lookup_kernel(t_ptr, c_ptr, w_ptr, y_ptr, N, O, G, P, NB, GS,
+                      sco, scg, scp, scs, swo, swg, swp,
+                      BLOCK_O: tl.constexpr, BLOCK_B: tl.constexpr):
+    # y[s, n, o] = sum over the groups of slice s, the planes and the bytes b of
+    #              w[o, g, p] * t[n, g, b, c[o, g, p, b]]
+    pid_o = tl.program_id(0)
+    n = tl.program_id(1)
+    s = tl.program_id(2)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    acc = tl.full([BLOCK_O], 0.0, tl.float32)
+    for gi in range(0, GS):
+        g = s * GS + gi
+        mask_g = offs_o < tl.where(g < G, O, 0)   # (not mask_o & (g < G): the interpreter
+        #                                        makes that an int mask)
+        for p in range(0, P):
+            part = tl.full([BLOCK_O], 0.0, tl.float32)
+            for b0 in range(0, NB, BLOCK_B):
+                offs_b = b0 + tl.arange(0, BLOCK_B)
+                m = mask_g[:, None] & (offs_b < NB)[None, :]
+                codes = tl.load(c_ptr + offs_o[:, None] * sco + g * scg + p * scp +
+                                offs_b[None, :] * scs, mask=m, other=0).to(tl.int32)
+                vals = tl.load(t_ptr + ((n * G + g) * NB + offs_b[None, :]) * 256 + codes,
+                               mask=m, other=0.0)
+                part += tl.reduce(vals, 1, _add)
+            scale = tl.load(w_ptr + offs_o * swo + g * swg + p * swp, mask=mask_g, other=0.0)
+            acc += part * scale
+    tl.store(y_ptr + (s * N + n) * O + offs_o, acc, mask=offs_o < O)
 '''
 
 
@@ -82,27 +146,67 @@ def launch_args(plan: LutPlan, tc: TiledCall):
     return x, codes, w, y, sizes, xs + cs + ws
 
 
-def run_lut_triton(plan: LutPlan, tc: TiledCall, block_n: int = 16,
-                   block_o: int = 32) -> torch.Tensor:
+def _module(interpret: bool):
+    return load_module(KERNEL_SOURCE, interpret)
+
+
+def run_lut_triton(plan: LutPlan, tc: TiledCall, kernel: str | None = None,
+                   block_n: int = 16, block_o: int = 32, lut_block_o: int = 64,
+                   lut_block_b: int = 8, lut_programs: int = 1024) -> torch.Tensor:
+    """``kernel``: "lut" or "dot" (default: "lut" up to ``LUT_MAX_N`` samples on a GPU, "dot"
+    otherwise). The look-up kernel splits the groups over up to ``lut_programs`` // (output
+    blocks x samples) slices so that a GEMV fills the GPU."""
+    if kernel is None:
+        kernel = "lut" if tc.device.type == "cuda" and tc.N <= LUT_MAX_N else "dot"
+    if kernel not in ("lut", "dot"):
+        raise ValueError(f"run_lut_triton: kernel must be 'lut' or 'dot', got {kernel!r}")
     x, codes, w, y, sizes, strides = launch_args(plan, tc)
-    N, O = sizes[0], sizes[1]
-    block_e = min(BLOCK_E, max(16, triton.next_power_of_2(sizes[4])))
-    grid = (triton.cdiv(O, block_o), triton.cdiv(N, block_n))
+    N, O, G, P, E = sizes
     interpret = tc.device.type != "cuda"
-    kernel = load_module(KERNEL_SOURCE, interpret).lut_dot_kernel
+    mod = _module(interpret)
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
-        kernel[grid](x, codes, w, y, *sizes, *strides, BLOCK_N=block_n, BLOCK_O=block_o,
-                     BLOCK_E=block_e)
-    return y.to(tc.out_dtype)
+        if kernel == "dot":
+            block_e = min(BLOCK_E, max(16, triton.next_power_of_2(E)))
+            grid = (triton.cdiv(O, block_o), triton.cdiv(N, block_n))
+            mod.lut_dot_kernel[grid](x, codes, w, y, *sizes, *strides, BLOCK_N=block_n,
+                                     BLOCK_O=block_o, BLOCK_E=block_e)
+            return y.to(tc.out_dtype)
+        NB = triton.cdiv(E, 8)
+        tables = torch.empty(N * G * NB * 256, device=x.device, dtype=torch.float32)
+        tb = min(16, triton.next_power_of_2(NB))
+        mod.lut_tables_kernel[(N * G, triton.cdiv(NB, tb))](x, tables, G, E, NB, *strides[:3],
+                                                             BLOCK_B=tb)
+        blocks = triton.cdiv(O, lut_block_o)
+        slices = max(1, min(G, lut_programs // (blocks * N)))
+        GS = triton.cdiv(G, slices)
+        slices = triton.cdiv(G, GS)
+        parts = y if slices == 1 else torch.empty(slices, N, O, device=x.device,
+                                                  dtype=torch.float32)
+        bb = min(lut_block_b, triton.next_power_of_2(NB))
+        mod.lut_lookup_kernel[(blocks, N, slices)](tables, codes, w, parts, N, O, G, P, NB, GS,
+                                                   *strides[3:], BLOCK_O=lut_block_o,
+                                                   BLOCK_B=bb)
+    out = parts if slices == 1 else parts.sum(0)
+    return out.to(tc.out_dtype)
 
 
-def aot_report(arch: str = "sm_90", block_n: int = 16, block_o: int = 32,
-               block_e: int = 32) -> dict:
-    """Compile the kernel for ``arch`` with no GPU (registers, spills, shared memory)."""
+def aot_report(arch: str = "sm_90", kernel: str = "dot", block_n: int = 16,
+               block_o: int = 32, block_e: int = 32, block_b: int = 16) -> dict:
+    """Compile one of the kernels (``dot``, ``tables``, ``lookup``) for ``arch`` with no GPU
+    (registers, spills, shared memory)."""
     from .triton_backend import aot_compile_kernel
-    fn = load_module(KERNEL_SOURCE, interpret=False).lut_dot_kernel
-    blocks = {"BLOCK_N": block_n, "BLOCK_O": block_o, "BLOCK_E": block_e}
-    ptrs = {"x_ptr": "*fp32", "c_ptr": "*u8", "w_ptr": "*fp32", "y_ptr": "*fp32"}
+    mod = _module(interpret=False)
+    if kernel == "dot":
+        fn, blocks = mod.lut_dot_kernel, {"BLOCK_N": block_n, "BLOCK_O": block_o,
+                                          "BLOCK_E": block_e}
+    elif kernel == "tables":
+        fn, blocks = mod.lut_tables_kernel, {"BLOCK_B": block_b}
+    elif kernel == "lookup":
+        fn, blocks = mod.lut_lookup_kernel, {"BLOCK_O": block_o, "BLOCK_B": block_b}
+    else:
+        raise ValueError(f"aot_report: unknown kernel {kernel!r}")
+    ptrs = {"x_ptr": "*fp32", "c_ptr": "*u8", "w_ptr": "*fp32", "y_ptr": "*fp32",
+            "t_ptr": "*fp32"}
     sig = {a: "constexpr" if a in blocks else ptrs.get(a, "i32") for a in fn.arg_names}
     return aot_compile_kernel(fn, sig, blocks, arch)

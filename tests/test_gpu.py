@@ -1,0 +1,229 @@
+"""The Triton kernels on a CUDA GPU, against the reference interpreter on the CPU.
+
+Skipped without a GPU (CI has none). The other test files run the same generated kernels in
+Triton's interpreter at small shapes; this file runs them compiled, at shapes whose dims make
+``tl.dot`` legal on the tensor cores (>= 16), over the correctness matrix of the lowering
+issue: every built-in and form, odd lengths, initial and final state, varlen, extreme gates,
+half inputs, gradients; the tiled ops (logic layers, the shift-add kernels) too.
+
+    python -m pytest tests/test_gpu.py -n 8     # on a machine with a GPU
+"""
+import functools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import recurkit as rk
+from cases import CASES, VECTOR_CASES
+from recurkit.ir.tiled import bind_tiled, pack_signs
+from recurkit.lowering.lut import lower_lut
+
+# RECURKIT_GPU_TEST_DEVICE=cpu dry-runs this file's checks in Triton's interpreter (slow)
+DEV = os.environ.get("RECURKIT_GPU_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU")
+
+H, K, V, D = 2, 64, 32, 64
+ALL = [*CASES, *VECTOR_CASES]
+EXACT = {"precision": "ieee"}   # fp32 dots: the 1e-5 checks; tf32 (the default) checked apart
+
+
+def rel(a, b):
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def decl_of(name):
+    return getattr(rk.ops, name).decl
+
+
+def inputs(name, T, Bn=1, gate=(-0.5, -0.01), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for spec in decl_of(name).program.call_inputs:
+        if spec.role == "scalar":
+            continue
+        dims = tuple({"K": K, "V": V, "D": D}[d] for d in spec.dims)
+        shape = ((Bn, T, H) if spec.role == "token" else (H,)) + dims
+        x = torch.randn(*shape, generator=g)
+        if spec.name in ("g", "gk", "gv", "g_gamma"):
+            x = gate[0] + (gate[1] - gate[0]) * torch.rand(*shape, generator=g)
+        elif spec.name in ("beta", "eta", "w") or (spec.name == "b" and "dplr" not in name):
+            x = torch.rand(*shape, generator=g)
+        elif spec.name == "k" or (spec.name == "b" and "dplr" in name):
+            x = F.normalize(x, dim=-1)
+        out[spec.name] = x
+    if "dplr" in name:
+        out["a"] = -out["b"] * torch.rand(Bn, T, H, 1, generator=g)
+    return out
+
+
+def state(name, N):
+    dims = (D,) if name in VECTOR_CASES else (K, V)
+    return torch.randn(N, H, *dims, generator=torch.Generator().manual_seed(3)) * 0.5
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name, T, Bn, init, cu=None, gate=(-0.5, -0.01)):
+    xs = inputs(name, T, Bn, gate)
+    S0 = state(name, Bn if cu is None else len(cu) - 1) if init else None
+    kw = dict(initial_state=S0, output_final_state=True)
+    if cu is not None:
+        kw["cu_seqlens"] = torch.tensor(cu)
+    return xs, kw, rk.compile(decl_of(name), backend="reference")(**xs, **kw)
+
+
+def on_gpu(xs: dict, kw: dict):
+    move = lambda t: t.to(DEV) if torch.is_tensor(t) else t   # noqa: E731
+    return {n: move(x) for n, x in xs.items()}, {n: move(x) for n, x in kw.items()}
+
+
+def check(name, form, chunk, T, Bn=1, init=True, cu=None, gate=(-0.5, -0.01), knobs=EXACT,
+          tol=1e-5, dtype=torch.float32):
+    xs, kw, (o_ref, S_ref) = reference(name, T, Bn, init, cu, gate)
+    gx, gkw = on_gpu(xs, kw)
+    gx = {n: x.to(dtype) if x.is_floating_point() else x for n, x in gx.items()}
+    op = rk.compile(decl_of(name), backend="triton", form=form, chunk=chunk, knobs=knobs)
+    o, S = op(**gx, **gkw)
+    assert o.device.type == DEV and o.dtype == dtype and S.dtype == torch.float32
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    assert rel(o, o_ref) < tol, ("output", rel(o, o_ref))
+    assert rel(S, S_ref) < (1e-5 if dtype == torch.float32 else tol), ("state", rel(S, S_ref))
+
+
+def forms(name):
+    return rk.analyze(decl_of(name)).forms
+
+
+MATRIX = [pytest.param(n, f, c, id=f"{n}-{f}-C{c}") for n in ALL for f in forms(n)
+          for c in ((16, 32, 64) if f.startswith("chunk") else (None,))]
+
+
+@pytest.mark.parametrize("name,form,chunk", MATRIX)
+def test_every_form_and_chunk(name, form, chunk):
+    check(name, form, chunk, 100, Bn=2)
+
+
+@pytest.mark.parametrize("T", [1, 63, 1000])
+@pytest.mark.parametrize("name", ALL)
+def test_default_form_odd_lengths_without_initial_state(name, T):
+    check(name, None, None, T, init=False)
+
+
+@pytest.mark.parametrize("name,form,chunk", [p for p in MATRIX if p.values[2] in (None, 64)])
+def test_varlen_with_segments_shorter_than_a_chunk(name, form, chunk):
+    check(name, form, chunk, 200, cu=(0, 1, 4, 4, 70, 71, 200))
+
+
+@pytest.mark.parametrize("gate", [(-69.0, -69.0), (-1e-6, -1e-6)], ids=["decay1e-30",
+                                                                       "decay1-1e-6"])
+@pytest.mark.parametrize("name", ["simple_gla", "gla", "gated_delta_rule", "kda", "hgrn"])
+def test_extreme_gates_long(name, gate):
+    for form in forms(name):
+        check(name, form, None, 4096, init=False, gate=gate)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)],
+                         ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule", "kda", "hgrn"])
+def test_half_inputs(name, dtype, tol):
+    for form in forms(name):
+        check(name, form, None, 100, dtype=dtype, tol=tol)
+
+
+@pytest.mark.parametrize("name", ["gated_delta_rule", "gla", "kda", "delta_rule"])
+def test_default_tf32_dots(name):
+    """The default precision (tf32 dots): within tf32's rounding of the exact result."""
+    check(name, None, None, 1000, knobs=None, tol=5e-3)
+
+
+@pytest.mark.parametrize("name", ["gated_delta_rule", "gla", "hgrn"])
+def test_gradients_on_gpu(name):
+    xs, kw, _ = reference(name, 100, 1, True)
+    leaves = {n: x.clone().requires_grad_() for n, x in xs.items()}
+    S0 = kw["initial_state"].clone().requires_grad_()
+    o, S = rk.compile(decl_of(name), backend="reference")(**leaves, initial_state=S0,
+                                                         output_final_state=True)
+    wo, wS = torch.randn_like(o), torch.randn_like(S)
+    want = torch.autograd.grad((o * wo).sum() + (S * wS).sum(), [*leaves.values(), S0])
+    gl = {n: x.detach().to(DEV).requires_grad_() for n, x in xs.items()}
+    gS0 = S0.detach().to(DEV).requires_grad_()
+    op = rk.compile(decl_of(name), backend="triton", knobs=EXACT)
+    o, S = op(**gl, initial_state=gS0, output_final_state=True)
+    got = torch.autograd.grad((o * wo.to(DEV)).sum() + (S * wS.to(DEV)).sum(), [*gl.values(), gS0])
+    for n, g, w in zip([*leaves, "initial_state"], got, want):
+        assert g.device.type == DEV and rel(g, w) < 1e-4, (n, rel(g, w))
+
+
+def test_custom_op_opcheck_on_gpu():
+    xs, kw, _ = reference("gated_delta_rule", 40, 1, True)
+    gx, gkw = on_gpu(xs, kw)
+    op = rk.compile(decl_of("gated_delta_rule"), backend="triton")
+    o, _ = op(**gx, **gkw)
+    assert o.device.type == DEV
+    args = [gx[s.name] for s in decl_of("gated_delta_rule").program.call_inputs
+            if s.role != "scalar"]
+    torch.library.opcheck(op.torch_op.op.default, (*args, None, gkw["initial_state"], None))
+
+
+# ---- tiled ops ----
+
+def shift_add_inputs(G, E, O, Q, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, G, E, generator=g)
+    signs = torch.randint(0, 2, (G, O, Q, E), generator=g).float() * 2 - 1
+    alpha = torch.rand(G, O, Q, generator=g) + 0.1
+    W = torch.einsum("goq,goqe->oge", alpha, signs).reshape(O, G * E)
+    return x, pack_signs(signs), alpha, W
+
+
+@pytest.mark.parametrize("kernel", ["lut", "dot"])
+@pytest.mark.parametrize("shape", [(32, 128, 4096, 3, 1), (3, 128, 70, 2, 5),
+                                   (2, 24, 33, 4, 17), (8, 128, 1000, 3, 64)], ids=str)
+def test_shift_add_kernels(kernel, shape):
+    from recurkit.backends.triton_lut import run_lut_triton
+    G, E, O, Q, N = shape
+    x, codes, alpha, W = shift_add_inputs(*shape)
+    plan = lower_lut(rk.ops.shift_add.program)
+    tc = bind_tiled(rk.ops.shift_add.program, (x.to(DEV), codes.to(DEV), alpha.to(DEV)), {})
+    y = run_lut_triton(plan, tc, kernel=kernel)
+    want = x.double().reshape(N, -1) @ W.double().T
+    assert y.device.type == DEV and y.shape == (N, O)
+    assert rel(y, want) < 1e-5
+
+
+def test_shift_add_linear_on_gpu():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96)
+    layer = rk.nn.ShiftAddLinear.from_linear(lin, bits=3, group_size=128).to(DEV)
+    x = torch.randn(3, 256, device=DEV, requires_grad=True)
+    y = layer(x)
+    W = layer.dequantized_weight()
+    want = x.detach() @ W.T + (layer.bias if layer.bias is not None else 0)
+    assert rel(y, want) < 1e-5
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_logic_layers_on_gpu():
+    torch.manual_seed(0)
+    layer = rk.nn.LogicLayer(40, 300, "unique", backend="triton").to(DEV)
+    x = torch.rand(77, 40, device=DEV, requires_grad=True)
+    y = layer(x)
+    ref = rk.nn.LogicLayer(40, 300, "unique", backend="torch")
+    ref.load_state_dict(layer.state_dict())   # weights and connections
+    xc = x.detach().cpu().requires_grad_()
+    want = ref(xc)
+    assert rel(y, want) < 1e-5
+    dy = torch.randn_like(want)
+    (gx,) = torch.autograd.grad(y, [x], dy.to(DEV))
+    (wx,) = torch.autograd.grad(want, [xc], dy)
+    assert rel(gx, wx) < 1e-4
+    model = torch.nn.Sequential(layer, rk.nn.LogicLayer(300, 60), rk.nn.GroupSum(3, 1.0)).eval()
+    xb = torch.rand(1000, 40, device=DEV) < 0.5
+    with torch.no_grad():
+        want = model.cpu()(xb.cpu().float())
+    got = rk.nn.compile_hard(model, backend="triton")(xb)
+    assert got.device.type == DEV and torch.equal(got.cpu(), want)
