@@ -46,10 +46,25 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
           f"{triton.__version__} | copy bandwidth {bw:.0f} GB/s | group {GROUP} | "
           f"lut up to N={LUT_MAX_N}, dot above")
+    plan = lower_lut(rk.ops.shift_add.program)
+    # the look-up kernel's blocks and program budget, at N = 1 (the defaults are the runner's)
+    G, O = 4096 // GROUP, 4096
+    codes = torch.randint(0, 256, (G, O, 3, GROUP // 8), dtype=torch.uint8, device="cuda")
+    alpha = torch.rand(G, O, 3, device="cuda")
+    for N in (1, 8):
+        tc = bind_tiled(rk.ops.shift_add.program,
+                        (torch.randn(N, G, GROUP, device="cuda"), codes, alpha), {})
+        sweep = {(bo, bb, pr): ms(lambda: run_lut_triton(
+            plan, tc, kernel="lut", lut_block_o=bo, lut_block_b=bb, lut_programs=pr)) * 1e3
+            for bo in (32, 64, 128) for bb in (4, 8, 16) for pr in (512, 1024, 2048, 4096)
+            if bo * bb <= 1024}
+        best = sorted(sweep, key=sweep.get)[:4]
+        print(f"lut configs, 4096x4096 3 bits N={N} (block_o, block_b, programs): us " +
+              ", ".join(f"{c}: {sweep[c]:.1f}" for c in best) + f"; default (64, 8, 1024): "
+              f"{sweep[(64, 8, 1024)]:.1f}")
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     bits_list = [3] if args.quick else [2, 3, 4]
     batches = [1, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64, 256]
-    plan = lower_lut(rk.ops.shift_add.program)
     print(f"{'O x K':>11} {'bits':>4} {'N':>4} | {'fp32':>7} {'fp16':>7} {'bf16':>7} "
           f"{'lut':>7} {'dot':>7} us | {'lut GB/s':>8} {'best':>4} {'vs fp16':>7} "
           f"{'err lut':>8} {'err dot':>8}")
