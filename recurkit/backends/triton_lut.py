@@ -26,7 +26,7 @@ from ..lowering.lut import LutPlan
 from .lut_torch import dims_of, scale_tensor
 from .triton_backend import load_module
 
-BLOCK_E = 32   # positions decoded per step (larger tiles spill registers on sm_80/sm_90)
+BLOCK_E = 16   # positions decoded per step (32 spills registers on sm_80)
 LUT_MAX_N = 8  # batches up to this size take the look-up kernels on a GPU
 
 
@@ -40,24 +40,28 @@ def _add(a, b):   # tl.sum is a JIT function of a module imported outside the in
 
 
 @triton.jit
-def lut_dot_kernel(x_ptr, c_ptr, w_ptr, y_ptr, N, O, G, P, E,
+def lut_dot_kernel(x_ptr, c_ptr, w_ptr, y_ptr, N, O, G, P, E, GS,
                    sxn, sxg, sxe, sco, scg, scp, scs, swo, swg, swp,
                    BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_E: tl.constexpr):
+    # y[s, n, o]: the groups of slice s (GS of them)
     pid_o = tl.program_id(0)
     pid_n = tl.program_id(1)
+    s = tl.program_id(2)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_o = offs_o < O
     mask_n = offs_n < N
     acc = tl.full([BLOCK_N, BLOCK_O], 0.0, tl.float32)
-    for g in range(0, G):
+    for gi in range(0, GS):
+        g = s * GS + gi
+        mask_o = offs_o < tl.where(g < G, O, 0)
         for e0 in range(0, E, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
-            mask_e = offs_e < E
+            mask_e = offs_e < tl.where(g < G, E, 0)
             byte = offs_e // 8      # the code byte of each position, and its bit
             bit = offs_e % 8
             xt = tl.load(x_ptr + offs_n[:, None] * sxn + g * sxg + offs_e[None, :] * sxe,
-                         mask=mask_n[:, None] & mask_e[None, :], other=0.0).to(tl.float32)
+                         mask=mask_n[:, None] & mask_e[None, :], other=0.0)
+            xt = xt.to(tl.float32)
             wt = tl.full([BLOCK_O, BLOCK_E], 0.0, tl.float32)
             for p in range(0, P):
                 codes = tl.load(c_ptr + offs_o[:, None] * sco + g * scg + p * scp +
@@ -68,8 +72,9 @@ def lut_dot_kernel(x_ptr, c_ptr, w_ptr, y_ptr, N, O, G, P, E,
                                 other=0.0)
                 wt += sign * scale[:, None]
             acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
-    tl.store(y_ptr + offs_n[:, None] * O + offs_o[None, :], acc,
-             mask=mask_n[:, None] & mask_o[None, :])
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    tl.store(y_ptr + (s * N + offs_n[:, None]) * O + offs_o[None, :], acc,
+             mask=mask_n[:, None] & (offs_o < O)[None, :])
 
 
 @triton.jit
@@ -146,16 +151,24 @@ def launch_args(plan: LutPlan, tc: TiledCall):
     return x, codes, w, y, sizes, xs + cs + ws
 
 
+def _slices(G: int, programs_per_slice: int, budget: int) -> tuple[int, int]:
+    """(groups per slice, slices): split the groups so that about ``budget`` programs run."""
+    slices = max(1, min(G, budget // max(1, programs_per_slice)))
+    GS = triton.cdiv(G, slices)
+    return GS, triton.cdiv(G, GS)
+
+
 def _module(interpret: bool):
     return load_module(KERNEL_SOURCE, interpret)
 
 
 def run_lut_triton(plan: LutPlan, tc: TiledCall, kernel: str | None = None,
-                   block_n: int = 16, block_o: int = 32, lut_block_o: int = 64,
-                   lut_block_b: int = 8, lut_programs: int = 1024) -> torch.Tensor:
+                   block_n: int = 16, block_o: int = 32, programs: int = 512,
+                   lut_block_o: int = 128, lut_block_b: int = 8,
+                   lut_programs: int = 1024) -> torch.Tensor:
     """``kernel``: "lut" or "dot" (default: "lut" up to ``LUT_MAX_N`` samples on a GPU, "dot"
-    otherwise). The look-up kernel splits the groups over up to ``lut_programs`` // (output
-    blocks x samples) slices so that a GEMV fills the GPU."""
+    otherwise). Both kernels split the groups into slices (partial sums added on the host)
+    so that about ``programs`` / ``lut_programs`` programs run: a GEMV fills the GPU."""
     if kernel is None:
         kernel = "lut" if tc.device.type == "cuda" and tc.N <= LUT_MAX_N else "dot"
     if kernel not in ("lut", "dot"):
@@ -168,19 +181,21 @@ def run_lut_triton(plan: LutPlan, tc: TiledCall, kernel: str | None = None,
         triton.knobs.runtime.interpret = interpret
         if kernel == "dot":
             block_e = min(BLOCK_E, max(16, triton.next_power_of_2(E)))
-            grid = (triton.cdiv(O, block_o), triton.cdiv(N, block_n))
-            mod.lut_dot_kernel[grid](x, codes, w, y, *sizes, *strides, BLOCK_N=block_n,
-                                     BLOCK_O=block_o, BLOCK_E=block_e)
-            return y.to(tc.out_dtype)
+            blocks = triton.cdiv(O, block_o) * triton.cdiv(N, block_n)
+            GS, slices = _slices(G, blocks, programs)
+            parts = y if slices == 1 else torch.empty(slices, N, O, device=x.device,
+                                                      dtype=torch.float32)
+            grid = (triton.cdiv(O, block_o), triton.cdiv(N, block_n), slices)
+            mod.lut_dot_kernel[grid](x, codes, w, parts, *sizes, GS, *strides,
+                                     BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_E=block_e)
+            return (parts if slices == 1 else parts.sum(0)).to(tc.out_dtype)
         NB = triton.cdiv(E, 8)
         tables = torch.empty(N * G * NB * 256, device=x.device, dtype=torch.float32)
         tb = min(16, triton.next_power_of_2(NB))
         mod.lut_tables_kernel[(N * G, triton.cdiv(NB, tb))](x, tables, G, E, NB, *strides[:3],
                                                              BLOCK_B=tb)
         blocks = triton.cdiv(O, lut_block_o)
-        slices = max(1, min(G, lut_programs // (blocks * N)))
-        GS = triton.cdiv(G, slices)
-        slices = triton.cdiv(G, GS)
+        GS, slices = _slices(G, blocks * N, lut_programs)
         parts = y if slices == 1 else torch.empty(slices, N, O, device=x.device,
                                                   dtype=torch.float32)
         bb = min(lut_block_b, triton.next_power_of_2(NB))
@@ -192,7 +207,7 @@ def run_lut_triton(plan: LutPlan, tc: TiledCall, kernel: str | None = None,
 
 
 def aot_report(arch: str = "sm_90", kernel: str = "dot", block_n: int = 16,
-               block_o: int = 32, block_e: int = 32, block_b: int = 16) -> dict:
+               block_o: int = 32, block_e: int = BLOCK_E, block_b: int = 16) -> dict:
     """Compile one of the kernels (``dot``, ``tables``, ``lookup``) for ``arch`` with no GPU
     (registers, spills, shared memory)."""
     from .triton_backend import aot_compile_kernel
