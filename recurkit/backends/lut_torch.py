@@ -32,6 +32,11 @@ def scale_values(plan: LutPlan, tc: TiledCall, grad: bool = False) -> torch.Tens
 def scale_tensor(plan: LutPlan, tc: TiledCall) -> torch.Tensor:
     """The scale as a kernel reads it: contiguous over ``plan.scale_dims`` ([1] if none)."""
     shape = [tc.sizes[d] for d in plan.scale_dims]
+    s = plan.scale
+    spec = _spec(plan, s.attr("name")) if s.op == "input" else None
+    if spec is not None and spec.role == "weight" and spec.dims == s.dims:
+        # a weight input already in canonical order (e.g. the alphas): read as given
+        return tc.tensors[s.attr("name")].float().contiguous().reshape(shape or [1])
     return scale_values(plan, tc).expand(shape).contiguous().reshape(shape or [1])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .dimexpr import DimExpr
@@ -67,7 +68,7 @@ class Program:
         """A tiled declaration (rows, weights, indices; no time axis, no state)."""
         return any(s.role in ("row", "weight", "index", "bits") for s in self.inputs)
 
-    @property
+    @cached_property
     def call_inputs(self) -> tuple[InputSpec, ...]:
         """Arguments of a compiled op, in declaration order (the state excluded)."""
         return tuple(i for i in self.inputs if i.role != "state")
@@ -75,8 +76,12 @@ class Program:
     def roots(self) -> list[Node]:
         return [self.output] + ([self.new_state] if self.new_state is not None else [])
 
+    @cached_property
+    def _order(self) -> tuple[Node, ...]:   # a program never changes: sorted once
+        return tuple(toposort(self.roots()))
+
     def nodes(self) -> list[Node]:
-        return toposort(self.roots())
+        return list(self._order)
 
     def canonical(self, dims) -> tuple[str, ...]:
         return tuple(sorted(dims, key=self.dims.index))

@@ -57,25 +57,24 @@ def bind_tiled(program: Program, args: tuple, kwargs: dict,
         if spec.role == "scalar":
             continue
         x = given.get(spec.name)
-        layout = spec.layout()
         if not isinstance(x, torch.Tensor):
             raise CallError(f"{op}() argument '{spec.name}': expected a torch.Tensor laid out "
-                            f"{layout}, got {type(x).__name__}")
+                            f"{spec.layout()}, got {type(x).__name__}")
         if spec.role == "bits":
             if x.dtype != torch.uint8:
                 raise CallError(f"argument '{spec.name}': expected sign codes packed 8 per byte "
-                                f"(uint8) laid out {layout}, got {x.dtype}")
+                                f"(uint8) laid out {spec.layout()}, got {x.dtype}")
         elif spec.role == "index":
             if x.dtype not in INDEX_DTYPES:
                 raise CallError(f"argument '{spec.name}': expected an int32 or int64 index "
-                                f"tensor laid out {layout}, got {x.dtype}")
+                                f"tensor laid out {spec.layout()}, got {x.dtype}")
         elif x.dtype not in FLOAT_DTYPES:
             raise CallError(f"argument '{spec.name}': expected dtype float32, float16 or "
                             f"bfloat16, got {x.dtype}")
         lead = ("N",) if spec.role == "row" else ()
         if x.dim() != len(lead) + len(spec.dims):
             raise CallError(f"argument '{spec.name}': expected {len(lead) + len(spec.dims)} dims "
-                            f"laid out {layout}, got shape {tuple(x.shape)}")
+                            f"laid out {spec.layout()}, got shape {tuple(x.shape)}")
         if device is None:
             device = x.device
         elif x.device != device:
@@ -85,14 +84,14 @@ def bind_tiled(program: Program, args: tuple, kwargs: dict,
                 N, out_dtype = x.shape[0], x.dtype
                 where["N"] = spec.name
             elif x.shape[0] != N:
-                raise CallError(f"argument '{spec.name}': N (axis 0 of {layout}) is "
+                raise CallError(f"argument '{spec.name}': N (axis 0 of {spec.layout()}) is "
                                 f"{x.shape[0]}, but '{where['N']}' has N = {N}")
         shape = list(x.shape[len(lead):])
         if spec.role == "bits":   # the last dim is packed 8 per byte
             shape[-1] *= 8
         for axis, (d, n) in enumerate(zip(spec.dims, shape), start=len(lead)):
             if d in sizes and sizes[d] != n:
-                raise CallError(f"argument '{spec.name}': dim {d} (axis {axis} of {layout}) is "
+                raise CallError(f"argument '{spec.name}': dim {d} (axis {axis} of {spec.layout()}) is "
                                 f"{n}, but '{where[d]}' bound {d} = {sizes[d]}")
             sizes.setdefault(d, n)
             where.setdefault(d, spec.name)
