@@ -8,8 +8,8 @@ rk.compile(..., backend="triton") at its default config, with the ratio FLA / re
 (> 1: recurkit is faster), plus the max relative difference of the outputs; then forward +
 backward (a loss through the output, gradients of every input) at B = 1 for both (recurkit's
 backward on a GPU recomputes the forward with the torch backend under autograd; the adjoint
-kernel is CPU-only). Needs a CUDA GPU and fla-core (pip install fla-core); on a machine without one it says so and
-exits.
+kernel is CPU-only). Needs a CUDA GPU and fla-core (pip install fla-core); on a machine
+without one it says so and exits. Results of one H100 run: benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -48,6 +48,19 @@ def fla_fn(op: str):
     return chunk_kda
 
 
+def pairs(quiet: bool = False):
+    """(op, recurkit's compiled op, FLA's function or None) for each op compared."""
+    for op in ("gated_delta_rule", "gla", "kda"):
+        ours = rk.compile(getattr(rk.ops, op).decl, backend="triton")
+        try:
+            theirs = fla_fn(op)
+        except ImportError as e:
+            if not quiet:
+                print(f"{op}: flash-linear-attention not importable ({e}); pip install fla-core")
+            theirs = None
+        yield op, ours, theirs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="B=1, T=2048, H=16 only")
@@ -66,13 +79,7 @@ def main() -> int:
     D = 128
     print(f"{'op':18} {'B':>2} {'T':>6} {'H':>3}  {'FLA ms':>8} {'rk ms':>8} {'FLA/rk':>7} "
           f"{'max rel diff':>12}")
-    for op in ("gated_delta_rule", "gla", "kda"):
-        ours = rk.compile(getattr(rk.ops, op).decl, backend="triton")
-        try:
-            theirs = fla_fn(op)
-        except ImportError as e:
-            print(f"{op}: flash-linear-attention not importable ({e}); pip install fla-core")
-            theirs = None
+    for op, ours, theirs in pairs():
         for B, T, H in shapes:
             x = inputs(op, B, T, H, D, "cuda")
             t_rk = do_bench(lambda: ours(*x))
@@ -88,12 +95,7 @@ def main() -> int:
         return 0
     print(f"forward + backward, ms\n{'op':18} {'B':>2} {'T':>6} {'H':>3}  {'FLA ms':>8} "
           f"{'rk ms':>8} {'FLA/rk':>7}")
-    for op in ("gated_delta_rule", "gla", "kda"):
-        ours = rk.compile(getattr(rk.ops, op).decl, backend="triton")
-        try:
-            theirs = fla_fn(op)
-        except ImportError:
-            theirs = None
+    for op, ours, theirs in pairs(quiet=True):
         for B, T, H in [s for s in shapes if s[0] == 1 and s[1] <= 8192]:
             x = [t.requires_grad_() for t in inputs(op, B, T, H, D, "cuda")]
 

@@ -98,7 +98,8 @@ def main() -> int:
                     y = run_lut_triton(plan, tc, kernel=k)
                     err[k] = ((y.double() - want).abs().max() / want.abs().max()).item()
                 x16, xb = x.half(), x.bfloat16()
-                t = {"fp32": ms(lambda: F.linear(x, W32)), "fp16": ms(lambda: F.linear(x16, W16)),
+                t = {"fp32": ms(lambda: F.linear(x, W32)),
+                     "fp16": ms(lambda: F.linear(x16, W16)),
                      "bf16": ms(lambda: F.linear(xb, Wb)),
                      "lut": ms(lambda: run_lut_triton(plan, tc, kernel="lut")),
                      "dot": ms(lambda: run_lut_triton(plan, tc, kernel="dot")),

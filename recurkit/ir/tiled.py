@@ -91,8 +91,9 @@ def bind_tiled(program: Program, args: tuple, kwargs: dict,
             shape[-1] *= 8
         for axis, (d, n) in enumerate(zip(spec.dims, shape), start=len(lead)):
             if d in sizes and sizes[d] != n:
-                raise CallError(f"argument '{spec.name}': dim {d} (axis {axis} of {spec.layout()}) is "
-                                f"{n}, but '{where[d]}' bound {d} = {sizes[d]}")
+                raise CallError(f"argument '{spec.name}': dim {d} (axis {axis} of "
+                                f"{spec.layout()}) is {n}, but '{where[d]}' bound {d} = "
+                                f"{sizes[d]}")
             sizes.setdefault(d, n)
             where.setdefault(d, spec.name)
         tensors[spec.name] = x
