@@ -18,8 +18,8 @@ RUNNERS = {"tvm": run_lut_tvm, "torch": run_lut_torch,
                                                                 programs=2),
            # tiny blocks and program budget: several output blocks, byte blocks and group
            # slices (partial sums added on the host) at the test shapes
-           "triton-lut": lambda plan, tc: run_lut_triton(plan, tc, kernel="lut", lut_block_o=4,
-                                                         lut_block_b=2, lut_programs=4)}
+           "triton-lut": lambda plan, tc: run_lut_triton(plan, tc, kernel="lut", lut_block_o=16,
+                                                         lut_block_b=4, lut_programs=8)}
 
 
 def rel(a, b):

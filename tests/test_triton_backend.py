@@ -24,10 +24,20 @@ def forms_of(name):
     return rk.analyze(decl_of(name)).forms
 
 
-def cases(chunks):
-    return [pytest.param(name, form, chunk, id=f"{name}-{form}" + (f"-C{chunk}" if chunk else ""))
+# the interpreter takes 10-45 s per case of these WY forms with per-channel or extra rank-1
+# terms; the default run keeps one case of each test for them, `-m slow` runs the rest
+HEAVY_WY = {"dplr_delta_rule", "kda", "gdn2", "kla", "delta_rule"}
+
+
+def cases(chunks, slow=lambda name, form: False):
+    return [pytest.param(name, form, chunk, id=f"{name}-{form}" + (f"-C{chunk}" if chunk else ""),
+                         marks=[pytest.mark.slow] if slow(name, form) else [])
             for name in ALL for form in forms_of(name)
             for chunk in (chunks if form.startswith("chunk") else [None])]
+
+
+def heavy_wy(name, form):
+    return name in HEAVY_WY and form == "chunk_wy"
 
 
 def check(name, form, chunk, T, init, Bn=2, tol=1e-5):
@@ -49,7 +59,9 @@ def test_forms_match_reference(name, form, chunk):
     check(name, form, chunk, 37, True)
 
 
-@pytest.mark.parametrize("name,form,chunk", [c for c in cases([32]) if c.values[2]])
+@pytest.mark.parametrize("name,form,chunk", [
+    c for c in cases([32], slow=lambda n, f: f == "chunk_wy" and n != "gated_delta_rule")
+    if c.values[2]])
 def test_forms_match_reference_chunk32(name, form, chunk):
     # T = 40: one full chunk and a partial one (a chunk-64 WY prep takes the interpreter
     # minutes, so 64 is covered on the torch and TVM backends)
@@ -79,7 +91,8 @@ def test_odd_lengths_default_form(name, T):
     check(name, forms_of(name)[0], 16, T, False, Bn=1)
 
 
-@pytest.mark.parametrize("name,form,chunk", cases([16]))
+@pytest.mark.parametrize("name,form,chunk",
+                         cases([16], slow=heavy_wy))
 def test_varlen_with_short_and_empty_segments(name, form, chunk):
     lens = [1, 3, 0, 16, 17, 2]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
@@ -91,7 +104,8 @@ def test_varlen_with_short_and_empty_segments(name, form, chunk):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("name", ["gla", "gated_delta_rule", "kda", "hgrn"])
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule",
+                                  pytest.param("kda", marks=pytest.mark.slow), "hgrn"])
 def test_low_precision_inputs(name, dtype, tol):
     x = inputs(name, 40, dtype=dtype)
     o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, output_final_state=True)
