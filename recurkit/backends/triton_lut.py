@@ -72,7 +72,6 @@ def lut_dot_kernel(x_ptr, c_ptr, w_ptr, y_ptr, N, O, G, P, E, GS,
                                 other=0.0)
                 wt += sign * scale[:, None]
             acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     tl.store(y_ptr + (s * N + offs_n[:, None]) * O + offs_o[None, :], acc,
              mask=mask_n[:, None] & (offs_o < O)[None, :])
 
@@ -133,12 +132,11 @@ def _stride(t: torch.Tensor, dims, d) -> int:
 
 
 def launch_args(plan: LutPlan, tc: TiledCall):
-    """(x, codes, w, y, sizes, strides) for the kernel, from the plan's dims."""
+    """(x, codes, w, sizes, strides) for the kernels, from the plan's dims."""
     rdims, cdims = dims_of(plan, plan.row), dims_of(plan, plan.codes)
     x = tc.tensors[plan.row].contiguous()
     codes = tc.tensors[plan.codes].contiguous()
     w = scale_tensor(plan, tc)
-    y = torch.empty(tc.N, tc.sizes[plan.out], device=x.device, dtype=torch.float32)
     size = lambda d: tc.sizes[d] if d else 1  # noqa: E731
     sizes = (tc.N, size(plan.out), size(plan.group), size(plan.plane), size(plan.packed))
     xs = (x.stride(0), _stride(x, ("N",) + tuple(rdims), plan.group) if plan.group else 0,
@@ -148,7 +146,7 @@ def launch_args(plan: LutPlan, tc: TiledCall):
     sd = plan.scale_dims
     ws = (_stride(w, sd, plan.out), _stride(w, sd, plan.group), _stride(w, sd, plan.plane)) \
         if sd else (0, 0, 0)
-    return x, codes, w, y, sizes, xs + cs + ws
+    return x, codes, w, sizes, xs + cs + ws
 
 
 def _slices(G: int, programs_per_slice: int, budget: int) -> tuple[int, int]:
@@ -173,37 +171,34 @@ def run_lut_triton(plan: LutPlan, tc: TiledCall, kernel: str | None = None,
         kernel = "lut" if tc.device.type == "cuda" and tc.N <= LUT_MAX_N else "dot"
     if kernel not in ("lut", "dot"):
         raise ValueError(f"run_lut_triton: kernel must be 'lut' or 'dot', got {kernel!r}")
-    x, codes, w, y, sizes, strides = launch_args(plan, tc)
+    x, codes, w, sizes, strides = launch_args(plan, tc)
     N, O, G, P, E = sizes
     interpret = tc.device.type != "cuda"
     mod = _module(interpret)
+    if kernel == "dot":
+        GS, slices = _slices(G, triton.cdiv(O, block_o) * triton.cdiv(N, block_n), programs)
+    else:
+        NB = triton.cdiv(E, 8)
+        GS, slices = _slices(G, triton.cdiv(O, lut_block_o) * N, lut_programs)
+    # each slice of the groups writes its partial sums; one slice writes the output itself
+    parts = torch.empty(slices, N, O, device=x.device, dtype=torch.float32)
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
         if kernel == "dot":
             block_e = min(BLOCK_E, max(16, triton.next_power_of_2(E)))
-            blocks = triton.cdiv(O, block_o) * triton.cdiv(N, block_n)
-            GS, slices = _slices(G, blocks, programs)
-            parts = y if slices == 1 else torch.empty(slices, N, O, device=x.device,
-                                                      dtype=torch.float32)
             grid = (triton.cdiv(O, block_o), triton.cdiv(N, block_n), slices)
             mod.lut_dot_kernel[grid](x, codes, w, parts, *sizes, GS, *strides,
                                      BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_E=block_e)
-            return (parts if slices == 1 else parts.sum(0)).to(tc.out_dtype)
-        NB = triton.cdiv(E, 8)
-        tables = torch.empty(N * G * NB * 256, device=x.device, dtype=torch.float32)
-        tb = min(16, triton.next_power_of_2(NB))
-        mod.lut_tables_kernel[(N * G, triton.cdiv(NB, tb))](x, tables, G, E, NB, *strides[:3],
-                                                             BLOCK_B=tb)
-        blocks = triton.cdiv(O, lut_block_o)
-        GS, slices = _slices(G, blocks * N, lut_programs)
-        parts = y if slices == 1 else torch.empty(slices, N, O, device=x.device,
-                                                  dtype=torch.float32)
-        bb = min(lut_block_b, triton.next_power_of_2(NB))
-        mod.lut_lookup_kernel[(blocks, N, slices)](tables, codes, w, parts, N, O, G, P, NB, GS,
-                                                   *strides[3:], BLOCK_O=lut_block_o,
-                                                   BLOCK_B=bb)
-    out = parts if slices == 1 else parts.sum(0)
-    return out.to(tc.out_dtype)
+        else:
+            tables = torch.empty(N * G * NB * 256, device=x.device, dtype=torch.float32)
+            tb = min(16, triton.next_power_of_2(NB))
+            mod.lut_tables_kernel[(N * G, triton.cdiv(NB, tb))](x, tables, G, E, NB,
+                                                                 *strides[:3], BLOCK_B=tb)
+            bb = min(lut_block_b, triton.next_power_of_2(NB))
+            mod.lut_lookup_kernel[(triton.cdiv(O, lut_block_o), N, slices)](
+                tables, codes, w, parts, N, O, G, P, NB, GS, *strides[3:],
+                BLOCK_O=lut_block_o, BLOCK_B=bb)
+    return (parts[0] if slices == 1 else parts.sum(0)).to(tc.out_dtype)
 
 
 def aot_report(arch: str = "sm_90", kernel: str = "dot", block_n: int = 16,
