@@ -238,7 +238,8 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
     every dim) and head count: a Triton module (kernels and their ``launch`` function) for
     "triton", TVMScript (one function per kernel) for "tvm". For a tiled declaration: the
     forward and backward kernels (forward, rows, columns, inverse); for one with rk.Bits codes
-    (the LUT form), the table and look-up kernels (TVM) or the decode-and-dot kernel (Triton).
+    (the LUT form), the table and look-up kernels (TVM) or the module holding the table,
+    look-up and decode-and-dot kernels (Triton).
     ``sizes`` of packed dims count positions (multiples of 8)."""
     p = as_program(decl)
     if backend not in ("triton", "tvm"):
@@ -251,7 +252,7 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
                          f"(its dims: {', '.join(p.dims)})")
     if p.is_tiled:
         from .lowering.lut import has_bits, lower_lut
-        if has_bits(p):   # the LUT form: tables + look-ups (TVM), decode-and-dot (Triton)
+        if has_bits(p):   # the LUT form: tables + look-ups (TVM); Triton's module has both ways
             plan = lower_lut(p)
             if backend == "triton":
                 from .backends.triton_lut import KERNEL_SOURCE

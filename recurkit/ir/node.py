@@ -19,7 +19,10 @@ DTYPES = (F32, BOOL, INDEX)
 ROLES = ("state", "token", "param", "scalar", "head")
 # Inputs of a tiled (stateless, time-free) declaration: "row" is laid out [N, *dims] (one row
 # per sample), "weight" [*dims], "index" [*dims] integers into a dim of a row (see "gather").
-TILED_ROLES = ("row", "weight", "index", "bits", "scalar")
+# "bits" sign codes packed 8 per byte along their last dim. A declaration with any of the
+# tensor roles is tiled.
+TILED_TENSOR_ROLES = ("row", "weight", "index", "bits")
+TILED_ROLES = (*TILED_TENSOR_ROLES, "scalar")
 
 UNARY = ("neg", "exp", "log", "sigmoid", "softplus", "silu", "tanh", "sqrt", "rsqrt", "abs",
          "relu")

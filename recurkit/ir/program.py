@@ -14,7 +14,7 @@ from typing import Any
 
 from .dimexpr import DimExpr
 from .errors import Loc
-from .node import Node, toposort
+from .node import TILED_TENSOR_ROLES, Node, toposort
 
 IR_VERSION = 1
 
@@ -66,7 +66,7 @@ class Program:
     @property
     def is_tiled(self) -> bool:
         """A tiled declaration (rows, weights, indices; no time axis, no state)."""
-        return any(s.role in ("row", "weight", "index", "bits") for s in self.inputs)
+        return any(s.role in TILED_TENSOR_ROLES for s in self.inputs)
 
     @cached_property
     def call_inputs(self) -> tuple[InputSpec, ...]:

@@ -5,7 +5,7 @@ import math
 
 from .dimexpr import DimExpr
 from .errors import DeclarationError
-from .node import BOOL, F32, INDEX, ROLES, TILED_ROLES
+from .node import BOOL, F32, INDEX, ROLES, TILED_ROLES, TILED_TENSOR_ROLES
 from .program import Program
 from .typing_rules import TypeRule, infer
 
@@ -79,7 +79,7 @@ def verify_program(p: Program) -> None:
                 err(f"node {n.op} is typed {list(n.dims)} {n.dtype}, its rule gives "
                     f"{list(dims)} {dtype}", n.loc)
 
-    tiled = [s.name for s in p.inputs if s.role in ("row", "weight", "index", "bits")]
+    tiled = [s.name for s in p.inputs if s.role in TILED_TENSOR_ROLES]
     timed = [s.name for s in p.inputs if s.role in ("state", "token", "param")]
     if tiled and timed:
         err(f"inputs {tiled} (tiled) and {timed} (recurrence) are mixed in one declaration")
