@@ -25,14 +25,14 @@ def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
-def draw(decl, T, B=1, H=2, seed=0, gate=(-0.5, -0.01), dtype=torch.float32):
+def draw(decl, T, B=1, H=2, seed=0, gate=(-0.5, -0.01), dtype=torch.float32, sizes=SIZES):
     """Tensor inputs by name: unit keys, log-decays in ``gate``, betas in (0, 1)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for spec in decl.program.call_inputs:
         if spec.role == "scalar":
             continue
-        shape = ((B, T, H) if spec.role == "token" else (H,)) + tuple(SIZES[d] for d in spec.dims)
+        shape = ((B, T, H) if spec.role == "token" else (H,)) + tuple(sizes[d] for d in spec.dims)
         x = torch.randn(*shape, generator=gen)
         if spec.name in ("g", "gk", "gv", "g_gamma"):
             lo, hi = gate

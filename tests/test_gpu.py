@@ -13,11 +13,11 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import recurkit as rk
 import loops
 from cases import CASES, VECTOR_CASES, call_loop
+from test_adjoint import draw
 from recurkit.ir.tiled import bind_tiled, pack_signs
 from recurkit.lowering.lut import lower_lut
 
@@ -41,24 +41,8 @@ def decl_of(name):
 
 
 def inputs(name, T, Bn=1, gate=(-0.5, -0.01), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for spec in decl_of(name).program.call_inputs:
-        if spec.role == "scalar":
-            continue
-        dims = tuple({"K": K, "V": V, "D": D}[d] for d in spec.dims)
-        shape = ((Bn, T, H) if spec.role == "token" else (H,)) + dims
-        x = torch.randn(*shape, generator=g)
-        if spec.name in ("g", "gk", "gv", "g_gamma"):
-            x = gate[0] + (gate[1] - gate[0]) * torch.rand(*shape, generator=g)
-        elif spec.name in ("beta", "eta", "w") or (spec.name == "b" and "dplr" not in name):
-            x = torch.rand(*shape, generator=g)
-        elif spec.name == "k" or (spec.name == "b" and "dplr" in name):
-            x = F.normalize(x, dim=-1)
-        out[spec.name] = x
-    if "dplr" in name:
-        out["a"] = -out["b"] * torch.rand(Bn, T, H, 1, generator=g)
-    return out
+    return draw(decl_of(name), T, B=Bn, H=H, seed=seed, gate=gate,
+                sizes={"K": K, "V": V, "D": D})
 
 
 def state(name, N):
