@@ -26,6 +26,12 @@ from recurkit.lowering.lut import lower_lut
 GROUP = 128
 
 
+def random_codes(G: int, O: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes [G, O, bits, GROUP // 8] and alphas [G, O, bits] on the GPU."""
+    codes = torch.randint(0, 256, (G, O, bits, GROUP // 8), dtype=torch.uint8, device="cuda")
+    return codes, torch.rand(G, O, bits, device="cuda") + 0.1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4096x4096, 3 bits, N in {1, 16}")
@@ -58,8 +64,7 @@ def main() -> int:
     plan = lower_lut(rk.ops.shift_add.program)
     # the look-up kernel's blocks and program budget, at N = 1 (the defaults are the runner's)
     G, O = 4096 // GROUP, 4096
-    codes = torch.randint(0, 256, (G, O, 3, GROUP // 8), dtype=torch.uint8, device="cuda")
-    alpha = torch.rand(G, O, 3, device="cuda")
+    codes, alpha = random_codes(G, O, 3)
     for N in (1, 8):
         tc = bind_tiled(rk.ops.shift_add.program,
                         (torch.randn(N, G, GROUP, device="cuda"), codes, alpha), {})
@@ -75,17 +80,15 @@ def main() -> int:
     bits_list = [3] if args.quick else [2, 3, 4]
     batches = [1, 16] if args.quick else [1, 4, 8, 16, 64, 256]
     print(f"{'O x K':>11} {'bits':>4} {'N':>4} | {'fp32':>7} {'fp16':>7} {'bf16':>7} "
-          f"{'lut':>7} {'dot':>7} {'lut(g)':>7} {'dot(g)':>7} us | {'lut GB/s':>8} {'best':>4} {'vs fp16':>7} "
-          f"{'err lut':>8} {'err dot':>8}")
+          f"{'lut':>7} {'dot':>7} {'lut(g)':>7} {'dot(g)':>7} us | {'lut GB/s':>8} "
+          f"{'best':>4} {'vs fp16':>7} {'err lut':>8} {'err dot':>8}")
     wins = {}
     for O, Kd in shapes:
         G = Kd // GROUP
         W32 = torch.randn(O, Kd, device="cuda")
         W16, Wb = W32.half(), W32.bfloat16()
         for bits in bits_list:
-            codes = torch.randint(0, 256, (G, O, bits, GROUP // 8), dtype=torch.uint8,
-                                  device="cuda")
-            alpha = torch.rand(G, O, bits, device="cuda") + 0.1
+            codes, alpha = random_codes(G, O, bits)
             Wq = torch.einsum("goq,goqe->oge", alpha.double(),
                               unpack_signs(codes).double()).reshape(O, Kd)
             for N in batches:
