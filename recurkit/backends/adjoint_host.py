@@ -122,7 +122,8 @@ def run_adjoint_torch(bc: BoundCall, adj: AdjointStep, feeds: list[torch.Tensor]
                 if adj.d_out is not None:
                     env[id(adj.d_out)] = (d_out[rows, t] if d_out is not None else
                                           torch.zeros((1, bc.H, *(bc.sizes[d] for d in
-                                                                  adj.d_out.dims))))
+                                                                  adj.d_out.dims)),
+                                                      device=bc.device))
                 run(nodes, env, t)
                 for i, d in enumerate(adj.d_feeds):
                     if d is not None:
