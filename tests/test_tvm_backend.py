@@ -44,6 +44,38 @@ def test_builtins_match_reference(name, decl):
         assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
 
 
+MATRIX_DECLS = [(n, d) for n, d in ALL_DECLS if n not in VECTOR_CASES and d.name != "key_sum"]
+
+
+@pytest.mark.parametrize("name,decl", MATRIX_DECLS, ids=[d.name for _, d in MATRIX_DECLS])
+def test_column_blocked_update_matches_reference(name, decl):
+    """V = 24 with 8-wide blocks: the state updated in three column blocks, its reads
+    accumulated per block (the blocked pass runs only where V exceeds the block)."""
+    Vb = 24
+    src = tvm_backend.sequential_source(decl.program, {"K": K, "V": Vb}, H, knobs={"block": 8})
+    assert "for vb in T.serial(3):" in src
+    for T in (1, 37):
+        x = matrix_inputs(name, B, T, H, K, Vb)
+        if decl.name == "simple_gla_gamma":
+            x = [*x[:3], -torch.rand(H)]
+        kw = dict(initial_state=torch.randn(B, H, K, Vb), output_final_state=True)
+        o_ref, S_ref = rk.compile(decl, backend="reference")(*x, **kw)
+        o, S = rk.compile(decl, backend="tvm", knobs={"block": 8})(*x, **kw)
+        assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+def test_block_width_follows_the_state():
+    """The default 32-wide block narrows to divide V, and is not used where V is no wider
+    than a block or no width of 8 or more divides it."""
+    p = rk.ops.gated_delta_rule.decl.program
+    src = lambda V: tvm_backend.sequential_source(p, {"K": 8, "V": V}, 1)  # noqa: E731
+    assert "for vb in T.serial(2):" in src(64) and "T.vectorized(32)" in src(64)
+    assert "for vb in T.serial(3):" in src(48) and "T.vectorized(16)" in src(48)
+    assert "for vb in" not in src(32) and "for vb in" not in src(36)
+    off = tvm_backend.sequential_source(p, {"K": 8, "V": 64}, 1, knobs={"block": 0})
+    assert "for vb in" not in off
+
+
 @pytest.mark.parametrize("decl", list(EXPECTED), ids=lambda d: d.name)
 def test_custom_recurrences_match_reference(decl):
     x = draw(decl, 23)
@@ -79,7 +111,7 @@ def test_kernels_are_cached_per_shape():
 
 def test_generated_source_golden():
     src = tvm_backend.sequential_source(rk.ops.gated_delta_rule.decl.program,
-                                        {"K": 4, "V": 8}, 2)
+                                        {"K": 4, "V": 64}, 2)   # two 32-wide column blocks
     path = os.path.join(os.path.dirname(__file__), "golden", "gated_delta_rule.tvm.py.txt")
     if os.environ.get("RECURKIT_UPDATE_GOLDEN"):
         with open(path, "w") as f:

@@ -82,9 +82,10 @@ def _cpu_space(form: str, quick: bool) -> list[Candidate]:
         vec = (1024,) if quick else (1024, 0)
         unroll = (0,) if quick else (0, 8)
         return [Candidate("tvm", form, None, _knobs(vectorize=v, unroll=u, parallel=p,
-                                                    pipeline=pl))
-                for v, u, p, pl in itertools.product(vec, unroll, (True, False) if not quick
-                                                     else (True,), (True, False))]
+                                                    pipeline=pl, block=b))
+                for v, u, p, pl, b in itertools.product(
+                    vec, unroll, (True, False) if not quick else (True,), (True, False),
+                    (32, 0) if quick else (32, 16, 0))]
     if form == "scan":
         return [Candidate("tvm", form), Candidate("torch", form)]
     chunks = (16, 32, 64) if quick else (16, 32, 64, 128)

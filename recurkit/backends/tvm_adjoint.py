@@ -187,19 +187,18 @@ class _AdjGen(NestEmitter, _Gen):
         L += [f"{pad}n: T.let = nh // {H}", f"{pad}h: T.let = nh % {H}", f"{pad}row: T.let = SEG[n, 0]",
               f"{pad}t0: T.let = SEG[n, 1]", f"{pad}nt: T.let = SEG[n, 2] - SEG[n, 1]",
               f"{pad}nck: T.let = (nt + {C - 1}) // {C}",
-              f"{pad}G = T.alloc_buffer(({self.local_shape(sd)},), \"float32\", "
-              "scope=\"local\")"]
+              f"{pad}G = T.alloc_buffer(({self.local_shape(sd)},), \"float32\")"]
         for n in toposort(self.fwd + self.bwd):
             if id(n) in self.mat:
                 L.append(f"{pad}{self.names[id(n)]} = T.alloc_buffer(("
-                         f"{self.local_shape(n.dims)},), \"float32\", scope=\"local\")")
+                         f"{self.local_shape(n.dims)},), \"float32\")")
                 over = n.attr("over") or ()
                 dom = self.p.canonical(set(n.dims) | set(over))
                 if dom and dom[-1] in over and self.sizes[dom[-1]] % LANES == 0:
                     shp = ", ".join([str(self.sizes[d]) for d in n.dims
                                      if not self.row_local(n)] + [str(self.width(dom[-1]))])
                     L.append(f"{pad}{self.names[id(n)]}_acc = T.alloc_buffer(({shp},), "
-                             "\"float32\", scope=\"local\")")
+                             "\"float32\")")
         e = self.env(sd)
         g = self.gidx(sd, e)
         L += self.loops(sd, [f"SCR[n, h, 0, {g}] = S0[n, h, {g}]"], 2)

@@ -3,7 +3,8 @@
 State-free values (the prologue: gates, normalised keys, scales) are computed for all tokens at
 once in torch and passed in as buffers; the kernel runs, in parallel over (sequence, head), a
 loop over tokens that keeps the state in a local buffer and evaluates the state-dependent
-nodes as small loop nests (innermost dim vectorised; single-use elementwise nodes inlined).
+nodes as small loop nests (innermost dim vectorised; single-use elementwise nodes inlined), and
+overwrites the state in one pass that also accumulates its reads (``tvm_update``).
 Kernels are specialised to the dim sizes and cached by (IR hash, sizes, target).
 """
 from __future__ import annotations
@@ -18,17 +19,19 @@ from ._config import merge_defaults
 from .host import token_loop_args
 from .tvm_build import (_CACHE, _LOCK, GEN_VERSION, cache_dir, compile_source,  # noqa: F401
                         cuda_ptx, target)
+from .tvm_update import UpdatePass, _f  # noqa: F401 - _f: shared by the other generators
 
 # schedule knobs of the sequential kernel (the autotuner's space): see rk.compile(knobs=...)
 DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this extent (0: never)
                  "unroll": 0,         # unroll loops of at most this extent (0: never)
                  "parallel": True,    # run (sequence, head) pairs on all threads
-                 "pipeline": True}    # read the state for token t+1 while writing token t's
+                 "pipeline": True,    # read the state for token t+1 while writing token t's
+                 "block": 32}         # update the state in column blocks this wide (0: whole)
 
 
 def check_knobs(knobs: dict | None) -> dict:
     out = merge_defaults(knobs, DEFAULT_KNOBS, "TVM knob")
-    for k in ("vectorize", "unroll"):
+    for k in ("vectorize", "unroll", "block"):
         if isinstance(out[k], bool) or not isinstance(out[k], int) or out[k] < 0:
             raise ValueError(f"TVM knob {k!r} must be an int >= 0, got {out[k]!r}")
     for k in ("parallel", "pipeline"):
@@ -37,11 +40,7 @@ def check_knobs(knobs: dict | None) -> dict:
     return out
 
 
-def _f(v: float) -> str:
-    return f"T.float32({float(v)!r})"
-
-
-class _Gen:
+class _Gen(UpdatePass):
     """TVMScript text for the sequential form of one program at fixed dim sizes."""
 
     UNARY = {"neg": "(-{0})", "exp": "T.exp({0})", "log": "T.log({0})",
@@ -63,6 +62,10 @@ class _Gen:
         # its column of the state in registers and contracts the other dims by itself
         self.tdim = p.state.dims[-1] if gpu else None
         self.tvar = "tt"   # the token whose prologue values expressions read
+        # buffers of a CPU kernel take the default scope: TVM puts those under 1 KiB on the
+        # stack, where LLVM keeps them in registers; "local" ones are heap workspaces that
+        # LLVM must assume alias the state, so it reloads and re-stores them every row
+        self.scope = ', scope="local"' if gpu else ""
         nodes = p.nodes()
         self.dep = depends_on_state(nodes)
         self.state = next(n for n in nodes if n.role == "state")
@@ -138,10 +141,7 @@ class _Gen:
         alld = tuple(d for d in self.p.dims if d in n.dims or d in n.attr("over"))
         fs = sorted(self._factors(n.args[0]) + self._factors(n.args[1]), key=lambda f: (
             bool(f.dims) and alld[-1] in f.dims and alld[-1] != self.tdim, len(f.dims)))
-        val = self.expr(fs[0], e)
-        for f in fs[1:]:
-            val = f"({val} * {self.expr(f, e)})"
-        return val
+        return self._chain(fs, e)
 
     def _factors(self, n: Node) -> list[Node]:
         if n.op == "mul" and id(n) not in self.mat and (self.dep[id(n)] or
@@ -183,10 +183,7 @@ class _Gen:
             inner = self.p.dims[-1] if self.p.dims else None
             fs = sorted(self._factors(n), key=lambda f: (
                 bool(f.dims) and f.dims[-1] == inner and inner != self.tdim, len(f.dims)))
-            out = self.expr(fs[0], env)
-            for f in fs[1:]:
-                out = f"({out} * {self.expr(f, env)})"
-            return out
+            return self._chain(fs, env)
         a = [self.expr(x, env) for x in n.args]
         if n.op in self.UNARY:
             return self.UNARY[n.op].format(*a)
@@ -280,20 +277,25 @@ class _Gen:
         pad = "    " * ind
         lines += [f"{pad}n: T.let = nh // {H}", f"{pad}h: T.let = nh % {H}",
                   f"{pad}row: T.let = SEG[n, 0]",
-                  f"{pad}S = T.alloc_buffer(({self.local_shape(sd)},), \"float32\", "
-                  "scope=\"local\")"]
+                  f"{pad}S = T.alloc_buffer(({self.local_shape(sd)},), \"float32\""
+                  f"{self.scope})"]
         for n in self.step:
             if (id(n) in self.mat or n is p.new_state) and not (n is p.new_state and
                                                                 self.in_place):
                 lines.append(f"{pad}{self.names[id(n)]} = T.alloc_buffer(("
-                             f"{self.local_shape(n.dims)},), \"float32\", scope=\"local\")")
+                             f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
         e = self.env(sd)
         lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = S0[n, h, {self.gidx(sd, e)}]"], ind)
         after = _descendants(self.step, p.new_state)
         pre = self._pipelined(after)
         for n in pre:   # the next step's reads of the state, accumulated during each update
             lines.append(f"{pad}{self.names[id(n)]}_next = T.alloc_buffer(("
-                         f"{self.local_shape(n.dims)},), \"float32\", scope=\"local\")")
+                         f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
+        blocks = self._blocks(pre)
+        self.late_allocs: list[str] = []   # buffers the token loop's code asks for
+        alloc_at = len(lines)
+        for n in (blocks[1] if blocks else ()):   # a column block's accumulators
+            lines.append(f"{pad}{self._acc(n)} = T.alloc_buffer(({blocks[0]},), \"float32\")")
         if pre:         # ... and for the first token, before the loop
             lines.append(f"{pad}t0: T.let = T.min(SEG[n, 1], TT - 1)")
             self.tvar = "t0"
@@ -313,32 +315,7 @@ class _Gen:
         e = self.env(sd)
         fused: set[int] = set()
         if self.in_place:   # S' written over S: later nodes read the new state as S
-            new_s = self.expr_inline(p.new_state, e)
-            self.names[id(p.new_state)] = "S"
-            self.mat.add(id(p.new_state))
-            # reads of the new state (q^T S') accumulate in the same pass over S
-            body = [f"S[{self.idx(sd, e)}] = {new_s}"]
-            for n in self.step:
-                if n.op == "contract" and id(n) in self.mat and any(
-                        a is p.new_state for a in n.args) and not any(
-                        self.dep[id(a)] for a in n.args if a is not p.new_state) and \
-                        sd and sd[-1] not in n.attr("over"):
-                    free = next(a for a in n.args if a is not p.new_state)
-                    name = self.names[id(n)]
-                    lines += self.loops(n.dims, [f"{name}[{self.idx(n.dims, self.env(n.dims))}]"
-                                                 f" = {_f(0.0)}"], ind2)
-                    tgt = f"{name}[{self.idx(n.dims, e)}]"
-                    body.append(f"{tgt} = {tgt} + {self.expr(free, e)} * S[{self.idx(sd, e)}]")
-                    fused.add(id(n))
-            for n in pre:
-                nxt = f"{self.names[id(n)]}_next"
-                lines += self.loops(n.dims, [f"{nxt}[{self.idx(n.dims, self.env(n.dims))}]"
-                                             f" = {_f(0.0)}"], ind2)
-                self.tvar = "tn"
-                body.append(f"{nxt}[{self.idx(n.dims, e)}] = {nxt}[{self.idx(n.dims, e)}] + "
-                            f"{self._product(n, e)}")
-                self.tvar = "tt"
-            lines += self.loops(sd, body, ind2)
+            fused = self._update_pass(pre, blocks, ind2, lines)
         else:
             self.mat.add(id(p.new_state))
             lines += self.node_code(p.new_state, ind2)
@@ -360,6 +337,7 @@ class _Gen:
                                 ind2)
         e = self.env(sd)
         lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
+        lines[alloc_at:alloc_at] = [pad + a for a in self.late_allocs]
         return "\n".join(lines) + "\n"
 
 

@@ -81,8 +81,9 @@ class _StageGen:
         the value it rebinds (S = S + ...)."""
         self.n += 1
         b = f"L{self.n}"
+        scope = ', scope="local"' if self.gpu else ""   # see tvm_backend._Gen.scope
         self.allocs.append(f"{self.alloc_pad}{b} = T.alloc_buffer(({self.shape(axes)},), "
-                           "\"float32\", scope=\"local\")")
+                           f"\"float32\"{scope})")
         if name is not None:
             self.buf[name] = (b, tuple(axes))
         return b
@@ -366,7 +367,7 @@ def _scan_source(D: int, H: int, signed: bool) -> str:
               f"    for nh in T.parallel(NS * {H}):",
               f"        n: T.let = nh // {H}", f"        h: T.let = nh % {H}",
               "        row: T.let = SEG[n, 0]",
-              *[f"        {v} = T.alloc_buffer(({D},), \"float32\", scope=\"local\")"
+              *[f"        {v} = T.alloc_buffer(({D},), \"float32\")"
                 for v in ("hv", "cv", "yv", "tv")],
               f"        for d in T.vectorized({D}):", "            hv[d] = S0[n, h, d]",
               f"            cv[d] = {_f(0.0)}",
