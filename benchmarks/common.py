@@ -24,15 +24,21 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+QUIET_S = 0.02   # idle time before each timed call
+
+
 def bench(fns: dict, repeats: int = 7, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call; the candidates are interleaved so that load on the machine
-    affects them alike."""
+    affects them alike. Each timed call starts after QUIET_S of idle time, so that no
+    candidate shares the cores with the threads of the one before, still spinning in their
+    thread pool's wait loop (OpenMP's for torch, TVM's own for TVM kernels)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
     times: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(repeats):
         for n, f in fns.items():
+            time.sleep(QUIET_S)
             t = time.perf_counter()
             f()
             times[n].append(time.perf_counter() - t)

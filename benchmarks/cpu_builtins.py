@@ -7,9 +7,12 @@ torch's fp32 matmul GFLOP/s measured in the same run.
 
 Shapes: B=1, T=4096, H=4, K=V=128 (vector-state ops: D=512), fp32, forward. "torch seq" is
 the same tile program as the TVM kernel (the sequential form) run by the torch backend;
-"torch ms" is the torch backend's default (chunk or scan) form.
-torch.compile of the torch backend is not timed: compiling the equivalent FLA chunk code took
-342 s here (TOOLCHAIN.md), not a reasonable time.
+"torch ms" is the torch backend's default (chunk or scan) form. "compiled seq" is that
+sequential tile program under torch.compile: the step (every state-dependent node) compiled
+once by inductor and called per token from Python, as the torch backend's loop calls it
+eagerly (compiling the whole 4096-step loop, or the equivalent FLA chunk code, 342 s here in
+TOOLCHAIN.md, is not a reasonable time). The bar compares the TVM kernel with the faster of
+the two.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from common import add_shape_args, bench, machine  # noqa: E402
 
 import recurkit as rk  # noqa: E402
+from recurkit.ir.bind import bind_call  # noqa: E402
+from recurkit.ir.interpret import apply_node, evaluate  # noqa: E402
 from recurkit.ir.node import depends_on_state  # noqa: E402
 
 
@@ -44,6 +49,39 @@ def step_flops(decl, sizes) -> int:
             size *= sizes[d]
         total += size * (2 if n.op == "contract" else 1)
     return total
+
+
+def compiled_sequential(decl):
+    """The sequential form with its step under torch.compile: f(*inputs) -> (o, final)."""
+    p = decl.program
+    nodes = p.nodes()
+    dep = depends_on_state(nodes)
+    step_nodes = [n for n in nodes if dep[id(n)] and n.op != "input"]
+    state_in = next(n for n in nodes if n.role == "state")
+    free = list({id(a): a for n in step_nodes for a in n.args if not dep[id(a)]}.values())
+    out_free = not dep[id(p.output)]
+
+    def step(S, *vals):
+        env = {id(state_in): S, **{id(a): v for a, v in zip(free, vals)}}
+        for n in step_nodes:
+            env[id(n)] = apply_node(n, [env[id(a)] for a in n.args], 2)
+        return env[id(p.new_state)], (None if out_free else env[id(p.output)])
+    torch._dynamo.reset()   # one op's step per process-wide cache: no guards of another op
+    cstep = torch.compile(step, fullgraph=True, dynamic=False)
+
+    def run(*args):
+        bc = bind_call(p, args, {})
+        vals = evaluate(bc, free + ([p.output] if out_free else []))
+        # [T, B, H, ...]: a token's values then have the same strides at every T (no recompile)
+        per_t = [vals[id(a)].expand(bc.B, bc.T, *vals[id(a)].shape[2:]).transpose(0, 1)
+                 .contiguous() for a in free]
+        S = torch.zeros(bc.B, bc.H, *(bc.sizes[d] for d in p.state.dims))
+        outs = []
+        for t in range(bc.T):
+            S, o = cstep(S, *[v[t] for v in per_t])
+            outs.append(o)
+        return (vals[id(p.output)] if out_free else torch.stack(outs, 1)), S
+    return run
 
 
 def fla_naive(name):
@@ -90,8 +128,9 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"B=1 T={T} H={H} K=V={K}, vector states D=512, fp32 forward; "
           f"torch fp32 matmul: {mm:.0f} GFLOP/s\n")
-    head = (f"{'op':<18}{'tvm ms':>9}{'torch seq':>11}{'torch ms':>10}{'torch form':>13}"
-            f"{'FLA ms':>9}{'tvm/seq':>9}{'tvm/torch':>11}{'tvm/FLA':>9}{'tvm GFLOP/s':>13}")
+    head = (f"{'op':<18}{'tvm ms':>9}{'torch seq':>11}{'compiled seq':>14}{'torch ms':>10}"
+            f"{'torch form':>13}{'FLA ms':>9}{'tvm/seq':>9}{'tvm/torch':>11}{'tvm/FLA':>9}"
+            f"{'tvm GFLOP/s':>13}")
     print(head)
     worst = None
     for name, op in rk.ops.ALL.items():
@@ -107,17 +146,22 @@ def main() -> None:
         t = bench(fns, repeats=args.repeats)
         seq = rk.compile(decl, backend="torch", form="sequential")   # the same tile program
         t.update(bench({"seq": lambda: seq(*x)}, repeats=1, warmup=0))
+        cseq = compiled_sequential(decl)
+        cseq(*[a[:, :4] for a in x])                     # compile outside the timing
+        t.update(bench({"cseq": lambda: cseq(*x)}, repeats=1, warmup=0))
         gf = step_flops(decl, sizes) * T * H / t["tvm"] / 1e9
         fla_ms = f"{t['fla'] * 1e3:9.1f}" if "fla" in t else f"{'-':>9}"
         ratio_fla = f"{t['fla'] / t['tvm']:8.2f}x" if "fla" in t else f"{'-':>9}"
-        print(f"{name:<18}{t['tvm'] * 1e3:9.1f}{t['seq'] * 1e3:11.1f}{t['torch'] * 1e3:10.1f}"
-              f"{torch_op.form:>13}{fla_ms}{t['seq'] / t['tvm']:8.1f}x"
+        best_seq = min(t["seq"], t["cseq"])
+        print(f"{name:<18}{t['tvm'] * 1e3:9.1f}{t['seq'] * 1e3:11.1f}{t['cseq'] * 1e3:14.1f}"
+              f"{t['torch'] * 1e3:10.1f}{torch_op.form:>13}{fla_ms}{best_seq / t['tvm']:8.1f}x"
               f"{t['torch'] / t['tvm']:10.2f}x{ratio_fla}{gf:13.1f}")
-        r = t["seq"] / t["tvm"]
+        r = best_seq / t["tvm"]
         worst = r if worst is None else min(worst, r)
     verdict = "met" if worst >= 1.5 else f"MISSED by {1.5 / worst:.2f}x"
-    print(f"\nbar: every built-in >= 1.5x faster in TVM than torch eager on the same tile program "
-          f"(the sequential form): worst {worst:.1f}x, {verdict}")
+    print(f"\nbar: every built-in >= 1.5x faster in TVM than the best of torch eager and "
+          f"torch.compile on the same tile program (the sequential form): worst {worst:.1f}x, "
+          f"{verdict}")
 
 
 if __name__ == "__main__":
