@@ -64,6 +64,20 @@ def test_column_blocked_update_matches_reference(name, decl):
         assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
 
 
+@pytest.mark.parametrize("decl", [d for d in EXPECTED if len(d.program.state.dims) == 2],
+                         ids=lambda d: d.name)
+def test_column_blocked_custom_recurrences(decl):
+    """Matrix-state declarations outside the library (another erase key, value-side and
+    two-sided gates, a normalised beta, an output reading the old state, a raw decay), their
+    state updated in three 8-wide column blocks."""
+    assert "for vb in T.serial(3):" in tvm_backend.sequential_source(
+        decl.program, {"K": 5, "V": 24}, 2, knobs={"block": 8})
+    x = draw(decl, 23, sizes={"K": 5, "V": 24, "D": 6})
+    o_ref, S_ref = rk.compile(decl, backend="reference")(*x, output_final_state=True)
+    o, S = rk.compile(decl, backend="tvm", knobs={"block": 8})(*x, output_final_state=True)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
 def test_block_width_follows_the_state():
     """The default 32-wide block narrows to divide V, and is not used where V is no wider
     than a block or no width of 8 or more divides it."""
