@@ -78,6 +78,20 @@ def test_column_blocked_custom_recurrences(decl):
     assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
 
 
+def test_column_blocked_varlen_and_half_inputs():
+    lens = [3, 0, 1, 20]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    decl = rk.ops.gated_delta_rule.decl
+    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]:
+        x = [t[:1] for t in matrix_inputs("gated_delta_rule", B, sum(lens), H, K, 24,
+                                          dtype=dtype)]
+        kw = dict(initial_state=torch.randn(len(lens), H, K, 24), output_final_state=True,
+                  cu_seqlens=cu)
+        o_ref, S_ref = rk.compile(decl, backend="reference")(*x, **kw)
+        o, S = rk.compile(decl, backend="tvm", knobs={"block": 8})(*x, **kw)
+        assert o.dtype == dtype and rel(o, o_ref) < tol and rel(S, S_ref) < 1e-5
+
+
 def test_block_width_follows_the_state():
     """The default 32-wide block narrows to divide V, and is not used where V is no wider
     than a block or no width of 8 or more divides it."""
