@@ -58,30 +58,31 @@ class UpdatePass:
         reads of S (``pre``) accumulated in it; returns the ids of the fused nodes."""
         p, sd = self.p, self.p.state.dims
         e = self.env(sd)
+        L = sd[-1] if sd else None
         if blocks:
             w, accs = blocks
-            L = sd[-1]
             e[L] = f"(vb * {w} + i_{L})"
             self.colblock = {"L": L, "outer": sd[:-1], "seen": {}, "bufs": []}
         new_s = self.expr_inline(p.new_state, e)
         self.names[id(p.new_state)] = "S"
         self.mat.add(id(p.new_state))
         body = [f"S[{self.idx(sd, e)}] = {new_s}"]
-        targets = []   # (accumulated buffer, the pass's target in it)
+        targets = []   # (node, the buffer it accumulates in)
+
+        def target(n: Node, buf: str) -> str:   # a block's accumulator, or the whole buffer
+            targets.append((n, buf))
+            return f"{self._acc(n)}[i_{L}]" if blocks else f"{buf}[{self.idx(n.dims, e)}]"
         for n in self._fused():
             free = next(a for a in n.args if a is not p.new_state)
-            tgt = f"{self.names[id(n)]}[{self.idx(n.dims, e)}]"
-            targets.append((n, self.names[id(n)], tgt))
+            tgt = target(n, self.names[id(n)])
             body.append(f"{tgt} = {tgt} + {self.expr(free, e)} * S[{self.idx(sd, e)}]")
         for n in pre:
-            nxt = f"{self.names[id(n)]}_next"
-            tgt = f"{nxt}[{self.idx(n.dims, e)}]"
-            targets.append((n, nxt, tgt))
+            tgt = target(n, f"{self.names[id(n)]}_next")
             self.tvar = "tn"
             body.append(f"{tgt} = {tgt} + {self._product(n, e)}")
             self.tvar = "tt"
         if not blocks:
-            for n, buf, _ in targets:
+            for n, buf in targets:
                 lines += self.loops(n.dims, [f"{buf}[{self.idx(n.dims, self.env(n.dims))}]"
                                              f" = {_f(0.0)}"], ind)
             lines += self.loops(sd, body, ind)
@@ -91,8 +92,6 @@ class UpdatePass:
             self.late_allocs.append(f"{name} = T.alloc_buffer(({self.local_shape(dims)},), "
                                     "\"float32\")")
             lines += self.loops(dims, [f"{name}[{self.idx(dims, self.env(dims))}] = {val}"], ind)
-        for n, _, tgt in targets:   # accumulate into the block's registers
-            body = [b.replace(tgt, f"{self._acc(n)}[i_{L}]") for b in body]
         pad = "    " * (ind + 1)
         vec = f"T.vectorized({w})"
         lines.append(f"{'    ' * ind}for vb in T.serial({self.sizes[L] // w}):")
@@ -101,7 +100,7 @@ class UpdatePass:
         lines += self.loops(sd[:-1], [f"for i_{L} in {vec}:"] + ["    " + b for b in body],
                             ind + 1, vector_last=False)
         lines.append(f"{pad}for i_{L} in {vec}:")
-        lines += [f"{pad}    {buf}[{e[L]}] = {self._acc(n)}[i_{L}]" for n, buf, _ in targets]
+        lines += [f"{pad}    {buf}[{e[L]}] = {self._acc(n)}[i_{L}]" for n, buf in targets]
         return {id(n) for n in self._fused()}
 
     def _chain(self, fs: list[Node], env: dict[str, str]) -> str:
