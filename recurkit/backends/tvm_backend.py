@@ -291,11 +291,8 @@ class _Gen(UpdatePass):
         for n in pre:   # the next step's reads of the state, accumulated during each update
             lines.append(f"{pad}{self.names[id(n)]}_next = T.alloc_buffer(("
                          f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
-        blocks = self._blocks(pre)
         self.late_allocs: list[str] = []   # buffers the token loop's code asks for
         alloc_at = len(lines)
-        for n in (blocks[1] if blocks else ()):   # a column block's accumulators
-            lines.append(f"{pad}{self._acc(n)} = T.alloc_buffer(({blocks[0]},), \"float32\")")
         if pre:         # ... and for the first token, before the loop
             lines.append(f"{pad}t0: T.let = T.min(SEG[n, 1], TT - 1)")
             self.tvar = "t0"
@@ -315,7 +312,7 @@ class _Gen(UpdatePass):
         e = self.env(sd)
         fused: set[int] = set()
         if self.in_place:   # S' written over S: later nodes read the new state as S
-            fused = self._update_pass(pre, blocks, ind2, lines)
+            fused = self._update_pass(pre, ind2, lines)
         else:
             self.mat.add(id(p.new_state))
             lines += self.node_code(p.new_state, ind2)

@@ -30,7 +30,7 @@ class UpdatePass:
                 self.dep[id(a)] for a in n.args if a is not p.new_state) and
                 sd[-1] not in n.attr("over")]
 
-    def _blocks(self, pre: list[Node]) -> tuple[int, list[Node]] | None:
+    def _blocks(self, fused: list[Node], pre: list[Node]) -> tuple[int, list[Node]] | None:
         """(width, accumulators) when the in-place update pass runs in column blocks: the
         state's last dim L cut into blocks of ``block`` columns, each block updated over
         every row while the pass's reads of it (q^T S', and k^T S for the next token)
@@ -40,7 +40,7 @@ class UpdatePass:
         if self.tdim is not None or not self.in_place or len(sd) < 2 or not w:
             return None
         L = sd[-1]
-        accs = self._fused() + list(pre)
+        accs = fused + list(pre)
         # narrower blocks where L's size needs them, or where the accumulators would not
         # fit in 8 of the 16 vector registers
         while w > 8 and (self.sizes[L] % w or w * len(accs) > 64):
@@ -53,12 +53,15 @@ class UpdatePass:
     def _acc(self, n: Node) -> str:
         return f"{self.names[id(n)]}_blk"
 
-    def _update_pass(self, pre: list[Node], blocks, ind: int, lines: list[str]) -> set[int]:
+    def _update_pass(self, pre: list[Node], ind: int, lines: list[str]) -> set[int]:
         """The pass writing S' over S, with the fused reads of S' and the next token's
-        reads of S (``pre``) accumulated in it; returns the ids of the fused nodes."""
+        reads of S (``pre``) accumulated in it; returns the ids of the fused nodes. Buffers
+        it needs go to ``self.late_allocs``."""
         p, sd = self.p, self.p.state.dims
         e = self.env(sd)
         L = sd[-1] if sd else None
+        fused = self._fused()
+        blocks = self._blocks(fused, pre)
         if blocks:
             w, accs = blocks
             e[L] = f"(vb * {w} + i_{L})"
@@ -72,7 +75,7 @@ class UpdatePass:
         def target(n: Node, buf: str) -> str:   # a block's accumulator, or the whole buffer
             targets.append((n, buf))
             return f"{self._acc(n)}[i_{L}]" if blocks else f"{buf}[{self.idx(n.dims, e)}]"
-        for n in self._fused():
+        for n in fused:
             free = next(a for a in n.args if a is not p.new_state)
             tgt = target(n, self.names[id(n)])
             body.append(f"{tgt} = {tgt} + {self.expr(free, e)} * S[{self.idx(sd, e)}]")
@@ -86,12 +89,14 @@ class UpdatePass:
                 lines += self.loops(n.dims, [f"{buf}[{self.idx(n.dims, self.env(n.dims))}]"
                                              f" = {_f(0.0)}"], ind)
             lines += self.loops(sd, body, ind)
-            return {id(n) for n in self._fused()}
+            return {id(n) for n in fused}
         hoisted, self.colblock = self.colblock["bufs"], None
         for name, dims, val in hoisted:   # row factors, once per token
             self.late_allocs.append(f"{name} = T.alloc_buffer(({self.local_shape(dims)},), "
                                     "\"float32\")")
             lines += self.loops(dims, [f"{name}[{self.idx(dims, self.env(dims))}] = {val}"], ind)
+        self.late_allocs += [f"{self._acc(n)} = T.alloc_buffer(({w},), \"float32\")"
+                             for n in accs]   # the block's accumulators
         pad = "    " * (ind + 1)
         vec = f"T.vectorized({w})"
         lines.append(f"{'    ' * ind}for vb in T.serial({self.sizes[L] // w}):")
@@ -101,7 +106,7 @@ class UpdatePass:
                             ind + 1, vector_last=False)
         lines.append(f"{pad}for i_{L} in {vec}:")
         lines += [f"{pad}    {buf}[{e[L]}] = {self._acc(n)}[i_{L}]" for n, buf in targets]
-        return {id(n) for n in self._fused()}
+        return {id(n) for n in fused}
 
     def _chain(self, fs: list[Node], env: dict[str, str]) -> str:
         """The product of ``fs`` in order. In a column-blocked pass, a leading run of factors
