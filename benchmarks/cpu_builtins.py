@@ -30,7 +30,7 @@ from common import add_shape_args, bench, machine  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 from recurkit.ir.bind import bind_call  # noqa: E402
-from recurkit.ir.interpret import apply_node, evaluate  # noqa: E402
+from recurkit.ir.interpret import evaluate, state_step  # noqa: E402
 from recurkit.ir.node import depends_on_state  # noqa: E402
 
 
@@ -54,18 +54,8 @@ def step_flops(decl, sizes) -> int:
 def compiled_sequential(decl):
     """The sequential form with its step under torch.compile: f(*inputs) -> (o, final)."""
     p = decl.program
-    nodes = p.nodes()
-    dep = depends_on_state(nodes)
-    step_nodes = [n for n in nodes if dep[id(n)] and n.op != "input"]
-    state_in = next(n for n in nodes if n.role == "state")
-    free = list({id(a): a for n in step_nodes for a in n.args if not dep[id(a)]}.values())
-    out_free = not dep[id(p.output)]
-
-    def step(S, *vals):
-        env = {id(state_in): S, **{id(a): v for a, v in zip(free, vals)}}
-        for n in step_nodes:
-            env[id(n)] = apply_node(n, [env[id(a)] for a in n.args], 2)
-        return env[id(p.new_state)], (None if out_free else env[id(p.output)])
+    free, step = state_step(p)
+    out_free = not depends_on_state(p.nodes())[id(p.output)]
     torch._dynamo.reset()   # one op's step per process-wide cache: no guards of another op
     cstep = torch.compile(step, fullgraph=True, dynamic=False)
 

@@ -103,6 +103,25 @@ def evaluate(bc: BoundCall, roots: list[Node], given: dict[int, torch.Tensor] | 
     return vals
 
 
+def state_step(p: Program) -> tuple[list[Node], Callable]:
+    """(free, step) for a stateful program: the state-free nodes that its state-dependent
+    nodes read, and ``step(S, *values of free at one token) -> (S', output)`` evaluating the
+    state-dependent nodes ([rows, H, *dims] values; output None when it is state-free)."""
+    nodes = p.nodes()
+    dep = depends_on_state(nodes)
+    step_nodes = [n for n in nodes if dep[id(n)] and n.op != "input"]
+    state_in = next(n for n in nodes if n.role == "state")
+    free = list({id(a): a for n in step_nodes for a in n.args if not dep[id(a)]}.values())
+    out_dep = dep[id(p.output)]
+
+    def step(S: torch.Tensor, *vals: torch.Tensor):
+        env = {id(state_in): S, **{id(a): v for a, v in zip(free, vals)}}
+        for n in step_nodes:
+            env[id(n)] = apply_node(n, [env[id(a)] for a in n.args], 2)
+        return env[id(p.new_state)], (env[id(p.output)] if out_dep else None)
+    return free, step
+
+
 def run_reference(bc: BoundCall) -> tuple[torch.Tensor, torch.Tensor | None]:
     p = bc.program
     nodes = p.nodes()
@@ -121,8 +140,7 @@ def run_reference(bc: BoundCall) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     # 2. the recurrence itself: one group of rows per sequence (all B rows at once if fixed
     #    length), values are [rows, H, *dims]
-    step_nodes = [n for n in nodes if dep[id(n)] and n.op != "input"]
-    state_in = next(n for n in nodes if n.role == "state")
+    free, step = state_step(p)
     state_shape = (bc.H, *(bc.sizes[d] for d in p.state.dims))
     if bc.cu_seqlens is None:
         groups = [(slice(0, bc.B), 0, bc.T)]
@@ -143,13 +161,9 @@ def run_reference(bc: BoundCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         else:
             S = torch.zeros((nrows, *state_shape), dtype=torch.float32, device=bc.device)
         for t in range(start, end):
-            env: dict[int, torch.Tensor] = {id(state_in): S}
-            for n in step_nodes:
-                env[id(n)] = apply_node(n, [env[id(a)] if dep[id(a)] else at(a, t)
-                                            for a in n.args], 2)
-            S = env[id(state_node)]
-            if dep[id(out_node)]:
-                outs[t] = env[id(out_node)].expand(nrows, *out_shape[2:])
+            S, o = step(S, *[at(a, t) for a in free])
+            if o is not None:
+                outs[t] = o.expand(nrows, *out_shape[2:])
         finals.append(S)
 
     if dep[id(out_node)]:  # varlen: every sequence is packed along T of the one batch row
