@@ -62,9 +62,11 @@ def compiled_sequential(decl):
     def run(*args):
         bc = bind_call(p, args, {})
         vals = evaluate(bc, free + ([p.output] if out_free else []))
-        # [T, B, H, ...]: a token's values then have the same strides at every T (no recompile)
+        # [T, B, H, ...] with fresh strides (.contiguous() would keep a size-1 B's stride,
+        # which depends on T): a token's values have the same strides at every T, so the
+        # timed call at full length reuses the step compiled on the short warm-up call
         per_t = [vals[id(a)].expand(bc.B, bc.T, *vals[id(a)].shape[2:]).transpose(0, 1)
-                 .contiguous() for a in free]
+                 .clone(memory_format=torch.contiguous_format) for a in free]
         S = torch.zeros(bc.B, bc.H, *(bc.sizes[d] for d in p.state.dims))
         outs = []
         for t in range(bc.T):
