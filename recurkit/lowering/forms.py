@@ -259,8 +259,11 @@ def Gx_of(e: _Emit, G: str | None) -> str | None:
 
 
 def _wy_proportional(e: _Emit, ld, G, Gx, ratio, attn, K, V, to_end) -> None:
-    """Prep of the WY form when the erase direction is c times the write key (delta rules):
-    (I - L_a diag(c)) E = (r exp(Gx)) S + L_a B, and nu = b + c E are the pseudo-values."""
+    """Prep of the WY form when the erase direction is c times the write key (delta rules).
+    The pseudo-values nu = b + c E, with (I - L_a diag(c)) E = (r exp(Gx)) S + L_a B, are
+    nu = M B + M (c r exp(Gx)) S for M = (I - diag(c) L_a)^-1: since diag(c) (I - L_a
+    diag(c))^-1 = M diag(c), and b + M diag(c) L_a b = M b. Two matmuls with M, where the
+    E form needs three (and three more elementwise passes)."""
     q, r, a, b = ld["read_q"], ld["erase_r"], ld["write_a0"], ld["write_b0"]
     Ri = "R_incl" if G else None
     # exp(Gx_i - G_j) for i > j is R_incl[i-1, j]: a shift of its rows, no second exp
@@ -269,14 +272,11 @@ def _wy_proportional(e: _Emit, ld, G, Gx, ratio, attn, K, V, to_end) -> None:
     attn(q, aj, Ri, "i>=j", out="A_a")
     La = attn(r, aj, Rx, "i>j", out="L_a")
     c = ld["erase_scale"]
-    e("rename", (c,), e.axes[c], out="c")
-    Lu = e.ir("mul", La, e.rename(c), out="L_u")
-    rx = e.ir("mul", r, e.ir("exp", Gx)) if G else r
-    Tinv = e("invert_unit_lower", (Lu,), ("i", "j"), out="T_inv")    # the UT transform
-    Y = e.contract(Tinv, e.rename(rx), ("j",), out="Y")
-    Z = e.contract(Tinv, e.rename(e.contract(La, e.rename(b), ("j",))), ("j",), out="Z")
-    e.ir("mul", "c", Y, out="Yc")                   # nu = b + c (Y S + Z) = bZ + Yc S
-    e.ir("add", b, e.ir("mul", "c", Z), out="bZ")
+    Lc = e.ir("mul", La, c, out="L_c")                  # diag(c) L_a: rows scaled
+    M = e("invert_unit_lower", (Lc,), ("i", "j"), out="M")      # the UT transform
+    cx = e.ir("mul", c, e.ir("exp", Gx)) if G else c    # per row, before the [i, K] pass
+    e.contract(M, e.rename(e.ir("mul", r, cx)), ("j",), out="Yc")
+    e.contract(M, e.rename(b), ("j",), out="bZ")        # nu = bZ + Yc S
     e.ir("mul", a, to_end, out="a_end") if to_end else e("rename", (a,), e.axes[a],
                                                          out="a_end")
 
