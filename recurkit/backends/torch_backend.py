@@ -176,29 +176,33 @@ def _run_chunked(tp: TileProgram, bc: BoundCall):
         if full is None:
             t0, t1 = g0 * C, min(bc.T, g1 * C)
             gpro = _group_prologue(tp, bc, t0, t1)
-            genv = {k: Val(pk.pack_group(gpro[k], t1 - t0, g1 - g0), ("i", *n.dims))
-                    for k, n in tp.prologue.items()}
+            packed: dict[int, torch.Tensor] = {}   # a value that two names share, packed once
+            for k in tp.prologue:
+                if id(gpro[k]) not in packed:
+                    packed[id(gpro[k])] = pk.pack_group(gpro[k], t1 - t0, g1 - g0)
+            genv = {k: Val(packed[id(gpro[k])], ("i", *n.dims)) for k, n in tp.prologue.items()}
         else:
             genv = {k: Val(full[k][:, :, g0:g1].contiguous(), ("i", *n.dims))
                     for k, n in tp.prologue.items()}
         pre = _run_stage(prep, genv, C, bc.sizes)
         chunk_t = {n: _flush(v.t) if n in matmul_operands else v.t for n, v in pre.items()}
-        kept: dict[str, torch.Tensor] = {}
-        for c in range(g1 - g0):
+        kept: dict[str, torch.Tensor] = {}   # [chunks of the group, N, H, ...]: chunk-major,
+        for c in range(g1 - g0):              # so that the loop writes each chunk's in place
             for name, t in chunk_t.items():
                 cur[name] = t[:, :, c]
             if plan is None:
                 first = {n: Val(cur[n], pre[n].axes) for n in chunk_t}
                 first[S] = Val(cur[S], state_axes)
                 plan = LoopPlan(loop_ops, S, first, C, bc.sizes, tuple(keep))
-            plan.run(cur)
+            plan.run(cur, {n: t[c] for n, t in kept.items()})
             for name in keep:
                 t = cur[name]
-                if name not in kept:   # [N, H, chunks of the group, ...]
-                    kept[name] = t.new_empty(t.shape[:2] + (g1 - g0,) + t.shape[2:])
-                kept[name][:, :, c] = t
+                if name not in kept:
+                    kept[name] = t.new_empty((g1 - g0,) + t.shape)
+                if t.data_ptr() != kept[name][c].data_ptr():
+                    kept[name][c].copy_(t)
         genv.update(pre)
-        genv.update({n: Val(t, plan.axes[n]) for n, t in kept.items()})
+        genv.update({n: Val(t.movedim(0, 2), plan.axes[n]) for n, t in kept.items()})
         o = _run_stage(out, genv, C, bc.sizes, skip)[out.outputs[0]]
         o_t = o.to(("i", *bc.program.output.dims))
         if o_all is None:   # [N, chunks, C, H, dims]: the token order of the output

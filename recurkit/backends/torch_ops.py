@@ -2,6 +2,8 @@
 that runs a state pass's loop body with its layout work done once, outside the loop."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -36,19 +38,34 @@ class Val:
 
 
 FLUSH_BELOW = 1e-20
+# exp(x) < FLUSH_BELOW for x below this, so clamping there first changes no result. It keeps
+# torch's vectorised exp on its fast path: inputs below about -87 (results fp32 denormal or 0,
+# and -inf) take a slow path, 5x slower for -inf and 40x for -90.
+LOG_FLUSH = -50.0
 
 
-def _decay_exp(x: torch.Tensor) -> torch.Tensor:
+def _decay_exp(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """exp of a log-decay, with results below 1e-20 set to 0. Products of such factors would
     be fp32 denormals, which make x86 matmuls ~100x slower, while a term scaled by 1e-20 is
-    far below fp32 resolution (6e-8) next to the undecayed terms it is summed with."""
-    return F.threshold(torch.exp(x), FLUSH_BELOW, 0.0)
+    far below fp32 resolution (6e-8) next to the undecayed terms it is summed with.
+    ``inplace``: x is a temporary of the caller's and may be overwritten."""
+    if x.requires_grad:   # under autograd (backward="torch"): no in-place steps
+        return F.threshold(torch.exp(x.clamp_min(LOG_FLUSH)), FLUSH_BELOW, 0.0)
+    x = x.clamp_min_(LOG_FLUSH) if inplace else x.clamp_min(LOG_FLUSH)
+    return F.threshold(x.exp_(), FLUSH_BELOW, 0.0, inplace=True)
 
 
 def _flush(x: torch.Tensor) -> torch.Tensor:
     """Zero the entries below 1e-30 in magnitude (one fused op; see _decay_exp): applied to
     the operands of the state pass's matmuls, where decayed values meet the state."""
     return F.hardshrink(x, 1e-30)
+
+
+@functools.lru_cache(maxsize=64)
+def _tril_bias(C: int, strict: bool, device: torch.device) -> torch.Tensor:
+    """[C, C]: 0 where the (strict) lower-triangular mask keeps, -inf elsewhere."""
+    keep = torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+    return torch.zeros(C, C, device=device).masked_fill_(~keep, float("-inf"))
 
 
 def _tril(C: int, strict: bool, device) -> torch.Tensor:
@@ -114,10 +131,9 @@ def exec_op(op: TileOp, env: dict[str, Val], C: int, sizes: dict[str, int]) -> V
         return Val(torch.cat([head, x.t.narrow(d, 0, x.t.shape[d] - 1)], d), op.axes)
     if o == "decay_ratio":
         x, y = a
-        diff = x.to(op.axes) - y.to(op.axes)
-        keep = _tril(C, op.attr("mask") == "i>j", diff.device)
-        keep = Val(keep, ("i", "j")).to(op.axes)
-        return Val(_decay_exp(diff.masked_fill(~keep, float("-inf"))), op.axes)
+        bias = Val(_tril_bias(C, op.attr("mask") == "i>j", dev), ("i", "j")).to(op.axes)
+        diff = torch.sub(x.to(op.axes), y.to(op.axes)).add_(bias)   # -inf where masked
+        return Val(_decay_exp(diff, inplace=True), op.axes)
     if o == "mask":
         keep = _tril(C, op.attr("mask") == "i>j", a[0].t.device)
         return Val(a[0].to(op.axes) * Val(keep, ("i", "j")).to(op.axes), op.axes)
@@ -156,17 +172,26 @@ class LoopPlan:
                             and other != acc and other not in needed:
                         fused[op.out] = (acc, cop)
                         break
+        # accumulators this body makes and reads once: the fused matmul adds onto them in place
+        # (ir and contract ops make fresh tensors; renames, zeros and 'last' make views)
+        own = {acc for acc, _ in fused.values()
+               if acc in made and made[acc].op in ("ir", "contract") and uses[acc] == 1
+               and acc not in needed and acc != state}
         skip = {cop.out for _, cop in fused.values()}
-        self.steps: list[tuple[str, object, tuple[str, ...]]] = []
+        # (out name, fn, arg names, whether fn takes out=: a contiguous [N, H, ...] buffer)
+        self.steps: list[tuple[str, object, tuple[str, ...], bool]] = []
         for op in ops:
             if op.out in skip:
                 continue
+            takes_out = False
             if op.out in fused:
                 acc, cop = fused[op.out]
-                fn = self._matmul(cop, nh, acc_axes=self.axes[acc])
+                fn = self._matmul(cop, nh, acc_axes=self.axes[acc], inplace=acc in own)
                 args = (*cop.args, acc)
+                takes_out = fn is not None and acc not in own and op.axes == self.axes[acc]
             elif op.op == "contract":
                 fn, args = self._matmul(op, nh), op.args
+                takes_out = fn is not None and self._plain(op)
             elif op.op == "rename":
                 fn, args = (lambda t: t), op.args
             else:
@@ -174,17 +199,23 @@ class LoopPlan:
             if fn is None:   # not a one-axis matmul: the general path, unfused
                 if op.out in fused:
                     cop = fused[op.out][1]
-                    self.steps.append((cop.out, self._generic(cop, C, sizes), cop.args))
+                    self.steps.append((cop.out, self._generic(cop, C, sizes), cop.args, False))
                     self.axes[cop.out] = cop.axes
                 fn, args = self._generic(op, C, sizes), op.args
             if op.out == state:
-                fn = (lambda f: lambda *ts: _flush(f(*ts)))(fn)
-            self.steps.append((op.out, fn, args))
+                fn, takes_out = (lambda f: lambda *ts: _flush(f(*ts)))(fn), False
+            self.steps.append((op.out, fn, args, takes_out))
             self.axes[op.out] = op.axes
 
-    def run(self, env: dict[str, torch.Tensor]) -> None:
-        for out, fn, args in self.steps:
-            env[out] = fn(*[env[a] for a in args])
+    def run(self, env: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None) -> None:
+        """One chunk. ``out``: buffers (contiguous, the value's shape) that the steps computing
+        those values write into where they can; check ``env[name]`` for the result."""
+        for name, fn, args, takes_out in self.steps:
+            ts = [env[a] for a in args]
+            if takes_out and out is not None and name in out:
+                env[name] = fn(*ts, out=out[name])
+            else:
+                env[name] = fn(*ts)
 
     def _generic(self, op: TileOp, C: int, sizes: dict[str, int]):
         names = op.args
@@ -194,10 +225,17 @@ class LoopPlan:
                            sizes).t
         return fn
 
-    def _matmul(self, op: TileOp, nh, acc_axes=None):
+    def _plain(self, op: TileOp) -> bool:
+        """Whether a one-axis contraction's result comes out in its own axis order."""
+        xa, ya = self.axes[op.args[0]], self.axes[op.args[1]]
+        m = tuple(d for d in xa if d not in ya)
+        n = tuple(d for d in ya if d not in xa)
+        return op.axes == m + n
+
+    def _matmul(self, op: TileOp, nh, acc_axes=None, inplace: bool = False):
         """[N, H, m, c] x [N, H, c, n] (either operand possibly transposed) as one bmm on
-        views, optionally accumulated onto ``acc`` (axes (m, n)); None if the contraction is
-        not of that shape."""
+        views, optionally accumulated onto ``acc`` (axes (m, n); overwritten if ``inplace``);
+        None if the contraction is not of that shape."""
         xa, ya = self.axes[op.args[0]], self.axes[op.args[1]]
         over = tuple(op.attr("over"))
         m = tuple(d for d in xa if d not in ya)
@@ -215,9 +253,17 @@ class LoopPlan:
             t = t.reshape(-1, *t.shape[2:])
             return t.transpose(1, 2) if trans else t
 
-        def fn(x, y, acc=None):
+        def fn(x, y, acc=None, out=None):
             x3, y3 = mat(x, tx), mat(y, ty)
-            r = torch.bmm(x3, y3) if acc is None else torch.baddbmm(mat(acc, False), x3, y3)
+            o3 = None if out is None else out.view(-1, *out.shape[2:])
+            if acc is None:
+                r = torch.bmm(x3, y3, out=o3)
+            else:
+                a3 = mat(acc, False)
+                if inplace and a3.shape == (x3.shape[0], x3.shape[1], y3.shape[2]):
+                    r = a3.baddbmm_(x3, y3)
+                else:
+                    r = torch.baddbmm(a3, x3, y3, out=o3)
             r = r.view(*nh, *r.shape[1:])
             return r.transpose(-1, -2) if tr else r
         return fn
