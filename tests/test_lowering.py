@@ -194,17 +194,18 @@ def test_chunk_stages_streamed_in_groups(monkeypatch, stream_bytes):
 
 
 def test_loop_plan_matches_op_by_op_execution():
-    """The torch backend's loop plan (fused baddbmm, transposed views, and the general path
-    where a contraction is not one matmul) computes what executing the ops one by one does."""
+    """The torch backend's loop plan (fused baddbmm, in place onto an accumulator it made,
+    transposed views, the general path where a contraction is not one matmul, and results
+    written into given buffers) computes what executing the ops one by one does."""
     from recurkit.backends.torch_ops import LoopPlan, Val, exec_op
     from recurkit.lowering.tile import TileOp
     g = torch.Generator().manual_seed(0)
-    N, H, C, K, V = 2, 3, 4, 5, 6
-    first = {"Y": Val(torch.randn(N, H, K, C, generator=g), ("K", "i")),
-             "bT": Val(torch.randn(N, H, V, C, generator=g), ("V", "i")),
-             "b": Val(torch.randn(N, H, C, V, generator=g), ("i", "V")),
-             "d": Val(torch.rand(N, H, K, generator=g), ("K",)),
-             "S": Val(torch.randn(N, H, K, V, generator=g), ("K", "V"))}
+    B, C, K, V = 6, 4, 5, 6     # one batch axis: sequences x heads
+    first = {"Y": Val(torch.randn(B, K, C, generator=g), ("K", "i")),
+             "bT": Val(torch.randn(B, V, C, generator=g), ("V", "i")),
+             "b": Val(torch.randn(B, C, V, generator=g), ("i", "V")),
+             "d": Val(torch.rand(B, K, generator=g), ("K",)),
+             "S": Val(torch.randn(B, K, V, generator=g), ("K", "V"))}
     ops = [TileOp("s1", "contract", ("Y", "S"), ("V", "i"), (("over", ("K",)),)),
            TileOp("nuT", "ir", ("bT", "s1"), ("V", "i"), (("ir_op", "add"),)),  # acc (V, i)
            TileOp("s2", "contract", ("Y", "b"), ("V", "K"), (("over", ("i",)),)),
@@ -213,13 +214,18 @@ def test_loop_plan_matches_op_by_op_execution():
            TileOp("tot", "contract", ("S", "S"), (), (("over", ("K", "V")),)),   # not a matmul
            TileOp("s4", "ir", ("S", "d"), ("K", "V"), (("ir_op", "mul"),)),
            TileOp("s5", "contract", ("Y", "nu"), ("K", "V"), (("over", ("i",)),)),
-           TileOp("S", "ir", ("s4", "s5"), ("K", "V"), (("ir_op", "add"),))]
+           TileOp("S", "ir", ("s4", "s5"), ("K", "V"), (("ir_op", "add"),))]   # onto s4
     plan = LoopPlan(ops, "S", first, C, {"K": K, "V": V}, needed=("nuT", "s2", "tot"))
-    env = {n: v.t for n, v in first.items()}
-    plan.run(env)
     ref = dict(first)
     for op in ops:
         ref[op.out] = exec_op(op, ref, C, {"K": K, "V": V})
-    for n in ("nuT", "s2", "nu", "tot", "S"):
-        got = Val(env[n], plan.axes[n]).to(ref[n].axes)
-        assert torch.allclose(got, ref[n].t, atol=1e-5), n
+    b_before = first["b"].t.clone()
+    for out in (None, {"nu": torch.empty(B, C, V)}):
+        env = {n: v.t for n, v in first.items()}
+        plan.run(env, out)
+        for n in ("nuT", "s2", "nu", "tot", "S"):
+            got = Val(env[n], plan.axes[n]).to(ref[n].axes)
+            assert torch.allclose(got, ref[n].t, atol=1e-5), n
+        if out is not None:
+            assert env["nu"] is out["nu"]            # written into the given buffer
+    assert torch.equal(first["b"].t, b_before)       # an input accumulator is not overwritten

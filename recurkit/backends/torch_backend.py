@@ -169,8 +169,13 @@ def _run_chunked(tp: TileProgram, bc: BoundCall):
     keep = [n for n in sp.outputs if n != S and n in later] + [op.out for op in in_loop]
     skip = frozenset(op.out for op in in_loop)
     loop_ops = [op for op in sp.ops if op.op != "zeros"] + in_loop
-    cur: dict[str, torch.Tensor] = {S: _initial_state(bc, N)}
+    # the loop runs on [N * H, ...] values (one batch axis); the group's are chunk-major,
+    # [chunks of the group, N * H, ...], so that a chunk's value is one index away
+    cur: dict[str, torch.Tensor] = {S: _initial_state(bc, N).flatten(0, 1)}
     plan, o_all = None, None
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (*bc.tensors.values(), bc.initial_state)
+        if isinstance(t, torch.Tensor))
     for g0 in range(0, nc, G):
         g1 = min(nc, g0 + G)
         if full is None:
@@ -185,32 +190,36 @@ def _run_chunked(tp: TileProgram, bc: BoundCall):
             genv = {k: Val(full[k][:, :, g0:g1].contiguous(), ("i", *n.dims))
                     for k, n in tp.prologue.items()}
         pre = _run_stage(prep, genv, C, bc.sizes)
-        chunk_t = {n: _flush(v.t) if n in matmul_operands else v.t for n, v in pre.items()}
-        kept: dict[str, torch.Tensor] = {}   # [chunks of the group, N, H, ...]: chunk-major,
-        for c in range(g1 - g0):              # so that the loop writes each chunk's in place
+        chunk_t = {n: (_flush(v.t) if n in matmul_operands else v.t).movedim(2, 0).flatten(1, 2)
+                   for n, v in pre.items()}
+        kept: dict[str, torch.Tensor] = {}   # chunk-major too: the loop writes into them
+        for c in range(g1 - g0):
             for name, t in chunk_t.items():
-                cur[name] = t[:, :, c]
+                cur[name] = t[c]
             if plan is None:
                 first = {n: Val(cur[n], pre[n].axes) for n in chunk_t}
                 first[S] = Val(cur[S], state_axes)
                 plan = LoopPlan(loop_ops, S, first, C, bc.sizes, tuple(keep))
-            plan.run(cur, {n: t[c] for n, t in kept.items()})
+            outs = {n: t[c] for n, t in kept.items()}
+            plan.run(cur, None if grad else outs)   # (out= has no autograd)
             for name in keep:
                 t = cur[name]
                 if name not in kept:
                     kept[name] = t.new_empty((g1 - g0,) + t.shape)
-                if t.data_ptr() != kept[name][c].data_ptr():
                     kept[name][c].copy_(t)
+                elif t is not outs[name]:
+                    outs[name].copy_(t)
         genv.update(pre)
-        genv.update({n: Val(t.movedim(0, 2), plan.axes[n]) for n, t in kept.items()})
+        genv.update({n: Val(t.unflatten(1, (N, H)).movedim(0, 2), plan.axes[n])
+                     for n, t in kept.items()})
         o = _run_stage(out, genv, C, bc.sizes, skip)[out.outputs[0]]
         o_t = o.to(("i", *bc.program.output.dims))
         if o_all is None:   # [N, chunks, C, H, dims]: the token order of the output
             o_all = o_t.new_empty(N, nc, C, H, *o_t.shape[4:])
         o_all[:, g0:g1].copy_(o_t.movedim(1, 3))
     o_full = pk.unpack(o_all.movedim(3, 1))
-    final = Val(cur[S], plan.axes[S] if plan else state_axes).to(bc.program.state.dims) \
-        if bc.output_final_state else None
+    final = Val(cur[S].unflatten(0, (N, H)), plan.axes[S] if plan else state_axes).to(
+        bc.program.state.dims) if bc.output_final_state else None
     return o_full.to(bc.out_dtype), final
 
 

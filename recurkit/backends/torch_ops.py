@@ -148,7 +148,8 @@ def exec_op(op: TileOp, env: dict[str, Val], C: int, sizes: dict[str, int]) -> V
 
 class LoopPlan:
     """The body of a state pass (with the output stage's reads of the entering state), run once
-    per chunk on raw [N, H, ...] tensors. Built from the first chunk's values, so the layout of
+    per chunk on raw [B, ...] tensors (B: sequences x heads, one batch axis, so a matmul's
+    operands need no reshaping). Built from the first chunk's values, so the layout of
     every operand is resolved once: contractions of one axis become batched matmuls on
     transposed views, ``add(x, contract(a, b))`` becomes one ``baddbmm``, renames are free, and
     the state is flushed of values below 1e-30 after each update (see ``_flush``). ``needed``
@@ -157,7 +158,6 @@ class LoopPlan:
     def __init__(self, ops: list[TileOp], state: str, first: dict[str, Val], C: int,
                  sizes: dict[str, int], needed: tuple[str, ...] = ()):
         self.axes = {n: v.axes for n, v in first.items()}
-        nh = next(iter(first.values())).t.shape[:2]
         uses: dict[str, int] = {}
         for op in ops:
             for x in op.args:
@@ -178,7 +178,7 @@ class LoopPlan:
                if acc in made and made[acc].op in ("ir", "contract") and uses[acc] == 1
                and acc not in needed and acc != state}
         skip = {cop.out for _, cop in fused.values()}
-        # (out name, fn, arg names, whether fn takes out=: a contiguous [N, H, ...] buffer)
+        # (out name, fn, arg names, whether fn takes out=: a contiguous buffer of its shape)
         self.steps: list[tuple[str, object, tuple[str, ...], bool]] = []
         for op in ops:
             if op.out in skip:
@@ -186,11 +186,11 @@ class LoopPlan:
             takes_out = False
             if op.out in fused:
                 acc, cop = fused[op.out]
-                fn = self._matmul(cop, nh, acc_axes=self.axes[acc], inplace=acc in own)
+                fn = self._matmul(cop, acc_axes=self.axes[acc], inplace=acc in own)
                 args = (*cop.args, acc)
                 takes_out = fn is not None and acc not in own and op.axes == self.axes[acc]
             elif op.op == "contract":
-                fn, args = self._matmul(op, nh), op.args
+                fn, args = self._matmul(op), op.args
                 takes_out = fn is not None and self._plain(op)
             elif op.op == "rename":
                 fn, args = (lambda t: t), op.args
@@ -232,10 +232,10 @@ class LoopPlan:
         n = tuple(d for d in ya if d not in xa)
         return op.axes == m + n
 
-    def _matmul(self, op: TileOp, nh, acc_axes=None, inplace: bool = False):
-        """[N, H, m, c] x [N, H, c, n] (either operand possibly transposed) as one bmm on
-        views, optionally accumulated onto ``acc`` (axes (m, n); overwritten if ``inplace``);
-        None if the contraction is not of that shape."""
+    def _matmul(self, op: TileOp, acc_axes=None, inplace: bool = False):
+        """[B, m, c] x [B, c, n] (either operand possibly transposed) as one bmm on views,
+        optionally accumulated onto ``acc`` (axes (m, n); overwritten if ``inplace``); None if
+        the contraction is not of that shape."""
         xa, ya = self.axes[op.args[0]], self.axes[op.args[1]]
         over = tuple(op.attr("over"))
         m = tuple(d for d in xa if d not in ya)
@@ -249,21 +249,14 @@ class LoopPlan:
         ty = ya != over + n
         tr = op.axes != m + n
 
-        def mat(t, trans):
-            t = t.reshape(-1, *t.shape[2:])
-            return t.transpose(1, 2) if trans else t
-
         def fn(x, y, acc=None, out=None):
-            x3, y3 = mat(x, tx), mat(y, ty)
-            o3 = None if out is None else out.view(-1, *out.shape[2:])
+            x = x.transpose(1, 2) if tx else x
+            y = y.transpose(1, 2) if ty else y
             if acc is None:
-                r = torch.bmm(x3, y3, out=o3)
+                r = torch.bmm(x, y, out=out)
+            elif inplace and acc.shape == (x.shape[0], x.shape[1], y.shape[2]):
+                r = acc.baddbmm_(x, y)
             else:
-                a3 = mat(acc, False)
-                if inplace and a3.shape == (x3.shape[0], x3.shape[1], y3.shape[2]):
-                    r = a3.baddbmm_(x3, y3)
-                else:
-                    r = torch.baddbmm(a3, x3, y3, out=o3)
-            r = r.view(*nh, *r.shape[1:])
-            return r.transpose(-1, -2) if tr else r
+                r = torch.baddbmm(acc, x, y, out=out)
+            return r.transpose(1, 2) if tr else r
         return fn
