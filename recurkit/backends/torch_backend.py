@@ -2,8 +2,8 @@
 
 Chunk stages run batched over sequences, heads and a group of chunks (batch axes N, H,
 chunks); the groups are streamed: prep for a group, the state pass over its chunks (the only
-Python loop, run through a ``LoopPlan``), then the group's outputs. Values carry named axes;
-every op aligns its operands by name.
+Python loop, run through a ``LoopPlan`` on [N * H, ...] values laid out chunk-major), then
+the group's outputs. Values carry named axes; every op aligns its operands by name.
 The sequential form is the reference step loop; the scan form is a parallel doubling scan.
 """
 from __future__ import annotations
