@@ -214,8 +214,12 @@ def test_loop_plan_matches_op_by_op_execution():
            TileOp("tot", "contract", ("S", "S"), (), (("over", ("K", "V")),)),   # not a matmul
            TileOp("s4", "ir", ("S", "d"), ("K", "V"), (("ir_op", "mul"),)),
            TileOp("s5", "contract", ("Y", "nu"), ("K", "V"), (("over", ("i",)),)),
-           TileOp("S", "ir", ("s4", "s5"), ("K", "V"), (("ir_op", "add"),))]   # onto s4
-    plan = LoopPlan(ops, "S", first, C, {"K": K, "V": V}, needed=("nuT", "s2", "tot"))
+           TileOp("S", "ir", ("s4", "s5"), ("K", "V"), (("ir_op", "add"),)),   # onto s4
+           # fused, the contraction's axes the reverse of the sum's
+           TileOp("s6", "contract", ("Y", "b"), ("V", "K"), (("over", ("i",)),)),
+           TileOp("s7", "ir", ("S", "d"), ("K", "V"), (("ir_op", "mul"),)),
+           TileOp("s8", "ir", ("s7", "s6"), ("K", "V"), (("ir_op", "add"),))]
+    plan = LoopPlan(ops, "S", first, C, {"K": K, "V": V}, needed=("nuT", "s2", "tot", "s8"))
     ref = dict(first)
     for op in ops:
         ref[op.out] = exec_op(op, ref, C, {"K": K, "V": V})
@@ -223,7 +227,7 @@ def test_loop_plan_matches_op_by_op_execution():
     for out in (None, {"nu": torch.empty(B, C, V)}):
         env = {n: v.t for n, v in first.items()}
         plan.run(env, out)
-        for n in ("nuT", "s2", "nu", "tot", "S"):
+        for n in ("nuT", "s2", "nu", "tot", "S", "s8"):
             got = Val(env[n], plan.axes[n]).to(ref[n].axes)
             assert torch.allclose(got, ref[n].t, atol=1e-5), n
         if out is not None:

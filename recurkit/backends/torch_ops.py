@@ -186,7 +186,8 @@ class LoopPlan:
             takes_out = False
             if op.out in fused:
                 acc, cop = fused[op.out]
-                fn = self._matmul(cop, acc_axes=self.axes[acc], inplace=acc in own)
+                fn = self._matmul(cop, acc_axes=self.axes[acc], inplace=acc in own,
+                                  out_axes=op.axes)
                 args = (*cop.args, acc)
                 takes_out = fn is not None and acc not in own and op.axes == self.axes[acc]
             elif op.op == "contract":
@@ -232,10 +233,11 @@ class LoopPlan:
         n = tuple(d for d in ya if d not in xa)
         return op.axes == m + n
 
-    def _matmul(self, op: TileOp, acc_axes=None, inplace: bool = False):
+    def _matmul(self, op: TileOp, acc_axes=None, inplace: bool = False, out_axes=None):
         """[B, m, c] x [B, c, n] (either operand possibly transposed) as one bmm on views,
-        optionally accumulated onto ``acc`` (axes (m, n); overwritten if ``inplace``); None if
-        the contraction is not of that shape."""
+        optionally accumulated onto ``acc`` (axes (m, n); overwritten if ``inplace``), the
+        result in ``out_axes`` order (default: the contraction's); None if the contraction is
+        not of that shape."""
         xa, ya = self.axes[op.args[0]], self.axes[op.args[1]]
         over = tuple(op.attr("over"))
         m = tuple(d for d in xa if d not in ya)
@@ -247,7 +249,7 @@ class LoopPlan:
             return None
         tx = xa != m + over
         ty = ya != over + n
-        tr = op.axes != m + n
+        tr = (out_axes or op.axes) != m + n
 
         def fn(x, y, acc=None, out=None):
             x = x.transpose(1, 2) if tx else x
