@@ -47,10 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"content hash {prog.content_hash()}")
         return 0
     if args.cmd == "ops":
-        from .ops import ALL
+        from .ops import ALL, TILED
+        print("recurrences (rk.ops.NAME: FLA's call conventions; .decl for rk.compile):")
         for name, op in ALL.items():
-            doc = (op.decl.__doc__ or "").strip().splitlines()[0]
-            print(f"{name:<18} {doc}")
+            print(f"  {name:<18} {_first_line(op.decl.__doc__)}")
+        print("tiled declarations (rk.compile(rk.ops.NAME)):")
+        for name, decl in TILED.items():
+            print(f"  {name:<18} {_first_line(decl.__doc__)}")
         return 0
     if args.cmd == "tune":
         return _tune(args)
@@ -70,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{best} ({e['seconds'] * 1e3:.2f} ms{speed})")
         return 0
     return 2  # pragma: no cover
+
+
+def _first_line(doc: str | None) -> str:
+    lines = (doc or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _tune(args) -> int:

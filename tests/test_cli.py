@@ -23,8 +23,9 @@ def test_show_prints_ir_and_hash(capsys):
 def test_ops_lists_every_builtin(capsys):
     assert main(["ops"]) == 0
     out = capsys.readouterr().out
-    for name in ["gated_delta_rule", "kda", "hgrn", "min_gru", "dplr_delta_rule", "retention"]:
-        assert name in out
+    for name in ["gated_delta_rule", "kda", "hgrn", "min_gru", "dplr_delta_rule", "retention",
+                 "logic_layer", "group_sum", "shift_add"]:
+        assert f"  {name} " in out
 
 
 def test_console_script_entry_point():
