@@ -17,8 +17,8 @@ from ..ir.bind import BoundCall
 from ..ir.node import Node, depends_on_state
 from ._config import merge_defaults
 from .host import token_loop_args
-from .tvm_build import (_CACHE, _LOCK, GEN_VERSION, cache_dir, compile_source,  # noqa: F401
-                        cuda_ptx, target)
+from .tvm_build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
+                        cache_dir, compile_source, cuda_ptx, target)
 from .tvm_update import UpdatePass, _f  # noqa: F401 - _f: shared by the other generators
 
 # schedule knobs of the sequential kernel (the autotuner's space): see rk.compile(knobs=...)
@@ -62,10 +62,7 @@ class _Gen(UpdatePass):
         # its column of the state in registers and contracts the other dims by itself
         self.tdim = p.state.dims[-1] if gpu else None
         self.tvar = "tt"   # the token whose prologue values expressions read
-        # buffers of a CPU kernel take the default scope: TVM puts those under 1 KiB on the
-        # stack, where LLVM keeps them in registers; "local" ones are heap workspaces that
-        # LLVM must assume alias the state, so it reloads and re-stores them every row
-        self.scope = ', scope="local"' if gpu else ""
+        self.scope = buffer_scope(gpu)
         nodes = p.nodes()
         self.dep = depends_on_state(nodes)
         self.state = next(n for n in nodes if n.role == "state")

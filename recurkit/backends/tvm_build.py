@@ -57,6 +57,14 @@ def cuda_ptx(src: str, arch: str = "sm_90") -> str:
 GEN_VERSION = 4   # bump when the generated code changes meaning
 
 
+def buffer_scope(gpu: bool) -> str:
+    """The ``scope=`` argument of a kernel's small buffers. On a GPU "local": registers. On a
+    CPU the default scope: TVM puts buffers under 1 KiB on the stack, where LLVM keeps them in
+    registers, while "local" ones become heap workspaces that LLVM must assume alias the
+    state, so it reloads and re-stores them every row."""
+    return ', scope="local"' if gpu else ""
+
+
 def cache_dir() -> str:
     """Where compiled TVM kernels live: ``tvm/`` under the cache root (see ``cache_root``)."""
     return os.path.join(cache_root(), "tvm")

@@ -17,6 +17,7 @@ from ..lowering.tile import Stage, TileProgram, stage_inputs
 from .host import chunk_args, chunk_result, scan_args, scan_result
 from .torch_backend import FLUSH_BELOW, decays_positive
 from .tvm_backend import _Gen, _f, compile_source, run_tvm_sequential
+from .tvm_build import buffer_scope
 
 _PLANS: dict[tuple, list] = {}   # compiled stages per (program, form, chunk, sizes)
 _LOCK = threading.Lock()
@@ -81,9 +82,8 @@ class _StageGen:
         the value it rebinds (S = S + ...)."""
         self.n += 1
         b = f"L{self.n}"
-        scope = ', scope="local"' if self.gpu else ""   # see tvm_backend._Gen.scope
         self.allocs.append(f"{self.alloc_pad}{b} = T.alloc_buffer(({self.shape(axes)},), "
-                           f"\"float32\"{scope})")
+                           f"\"float32\"{buffer_scope(self.gpu)})")
         if name is not None:
             self.buf[name] = (b, tuple(axes))
         return b
