@@ -233,3 +233,20 @@ def test_loop_plan_matches_op_by_op_execution():
         if out is not None:
             assert env["nu"] is out["nu"]            # written into the given buffer
     assert torch.equal(first["b"].t, b_before)       # an input accumulator is not overwritten
+
+
+def test_decay_exp_clamp_changes_no_result():
+    """The torch backend clamps log-decays before exp (keeping torch's exp off its slow path
+    for -inf and large negative inputs); that must give exactly exp with results below the
+    flush threshold set to 0, in place or not, at the threshold's edge and beyond."""
+    import math
+    from recurkit.backends.torch_ops import FLUSH_BELOW, _decay_exp
+    edge = math.log(FLUSH_BELOW)
+    x = torch.tensor([0.0, -1.0, -20.0, edge + 1e-4, edge - 1e-4, -46.0, -47.0, -60.0, -88.0,
+                      -200.0, float("-inf"), 0.5])
+    want = torch.where(torch.exp(x) < FLUSH_BELOW, torch.zeros(()), torch.exp(x))
+    assert torch.equal(_decay_exp(x), want)
+    assert torch.equal(_decay_exp(x.clone(), inplace=True), want)
+    xg = x.clone().requires_grad_()
+    assert torch.equal(_decay_exp(xg, inplace=True).detach(), want)   # autograd: not in place
+    assert torch.equal(xg.detach(), x)
