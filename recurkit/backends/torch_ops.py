@@ -64,8 +64,8 @@ def _flush(x: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _tril_bias(C: int, strict: bool, device: torch.device) -> torch.Tensor:
     """[C, C]: 0 where the (strict) lower-triangular mask keeps, -inf elsewhere."""
-    keep = torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
-    return torch.zeros(C, C, device=device).masked_fill_(~keep, float("-inf"))
+    return torch.zeros(C, C, device=device).masked_fill_(~_tril(C, strict, device),
+                                                         float("-inf"))
 
 
 def _tril(C: int, strict: bool, device) -> torch.Tensor:
@@ -183,16 +183,13 @@ class LoopPlan:
         for op in ops:
             if op.out in skip:
                 continue
-            takes_out = False
             if op.out in fused:
                 acc, cop = fused[op.out]
                 fn = self._matmul(cop, acc_axes=self.axes[acc], inplace=acc in own,
                                   out_axes=op.axes)
                 args = (*cop.args, acc)
-                takes_out = fn is not None and acc not in own and op.axes == self.axes[acc]
             elif op.op == "contract":
                 fn, args = self._matmul(op), op.args
-                takes_out = fn is not None and self._plain(op)
             elif op.op == "rename":
                 fn, args = (lambda t: t), op.args
             else:
@@ -203,6 +200,7 @@ class LoopPlan:
                     self.steps.append((cop.out, self._generic(cop, C, sizes), cop.args, False))
                     self.axes[cop.out] = cop.axes
                 fn, args = self._generic(op, C, sizes), op.args
+            takes_out = getattr(fn, "takes_out", False)
             if op.out == state:
                 fn, takes_out = (lambda f: lambda *ts: _flush(f(*ts)))(fn), False
             self.steps.append((op.out, fn, args, takes_out))
@@ -226,18 +224,12 @@ class LoopPlan:
                            sizes).t
         return fn
 
-    def _plain(self, op: TileOp) -> bool:
-        """Whether a one-axis contraction's result comes out in its own axis order."""
-        xa, ya = self.axes[op.args[0]], self.axes[op.args[1]]
-        m = tuple(d for d in xa if d not in ya)
-        n = tuple(d for d in ya if d not in xa)
-        return op.axes == m + n
-
     def _matmul(self, op: TileOp, acc_axes=None, inplace: bool = False, out_axes=None):
         """[B, m, c] x [B, c, n] (either operand possibly transposed) as one bmm on views,
         optionally accumulated onto ``acc`` (axes (m, n); overwritten if ``inplace``), the
         result in ``out_axes`` order (default: the contraction's); None if the contraction is
-        not of that shape."""
+        not of that shape. ``fn.takes_out``: whether it can write into an ``out=`` buffer (a
+        result neither transposed nor accumulated in place)."""
         xa, ya = self.axes[op.args[0]], self.axes[op.args[1]]
         over = tuple(op.attr("over"))
         m = tuple(d for d in xa if d not in ya)
@@ -261,4 +253,5 @@ class LoopPlan:
             else:
                 r = torch.baddbmm(acc, x, y, out=out)
             return r.transpose(1, 2) if tr else r
+        fn.takes_out = not tr and not inplace
         return fn
