@@ -93,9 +93,9 @@ class UpdatePass:
         hoisted, self.colblock = self.colblock["bufs"], None
         for name, dims, val in hoisted:   # row factors, once per token
             self.late_allocs.append(f"{name} = T.alloc_buffer(({self.local_shape(dims)},), "
-                                    "\"float32\")")
+                                    f"\"float32\"{self.scope})")
             lines += self.loops(dims, [f"{name}[{self.idx(dims, self.env(dims))}] = {val}"], ind)
-        self.late_allocs += [f"{self._acc(n)} = T.alloc_buffer(({w},), \"float32\")"
+        self.late_allocs += [f"{self._acc(n)} = T.alloc_buffer(({w},), \"float32\"{self.scope})"
                              for n in accs]   # the block's accumulators
         pad = "    " * (ind + 1)
         vec = f"T.vectorized({w})"
