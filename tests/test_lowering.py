@@ -65,7 +65,7 @@ BACKENDS = ["torch", "tvm"]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("init", [False, True], ids=["zero-state", "initial-state"])
-@pytest.mark.parametrize("name,form,T,chunk", cases([1, 15, 64, 100], [16, 64]))
+@pytest.mark.parametrize("name,form,T,chunk", cases([1, 15, 64, 100], [16, 32, 64, 128]))
 def test_forms_match_reference(name, form, T, chunk, init, backend):
     check(name, form, T, chunk, init, backend)
 
