@@ -343,3 +343,34 @@ def test_chunk_cuda_source_for_sm90(name):
     if __import__("shutil").which("nvcc"):
         ptx = tvm_backend.cuda_ptx(src, "sm_90")
         assert ".target sm_90" in ptx
+
+
+def test_cuda_check_launch_specs():
+    """tests/tvm_cuda_check.py's prepare half (the GPU half ran on an H100): each recorded
+    kernel's CUDA parameters name every buffer of its call once, the ints are the call's
+    sizes, and the grid and block are (sequences x heads[, x chunks], state columns)."""
+    import tvm_cuda_check as chk
+    from recurkit.ir import bind_call
+    from recurkit.backends import tvm_tile
+    decl = rk.ops.gated_delta_rule.decl
+    x = inputs("gated_delta_rule", 21)
+    bc = bind_call(decl.program, x, dict(initial_state=state("gated_delta_rule", B)))
+    sizes = {"K": K, "V": V}
+    recs = chk._calls("gdn", "sequential",
+                      tvm_backend.sequential_source(decl.program, sizes, H, gpu=True),
+                      lambda: tvm_backend.run_tvm_sequential(bc))
+    tp = rk.lower(decl, chunk=16)
+    recs += chk._calls("gdn", "chunk_wy", tvm_tile.stage_sources(tp, sizes, H, gpu=True),
+                       lambda: tvm_tile.run_tvm_chunked(tp, bc, emulate_gpu=True))
+    assert [r["form"] for r in recs] == ["sequential"] + ["chunk_wy"] * len(tp.stages)
+    nc = -(-21 // 16)
+    for r in recs:
+        bufs = sorted(v for kind, v in r["params"] if kind == "buf")
+        assert bufs == list(range(len(r["before"]))), r["kernel"]
+        assert f'void __launch_bounds__({r["block"]}) {r["kernel"]}(' in r["cuda"]
+        assert r["block"] == V and r["grid"] in (B * H, B * H * nc)
+        ints = [v for kind, v in r["params"] if kind == "int"]
+        assert set(ints) <= {B, 21, nc}
+        assert any(not torch.equal(a, b) for a, b in zip(r["before"], r["after"]))
+    assert recs[0]["grid"] == B * H
+    assert sorted(v for kind, v in recs[0]["params"] if kind == "int") == [B, 21]   # NS, TT
