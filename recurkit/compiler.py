@@ -257,8 +257,13 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
             if backend == "triton":
                 from .backends.triton_lut import KERNEL_SOURCE
                 return KERNEL_SOURCE
-            from .backends.tvm_lut import lookup_source, tables_source
-            return tables_source(plan, sizes) + "\n\n" + lookup_source(plan, sizes)
+            from .backends import tvm_lut
+            if tvm_lut.perm_applies(plan, sizes) and tvm_lut.has_avx2():   # what CPU runs
+                return "\n\n".join(f(plan, sizes) for f in (
+                    tvm_lut.perm_tables_source, tvm_lut.perm_lookup_source,
+                    tvm_lut.perm_finish_source))
+            return tvm_lut.tables_source(plan, sizes) + "\n\n" + tvm_lut.lookup_source(
+                plan, sizes)
         from .lowering.tiled import lower_tiled
         plan = lower_tiled(p)
         if backend == "triton":

@@ -288,3 +288,78 @@ def test_bits_inputs_round_trip_through_json():
 def test_bits_without_dims_are_refused():
     with pytest.raises(TypeError, match="needs at least one dim"):
         rk.Bits[()]
+
+
+# the AVX2 permute kernels (tvm_lut.perm_*): packed sizes 32..256, outputs x planes a
+# multiple of 8 (O = 40, Q = 3: lane blocks straddle outputs), one to 17 samples
+PERM_SHAPES = [(1, 32, 8, 1, 1), (2, 64, 4, 2, 3), (3, 128, 40, 3, 1), (2, 256, 8, 4, 5),
+               (1, 128, 16, 2, 17)]
+needs_avx2 = pytest.mark.skipif(not __import__("recurkit.backends.tvm_lut").backends.tvm_lut
+                                .has_avx2(), reason="the permute kernels need AVX2")
+
+
+@needs_avx2
+@pytest.mark.parametrize("shape", PERM_SHAPES, ids=str)
+def test_permute_kernels_equal_the_dequantized_matmul(shape):
+    G, E, O, Q, N = shape
+    x, codes, alpha, signs = draw(*shape, seed=1)
+    plan = lower_lut(rk.ops.shift_add.program)
+    tc = bind_tiled(rk.ops.shift_add.program, (x, codes, alpha), {})
+    y = run_lut_tvm(plan, tc, kernel="perm")
+    want = x.reshape(N, -1).double() @ dense(signs, alpha).double().T
+    assert y.shape == (N, O) and rel(y, want) < 1e-5
+    assert rel(y, run_lut_tvm(plan, tc, kernel="bytes")) < 1e-5
+    assert torch.equal(y, run_lut_tvm(plan, tc))      # auto takes the permute kernels here
+
+
+@rk.tiled
+def group_major_scaled(x: rk.Row["G", "E"], codes: rk.Bits["G", "O", "E"],
+                       s: rk.Weight["O"], gain: rk.Scalar = 0.5):
+    return rk.sum(s * gain * rk.sum(codes * x, "E"), "G")
+
+
+@needs_avx2
+@pytest.mark.parametrize("decl", [group_major_scaled, signs_only], ids=lambda d: d.name)
+def test_permute_kernels_on_other_declarations(decl):
+    """No planes, no groups, a scale over fewer dims than the codes (broadcast on the host)."""
+    sizes = {"G": 3, "E": 64, "O": 16}
+    args = _inputs(decl, sizes, N=2)
+    plan = lower_lut(decl.program)
+    tc = bind_tiled(decl.program, tuple(args), {})
+    want = run_tiled(tc)
+    assert rel(run_lut_tvm(plan, tc, kernel="perm"), want) < 1e-5
+    assert rel(rk.compile(decl)(*args), want) < 1e-5
+
+
+def test_permute_kernels_refuse_what_they_cannot_run():
+    plan = lower_lut(rk.ops.shift_add.program)
+    for shape in [(2, 16, 8, 1, 1), (1, 32, 3, 1, 1)]:      # E not a multiple of 32; O*Q = 3
+        x, codes, alpha, signs = draw(*shape)
+        tc = bind_tiled(rk.ops.shift_add.program, (x, codes, alpha), {})
+        with pytest.raises(ValueError, match="permute kernels need"):
+            run_lut_tvm(plan, tc, kernel="perm")
+        want = x.reshape(1, -1) @ dense(signs, alpha).T
+        assert rel(run_lut_tvm(plan, tc), want) < 1e-5      # auto: the byte tables
+    with pytest.raises(ValueError, match="'auto', 'perm' or 'bytes'"):
+        run_lut_tvm(plan, tc, kernel="vpermps")
+    x, codes, alpha, _ = draw(1, 32, 8, 1, 1)
+    tc = bind_tiled(plane_major.program, (x, codes.permute(2, 1, 0, 3).contiguous(),
+                                          alpha.permute(2, 1, 0).contiguous(),
+                                          torch.ones(8)), {})
+    with pytest.raises(ValueError, match="laid out"):        # planes first: not (G, O, Q, E)
+        run_lut_tvm(lower_lut(plane_major.program), tc, kernel="perm")
+
+
+def test_permute_sources_match_golden():
+    import os
+    from pathlib import Path
+    from recurkit.backends import tvm_lut
+    path = Path(__file__).parent / "golden" / "shift_add.perm.tvm.py.txt"
+    plan = lower_lut(rk.ops.shift_add.program)
+    sizes = {"G": 2, "E": 64, "O": 4, "Q": 2}
+    text = "\n\n".join(f(plan, sizes) for f in (tvm_lut.perm_tables_source,
+                                               tvm_lut.perm_lookup_source,
+                                               tvm_lut.perm_finish_source))
+    if os.environ.get("RECURKIT_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()

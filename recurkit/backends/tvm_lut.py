@@ -8,8 +8,24 @@
    plane is one look-up; a plane's look-ups are summed as a balanced tree (independent adds,
    no serial chain), scaled and added to the output.
 
-Kernels are specialised to every dim size but the sample count N, and compiled through the
-shared TVM cache (``tvm_build``).
+On x86 CPUs with AVX2 (and 32 | the packed size, 8 | outputs x planes, codes laid out
+(group, out, plane, packed)), ``run_lut_tvm`` takes a third pair instead, the *permute*
+kernels, whose look-ups are register shuffles rather than loads:
+
+1. tables: per (sample, group, 32 inputs), ten 8-entry tables of the signed sums of 3
+   consecutive inputs (positions 3j..3j+2) and one of the last 2 (30, 31): 8 floats, one
+   AVX2 register each.
+2. look-ups: 8 (output, plane) lanes at a time; a 32-bit word of codes holds a lane's 32 signs
+   of those inputs in order, so ``vpermps(table_j, word >> 3j)`` answers 3 inputs for 8 lanes
+   at once (it reads the low 3 bits of each lane's index), 11 per word. The lanes' words are
+   loaded as they are stored (4 vectors for a group of 128) and transposed in registers.
+   The lanes sit in the order [0, 2, 4, 6, 1, 3, 5, 7] in the registers (the in-lane transpose
+   is cheaper); the alphas are shuffled to match, and the host puts them back in order and sums
+   the planes. Each group's tables (1.4 KB for 128 inputs) stay in L1 while a thread's run of
+   lanes streams its codes past them.
+
+The sums differ from the byte tables' only in grouping (3 inputs per table entry instead of
+8), so both stay within fp32 rounding of the matmul with the dequantized weight.
 """
 from __future__ import annotations
 
@@ -26,6 +42,8 @@ from .tvm_backend import _f
 from .tvm_build import compile_source
 
 BLOCK_O = 512    # outputs per parallel block of the look-up kernel (at most)
+PERM_TILE = 32   # lane blocks (of 8 lanes) per parallel tile of the permute look-up kernel
+LANES = (0, 2, 4, 6, 1, 3, 5, 7)   # the permute kernel's lane order within a register
 
 
 def _tree(terms: list[str]) -> str:
@@ -139,8 +157,170 @@ def _tables_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def run_lut_tvm(plan: LutPlan, tc: TiledCall) -> torch.Tensor:
+def _sel(bit: str, v: str) -> str:
+    return f"T.Select({bit} == 1, {v}, -{v})"
+
+
+def perm_tables_source(plan: LutPlan, sizes: dict[str, int]) -> str:
+    """Tables of the permute kernels: TB[n, g, w, j, i] = sum_b (bit b of i ? x : -x) over
+    inputs 32 w + 3 j + b (b < 3; b < 2 for j = 10), x read as [N, groups, positions]."""
+    Gs = sizes[plan.group] if plan.group else 1
+    E = sizes[plan.packed]
+    W = E // 32
+
+    def x(k: str) -> str:
+        return f"X[n, g, w * 32 + {k}]"
+    trip = " + ".join(_sel(f"(i >> {b}) & 1", x(f"j * 3 + {b}")) for b in range(3))
+    pair = " + ".join(_sel(f"(i >> {b}) & 1", x(str(30 + b))) for b in range(2))
+    return "\n".join([
+        "@T.prim_func",
+        "def main(x: T.handle, tb: T.handle):",
+        '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+        "    N = T.int32()",
+        f"    X = T.match_buffer(x, (N, {Gs}, {E}), \"float32\")",
+        f"    TB = T.match_buffer(tb, (N, {Gs}, {W}, 11, 8), \"float32\")",
+        f"    for ng in T.parallel(N * {Gs}):",
+        f"        n: T.let = ng // {Gs}",
+        f"        g: T.let = ng % {Gs}",
+        f"        for w in T.serial({W}):",
+        "            for j in T.serial(10):",
+        "                for i in T.vectorized(8):",
+        f"                    TB[n, g, w, j, i] = {trip}",
+        "            for i in T.vectorized(8):",
+        f"                TB[n, g, w, 10, i] = {pair}",
+    ]) + "\n"
+
+
+def perm_lookup_source(plan: LutPlan, sizes: dict[str, int], tile: int = PERM_TILE) -> str:
+    """Look-ups of the permute kernels: C the codes as int32 words [groups, lanes x words],
+    A the scale [groups, lanes], Y [N, lanes] in the register lane order (``LANES``)."""
+    Gs = sizes[plan.group] if plan.group else 1
+    W = sizes[plan.packed] // 32
+    M = sizes[plan.out] * (sizes[plan.plane] if plan.plane else 1)
+    MB = M // 8
+    threads = max(1, torch.get_num_threads())
+    nt = threads * -(-MB // (threads * tile))   # tiles: a multiple of the threads ...
+    tile = -(-MB // nt)                         # ... of equal size
+    vecs = ", ".join(f"C[g, T.ramp(mb * {8 * W} + {8 * k}, 1, 8)]" for k in range(W))
+    leaves = []
+    for w in range(W):
+        word = f"T.Shuffle([{vecs}], [{', '.join(str(ln * W + w) for ln in LANES)}])"
+        for j in range(11):
+            idx = word if j == 0 else f"T.shift_right({word}, T.Broadcast({3 * j}, 8))"
+            leaves.append(f'T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps", '
+                          f"TB[n, g, {w}, {j}, T.ramp(0, 1, 8)], {idx})")
+    lanes = ", ".join(map(str, LANES))
+    yv = "Y[n, T.ramp(mb * 8, 1, 8)]"
+    return "\n".join([
+        "@T.prim_func",
+        "def main(tb: T.handle, c: T.handle, a: T.handle, y: T.handle):",
+        '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+        "    N = T.int32()",
+        f"    TB = T.match_buffer(tb, (N, {Gs}, {W}, 11, 8), \"float32\")",
+        f"    C = T.match_buffer(c, ({Gs}, {M * W}), \"int32\")",
+        f"    A = T.match_buffer(a, ({Gs}, {M}), \"float32\")",
+        f"    Y = T.match_buffer(y, (N, {M}), \"float32\")",
+        f"    for mt in T.parallel({nt}):",
+        f"        for mi in T.serial({tile}):",
+        f"            if mt * {tile} + mi < {MB}:",
+        "                for n in T.serial(N):",
+        f"                    Y[n, T.ramp((mt * {tile} + mi) * 8, 1, 8)] = "
+        "T.Broadcast(T.float32(0), 8)",
+        f"        for g in T.serial({Gs}):",
+        f"            for mi in T.serial({tile}):",
+        f"                mb: T.let = mt * {tile} + mi",
+        f"                if mb < {MB}:",
+        "                    for n in T.serial(N):",
+        f"                        {yv} = {yv} + T.Shuffle([A[g, T.ramp(mb * 8, 1, 8)]], "
+        f"[{lanes}]) * {_tree(leaves)}",
+    ]) + "\n"
+
+
+def perm_finish_source(plan: LutPlan, sizes: dict[str, int]) -> str:
+    """y[n, o] = sum over planes of the look-up kernel's lanes, read back in order."""
+    O = sizes[plan.out]
+    Q = sizes[plan.plane] if plan.plane else 1
+    terms = []
+    for q in range(Q):
+        m = f"o * {Q} + {q}" if Q > 1 else "o"
+        terms.append(f"Y[n, ({m}) // 8 * 8 + ({m}) % 2 * 4 + ({m}) % 8 // 2]")
+    return "\n".join([
+        "@T.prim_func",
+        "def main(y: T.handle, out: T.handle):",
+        '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+        "    N = T.int32()",
+        f"    Y = T.match_buffer(y, (N, {O * Q}), \"float32\")",
+        f"    R = T.match_buffer(out, (N, {O}), \"float32\")",
+        f"    for no in T.parallel(N * {O}):",
+        f"        n: T.let = no // {O}",
+        f"        o: T.let = no % {O}",
+        f"        R[n, o] = {' + '.join(terms)}",
+    ]) + "\n"
+
+
+def perm_applies(plan: LutPlan, sizes: dict[str, int]) -> bool:
+    """Whether the permute kernels can run this plan at these sizes (the CPU aside)."""
+    order = tuple(d for d in (plan.group, plan.out, plan.plane, plan.packed) if d)
+    M = sizes[plan.out] * (sizes[plan.plane] if plan.plane else 1)
+    return (dims_of(plan, plan.codes) == order and sizes[plan.packed] % 32 == 0
+            and M % 8 == 0)
+
+
+def has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _ordered(t: torch.Tensor, have: tuple[str, ...], want: tuple[str, ...],
+             sizes: dict[str, int], lead: int = 0) -> torch.Tensor:
+    """``t`` (``lead`` leading axes, then dims ``have``) permuted and broadcast to dims
+    ``want``, contiguous."""
+    if have == want:
+        return t.contiguous()
+    perm = list(range(lead)) + [lead + have.index(d) for d in want if d in have]
+    view = list(t.shape[:lead]) + [sizes[d] if d in have else 1 for d in want]
+    full = list(t.shape[:lead]) + [sizes[d] for d in want]
+    return t.permute(perm).reshape(view).expand(full).contiguous()
+
+
+def _run_perm(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tensor:
+    key = ("perm", plan, tuple(sorted(sizes.items())), torch.get_num_threads())
+    hit = _KERNELS.get(key)
+    if hit is None:
+        hit = _KERNELS[key] = (compile_source(perm_tables_source(plan, sizes)),
+                               compile_source(perm_lookup_source(plan, sizes)),
+                               compile_source(perm_finish_source(plan, sizes)))
+    tables, lookup, finish = hit
+    Gs = sizes[plan.group] if plan.group else 1
+    E, O = sizes[plan.packed], sizes[plan.out]
+    Q = sizes[plan.plane] if plan.plane else 1
+    grow = tuple(d for d in (plan.group, plan.packed) if d)
+    x = _ordered(tc.tensors[plan.row].float(), dims_of(plan, plan.row), grow, sizes, 1)
+    codes = tc.tensors[plan.codes].contiguous().view(torch.int32).reshape(Gs, -1)
+    gop = tuple(d for d in (plan.group, plan.out, plan.plane) if d)
+    w = scale_tensor(plan, tc).reshape([sizes[d] for d in plan.scale_dims])
+    a = w if plan.scale_dims == gop else _ordered(w, plan.scale_dims, gop, sizes)
+    tb = _tables_buffer((tc.N, Gs, E // 32, 11, 8))
+    y = torch.empty(tc.N, O * Q)
+    tables(x.reshape(tc.N, Gs, E), tb)
+    lookup(tb, codes, a.reshape(Gs, O * Q), y)
+    out = torch.empty(tc.N, O)
+    finish(y, out)    # the lanes back in order, the planes summed
+    return out.to(tc.out_dtype)
+
+
+def run_lut_tvm(plan: LutPlan, tc: TiledCall, kernel: str = "auto") -> torch.Tensor:
+    """The LUT form on CPU: ``kernel`` "perm" (the AVX2 permute kernels), "bytes" (the byte
+    tables) or "auto" (perm where it applies, else bytes)."""
+    if kernel not in ("auto", "perm", "bytes"):
+        raise ValueError(f"kernel must be 'auto', 'perm' or 'bytes', got {kernel!r}")
     sizes = {d: tc.sizes[d] for d in (plan.out, plan.plane, plan.group, plan.packed) if d}
+    if kernel != "bytes":
+        if perm_applies(plan, sizes) and has_avx2():
+            return _run_perm(plan, tc, sizes)
+        if kernel == "perm":
+            raise ValueError("the permute kernels need an AVX2 CPU, a packed size divisible "
+                             "by 32, outputs x planes divisible by 8 and codes laid out "
+                             "(group, out, plane, packed)")
     tables, lookup = _kernels(plan, sizes)
     x = tc.tensors[plan.row].float().contiguous()
     codes = tc.tensors[plan.codes].contiguous()
