@@ -7,7 +7,7 @@ import torch
 import recurkit as rk
 from recurkit.backends.lut_torch import run_lut_torch
 from recurkit.backends.triton_lut import run_lut_triton
-from recurkit.backends.tvm_lut import run_lut_tvm
+from recurkit.backends.tvm_lut import has_avx2, run_lut_tvm
 from recurkit.ir.tiled import bind_tiled, pack_signs, run_tiled, unpack_signs
 from recurkit.lowering.lut import lower_lut
 
@@ -294,8 +294,7 @@ def test_bits_without_dims_are_refused():
 # multiple of 8 (O = 40, Q = 3: lane blocks straddle outputs), one to 17 samples
 PERM_SHAPES = [(1, 32, 8, 1, 1), (2, 64, 4, 2, 3), (3, 128, 40, 3, 1), (2, 256, 8, 4, 5),
                (1, 128, 16, 2, 17)]
-needs_avx2 = pytest.mark.skipif(not __import__("recurkit.backends.tvm_lut").backends.tvm_lut
-                                .has_avx2(), reason="the permute kernels need AVX2")
+needs_avx2 = pytest.mark.skipif(not has_avx2(), reason="the permute kernels need AVX2")
 
 
 @needs_avx2
