@@ -1,6 +1,8 @@
 """Shift-add GEMV on CPU: rk.nn.ShiftAddLinear (TVM look-up kernel) vs torch F.linear in fp32
 and bf16, batch 1, in one run; effective GB/s against this machine's copy bandwidth measured
-in the same run; then the output error of a small MLP quantized per bit width.
+in the same run; then the output error of a small MLP quantized per bit width. "kernel" is
+the default CPU kernel (the AVX2 permute kernels where the CPU has AVX2), "byte tables" the
+256-entry table kernel it replaces there, "layer" the whole ShiftAddLinear call.
 
     python benchmarks/shift_add_cpu.py [--repeats 50]
 
@@ -66,8 +68,10 @@ def gemv_table(repeats: int, bw: float) -> float:
             layer(x)   # compile
             fns[f"recurkit {bits}-bit layer"] = lambda layer=layer: layer(x)
             fns[f"recurkit {bits}-bit kernel"] = lambda tc=tc: run_lut_tvm(plan, tc)
-            moved[f"recurkit {bits}-bit layer"] = moved[f"recurkit {bits}-bit kernel"] = \
-                layer.nbytes()
+            fns[f"recurkit {bits}-bit byte tables"] = \
+                lambda tc=tc: run_lut_tvm(plan, tc, kernel="bytes")
+            for row in ("layer", "kernel", "byte tables"):
+                moved[f"recurkit {bits}-bit {row}"] = layer.nbytes()
         times = bench(fns, repeats=repeats, warmup=3)
         base = times["torch F.linear fp32"]
         for name, t in times.items():
