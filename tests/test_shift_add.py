@@ -309,6 +309,13 @@ def test_permute_kernels_equal_the_dequantized_matmul(shape):
     assert y.shape == (N, O) and rel(y, want) < 1e-5
     assert rel(y, run_lut_tvm(plan, tc, kernel="bytes")) < 1e-5
     assert torch.equal(y, run_lut_tvm(plan, tc))      # auto takes the permute kernels here
+    # views: codes 3 bytes into their storage, a sliced row, half inputs
+    store = torch.zeros(codes.numel() + 3, dtype=torch.uint8)
+    shifted = store[3:].view(codes.shape).copy_(codes)
+    xh = torch.cat([x, x]).half()[N:]
+    tc = bind_tiled(rk.ops.shift_add.program, (xh, shifted, alpha), {})
+    yh = run_lut_tvm(plan, tc, kernel="perm")
+    assert yh.dtype == torch.float16 and rel(yh, xh.float().reshape(N, -1) @ dense(signs, alpha).T) < 1e-3
 
 
 @rk.tiled

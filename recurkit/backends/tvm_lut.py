@@ -295,7 +295,10 @@ def _run_perm(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tens
     Q = sizes[plan.plane] if plan.plane else 1
     grow = tuple(d for d in (plan.group, plan.packed) if d)
     x = _ordered(tc.tensors[plan.row].float(), dims_of(plan, plan.row), grow, sizes, 1)
-    codes = tc.tensors[plan.codes].contiguous().view(torch.int32).reshape(Gs, -1)
+    codes = tc.tensors[plan.codes].contiguous()
+    if codes.storage_offset() % 4:    # read as int32 words: a view needs 4-byte alignment
+        codes = codes.clone()
+    codes = codes.view(torch.int32).reshape(Gs, -1)
     gop = tuple(d for d in (plan.group, plan.out, plan.plane) if d)
     w = scale_tensor(plan, tc).reshape([sizes[d] for d in plan.scale_dims])
     a = w if plan.scale_dims == gop else _ordered(w, plan.scale_dims, gop, sizes)
