@@ -7,6 +7,7 @@ import torch
 import recurkit as rk
 from recurkit.backends.lut_torch import run_lut_torch
 from recurkit.backends.triton_lut import run_lut_triton
+from recurkit.backends import tvm_lut
 from recurkit.backends.tvm_lut import has_avx2, run_lut_tvm
 from recurkit.ir.tiled import bind_tiled, pack_signs, run_tiled, unpack_signs
 from recurkit.lowering.lut import lower_lut
@@ -308,7 +309,8 @@ def test_permute_kernels_equal_the_dequantized_matmul(shape):
     want = x.reshape(N, -1).double() @ dense(signs, alpha).double().T
     assert y.shape == (N, O) and rel(y, want) < 1e-5
     assert rel(y, run_lut_tvm(plan, tc, kernel="bytes")) < 1e-5
-    assert torch.equal(y, run_lut_tvm(plan, tc))      # auto takes the permute kernels here
+    if N < tvm_lut.DENSE_FROM:
+        assert torch.equal(y, run_lut_tvm(plan, tc))  # auto takes the permute kernels here
     # views: codes 3 bytes into their storage, a sliced row, half inputs
     store = torch.zeros(codes.numel() + 3, dtype=torch.uint8)
     shifted = store[3:].view(codes.shape).copy_(codes)
@@ -337,6 +339,33 @@ def test_permute_kernels_on_other_declarations(decl):
     assert rel(rk.compile(decl)(*args), want) < 1e-5
 
 
+@pytest.mark.parametrize("block", ["one", "rows of 8"])
+@pytest.mark.parametrize("shape", [*PERM_SHAPES, (3, 16, 5, 2, 4), (2, 24, 7, 3, 17),
+                                   (2, 32, 21, 2, 3)], ids=str)
+def test_dense_kernel_equals_the_dequantized_matmul(shape, block, monkeypatch):
+    """Large batches: the dense weight built by a TVM kernel, a block of rows at a time (one
+    block, or 8 rows with a shorter last one), each multiplied as it is built."""
+    if block != "one":
+        monkeypatch.setattr(tvm_lut, "DENSE_BLOCK", 1)
+    G, E, O, Q, N = shape
+    x, codes, alpha, signs = draw(*shape, seed=2)
+    plan = lower_lut(rk.ops.shift_add.program)
+    tc = bind_tiled(rk.ops.shift_add.program, (x, codes, alpha), {})
+    y = run_lut_tvm(plan, tc, kernel="dense")
+    assert rel(y, x.reshape(N, -1).double() @ dense(signs, alpha).double().T) < 1e-5
+    if N >= tvm_lut.DENSE_FROM:
+        assert torch.equal(run_lut_tvm(plan, tc), y)      # what auto takes for this batch
+
+
+@pytest.mark.parametrize("decl", [group_major_scaled, signs_only], ids=lambda d: d.name)
+def test_dense_kernel_on_other_declarations(decl):
+    args = _inputs(decl, {"G": 3, "E": 24, "O": 5}, N=tvm_lut.DENSE_FROM)
+    tc = bind_tiled(decl.program, tuple(args), {})
+    want = run_tiled(tc)
+    assert rel(run_lut_tvm(lower_lut(decl.program), tc, kernel="dense"), want) < 1e-5
+    assert rel(rk.compile(decl)(*args), want) < 1e-5
+
+
 def test_permute_kernels_refuse_what_they_cannot_run():
     plan = lower_lut(rk.ops.shift_add.program)
     for shape in [(2, 16, 8, 1, 1), (1, 32, 3, 1, 1)]:      # E not a multiple of 32; O*Q = 3
@@ -346,14 +375,15 @@ def test_permute_kernels_refuse_what_they_cannot_run():
             run_lut_tvm(plan, tc, kernel="perm")
         want = x.reshape(1, -1) @ dense(signs, alpha).T
         assert rel(run_lut_tvm(plan, tc), want) < 1e-5      # auto: the byte tables
-    with pytest.raises(ValueError, match="'auto', 'perm' or 'bytes'"):
+    with pytest.raises(ValueError, match="'auto', 'perm', 'bytes' or 'dense'"):
         run_lut_tvm(plan, tc, kernel="vpermps")
     x, codes, alpha, _ = draw(1, 32, 8, 1, 1)
     tc = bind_tiled(plane_major.program, (x, codes.permute(2, 1, 0, 3).contiguous(),
                                           alpha.permute(2, 1, 0).contiguous(),
                                           torch.ones(8)), {})
-    with pytest.raises(ValueError, match="laid out"):        # planes first: not (G, O, Q, E)
-        run_lut_tvm(lower_lut(plane_major.program), tc, kernel="perm")
+    for kernel in ("perm", "dense"):            # planes first: not (G, O, Q, E)
+        with pytest.raises(ValueError, match="laid out"):
+            run_lut_tvm(lower_lut(plane_major.program), tc, kernel=kernel)
 
 
 def test_permute_sources_match_golden():

@@ -26,6 +26,10 @@ kernels, whose look-ups are register shuffles rather than loads:
 
 The sums differ from the byte tables' only in grouping (3 inputs per table entry instead of
 8), so both stay within fp32 rounding of the matmul with the dequantized weight.
+
+From ``DENSE_FROM`` samples on, look-ups cost more than a matmul (each sample repeats all of
+them): ``run_lut_tvm`` then builds the dense weight a block of rows at a time with a TVM kernel
+(codes laid out as above) and multiplies each block as it is built.
 """
 from __future__ import annotations
 
@@ -44,6 +48,11 @@ from .tvm_build import compile_source
 BLOCK_O = 512    # outputs per parallel block of the look-up kernel (at most)
 PERM_TILE = 32   # lane blocks (of 8 lanes) per parallel tile of the permute look-up kernel
 LANES = (0, 2, 4, 6, 1, 3, 5, 7)   # the permute kernel's lane order within a register
+# from this many samples on, "auto" builds the dense weight and multiplies (measured here,
+# 4096 x 4096, 3 bits: the look-ups cost ~1 ms per sample, the weight ~7 ms once; the matmul
+# with 16 samples ~12 ms against ~20 ms of look-ups)
+DENSE_FROM = 16
+DENSE_BLOCK = 4 << 20   # bytes of the dense weight built (and multiplied) at a time
 
 
 def _tree(terms: list[str]) -> str:
@@ -135,25 +144,16 @@ def lookup_source(plan: LutPlan, sizes: dict[str, int], block: int = BLOCK_O) ->
     ]) + "\n"
 
 
-_KERNELS: dict[tuple, tuple[Callable, Callable]] = {}
-_SCRATCH = threading.local()   # per calling thread: the tables' buffer, reused across calls
+_KERNELS: dict[tuple, tuple[Callable, ...]] = {}
+_SCRATCH = threading.local()   # per calling thread: tables and weight blocks, reused
 
 
-def _kernels(plan: LutPlan, sizes: dict[str, int]) -> tuple[Callable, Callable]:
-    key = (plan, tuple(sorted(sizes.items())), torch.get_num_threads())
-    hit = _KERNELS.get(key)
-    if hit is None:
-        hit = (compile_source(tables_source(plan, sizes)),
-               compile_source(lookup_source(plan, sizes)))
-        _KERNELS[key] = hit
-    return hit
-
-
-def _tables_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+def _scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     n = math.prod(shape)
-    buf = getattr(_SCRATCH, "buf", None)
+    buf = getattr(_SCRATCH, name, None)
     if buf is None or buf.numel() < n:
-        buf = _SCRATCH.buf = torch.empty(n)
+        buf = torch.empty(n)
+        setattr(_SCRATCH, name, buf)
     return buf[:n].view(shape)
 
 
@@ -258,12 +258,42 @@ def perm_finish_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     ]) + "\n"
 
 
+def dequant_source(plan: LutPlan, sizes: dict[str, int]) -> str:
+    """Rows o0 .. o0 + R of the dense weight, D[r, g, e] = sum_q (bit ? a : -a)[g, o0 + r, q],
+    from codes laid out (group, out, plane, packed): for large batches, where a matmul with
+    it beats the look-ups. The host builds it a block of rows at a time (see ``_run_dense``)."""
+    Gs = sizes[plan.group] if plan.group else 1
+    O, E = sizes[plan.out], sizes[plan.packed]
+    Q = sizes[plan.plane] if plan.plane else 1
+    terms = " + ".join(_sel(f"(C[g, o0 + r, {q}, s] >> j) & T.uint8(1)", f"A[g, o0 + r, {q}]")
+                       for q in range(Q))
+    return "\n".join([
+        "@T.prim_func",
+        "def main(c: T.handle, a: T.handle, d: T.handle, o0: T.int32):",
+        '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+        "    R = T.int32()",
+        f"    C = T.match_buffer(c, ({Gs}, {O}, {Q}, {E // 8}), \"uint8\")",
+        f"    A = T.match_buffer(a, ({Gs}, {O}, {Q}), \"float32\")",
+        f"    D = T.match_buffer(d, (R, {Gs}, {E}), \"float32\")",
+        f"    for rg in T.parallel(R * {Gs}):",
+        f"        r: T.let = rg // {Gs}",
+        f"        g: T.let = rg % {Gs}",
+        f"        for s in T.serial({E // 8}):",
+        "            for j in T.vectorized(8):",
+        f"                D[r, g, s * 8 + j] = {terms}",
+    ]) + "\n"
+
+
+def canonical_codes(plan: LutPlan) -> bool:
+    """Whether the codes are laid out (group, out, plane, packed), the absent ones skipped."""
+    order = tuple(d for d in (plan.group, plan.out, plan.plane, plan.packed) if d)
+    return dims_of(plan, plan.codes) == order
+
+
 def perm_applies(plan: LutPlan, sizes: dict[str, int]) -> bool:
     """Whether the permute kernels can run this plan at these sizes (the CPU aside)."""
-    order = tuple(d for d in (plan.group, plan.out, plan.plane, plan.packed) if d)
     M = sizes[plan.out] * (sizes[plan.plane] if plan.plane else 1)
-    return (dims_of(plan, plan.codes) == order and sizes[plan.packed] % 32 == 0
-            and M % 8 == 0)
+    return canonical_codes(plan) and sizes[plan.packed] % 32 == 0 and M % 8 == 0
 
 
 def has_avx2() -> bool:
@@ -282,54 +312,88 @@ def _ordered(t: torch.Tensor, have: tuple[str, ...], want: tuple[str, ...],
     return t.permute(perm).reshape(view).expand(full).contiguous()
 
 
-def _run_perm(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tensor:
-    key = ("perm", plan, tuple(sorted(sizes.items())), torch.get_num_threads())
+def _compiled(kind: str, plan: LutPlan, sizes: dict[str, int], *sources) -> tuple:
+    key = (kind, plan, tuple(sorted(sizes.items())), torch.get_num_threads())
     hit = _KERNELS.get(key)
     if hit is None:
-        hit = _KERNELS[key] = (compile_source(perm_tables_source(plan, sizes)),
-                               compile_source(perm_lookup_source(plan, sizes)),
-                               compile_source(perm_finish_source(plan, sizes)))
-    tables, lookup, finish = hit
+        hit = _KERNELS[key] = tuple(compile_source(f(plan, sizes)) for f in sources)
+    return hit
+
+
+def _operands(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]):
+    """(x [N, groups, positions], codes [groups, out, planes, bytes], scale [groups, out,
+    planes]) for the permute and dense kernels: fp32, contiguous, in those orders."""
     Gs = sizes[plan.group] if plan.group else 1
     E, O = sizes[plan.packed], sizes[plan.out]
     Q = sizes[plan.plane] if plan.plane else 1
     grow = tuple(d for d in (plan.group, plan.packed) if d)
     x = _ordered(tc.tensors[plan.row].float(), dims_of(plan, plan.row), grow, sizes, 1)
-    codes = tc.tensors[plan.codes].contiguous()
-    if codes.storage_offset() % 4:    # read as int32 words: a view needs 4-byte alignment
-        codes = codes.clone()
-    codes = codes.view(torch.int32).reshape(Gs, -1)
+    codes = tc.tensors[plan.codes].contiguous().reshape(Gs, O, Q, E // 8)
     gop = tuple(d for d in (plan.group, plan.out, plan.plane) if d)
     w = scale_tensor(plan, tc).reshape([sizes[d] for d in plan.scale_dims])
     a = w if plan.scale_dims == gop else _ordered(w, plan.scale_dims, gop, sizes)
-    tb = _tables_buffer((tc.N, Gs, E // 32, 11, 8))
+    return x.reshape(tc.N, Gs, E), codes, a.reshape(Gs, O, Q)
+
+
+def _run_perm(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tensor:
+    tables, lookup, finish = _compiled("perm", plan, sizes, perm_tables_source,
+                                       perm_lookup_source, perm_finish_source)
+    x, codes, a = _operands(plan, tc, sizes)
+    Gs, O, Q, S = codes.shape
+    if codes.storage_offset() % 4:    # read as int32 words: a view needs 4-byte alignment
+        codes = codes.clone()
+    tb = _scratch("tables", (tc.N, Gs, S // 4, 11, 8))
     y = torch.empty(tc.N, O * Q)
-    tables(x.reshape(tc.N, Gs, E), tb)
-    lookup(tb, codes, a.reshape(Gs, O * Q), y)
+    tables(x, tb)
+    lookup(tb, codes.view(torch.int32).reshape(Gs, -1), a.reshape(Gs, O * Q), y)
     out = torch.empty(tc.N, O)
     finish(y, out)    # the lanes back in order, the planes summed
     return out.to(tc.out_dtype)
 
 
+def _run_dense(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tensor:
+    (dequant,) = _compiled("dense", plan, sizes, dequant_source)
+    x, codes, a = _operands(plan, tc, sizes)
+    Gs, O, Q, S = codes.shape
+    K = Gs * S * 8
+    rows = max(8, min(O, DENSE_BLOCK // (4 * K)))   # a block of the weight: stays in cache,
+    block = _scratch("dense", (rows, Gs, S * 8))     # and no fresh pages per call
+    xt = x.reshape(tc.N, K).T
+    yt = torch.empty(O, tc.N)
+    for o0 in range(0, O, rows):
+        r = min(rows, O - o0)
+        dequant(codes, a, block[:r], o0)
+        torch.mm(block[:r].reshape(r, K), xt, out=yt[o0:o0 + r])
+    return yt.T.to(tc.out_dtype)
+
+
 def run_lut_tvm(plan: LutPlan, tc: TiledCall, kernel: str = "auto") -> torch.Tensor:
-    """The LUT form on CPU: ``kernel`` "perm" (the AVX2 permute kernels), "bytes" (the byte
-    tables) or "auto" (perm where it applies, else bytes)."""
-    if kernel not in ("auto", "perm", "bytes"):
-        raise ValueError(f"kernel must be 'auto', 'perm' or 'bytes', got {kernel!r}")
+    """The LUT form on CPU. ``kernel``: "perm" (the AVX2 permute kernels), "bytes" (the byte
+    tables), "dense" (the dense weight built by a kernel, then one matmul) or "auto": dense
+    from ``DENSE_FROM`` samples on, else perm where it applies, else bytes (dense and perm
+    need codes laid out (group, out, plane, packed); otherwise bytes)."""
+    if kernel not in ("auto", "perm", "bytes", "dense"):
+        raise ValueError(f"kernel must be 'auto', 'perm', 'bytes' or 'dense', got {kernel!r}")
     sizes = {d: tc.sizes[d] for d in (plan.out, plan.plane, plan.group, plan.packed) if d}
-    if kernel != "bytes":
+    if kernel == "dense" or (kernel == "auto" and tc.N >= DENSE_FROM):
+        if canonical_codes(plan):
+            return _run_dense(plan, tc, sizes)
+        if kernel == "dense":
+            raise ValueError("the dense kernel needs codes laid out (group, out, plane, "
+                             "packed)")
+    if kernel in ("auto", "perm"):
         if perm_applies(plan, sizes) and has_avx2():
             return _run_perm(plan, tc, sizes)
         if kernel == "perm":
             raise ValueError("the permute kernels need an AVX2 CPU, a packed size divisible "
                              "by 32, outputs x planes divisible by 8 and codes laid out "
                              "(group, out, plane, packed)")
-    tables, lookup = _kernels(plan, sizes)
+    tables, lookup = _compiled("bytes", plan, sizes, tables_source, lookup_source)
     x = tc.tensors[plan.row].float().contiguous()
     codes = tc.tensors[plan.codes].contiguous()
     w = scale_tensor(plan, tc)
     Gs = tc.sizes[plan.group] if plan.group else 1
-    lut = _tables_buffer((tc.N, Gs, tc.sizes[plan.packed] // 8, 256))
+    lut = _scratch("tables", (tc.N, Gs, tc.sizes[plan.packed] // 8, 256))
     y = torch.empty(tc.N, tc.sizes[plan.out])
     tables(x, lut)
     lookup(lut, codes, w, y)
