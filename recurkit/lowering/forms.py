@@ -168,7 +168,7 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
     qg = e.ir("mul", q, e.ir("exp", G), out="q_decayed") if G else q
     decay_end = e.ir("exp", Gl, out="decay_end") if Gl else None
     if prop:
-        _wy_proportional(e, ld, G, Gx_of(e, G), ratio, attn, K, V, to_end)
+        _wy_proportional(e, ld, G, Gx_of(e, G), attn, to_end)
         prep.outputs = tuple(x for x in ("Yc", "bZ", "a_end", qg, decay_end, "A_a") if x)
         sp = Stage("state_pass", "loop", ("N", "H"), over="chunks", carried=(S,))
         s = _Emit(sp, {v: e.axes[v] for v in prep.outputs})
@@ -258,7 +258,7 @@ def Gx_of(e: _Emit, G: str | None) -> str | None:
     return "Gx" if "Gx" in e.axes else e("shift", (G,), e.axes[G], out="Gx", axis="i")
 
 
-def _wy_proportional(e: _Emit, ld, G, Gx, ratio, attn, K, V, to_end) -> None:
+def _wy_proportional(e: _Emit, ld, G, Gx, attn, to_end) -> None:
     """Prep of the WY form when the erase direction is c times the write key (delta rules).
     The pseudo-values nu = b + c E, with (I - L_a diag(c)) E = (r exp(Gx)) S + L_a B, are
     nu = M B + M (c r exp(Gx)) S for M = (I - diag(c) L_a)^-1: since diag(c) (I - L_a
