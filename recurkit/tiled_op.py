@@ -43,7 +43,10 @@ def _forward(backend: str, plan: TiledPlan | LutPlan, tc: TiledCall) -> torch.Te
 
 
 def _backward(backend: str, plan: TiledPlan | LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict:
-    if isinstance(plan, LutPlan):   # two matmuls with the dequantized weight, any device
+    if isinstance(plan, LutPlan):   # two matmuls with the dequantized weight
+        if backend == "tvm":        # built block by block by TVM kernels
+            from .backends.tvm_lut_dense import lut_grads_tvm
+            return lut_grads_tvm(plan, tc, dy)
         from .backends.lut_torch import lut_grads_torch
         return lut_grads_torch(plan, tc, dy)
     if backend == "tvm":

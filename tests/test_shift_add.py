@@ -7,7 +7,7 @@ import torch
 import recurkit as rk
 from recurkit.backends.lut_torch import run_lut_torch
 from recurkit.backends.triton_lut import run_lut_triton
-from recurkit.backends import tvm_lut
+from recurkit.backends import tvm_lut, tvm_lut_dense
 from recurkit.backends.tvm_lut import has_avx2, run_lut_tvm
 from recurkit.ir.tiled import bind_tiled, pack_signs, run_tiled, unpack_signs
 from recurkit.lowering.lut import lower_lut
@@ -346,7 +346,7 @@ def test_dense_kernel_equals_the_dequantized_matmul(shape, block, monkeypatch):
     """Large batches: the dense weight built by a TVM kernel, a block of rows at a time (one
     block, or 8 rows with a shorter last one), each multiplied as it is built."""
     if block != "one":
-        monkeypatch.setattr(tvm_lut, "DENSE_BLOCK", 1)
+        monkeypatch.setattr(tvm_lut_dense, "DENSE_BLOCK", 1)
     G, E, O, Q, N = shape
     x, codes, alpha, signs = draw(*shape, seed=2)
     plan = lower_lut(rk.ops.shift_add.program)
@@ -389,7 +389,7 @@ def test_permute_kernels_refuse_what_they_cannot_run():
 def test_permute_sources_match_golden():
     import os
     from pathlib import Path
-    from recurkit.backends import tvm_lut
+    from recurkit.backends import tvm_lut, tvm_lut_dense
     path = Path(__file__).parent / "golden" / "shift_add.perm.tvm.py.txt"
     plan = lower_lut(rk.ops.shift_add.program)
     sizes = {"G": 2, "E": 64, "O": 4, "Q": 2}
@@ -399,3 +399,30 @@ def test_permute_sources_match_golden():
     if os.environ.get("RECURKIT_UPDATE_GOLDEN"):
         path.write_text(text)
     assert text == path.read_text()
+
+
+@pytest.mark.parametrize("blocks", ["one", "rows of 8"])
+@pytest.mark.parametrize("decl", [rk.ops.shift_add, group_major_scaled, signs_only, plane_major],
+                         ids=lambda d: d.name)
+def test_cpu_backward_matches_autograd_through_the_reference(decl, blocks, monkeypatch):
+    """The CPU backward (tvm_lut_dense.lut_grads_tvm: blocks of the dense weight and of
+    dy^T x, the codes' signed dot; plane_major's layout takes the torch backward): the row's
+    and every weight's gradient, scales over fewer dims than the codes, half rows."""
+    if blocks != "one":
+        monkeypatch.setattr(tvm_lut_dense, "DENSE_BLOCK", 1)
+    sizes = {"G": 3, "E": 24, "O": 21, "Q": 2}
+    for dtype in (torch.float32, torch.float16):
+        args = [a.to(dtype) if a.dtype == torch.float32 and k == 0 else a
+                for k, a in enumerate(_inputs(decl, sizes, N=5, seed=4))]
+        dy = torch.randn(5, 21)
+        grads = []
+        for run in ("tvm", "reference"):
+            xs = [a.clone().requires_grad_() if a.is_floating_point() else a for a in args]
+            if run == "tvm":
+                y = rk.compile(decl, backend="tvm")(*xs)
+            else:
+                y = run_tiled(bind_tiled(decl.program, tuple(xs), {}))
+            y.float().backward(dy)
+            grads.append([a.grad for a in xs if a.is_floating_point()])
+        for g, w in zip(*grads):
+            assert g.dtype == w.dtype and rel(g, w) < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -79,6 +79,13 @@ def lut_grads_torch(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str,
         spec = (f"n{L[plan.out]},{''.join(L[d] for d in cdims)},n{''.join(L[d] for d in rdims)}"
                 f"->{''.join(L[d] for d in plan.scale_dims)}")
         dscale = torch.einsum(spec, dyf, signs, x.float())
+    return weight_grads(plan, tc, dscale, out)
+
+
+def weight_grads(plan: LutPlan, tc: TiledCall, dscale: torch.Tensor,
+                 out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``out`` with the gradient of every weight input added: the scale's cotangent
+    ``dscale`` (over ``plan.scale_dims``) carried through the scale expression by autograd."""
     weights = [s.name for s in plan.program.call_inputs if s.role == "weight"]
     leaves = {n: tc.tensors[n].detach().float().requires_grad_() for n in weights}
     if leaves:

@@ -50,9 +50,8 @@ PERM_TILE = 32   # lane blocks (of 8 lanes) per parallel tile of the permute loo
 LANES = (0, 2, 4, 6, 1, 3, 5, 7)   # the permute kernel's lane order within a register
 # from this many samples on, "auto" builds the dense weight and multiplies (measured here,
 # 4096 x 4096, 3 bits: the look-ups cost ~1 ms per sample, the weight ~7 ms once; the matmul
-# with 16 samples ~12 ms against ~20 ms of look-ups)
+# with 16 samples ~12 ms against ~20 ms of look-ups); see tvm_lut_dense
 DENSE_FROM = 16
-DENSE_BLOCK = 4 << 20   # bytes of the dense weight built (and multiplied) at a time
 
 
 def _tree(terms: list[str]) -> str:
@@ -258,32 +257,6 @@ def perm_finish_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     ]) + "\n"
 
 
-def dequant_source(plan: LutPlan, sizes: dict[str, int]) -> str:
-    """Rows o0 .. o0 + R of the dense weight, D[r, g, e] = sum_q (bit ? a : -a)[g, o0 + r, q],
-    from codes laid out (group, out, plane, packed): for large batches, where a matmul with
-    it beats the look-ups. The host builds it a block of rows at a time (see ``_run_dense``)."""
-    Gs = sizes[plan.group] if plan.group else 1
-    O, E = sizes[plan.out], sizes[plan.packed]
-    Q = sizes[plan.plane] if plan.plane else 1
-    terms = " + ".join(_sel(f"(C[g, o0 + r, {q}, s] >> j) & T.uint8(1)", f"A[g, o0 + r, {q}]")
-                       for q in range(Q))
-    return "\n".join([
-        "@T.prim_func",
-        "def main(c: T.handle, a: T.handle, d: T.handle, o0: T.int32):",
-        '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
-        "    R = T.int32()",
-        f"    C = T.match_buffer(c, ({Gs}, {O}, {Q}, {E // 8}), \"uint8\")",
-        f"    A = T.match_buffer(a, ({Gs}, {O}, {Q}), \"float32\")",
-        f"    D = T.match_buffer(d, (R, {Gs}, {E}), \"float32\")",
-        f"    for rg in T.parallel(R * {Gs}):",
-        f"        r: T.let = rg // {Gs}",
-        f"        g: T.let = rg % {Gs}",
-        f"        for s in T.serial({E // 8}):",
-        "            for j in T.vectorized(8):",
-        f"                D[r, g, s * 8 + j] = {terms}",
-    ]) + "\n"
-
-
 def canonical_codes(plan: LutPlan) -> bool:
     """Whether the codes are laid out (group, out, plane, packed), the absent ones skipped."""
     order = tuple(d for d in (plan.group, plan.out, plan.plane, plan.packed) if d)
@@ -351,22 +324,6 @@ def _run_perm(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tens
     return out.to(tc.out_dtype)
 
 
-def _run_dense(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tensor:
-    (dequant,) = _compiled("dense", plan, sizes, dequant_source)
-    x, codes, a = _operands(plan, tc, sizes)
-    Gs, O, Q, S = codes.shape
-    K = Gs * S * 8
-    rows = max(8, min(O, DENSE_BLOCK // (4 * K)))   # a block of the weight: stays in cache,
-    block = _scratch("dense", (rows, Gs, S * 8))     # and no fresh pages per call
-    xt = x.reshape(tc.N, K).T
-    yt = torch.empty(O, tc.N)
-    for o0 in range(0, O, rows):
-        r = min(rows, O - o0)
-        dequant(codes, a, block[:r], o0)
-        torch.mm(block[:r].reshape(r, K), xt, out=yt[o0:o0 + r])
-    return yt.T.to(tc.out_dtype)
-
-
 def run_lut_tvm(plan: LutPlan, tc: TiledCall, kernel: str = "auto") -> torch.Tensor:
     """The LUT form on CPU. ``kernel``: "perm" (the AVX2 permute kernels), "bytes" (the byte
     tables), "dense" (the dense weight built by a kernel, then one matmul) or "auto": dense
@@ -377,7 +334,8 @@ def run_lut_tvm(plan: LutPlan, tc: TiledCall, kernel: str = "auto") -> torch.Ten
     sizes = {d: tc.sizes[d] for d in (plan.out, plan.plane, plan.group, plan.packed) if d}
     if kernel == "dense" or (kernel == "auto" and tc.N >= DENSE_FROM):
         if canonical_codes(plan):
-            return _run_dense(plan, tc, sizes)
+            from .tvm_lut_dense import run_dense
+            return run_dense(plan, tc, sizes)
         if kernel == "dense":
             raise ValueError("the dense kernel needs codes laid out (group, out, plane, "
                              "packed)")

@@ -1,0 +1,133 @@
+"""The LUT form's dense-weight kernels (TVM, CPU): for large batches and for the backward.
+
+Look-ups repeat per sample, so from ``tvm_lut.DENSE_FROM`` samples on a matmul with the dense
+weight is cheaper. ``dequant_source`` builds rows of that weight from the codes, a block of
+rows at a time (``DENSE_BLOCK`` bytes, in a reused scratch: no fresh pages per call), and the
+host multiplies each block as it is built. The backward uses the same blocks for the row's
+gradient (dx += dy[:, block] D_block) and, for the scale's, forms P = dy[:, block]^T x and
+reduces it against the signs with ``sdot_source`` (dS[g, o, q] = sum_e c P), so no
+unpacked sign tensor (4 bytes per code) is ever built. Both need codes laid out (group, out,
+plane, packed).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir.tiled import TiledCall
+from ..lowering.lut import LutPlan
+from .lut_torch import dims_of, lut_grads_torch, weight_grads
+from .tvm_lut import _compiled, _operands, _scratch, _sel, canonical_codes
+
+DENSE_BLOCK = 4 << 20   # bytes of the dense weight built (and multiplied) at a time
+
+
+def dequant_source(plan: LutPlan, sizes: dict[str, int]) -> str:
+    """Rows o0 .. o0 + R of the dense weight, D[r, g, e] = sum_q (bit ? a : -a)[g, o0 + r, q],
+    from codes laid out (group, out, plane, packed): for large batches, where a matmul with
+    it beats the look-ups. The host builds it a block of rows at a time (see ``_run_dense``)."""
+    Gs = sizes[plan.group] if plan.group else 1
+    O, E = sizes[plan.out], sizes[plan.packed]
+    Q = sizes[plan.plane] if plan.plane else 1
+    terms = " + ".join(_sel(f"(C[g, o0 + r, {q}, s] >> j) & T.uint8(1)", f"A[g, o0 + r, {q}]")
+                       for q in range(Q))
+    return "\n".join([
+        "@T.prim_func",
+        "def main(c: T.handle, a: T.handle, d: T.handle, o0: T.int32):",
+        '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+        "    R = T.int32()",
+        f"    C = T.match_buffer(c, ({Gs}, {O}, {Q}, {E // 8}), \"uint8\")",
+        f"    A = T.match_buffer(a, ({Gs}, {O}, {Q}), \"float32\")",
+        f"    D = T.match_buffer(d, (R, {Gs}, {E}), \"float32\")",
+        f"    for rg in T.parallel(R * {Gs}):",
+        f"        r: T.let = rg // {Gs}",
+        f"        g: T.let = rg % {Gs}",
+        f"        for s in T.serial({E // 8}):",
+        "            for j in T.vectorized(8):",
+        f"                D[r, g, s * 8 + j] = {terms}",
+    ]) + "\n"
+
+
+def sdot_source(plan: LutPlan, sizes: dict[str, int]) -> str:
+    """dS[g, o0 + r, q] = sum_e (bit ? P : -P)[r, g, e]: the codes' signed dot with rows of P."""
+    Gs = sizes[plan.group] if plan.group else 1
+    O, E = sizes[plan.out], sizes[plan.packed]
+    Q = sizes[plan.plane] if plan.plane else 1
+    return "\n".join([
+        "@T.prim_func",
+        "def main(c: T.handle, p: T.handle, ds: T.handle, o0: T.int32):",
+        '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+        "    R = T.int32()",
+        f"    C = T.match_buffer(c, ({Gs}, {O}, {Q}, {E // 8}), \"uint8\")",
+        f"    P = T.match_buffer(p, (R, {Gs}, {E}), \"float32\")",
+        f"    DS = T.match_buffer(ds, ({Gs}, {O}, {Q}), \"float32\")",
+        f"    for rg in T.parallel(R * {Gs}):",
+        f"        r: T.let = rg // {Gs}",
+        f"        g: T.let = rg % {Gs}",
+        "        acc = T.alloc_buffer((8,), \"float32\")",
+        f"        for q in T.serial({Q}):",
+        "            for j in T.vectorized(8):",
+        "                acc[j] = T.float32(0)",
+        f"            for s in T.serial({E // 8}):",
+        "                for j in T.vectorized(8):",
+        "                    acc[j] = acc[j] + "
+        + _sel("(C[g, o0 + r, q, s] >> j) & T.uint8(1)", "P[r, g, s * 8 + j]"),
+        "            DS[g, o0 + r, q] = " + " + ".join(f"acc[{j}]" for j in range(8)),
+    ]) + "\n"
+
+
+def _rows(O: int, K: int) -> int:
+    return max(8, min(O, DENSE_BLOCK // (4 * K)))
+
+
+def run_dense(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tensor:
+    (dequant,) = _compiled("dense", plan, sizes, dequant_source)
+    x, codes, a = _operands(plan, tc, sizes)
+    Gs, O, Q, S = codes.shape
+    K = Gs * S * 8
+    rows = _rows(O, K)
+    block = _scratch("dense", (rows, Gs, S * 8))
+    xt = x.reshape(tc.N, K).T
+    yt = torch.empty(O, tc.N)
+    for o0 in range(0, O, rows):
+        r = min(rows, O - o0)
+        dequant(codes, a, block[:r], o0)
+        torch.mm(block[:r].reshape(r, K), xt, out=yt[o0:o0 + r])
+    return yt.T.to(tc.out_dtype)
+
+
+def lut_grads_tvm(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The row's and the weights' gradients (as ``lut_grads_torch``) from blocks of the dense
+    weight and of dy^T x; codes in another layout go to ``lut_grads_torch``."""
+    if not canonical_codes(plan):
+        return lut_grads_torch(plan, tc, dy)
+    sizes = {d: tc.sizes[d] for d in (plan.out, plan.plane, plan.group, plan.packed) if d}
+    dequant, sdot = _compiled("grads", plan, sizes, dequant_source, sdot_source)
+    x, codes, a = _operands(plan, tc, sizes)
+    Gs, O, Q, S = codes.shape
+    K = Gs * S * 8
+    rows = _rows(O, K)
+    block = _scratch("dense", (rows, Gs, S * 8))
+    outer = _scratch("outer", (rows, Gs, S * 8))
+    xf, dyf = x.reshape(tc.N, K), dy.float().reshape(tc.N, O)
+    dx = torch.zeros(tc.N, K)
+    dS = torch.empty(Gs, O, Q)
+    for o0 in range(0, O, rows):
+        r = min(rows, O - o0)
+        dequant(codes, a, block[:r], o0)
+        dx.addmm_(dyf[:, o0:o0 + r], block[:r].reshape(r, K))
+        torch.mm(dyf[:, o0:o0 + r].T, xf, out=outer[:r].reshape(r, K))
+        sdot(codes, outer[:r], dS, o0)
+    xin = tc.tensors[plan.row]
+    rdims = dims_of(plan, plan.row)
+    grow = tuple(d for d in (plan.group, plan.packed) if d)
+    dx = dx.reshape(tc.N, *(sizes[d] for d in grow))
+    dx = dx.permute(0, *(1 + grow.index(d) for d in rdims))
+    out = {plan.row: dx.reshape(xin.shape).to(xin.dtype)}
+    gop = [d for d in (plan.group, plan.out, plan.plane) if d]
+    dS = dS.reshape([sizes[d] for d in gop])
+    extra = [i for i, d in enumerate(gop) if d not in plan.scale_dims]
+    if extra:
+        dS = dS.sum(extra)
+    kept = [d for d in gop if d in plan.scale_dims]
+    dscale = dS.permute([kept.index(d) for d in plan.scale_dims])
+    return weight_grads(plan, tc, dscale, out)
