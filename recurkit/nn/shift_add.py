@@ -3,10 +3,11 @@
 ``ShiftAddLinear.from_linear(linear, bits=3, group_size=128)`` quantizes the weight with
 ``bcq_quantize`` (power-of-two alphas) and stores the codes packed 8 per byte in the op's
 layout (``rk.ops.shift_add``: [G, O, Q, E // 8] with E = group_size, G = in // E) and the
-alphas [G, O, Q]. ``forward`` calls the compiled tiled op: a torch custom op whose kernel is
-the TVM look-up kernel on CPU and, on CUDA, the Triton look-up kernels for batches of up to 8
-rows and the decode-and-dot kernel above, with a backward for the input (and the alphas, were
-they trained).
+alphas [G, O, Q]. ``forward`` calls the compiled tiled op: a torch custom op whose kernels
+are, on CPU, TVM's look-up kernels below 16 rows and its dense-weight kernel plus a matmul
+from 16 on; on CUDA, the Triton look-up kernels for batches of up to 8 rows and the
+decode-and-dot kernel above; with a backward for the input (and the alphas, were they
+trained).
 """
 from __future__ import annotations
 
