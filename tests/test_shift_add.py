@@ -248,7 +248,7 @@ def test_bits_annotation_is_refused_in_recurrences():
             return S + k, S
 
 
-def test_lut_sources_match_golden():
+def test_lut_sources_match_golden(two_threads):
     """The generated TVM table and look-up kernels, and the printed plan."""
     import os
     from pathlib import Path
@@ -311,13 +311,18 @@ def test_permute_kernels_equal_the_dequantized_matmul(shape):
     assert rel(y, run_lut_tvm(plan, tc, kernel="bytes")) < 1e-5
     if N < tvm_lut.DENSE_FROM:
         assert torch.equal(y, run_lut_tvm(plan, tc))  # auto takes the permute kernels here
-    # views: codes 3 bytes into their storage, a sliced row, half inputs
-    store = torch.zeros(codes.numel() + 3, dtype=torch.uint8)
-    shifted = store[3:].view(codes.shape).copy_(codes)
-    xh = torch.cat([x, x]).half()[N:]
-    tc = bind_tiled(rk.ops.shift_add.program, (xh, shifted, alpha), {})
+    # views: codes and alphas 3, 4 and 16 bytes into their storage (not 64-byte aligned:
+    # the kernel loads whole vectors), a row sliced from a larger one, half rows
+    for off in (3, 4, 16):
+        cs = torch.zeros(codes.numel() + off, dtype=torch.uint8)[off:].view(codes.shape)
+        al = torch.zeros(alpha.numel() + off // 4 + 1)[off // 4 + 1:].view(alpha.shape)
+        xv = torch.cat([x, x])[N:]
+        tc = bind_tiled(rk.ops.shift_add.program, (xv, cs.copy_(codes), al.copy_(alpha)), {})
+        assert torch.equal(run_lut_tvm(plan, tc, kernel="perm"), y)
+    tc = bind_tiled(rk.ops.shift_add.program, (x.half(), codes, alpha), {})
     yh = run_lut_tvm(plan, tc, kernel="perm")
-    assert yh.dtype == torch.float16 and rel(yh, xh.float().reshape(N, -1) @ dense(signs, alpha).T) < 1e-3
+    assert yh.dtype == torch.float16 and rel(yh, x.half().float().reshape(N, -1) @
+                                             dense(signs, alpha).T) < 1e-3
 
 
 @rk.tiled
@@ -386,7 +391,16 @@ def test_permute_kernels_refuse_what_they_cannot_run():
             run_lut_tvm(lower_lut(plane_major.program), tc, kernel=kernel)
 
 
-def test_permute_sources_match_golden():
+@pytest.fixture
+def two_threads():
+    """The generated sources split work by torch's thread count: golden files hold 2."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_permute_sources_match_golden(two_threads):
     import os
     from pathlib import Path
     from recurkit.backends import tvm_lut, tvm_lut_dense

@@ -29,9 +29,9 @@ H = 2
 ARCH = "sm_90"
 
 
-def _launch_spec(script: str, args: list) -> tuple[list, int, int]:
-    """(kernel params as ("buf", arg index) | ("int", value), grid, block) of a TVMScript
-    kernel called with ``args`` (the host function's parameters, in order)."""
+def _launch_spec(script: str, args: list) -> tuple[dict, dict, int, int]:
+    """(sizes of the symbolic vars, buffer name -> index into ``args``, grid, block) of a
+    TVMScript kernel called with ``args`` (the host function's parameters, in order)."""
     params = re.search(r"def main\(([^)]*)\)", script).group(1)
     handles = [p.split(":")[0].strip() for p in params.split(",")]
     env, bufs = {}, {}
@@ -102,6 +102,8 @@ def _calls(name: str, form: str, gpu_script: str | list, run):
         tvm_backend._KERNELS.clear()
         tvm_tile._PLANS.clear()
     scripts = gpu_script if isinstance(gpu_script, list) else [gpu_script] * len(seen)
+    if len(scripts) != len(seen):
+        raise RuntimeError(f"{name} {form}: {len(seen)} kernel calls for {len(scripts)} sources")
     out = []
     for k, ((before, after), script) in enumerate(zip(seen, scripts)):
         symbol = f"{name}_{form}_{k}"

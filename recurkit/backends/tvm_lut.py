@@ -9,8 +9,8 @@
    no serial chain), scaled and added to the output.
 
 On x86 CPUs with AVX2 (and 32 | the packed size, 8 | outputs x planes, codes laid out
-(group, out, plane, packed)), ``run_lut_tvm`` takes a third pair instead, the *permute*
-kernels, whose look-ups are register shuffles rather than loads:
+(group, out, plane, packed)), ``run_lut_tvm`` takes the *permute* kernels instead, whose
+look-ups are register shuffles rather than loads:
 
 1. tables: per (sample, group, 32 inputs), ten 8-entry tables of the signed sums of 3
    consecutive inputs (positions 3j..3j+2) and one of the last 2 (30, 31): 8 floats, one
@@ -20,9 +20,9 @@ kernels, whose look-ups are register shuffles rather than loads:
    at once (it reads the low 3 bits of each lane's index), 11 per word. The lanes' words are
    loaded as they are stored (4 vectors for a group of 128) and transposed in registers.
    The lanes sit in the order [0, 2, 4, 6, 1, 3, 5, 7] in the registers (the in-lane transpose
-   is cheaper); the alphas are shuffled to match, and the host puts them back in order and sums
-   the planes. Each group's tables (1.4 KB for 128 inputs) stay in L1 while a thread's run of
-   lanes streams its codes past them.
+   is cheaper); the alphas are shuffled to match. Each group's tables (1.4 KB for 128
+   inputs) stay in L1 while a thread's run of lanes streams its codes past them.
+3. finish: the lanes read back in order, the planes summed, per (sample, output).
 
 The sums differ from the byte tables' only in grouping (3 inputs per table entry instead of
 8), so both stay within fp32 rounding of the matmul with the dequantized weight.
@@ -313,8 +313,9 @@ def _run_perm(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tens
                                        perm_lookup_source, perm_finish_source)
     x, codes, a = _operands(plan, tc, sizes)
     Gs, O, Q, S = codes.shape
-    if codes.storage_offset() % 4:    # read as int32 words: a view needs 4-byte alignment
-        codes = codes.clone()
+    # the look-ups load codes and scales as whole aligned vectors: copy what is not 64-byte
+    # aligned (a view into a larger buffer, a memory-mapped file)
+    codes, a = (t if t.data_ptr() % 64 == 0 else t.clone() for t in (codes, a))
     tb = _scratch("tables", (tc.N, Gs, S // 4, 11, 8))
     y = torch.empty(tc.N, O * Q)
     tables(x, tb)

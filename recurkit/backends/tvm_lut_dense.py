@@ -2,7 +2,8 @@
 
 Look-ups repeat per sample, so from ``tvm_lut.DENSE_FROM`` samples on a matmul with the dense
 weight is cheaper. ``dequant_source`` builds rows of that weight from the codes, a block of
-rows at a time (``DENSE_BLOCK`` bytes, in a reused scratch: no fresh pages per call), and the
+rows at a time (``DENSE_BLOCK`` bytes, at least 8 rows, in a reused scratch: no fresh pages
+per call), and the
 host multiplies each block as it is built. The backward uses the same blocks for the row's
 gradient (dx += dy[:, block] D_block) and, for the scale's, forms P = dy[:, block]^T x and
 reduces it against the signs with ``sdot_source`` (dS[g, o, q] = sum_e c P), so no
@@ -24,7 +25,7 @@ DENSE_BLOCK = 4 << 20   # bytes of the dense weight built (and multiplied) at a 
 def dequant_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     """Rows o0 .. o0 + R of the dense weight, D[r, g, e] = sum_q (bit ? a : -a)[g, o0 + r, q],
     from codes laid out (group, out, plane, packed): for large batches, where a matmul with
-    it beats the look-ups. The host builds it a block of rows at a time (see ``_run_dense``)."""
+    it beats the look-ups. The host builds it a block of rows at a time (see ``run_dense``)."""
     Gs = sizes[plan.group] if plan.group else 1
     O, E = sizes[plan.out], sizes[plan.packed]
     Q = sizes[plan.plane] if plan.plane else 1
@@ -111,18 +112,22 @@ def lut_grads_tvm(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, t
     xf, dyf = x.reshape(tc.N, K), dy.float().reshape(tc.N, O)
     dx = torch.zeros(tc.N, K)
     dS = torch.empty(Gs, O, Q)
+    weights = any(s.role == "weight" for s in plan.program.call_inputs)
     for o0 in range(0, O, rows):
         r = min(rows, O - o0)
         dequant(codes, a, block[:r], o0)
         dx.addmm_(dyf[:, o0:o0 + r], block[:r].reshape(r, K))
-        torch.mm(dyf[:, o0:o0 + r].T, xf, out=outer[:r].reshape(r, K))
-        sdot(codes, outer[:r], dS, o0)
+        if weights:     # the scale's cotangent; a declaration without weights needs none
+            torch.mm(dyf[:, o0:o0 + r].T, xf, out=outer[:r].reshape(r, K))
+            sdot(codes, outer[:r], dS, o0)
     xin = tc.tensors[plan.row]
     rdims = dims_of(plan, plan.row)
     grow = tuple(d for d in (plan.group, plan.packed) if d)
     dx = dx.reshape(tc.N, *(sizes[d] for d in grow))
     dx = dx.permute(0, *(1 + grow.index(d) for d in rdims))
     out = {plan.row: dx.reshape(xin.shape).to(xin.dtype)}
+    if not weights:
+        return out
     gop = [d for d in (plan.group, plan.out, plan.plane) if d]
     dS = dS.reshape([sizes[d] for d in gop])
     extra = [i for i, d in enumerate(gop) if d not in plan.scale_dims]
