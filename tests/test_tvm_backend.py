@@ -374,3 +374,31 @@ def test_cuda_check_launch_specs():
         assert any(not torch.equal(a, b) for a, b in zip(r["before"], r["after"]))
     assert recs[0]["grid"] == B * H
     assert sorted(v for kind, v in recs[0]["params"] if kind == "int") == [B, 21]   # NS, TT
+
+
+def _at_offset(t: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """A copy of ``t`` as a view k elements into a larger buffer (not 64-byte aligned)."""
+    return torch.zeros(t.numel() + k, dtype=t.dtype)[k:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("name,form", [("gated_delta_rule", None), ("gated_delta_rule", "chunk_wy"),
+                                       ("gla", "chunk_gated"), ("hgrn", None), ("hgrn", "scan")])
+def test_kernels_take_views_at_any_offset(name, form):
+    """Inputs and initial states that start 4 bytes past an aligned address (a slice such as
+    x[:, 1:] of rows of 20 floats): TVM assumes 64-byte aligned arguments unless told, and its
+    aligned vector loads crashed the process (tvm_build.unaligned_buffers). Backward too."""
+    decl = getattr(rk.ops, name).decl
+    op = rk.compile(decl, backend="tvm", form=form, chunk=16 if form else None)
+    if name in VECTOR_CASES:    # sizes whose loops vectorise (the module's K, V, D do not)
+        x, s0 = vector_inputs(name, 1, 21, 2, 64), torch.randn(1, 2, 64)
+    else:
+        x, s0 = matrix_inputs(name, 1, 21, 2, 64, 32), torch.randn(1, 2, 64, 32)
+    o1, S1 = op(*x, initial_state=s0, output_final_state=True)
+    xs = [_at_offset(t).requires_grad_() for t in x]
+    o2, S2 = op(*xs, initial_state=_at_offset(s0), output_final_state=True)
+    assert torch.equal(o1, o2.detach()) and torch.equal(S1, S2)
+    (o2.square().sum() + S2.sum()).backward()
+    xr = [t.clone().requires_grad_() for t in x]
+    o3, S3 = rk.compile(decl, backend="reference")(*xr, initial_state=s0, output_final_state=True)
+    (o3.square().sum() + S3.sum()).backward()
+    assert all(rel(a.grad, b.grad) < 1e-4 for a, b in zip(xs, xr))
