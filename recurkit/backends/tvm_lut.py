@@ -44,6 +44,7 @@ from ..lowering.lut import LutPlan
 from .lut_torch import dims_of, scale_tensor
 from .tvm_backend import _f
 from .tvm_build import compile_source
+from .tvm_nests import _fold
 
 BLOCK_O = 512    # outputs per parallel block of the look-up kernel (at most)
 PERM_TILE = 32   # lane blocks (of 8 lanes) per parallel tile of the permute look-up kernel
@@ -52,13 +53,6 @@ LANES = (0, 2, 4, 6, 1, 3, 5, 7)   # the permute kernel's lane order within a re
 # 4096 x 4096, 3 bits: the look-ups cost ~1 ms per sample, the weight ~7 ms once; the matmul
 # with 16 samples ~12 ms against ~20 ms of look-ups); see tvm_lut_dense
 DENSE_FROM = 16
-
-
-def _tree(terms: list[str]) -> str:
-    while len(terms) > 1:
-        terms = [f"({terms[i]} + {terms[i + 1]})" if i + 1 < len(terms) else terms[i]
-                 for i in range(0, len(terms), 2)]
-    return terms[0]
 
 
 def _index(dims, at: dict[str, str]) -> str:
@@ -91,8 +85,8 @@ def tables_source(plan: LutPlan, sizes: dict[str, int]) -> str:
         "        hi = T.alloc_buffer((16,), \"float32\")",
         f"        for s in T.serial({S}):",
         "            for b in T.serial(16):",
-        f"                lo[b] = {_tree([x(j) for j in range(4)])}",
-        f"                hi[b] = {_tree([x(j) for j in range(4, 8)])}",
+        f"                lo[b] = {_fold([x(j) for j in range(4)], 'add')}",
+        f"                hi[b] = {_fold([x(j) for j in range(4, 8)], 'add')}",
         "            for bh in T.serial(16):",
         "                for bl in T.vectorized(16):",
         "                    L[n, g, s, bh * 16 + bl] = lo[bl] + hi[bh]",
@@ -117,7 +111,7 @@ def lookup_source(plan: LutPlan, sizes: dict[str, int], block: int = BLOCK_O) ->
             at[plan.packed] = str(s)
             looks.append(f"L[n, g, {s}, T.Cast(\"int32\", C[{_index(cdims, at)}])]")
         w = f"W[{_index(plan.scale_dims, at)}]" if plan.scale_dims else "W[0]"
-        terms.append(f"{w} * {_tree(looks)}")
+        terms.append(f"{w} * {_fold(looks, 'add')}")
     wshape = _shape(plan.scale_dims, sizes) if plan.scale_dims else "1"
     body = " + ".join(terms)
     return "\n".join([
@@ -231,7 +225,7 @@ def perm_lookup_source(plan: LutPlan, sizes: dict[str, int], tile: int = PERM_TI
         f"                if mb < {MB}:",
         "                    for n in T.serial(N):",
         f"                        {yv} = {yv} + T.Shuffle([A[g, T.ramp(mb * 8, 1, 8)]], "
-        f"[{lanes}]) * {_tree(leaves)}",
+        f"[{lanes}]) * {_fold(leaves, 'add')}",
     ]) + "\n"
 
 
