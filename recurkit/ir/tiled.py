@@ -115,10 +115,20 @@ def bind_tiled(program: Program, args: tuple, kwargs: dict,
     return TiledCall(program, tensors, scalars, sizes, N, out_dtype, device)
 
 
+_SIGN_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
 def unpack_signs(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., E // 8] -> fp32 [..., E] of -1 / +1 (bit j of byte b is position 8b + j)."""
-    bits = (codes.unsqueeze(-1) >> torch.arange(8, device=codes.device, dtype=torch.uint8)) & 1
-    return (bits.float() * 2 - 1).reshape(*codes.shape[:-1], codes.shape[-1] * 8)
+    """uint8 [..., E // 8] -> fp32 [..., E] of -1 / +1 (bit j of byte b is position 8b + j).
+    Each byte selects its 8 signs from a [256, 8] table (5-6x faster here than shifting and
+    converting every bit: 0.1 vs 0.56 s for a 4096 x 4096 x 3-plane weight)."""
+    table = _SIGN_TABLES.get(codes.device)
+    if table is None:
+        byte = torch.arange(256, device=codes.device)
+        bits = byte[:, None] >> torch.arange(8, device=codes.device)
+        table = _SIGN_TABLES[codes.device] = (bits & 1).float() * 2 - 1
+    signs = table.index_select(0, codes.reshape(-1).int())
+    return signs.reshape(*codes.shape[:-1], codes.shape[-1] * 8)
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
