@@ -65,8 +65,8 @@ def _shape(dims, sizes: dict[str, int], packed: str | None = None) -> str:
 
 def tables_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     rdims = dims_of(plan, plan.row)
-    Gs = sizes[plan.group] if plan.group else 1
-    S = sizes[plan.packed] // 8
+    Gs, _, _, E = plan.extents(sizes)
+    S = E // 8
 
     def x(j: int) -> str:
         v = f"X[n, {_index(rdims, {plan.group: 'g', plan.packed: f's * 8 + {j}'})}]"
@@ -95,9 +95,8 @@ def tables_source(plan: LutPlan, sizes: dict[str, int]) -> str:
 
 def lookup_source(plan: LutPlan, sizes: dict[str, int], block: int = BLOCK_O) -> str:
     cdims = dims_of(plan, plan.codes)
-    O = sizes[plan.out]
-    Gs = sizes[plan.group] if plan.group else 1
-    S = sizes[plan.packed] // 8
+    Gs, O, _, E = plan.extents(sizes)
+    S = E // 8
     planes = range(sizes[plan.plane]) if plan.plane else [0]
     threads = max(1, torch.get_num_threads())
     nb = threads * -(-O // (threads * block))   # blocks: a multiple of the threads ...
@@ -157,8 +156,7 @@ def _sel(bit: str, v: str) -> str:
 def perm_tables_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     """Tables of the permute kernels: TB[n, g, w, j, i] = sum_b (bit b of i ? x : -x) over
     inputs 32 w + 3 j + b (b < 3; b < 2 for j = 10), x read as [N, groups, positions]."""
-    Gs = sizes[plan.group] if plan.group else 1
-    E = sizes[plan.packed]
+    Gs, _, _, E = plan.extents(sizes)
     W = E // 32
 
     def x(k: str) -> str:
@@ -187,9 +185,8 @@ def perm_tables_source(plan: LutPlan, sizes: dict[str, int]) -> str:
 def perm_lookup_source(plan: LutPlan, sizes: dict[str, int], tile: int = PERM_TILE) -> str:
     """Look-ups of the permute kernels: C the codes as int32 words [groups, lanes x words],
     A the scale [groups, lanes], Y [N, lanes] in the register lane order (``LANES``)."""
-    Gs = sizes[plan.group] if plan.group else 1
-    W = sizes[plan.packed] // 32
-    M = sizes[plan.out] * (sizes[plan.plane] if plan.plane else 1)
+    Gs, O, Q, E = plan.extents(sizes)
+    W, M = E // 32, O * Q
     MB = M // 8
     threads = max(1, torch.get_num_threads())
     nt = threads * -(-MB // (threads * tile))   # tiles: a multiple of the threads ...
@@ -231,8 +228,7 @@ def perm_lookup_source(plan: LutPlan, sizes: dict[str, int], tile: int = PERM_TI
 
 def perm_finish_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     """y[n, o] = sum over planes of the look-up kernel's lanes, read back in order."""
-    O = sizes[plan.out]
-    Q = sizes[plan.plane] if plan.plane else 1
+    _, O, Q, _ = plan.extents(sizes)
     terms = []
     for q in range(Q):
         m = f"o * {Q} + {q}" if Q > 1 else "o"
@@ -257,10 +253,25 @@ def canonical_codes(plan: LutPlan) -> bool:
     return dims_of(plan, plan.codes) == order
 
 
+def row_order(plan: LutPlan) -> tuple[str, ...]:
+    """The row's dims as the permute and dense kernels read it: (group, packed)."""
+    return tuple(d for d in (plan.group, plan.packed) if d)
+
+
+def scale_order(plan: LutPlan) -> tuple[str, ...]:
+    """The scale's dims as the permute and dense kernels read it: (group, out, plane)."""
+    return tuple(d for d in (plan.group, plan.out, plan.plane) if d)
+
+
+def plan_sizes(plan: LutPlan, tc: TiledCall) -> dict[str, int]:
+    """The sizes the LUT kernels are specialised to (all dims of the plan but the samples)."""
+    return {d: tc.sizes[d] for d in (plan.out, plan.plane, plan.group, plan.packed) if d}
+
+
 def perm_applies(plan: LutPlan, sizes: dict[str, int]) -> bool:
     """Whether the permute kernels can run this plan at these sizes (the CPU aside)."""
-    M = sizes[plan.out] * (sizes[plan.plane] if plan.plane else 1)
-    return canonical_codes(plan) and sizes[plan.packed] % 32 == 0 and M % 8 == 0
+    _, O, Q, E = plan.extents(sizes)
+    return canonical_codes(plan) and E % 32 == 0 and O * Q % 8 == 0
 
 
 def has_avx2() -> bool:
@@ -290,15 +301,12 @@ def _compiled(kind: str, plan: LutPlan, sizes: dict[str, int], *sources) -> tupl
 def _operands(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]):
     """(x [N, groups, positions], codes [groups, out, planes, bytes], scale [groups, out,
     planes]) for the permute and dense kernels: fp32, contiguous, in those orders."""
-    Gs = sizes[plan.group] if plan.group else 1
-    E, O = sizes[plan.packed], sizes[plan.out]
-    Q = sizes[plan.plane] if plan.plane else 1
-    grow = tuple(d for d in (plan.group, plan.packed) if d)
-    x = _ordered(tc.tensors[plan.row].float(), dims_of(plan, plan.row), grow, sizes, 1)
+    Gs, O, Q, E = plan.extents(sizes)
+    x = _ordered(tc.tensors[plan.row].float(), dims_of(plan, plan.row), row_order(plan),
+                 sizes, 1)
     codes = tc.tensors[plan.codes].contiguous().reshape(Gs, O, Q, E // 8)
-    gop = tuple(d for d in (plan.group, plan.out, plan.plane) if d)
     w = scale_tensor(plan, tc).reshape([sizes[d] for d in plan.scale_dims])
-    a = w if plan.scale_dims == gop else _ordered(w, plan.scale_dims, gop, sizes)
+    a = _ordered(w, plan.scale_dims, scale_order(plan), sizes)
     return x.reshape(tc.N, Gs, E), codes, a.reshape(Gs, O, Q)
 
 
@@ -325,7 +333,7 @@ def run_lut_tvm(plan: LutPlan, tc: TiledCall, kernel: str = "auto") -> torch.Ten
     need codes laid out (group, out, plane, packed); otherwise bytes)."""
     if kernel not in ("auto", "perm", "bytes", "dense"):
         raise ValueError(f"kernel must be 'auto', 'perm', 'bytes' or 'dense', got {kernel!r}")
-    sizes = {d: tc.sizes[d] for d in (plan.out, plan.plane, plan.group, plan.packed) if d}
+    sizes = plan_sizes(plan, tc)
     if kernel == "dense" or (kernel == "auto" and tc.N >= DENSE_FROM):
         if canonical_codes(plan):
             from .tvm_lut_dense import run_dense
@@ -344,9 +352,9 @@ def run_lut_tvm(plan: LutPlan, tc: TiledCall, kernel: str = "auto") -> torch.Ten
     x = tc.tensors[plan.row].float().contiguous()
     codes = tc.tensors[plan.codes].contiguous()
     w = scale_tensor(plan, tc)
-    Gs = tc.sizes[plan.group] if plan.group else 1
-    lut = _scratch("tables", (tc.N, Gs, tc.sizes[plan.packed] // 8, 256))
-    y = torch.empty(tc.N, tc.sizes[plan.out])
+    Gs, O, _, E = plan.extents(sizes)
+    lut = _scratch("tables", (tc.N, Gs, E // 8, 256))
+    y = torch.empty(tc.N, O)
     tables(x, lut)
     lookup(lut, codes, w, y)
     return y.to(tc.out_dtype)

@@ -17,7 +17,8 @@ import torch
 from ..ir.tiled import TiledCall
 from ..lowering.lut import LutPlan
 from .lut_torch import dims_of, lut_grads_torch, weight_grads
-from .tvm_lut import _compiled, _operands, _scratch, _sel, canonical_codes
+from .tvm_lut import (_compiled, _operands, _scratch, _sel, canonical_codes, plan_sizes,
+                      row_order, scale_order)
 
 DENSE_BLOCK = 4 << 20   # bytes of the dense weight built (and multiplied) at a time
 
@@ -25,10 +26,8 @@ DENSE_BLOCK = 4 << 20   # bytes of the dense weight built (and multiplied) at a 
 def dequant_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     """Rows o0 .. o0 + R of the dense weight, D[r, g, e] = sum_q (bit ? a : -a)[g, o0 + r, q],
     from codes laid out (group, out, plane, packed): for large batches, where a matmul with
-    it beats the look-ups. The host builds it a block of rows at a time (see ``run_dense``)."""
-    Gs = sizes[plan.group] if plan.group else 1
-    O, E = sizes[plan.out], sizes[plan.packed]
-    Q = sizes[plan.plane] if plan.plane else 1
+    it beats the look-ups. The host builds it a block of rows at a time (``_weight_blocks``)."""
+    Gs, O, Q, E = plan.extents(sizes)
     terms = " + ".join(_sel(f"(C[g, o0 + r, {q}, s] >> j) & T.uint8(1)", f"A[g, o0 + r, {q}]")
                        for q in range(Q))
     return "\n".join([
@@ -50,9 +49,7 @@ def dequant_source(plan: LutPlan, sizes: dict[str, int]) -> str:
 
 def sdot_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     """dS[g, o0 + r, q] = sum_e (bit ? P : -P)[r, g, e]: the codes' signed dot with rows of P."""
-    Gs = sizes[plan.group] if plan.group else 1
-    O, E = sizes[plan.out], sizes[plan.packed]
-    Q = sizes[plan.plane] if plan.plane else 1
+    Gs, O, Q, E = plan.extents(sizes)
     return "\n".join([
         "@T.prim_func",
         "def main(c: T.handle, p: T.handle, ds: T.handle, o0: T.int32):",
@@ -76,23 +73,26 @@ def sdot_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     ]) + "\n"
 
 
-def _rows(O: int, K: int) -> int:
-    return max(8, min(O, DENSE_BLOCK // (4 * K)))
+def _weight_blocks(dequant, codes: torch.Tensor, a: torch.Tensor):
+    """(o0, r, rows o0 .. o0 + r of the dense weight as [r, K]) in turn: ``DENSE_BLOCK`` bytes
+    (at least 8 rows) at a time, each built by ``dequant`` into the same reused block."""
+    Gs, O, Q, S = codes.shape
+    K = Gs * S * 8
+    rows = max(8, min(O, DENSE_BLOCK // (4 * K)))
+    block = _scratch("dense", (rows, Gs, S * 8))
+    for o0 in range(0, O, rows):
+        r = min(rows, O - o0)
+        dequant(codes, a, block[:r], o0)
+        yield o0, r, block[:r].reshape(r, K)
 
 
 def run_dense(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tensor:
     (dequant,) = _compiled("dense", plan, sizes, dequant_source)
     x, codes, a = _operands(plan, tc, sizes)
-    Gs, O, Q, S = codes.shape
-    K = Gs * S * 8
-    rows = _rows(O, K)
-    block = _scratch("dense", (rows, Gs, S * 8))
-    xt = x.reshape(tc.N, K).T
-    yt = torch.empty(O, tc.N)
-    for o0 in range(0, O, rows):
-        r = min(rows, O - o0)
-        dequant(codes, a, block[:r], o0)
-        torch.mm(block[:r].reshape(r, K), xt, out=yt[o0:o0 + r])
+    xt = x.reshape(tc.N, -1).T
+    yt = torch.empty(codes.shape[1], tc.N)
+    for o0, r, w in _weight_blocks(dequant, codes, a):
+        torch.mm(w, xt, out=yt[o0:o0 + r])
     return yt.T.to(tc.out_dtype)
 
 
@@ -101,34 +101,28 @@ def lut_grads_tvm(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, t
     weight and of dy^T x; codes in another layout go to ``lut_grads_torch``."""
     if not canonical_codes(plan):
         return lut_grads_torch(plan, tc, dy)
-    sizes = {d: tc.sizes[d] for d in (plan.out, plan.plane, plan.group, plan.packed) if d}
+    sizes = plan_sizes(plan, tc)
     dequant, sdot = _compiled("grads", plan, sizes, dequant_source, sdot_source)
     x, codes, a = _operands(plan, tc, sizes)
     Gs, O, Q, S = codes.shape
-    K = Gs * S * 8
-    rows = _rows(O, K)
-    block = _scratch("dense", (rows, Gs, S * 8))
-    outer = _scratch("outer", (rows, Gs, S * 8))
-    xf, dyf = x.reshape(tc.N, K), dy.float().reshape(tc.N, O)
-    dx = torch.zeros(tc.N, K)
+    xf, dyf = x.reshape(tc.N, -1), dy.float().reshape(tc.N, O)
+    dx = torch.zeros_like(xf)
     dS = torch.empty(Gs, O, Q)
     weights = any(s.role == "weight" for s in plan.program.call_inputs)
-    for o0 in range(0, O, rows):
-        r = min(rows, O - o0)
-        dequant(codes, a, block[:r], o0)
-        dx.addmm_(dyf[:, o0:o0 + r], block[:r].reshape(r, K))
+    for o0, r, w in _weight_blocks(dequant, codes, a):
+        dx.addmm_(dyf[:, o0:o0 + r], w)
         if weights:     # the scale's cotangent; a declaration without weights needs none
-            torch.mm(dyf[:, o0:o0 + r].T, xf, out=outer[:r].reshape(r, K))
-            sdot(codes, outer[:r], dS, o0)
+            outer = _scratch("outer", (r, Gs, S * 8))
+            torch.mm(dyf[:, o0:o0 + r].T, xf, out=outer.view(r, -1))
+            sdot(codes, outer, dS, o0)
     xin = tc.tensors[plan.row]
-    rdims = dims_of(plan, plan.row)
-    grow = tuple(d for d in (plan.group, plan.packed) if d)
+    rdims, grow = dims_of(plan, plan.row), row_order(plan)
     dx = dx.reshape(tc.N, *(sizes[d] for d in grow))
     dx = dx.permute(0, *(1 + grow.index(d) for d in rdims))
     out = {plan.row: dx.reshape(xin.shape).to(xin.dtype)}
     if not weights:
         return out
-    gop = [d for d in (plan.group, plan.out, plan.plane) if d]
+    gop = scale_order(plan)
     dS = dS.reshape([sizes[d] for d in gop])
     extra = [i for i, d in enumerate(gop) if d not in plan.scale_dims]
     if extra:

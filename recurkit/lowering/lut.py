@@ -44,6 +44,11 @@ class LutPlan:
     def scale_dims(self) -> tuple[str, ...]:
         return self.scale.dims
 
+    def extents(self, sizes: dict[str, int]) -> tuple[int, int, int, int]:
+        """(groups, outputs, planes, packed positions) at ``sizes``; an absent dim counts 1."""
+        return (sizes[self.group] if self.group else 1, sizes[self.out],
+                sizes[self.plane] if self.plane else 1, sizes[self.packed])
+
     @property
     def grad_inputs(self) -> list[str]:
         """The float inputs that get gradients: the row and every weight."""
