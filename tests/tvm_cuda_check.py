@@ -3,8 +3,8 @@
 TVM's pip build has no CUDA runtime and the GPU machines lent to this project have no TVM, so
 the check has two halves:
 
-    python tests/tvm_cuda_check.py prepare DIR   # here, with TVM: sources, inputs, expected
-    python tests/tvm_cuda_check.py run DIR       # on the GPU: nvcc --ptx, CuPy launch, compare
+    python tests/tvm_cuda_check.py prepare FILE  # here, with TVM: sources, inputs, expected
+    python tests/tvm_cuda_check.py run FILE      # on the GPU: nvcc --ptx, CuPy launch, compare
 
 ``prepare`` renders, for every built-in, the sequential kernel (``cuda_source``) and every
 stage of its chunk forms (``chunk_cuda_source``) as CUDA C for sm_90, and runs the same
