@@ -45,6 +45,23 @@ def bench(fns: dict, repeats: int = 7, warmup: int = 1) -> dict[str, float]:
     return {n: statistics.median(ts) for n, ts in times.items()}
 
 
+def bench_back_to_back(fns: dict, repeats: int = 7, calls: int = 10) -> dict[str, float]:
+    """Median seconds per call when each candidate is called ``calls`` times in a row (a
+    decode loop's pattern: caches, thread pools and branch predictors warm from the call
+    before): per round and candidate, QUIET_S of idle, one untimed call, then ``calls`` timed
+    back to back; the candidates interleaved as in ``bench``."""
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, f in fns.items():
+            time.sleep(QUIET_S)
+            f()
+            t = time.perf_counter()
+            for _ in range(calls):
+                f()
+            times[n].append((time.perf_counter() - t) / calls)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
 def add_shape_args(ap, repeats: int) -> None:
     """The shape options every benchmark takes: --T, --H, --D (K = V) and --repeats."""
     ap.add_argument("--T", type=int, default=4096)

@@ -238,7 +238,8 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
     every dim) and head count: a Triton module (kernels and their ``launch`` function) for
     "triton", TVMScript (one function per kernel) for "tvm". For a tiled declaration: the
     forward and backward kernels (forward, rows, columns, inverse); for one with rk.Bits codes
-    (the LUT form), the table and look-up kernels (TVM) or the module holding the table,
+    (the LUT form), what this CPU runs below ``DENSE_FROM`` samples (TVM: the shuffle kernels
+    on an AVX2 CPU, else the byte table and look-up kernels) or the module holding the table,
     look-up and decode-and-dot kernels (Triton).
     ``sizes`` of packed dims count positions (multiples of 8)."""
     p = as_program(decl)
@@ -258,10 +259,9 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
                 from .backends.triton_lut import KERNEL_SOURCE
                 return KERNEL_SOURCE
             from .backends import tvm_lut
-            if tvm_lut.perm_applies(plan, sizes) and tvm_lut.has_avx2():   # what CPU runs
-                return "\n\n".join(f(plan, sizes) for f in (
-                    tvm_lut.perm_tables_source, tvm_lut.perm_lookup_source,
-                    tvm_lut.perm_finish_source))
+            if tvm_lut.has_avx2():   # what this CPU runs below DENSE_FROM samples
+                from .backends.tvm_lut_shuffle import shuffle_source
+                return shuffle_source(plan, sizes)
             return tvm_lut.tables_source(plan, sizes) + "\n\n" + tvm_lut.lookup_source(
                 plan, sizes)
         from .lowering.tiled import lower_tiled

@@ -248,10 +248,12 @@ def test_bits_annotation_is_refused_in_recurrences():
             return S + k, S
 
 
-def test_lut_sources_match_golden(two_threads):
-    """The generated TVM table and look-up kernels, and the printed plan."""
+def test_lut_sources_match_golden(two_threads, monkeypatch):
+    """The generated TVM table and look-up kernels (what codegen shows without AVX2), and the
+    printed plan."""
     import os
     from pathlib import Path
+    monkeypatch.setattr(tvm_lut, "has_avx2", lambda: False)
     path = Path(__file__).parent / "golden" / "shift_add.lut.tvm.py.txt"
     text = str(lower_lut(rk.ops.shift_add.program)) + "\n\n" + rk.codegen(
         rk.ops.shift_add, "tvm", sizes={"G": 2, "E": 64, "O": 6, "Q": 2})
@@ -309,8 +311,6 @@ def test_permute_kernels_equal_the_dequantized_matmul(shape):
     want = x.reshape(N, -1).double() @ dense(signs, alpha).double().T
     assert y.shape == (N, O) and rel(y, want) < 1e-5
     assert rel(y, run_lut_tvm(plan, tc, kernel="bytes")) < 1e-5
-    if N < tvm_lut.DENSE_FROM:
-        assert torch.equal(y, run_lut_tvm(plan, tc))  # auto takes the permute kernels here
     # views: codes and alphas 3, 4 and 16 bytes into their storage (not 64-byte aligned:
     # the kernel loads whole vectors), a row sliced from a larger one, half rows
     for off in (3, 4, 16):
@@ -379,8 +379,8 @@ def test_permute_kernels_refuse_what_they_cannot_run():
         with pytest.raises(ValueError, match="permute kernels need"):
             run_lut_tvm(plan, tc, kernel="perm")
         want = x.reshape(1, -1) @ dense(signs, alpha).T
-        assert rel(run_lut_tvm(plan, tc), want) < 1e-5      # auto: the byte tables
-    with pytest.raises(ValueError, match="'auto', 'perm', 'bytes' or 'dense'"):
+        assert rel(run_lut_tvm(plan, tc), want) < 1e-5      # auto: the shuffle kernels
+    with pytest.raises(ValueError, match="'auto', 'shuffle', 'perm', 'bytes', 'dense'"):
         run_lut_tvm(plan, tc, kernel="vpermps")
     x, codes, alpha, _ = draw(1, 32, 8, 1, 1)
     tc = bind_tiled(plane_major.program, (x, codes.permute(2, 1, 0, 3).contiguous(),
@@ -391,19 +391,10 @@ def test_permute_kernels_refuse_what_they_cannot_run():
             run_lut_tvm(lower_lut(plane_major.program), tc, kernel=kernel)
 
 
-@pytest.fixture
-def two_threads():
-    """The generated sources split work by torch's thread count: golden files hold 2."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_permute_sources_match_golden(two_threads):
     import os
     from pathlib import Path
-    from recurkit.backends import tvm_lut, tvm_lut_dense
+    from recurkit.backends import tvm_lut
     path = Path(__file__).parent / "golden" / "shift_add.perm.tvm.py.txt"
     plan = lower_lut(rk.ops.shift_add.program)
     sizes = {"G": 2, "E": 64, "O": 4, "Q": 2}

@@ -33,6 +33,7 @@ them): ``run_lut_tvm`` then builds the dense weight a block of rows at a time wi
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Callable
@@ -140,11 +141,12 @@ _KERNELS: dict[tuple, tuple[Callable, ...]] = {}
 _SCRATCH = threading.local()   # per calling thread: tables and weight blocks, reused
 
 
-def _scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+             ) -> torch.Tensor:
     n = math.prod(shape)
     buf = getattr(_SCRATCH, name, None)
     if buf is None or buf.numel() < n:
-        buf = torch.empty(n)
+        buf = torch.empty(n, dtype=dtype)
         setattr(_SCRATCH, name, buf)
     return buf[:n].view(shape)
 
@@ -247,10 +249,15 @@ def perm_finish_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     ]) + "\n"
 
 
+def canonical_order(plan: LutPlan) -> tuple[str, ...]:
+    """The codes' dims as the permute, shuffle and dense kernels read them: (group, out,
+    plane, packed), the absent ones skipped."""
+    return tuple(d for d in (plan.group, plan.out, plan.plane, plan.packed) if d)
+
+
 def canonical_codes(plan: LutPlan) -> bool:
     """Whether the codes are laid out (group, out, plane, packed), the absent ones skipped."""
-    order = tuple(d for d in (plan.group, plan.out, plan.plane, plan.packed) if d)
-    return dims_of(plan, plan.codes) == order
+    return dims_of(plan, plan.codes) == canonical_order(plan)
 
 
 def row_order(plan: LutPlan) -> tuple[str, ...]:
@@ -274,6 +281,7 @@ def perm_applies(plan: LutPlan, sizes: dict[str, int]) -> bool:
     return canonical_codes(plan) and E % 32 == 0 and O * Q % 8 == 0
 
 
+@functools.cache
 def has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
@@ -305,9 +313,14 @@ def _operands(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]):
     x = _ordered(tc.tensors[plan.row].float(), dims_of(plan, plan.row), row_order(plan),
                  sizes, 1)
     codes = tc.tensors[plan.codes].contiguous().reshape(Gs, O, Q, E // 8)
+    return x.reshape(tc.N, Gs, E), codes, ordered_scale(plan, tc, sizes)
+
+
+def ordered_scale(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tensor:
+    """The scale [groups, out, planes] (absent dims of size 1), fp32, contiguous."""
+    Gs, O, Q, _ = plan.extents(sizes)
     w = scale_tensor(plan, tc).reshape([sizes[d] for d in plan.scale_dims])
-    a = _ordered(w, plan.scale_dims, scale_order(plan), sizes)
-    return x.reshape(tc.N, Gs, E), codes, a.reshape(Gs, O, Q)
+    return _ordered(w, plan.scale_dims, scale_order(plan), sizes).reshape(Gs, O, Q)
 
 
 def _run_perm(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tensor:
@@ -326,13 +339,18 @@ def _run_perm(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tens
     return out.to(tc.out_dtype)
 
 
+KERNELS = ("auto", "shuffle", "perm", "bytes", "dense")
+
+
 def run_lut_tvm(plan: LutPlan, tc: TiledCall, kernel: str = "auto") -> torch.Tensor:
-    """The LUT form on CPU. ``kernel``: "perm" (the AVX2 permute kernels), "bytes" (the byte
-    tables), "dense" (the dense weight built by a kernel, then one matmul) or "auto": dense
-    from ``DENSE_FROM`` samples on, else perm where it applies, else bytes (dense and perm
-    need codes laid out (group, out, plane, packed); otherwise bytes)."""
-    if kernel not in ("auto", "perm", "bytes", "dense"):
-        raise ValueError(f"kernel must be 'auto', 'perm', 'bytes' or 'dense', got {kernel!r}")
+    """The LUT form on CPU. ``kernel``: "shuffle" (the AVX2 byte-shuffle kernels over
+    fixed-point tables, ``tvm_lut_shuffle``), "perm" (the AVX2 permute kernels), "bytes" (the
+    byte tables), "dense" (the dense weight built by a kernel, then one matmul) or "auto":
+    dense from ``DENSE_FROM`` samples on, else shuffle on an AVX2 CPU, else bytes (dense and
+    perm need codes laid out (group, out, plane, packed); shuffle takes any layout)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got "
+                         f"{kernel!r}")
     sizes = plan_sizes(plan, tc)
     if kernel == "dense" or (kernel == "auto" and tc.N >= DENSE_FROM):
         if canonical_codes(plan):
@@ -341,13 +359,18 @@ def run_lut_tvm(plan: LutPlan, tc: TiledCall, kernel: str = "auto") -> torch.Ten
         if kernel == "dense":
             raise ValueError("the dense kernel needs codes laid out (group, out, plane, "
                              "packed)")
-    if kernel in ("auto", "perm"):
+    if kernel in ("auto", "shuffle"):
+        if has_avx2():
+            from .tvm_lut_shuffle import run_shuffle
+            return run_shuffle(plan, tc)
+        if kernel == "shuffle":
+            raise ValueError("the shuffle kernels need an AVX2 CPU")
+    if kernel == "perm":
         if perm_applies(plan, sizes) and has_avx2():
             return _run_perm(plan, tc, sizes)
-        if kernel == "perm":
-            raise ValueError("the permute kernels need an AVX2 CPU, a packed size divisible "
-                             "by 32, outputs x planes divisible by 8 and codes laid out "
-                             "(group, out, plane, packed)")
+        raise ValueError("the permute kernels need an AVX2 CPU, a packed size divisible "
+                         "by 32, outputs x planes divisible by 8 and codes laid out "
+                         "(group, out, plane, packed)")
     tables, lookup = _compiled("bytes", plan, sizes, tables_source, lookup_source)
     x = tc.tensors[plan.row].float().contiguous()
     codes = tc.tensors[plan.codes].contiguous()

@@ -45,6 +45,17 @@ class ShiftAddLinear(nn.Module):
         self.register_buffer("alpha", alpha.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._fn = _op()
+        self._bound = None   # (codes, version, alpha, version, threads, call): see _direct
+
+    def __getstate__(self):   # copy.deepcopy and pickle: the op and kernels are not data
+        state = self.__dict__.copy()
+        del state["_fn"]
+        state["_bound"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fn = _op()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 3, group_size: int = 128,
@@ -75,14 +86,52 @@ class ShiftAddLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"ShiftAddLinear expects inputs [..., {self.in_features}], got "
                              f"{tuple(x.shape)}")
-        lead = x.shape[:-1]
-        xs = x.reshape(-1, self.in_features // self.group_size, self.group_size)
-        # the registered op directly: the arguments are the layer's own (its kernel still
-        # checks them), which saves a binding pass per call
-        y = self._fn.op(xs, self.codes, self.alpha)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        direct = self._direct(flat)
+        if direct is not None:
+            y = direct(flat)
+        else:
+            # the registered op: the arguments are the layer's own (its kernel still checks
+            # them), which saves a binding pass per call
+            y = self._fn.op(flat.reshape(-1, self.in_features // self.group_size,
+                                         self.group_size), self.codes, self.alpha)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _direct(self, x: torch.Tensor):
+        """The CPU shuffle kernels bound to this layer's weights, for a call the op would send
+        to them (fp32 rows on an AVX2 CPU, fewer than ``DENSE_FROM``) where nothing needs the
+        op itself: no gradient, no tracing or compiling, no torch function or dispatch mode.
+        Else None. Calling the kernel directly saves the op's dispatch and argument checks
+        (the weights were checked when bound); the result is the op's, bit for bit. Rebound
+        when the weights are replaced or changed in place, or the thread count changes."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():   # first: dynamo stops here
+            return None
+        from ..backends import tvm_lut
+        if (type(x) is not torch.Tensor or x.dtype != torch.float32 or x.device.type != "cpu"
+                or x.shape[0] >= tvm_lut.DENSE_FROM or not x.is_contiguous()
+                or not tvm_lut.has_avx2()
+                or (torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad))
+                or torch._C._is_torch_function_mode_enabled()
+                or torch._C._len_torch_dispatch_stack() > 0):
+            return None
+        codes, alpha = self.codes, self.alpha
+        if codes.is_inference() or alpha.is_inference():   # no version counters to watch
+            return None
+        b = self._bound
+        threads = torch.get_num_threads()
+        if (b is None or b[0] is not codes or b[1] != codes._version or b[2] is not alpha
+                or b[3] != alpha._version or b[4] != threads):
+            from .. import ops
+            from ..backends.tvm_lut_shuffle import bind_weights
+            from ..ir.tiled import bind_tiled
+            program = ops.shift_add.program
+            rows = x[:1].reshape(1, self.in_features // self.group_size, self.group_size)
+            tc = bind_tiled(program, (rows, codes, alpha), {})   # checks the weights
+            b = self._bound = (codes, codes._version, alpha, alpha._version, threads,
+                               bind_weights(self._fn.plan, tc))
+        return b[5]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
