@@ -238,7 +238,7 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
     every dim) and head count: a Triton module (kernels and their ``launch`` function) for
     "triton", TVMScript (one function per kernel) for "tvm". For a tiled declaration: the
     forward and backward kernels (forward, rows, columns, inverse); for one with rk.Bits codes
-    (the LUT form), what this CPU runs below ``DENSE_FROM`` samples (TVM: the shuffle kernels
+    (the LUT form), what this CPU runs below ``tvm_lut.dense_from()`` samples (TVM: the shuffle kernels
     on an AVX2 CPU, else the byte table and look-up kernels) or the module holding the table,
     look-up and decode-and-dot kernels (Triton).
     ``sizes`` of packed dims count positions (multiples of 8)."""
@@ -259,7 +259,7 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
                 from .backends.triton_lut import KERNEL_SOURCE
                 return KERNEL_SOURCE
             from .backends import tvm_lut
-            if tvm_lut.has_avx2():   # what this CPU runs below DENSE_FROM samples
+            if tvm_lut.has_avx2():   # what this CPU runs for small batches
                 from .backends.tvm_lut_shuffle import shuffle_source
                 return shuffle_source(plan, sizes)
             return tvm_lut.tables_source(plan, sizes) + "\n\n" + tvm_lut.lookup_source(

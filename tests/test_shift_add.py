@@ -358,13 +358,13 @@ def test_dense_kernel_equals_the_dequantized_matmul(shape, block, monkeypatch):
     tc = bind_tiled(rk.ops.shift_add.program, (x, codes, alpha), {})
     y = run_lut_tvm(plan, tc, kernel="dense")
     assert rel(y, x.reshape(N, -1).double() @ dense(signs, alpha).double().T) < 1e-5
-    if N >= tvm_lut.DENSE_FROM:
+    if N >= tvm_lut.dense_from():
         assert torch.equal(run_lut_tvm(plan, tc), y)      # what auto takes for this batch
 
 
 @pytest.mark.parametrize("decl", [group_major_scaled, signs_only], ids=lambda d: d.name)
 def test_dense_kernel_on_other_declarations(decl):
-    args = _inputs(decl, {"G": 3, "E": 24, "O": 5}, N=tvm_lut.DENSE_FROM)
+    args = _inputs(decl, {"G": 3, "E": 24, "O": 5}, N=tvm_lut.dense_from())
     tc = bind_tiled(decl.program, tuple(args), {})
     want = run_tiled(tc)
     assert rel(run_lut_tvm(lower_lut(decl.program), tc, kernel="dense"), want) < 1e-5

@@ -48,13 +48,20 @@ def test_shuffle_kernels_equal_the_dequantized_matmul(shape):
     y = call(x, codes, alpha)
     assert y.shape == (N, O) and y.dtype == torch.float32
     assert rel(y, want(x, signs, alpha)) < 1e-5
-    if N < tvm_lut.DENSE_FROM:
-        assert torch.equal(call(x, codes, alpha, "auto"), y)   # what auto takes on AVX2
+    assert torch.equal(call(x, codes, alpha, "auto"), y)   # what auto takes on AVX2
     # half inputs: read as fp32, the output in the input's dtype
     for dtype in (torch.float16, torch.bfloat16):
         yh = call(x.to(dtype), codes, alpha)
         assert yh.dtype == dtype
         assert rel(yh, want(x.to(dtype).float(), signs, alpha)) < 1e-2
+
+
+def test_auto_takes_the_dense_kernel_from_dense_from():
+    n = tvm_lut.dense_from()
+    assert n == tvm_lut.SHUFFLE_DENSE_FROM
+    x, codes, alpha, _ = draw(2, 32, 9, 2, n, seed=8)
+    assert torch.equal(call(x, codes, alpha, "auto"), call(x, codes, alpha, "dense"))
+    assert torch.equal(call(x[:-1], codes, alpha, "auto"), call(x[:-1], codes, alpha))
 
 
 def test_rows_of_any_scale_and_outliers():

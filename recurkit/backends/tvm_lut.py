@@ -1,4 +1,9 @@
-"""The LUT form as two TVM CPU kernels (see ``lowering/lut.py``).
+"""The LUT form as TVM CPU kernels (see ``lowering/lut.py``). ``run_lut_tvm`` picks one.
+
+On x86 CPUs with AVX2 the default for small batches is the *shuffle* kernels
+(``tvm_lut_shuffle``: byte shuffles over fixed-point tables of 4 inputs, within ~5e-7 of the
+matmul). Kept beside them, and the default without AVX2, the *byte tables*, exact to fp32
+rounding:
 
 1. tables: per (sample, group) in parallel, for each byte s of 8 inputs the 256 signed sums
    ``L[n, g, s, b] = sum_j (bit j of b ? x : -x)[n, g, 8 s + j]``, built as the sum of two
@@ -8,9 +13,8 @@
    plane is one look-up; a plane's look-ups are summed as a balanced tree (independent adds,
    no serial chain), scaled and added to the output.
 
-On x86 CPUs with AVX2 (and 32 | the packed size, 8 | outputs x planes, codes laid out
-(group, out, plane, packed)), ``run_lut_tvm`` takes the *permute* kernels instead, whose
-look-ups are register shuffles rather than loads:
+The *permute* kernels (``kernel="perm"``; AVX2, 32 | the packed size, 8 | outputs x planes,
+codes laid out (group, out, plane, packed)), fp32 too, whose look-ups are register shuffles:
 
 1. tables: per (sample, group, 32 inputs), ten 8-entry tables of the signed sums of 3
    consecutive inputs (positions 3j..3j+2) and one of the last 2 (30, 31): 8 floats, one
@@ -27,9 +31,9 @@ look-ups are register shuffles rather than loads:
 The sums differ from the byte tables' only in grouping (3 inputs per table entry instead of
 8), so both stay within fp32 rounding of the matmul with the dequantized weight.
 
-From ``DENSE_FROM`` samples on, look-ups cost more than a matmul (each sample repeats all of
-them): ``run_lut_tvm`` then builds the dense weight a block of rows at a time with a TVM kernel
-(codes laid out as above) and multiplies each block as it is built.
+From ``dense_from()`` samples on, look-ups cost more than a matmul (each sample repeats all
+of them): ``run_lut_tvm`` then builds the dense weight a block of rows at a time with a TVM
+kernel (codes laid out as above) and multiplies each block as it is built.
 """
 from __future__ import annotations
 
@@ -50,10 +54,19 @@ from .tvm_nests import _fold
 BLOCK_O = 512    # outputs per parallel block of the look-up kernel (at most)
 PERM_TILE = 32   # lane blocks (of 8 lanes) per parallel tile of the permute look-up kernel
 LANES = (0, 2, 4, 6, 1, 3, 5, 7)   # the permute kernel's lane order within a register
-# from this many samples on, "auto" builds the dense weight and multiplies (measured here,
-# 4096 x 4096, 3 bits: the look-ups cost ~1 ms per sample, the weight ~7 ms once; the matmul
-# with 16 samples ~12 ms against ~20 ms of look-ups); see tvm_lut_dense
+# from this many samples on, "auto" builds the dense weight and multiplies instead of looking
+# up (see tvm_lut_dense and dense_from). Measured here, 4096 x 4096, 3 bits: the byte tables
+# cost ~1 ms per sample, the weight ~7 ms once and the matmul with 16 samples ~12 ms; the
+# shuffle kernels cost ~0.55 ms per sample: 18 / 28 / 40 / 64 ms at 32 / 48 / 64 / 96 samples
+# against 30 / 35 / 43 / 57 ms dense (4 bits cross earlier, 2 later)
 DENSE_FROM = 16
+SHUFFLE_DENSE_FROM = 48
+
+
+def dense_from() -> int:
+    """The batch from which "auto" takes the dense kernel: ``SHUFFLE_DENSE_FROM`` where the
+    shuffle kernels run (AVX2), else ``DENSE_FROM``."""
+    return SHUFFLE_DENSE_FROM if has_avx2() else DENSE_FROM
 
 
 def _index(dims, at: dict[str, str]) -> str:
@@ -346,13 +359,13 @@ def run_lut_tvm(plan: LutPlan, tc: TiledCall, kernel: str = "auto") -> torch.Ten
     """The LUT form on CPU. ``kernel``: "shuffle" (the AVX2 byte-shuffle kernels over
     fixed-point tables, ``tvm_lut_shuffle``), "perm" (the AVX2 permute kernels), "bytes" (the
     byte tables), "dense" (the dense weight built by a kernel, then one matmul) or "auto":
-    dense from ``DENSE_FROM`` samples on, else shuffle on an AVX2 CPU, else bytes (dense and
+    dense from ``dense_from()`` samples on, else shuffle on an AVX2 CPU, else bytes (dense and
     perm need codes laid out (group, out, plane, packed); shuffle takes any layout)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got "
                          f"{kernel!r}")
     sizes = plan_sizes(plan, tc)
-    if kernel == "dense" or (kernel == "auto" and tc.N >= DENSE_FROM):
+    if kernel == "dense" or (kernel == "auto" and tc.N >= dense_from()):
         if canonical_codes(plan):
             from .tvm_lut_dense import run_dense
             return run_dense(plan, tc, sizes)

@@ -1,6 +1,6 @@
 """The LUT form's dense-weight kernels (TVM, CPU): for large batches and for the backward.
 
-Look-ups repeat per sample, so from ``tvm_lut.DENSE_FROM`` samples on a matmul with the dense
+Look-ups repeat per sample, so from ``tvm_lut.dense_from()`` samples on a matmul with the dense
 weight is cheaper. ``dequant_source`` builds rows of that weight from the codes, a block of
 rows at a time (``DENSE_BLOCK`` bytes, at least 8 rows, in a reused scratch: no fresh pages
 per call), and the

@@ -4,10 +4,12 @@
 ``bcq_quantize`` (power-of-two alphas) and stores the codes packed 8 per byte in the op's
 layout (``rk.ops.shift_add``: [G, O, Q, E // 8] with E = group_size, G = in // E) and the
 alphas [G, O, Q]. ``forward`` calls the compiled tiled op: a torch custom op whose kernels
-are, on CPU, TVM's look-up kernels below 16 rows and its dense-weight kernel plus a matmul
-from 16 on; on CUDA, the Triton look-up kernels for batches of up to 8 rows and the
-decode-and-dot kernel above; with a backward for the input (and the alphas, were they
-trained).
+are, on CPU, TVM's look-up kernels for small batches (the AVX2 shuffle kernels below 48 rows,
+else the byte tables below 16) and its dense-weight kernel plus a matmul above; on CUDA, the
+Triton look-up kernels for batches of up to 8 rows and the decode-and-dot kernel above; with
+a backward for the input (and the alphas, were they trained). Where nothing needs the op (no
+gradient, no tracing), fp32 rows on an AVX2 CPU go to the shuffle kernels directly, bound to
+the layer's weights (``_direct``): the same result, less Python per call.
 """
 from __future__ import annotations
 
@@ -101,7 +103,7 @@ class ShiftAddLinear(nn.Module):
 
     def _direct(self, x: torch.Tensor):
         """The CPU shuffle kernels bound to this layer's weights, for a call the op would send
-        to them (fp32 rows on an AVX2 CPU, fewer than ``DENSE_FROM``) where nothing needs the
+        to them (fp32 rows on an AVX2 CPU, fewer than ``dense_from()``) where nothing needs the
         op itself: no gradient, no tracing or compiling, no torch function or dispatch mode.
         Else None. Calling the kernel directly saves the op's dispatch and argument checks
         (the weights were checked when bound); the result is the op's, bit for bit. Rebound
@@ -110,7 +112,7 @@ class ShiftAddLinear(nn.Module):
             return None
         from ..backends import tvm_lut
         if (type(x) is not torch.Tensor or x.dtype != torch.float32 or x.device.type != "cpu"
-                or x.shape[0] >= tvm_lut.DENSE_FROM or not x.is_contiguous()
+                or x.shape[0] >= tvm_lut.SHUFFLE_DENSE_FROM or not x.is_contiguous()
                 or not tvm_lut.has_avx2()
                 or (torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad))
                 or torch._C._is_torch_function_mode_enabled()
