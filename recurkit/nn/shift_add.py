@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ir.tiled import pack_signs, unpack_signs
+from ..backends import tvm_lut
+from ..ir.tiled import bind_tiled, pack_signs, unpack_signs
 from .bcq import bcq_quantize
 
 
@@ -89,19 +90,21 @@ class ShiftAddLinear(nn.Module):
             raise ValueError(f"ShiftAddLinear expects inputs [..., {self.in_features}], got "
                              f"{tuple(x.shape)}")
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        direct = self._direct(flat)
+        bufs = self._buffers   # (not self.codes: Module.__getattr__ is slow per call)
+        direct = self._direct(flat, bufs["codes"], bufs["alpha"])
         if direct is not None:
             y = direct(flat)
         else:
             # the registered op: the arguments are the layer's own (its kernel still checks
             # them), which saves a binding pass per call
             y = self._fn.op(flat.reshape(-1, self.in_features // self.group_size,
-                                         self.group_size), self.codes, self.alpha)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+                                         self.group_size), bufs["codes"], bufs["alpha"])
+        bias = bufs["bias"]
+        if bias is not None:
+            y = y + bias.to(y.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
-    def _direct(self, x: torch.Tensor):
+    def _direct(self, x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor):
         """The CPU shuffle kernels bound to this layer's weights, for a call the op would send
         to them (fp32 rows on an AVX2 CPU, fewer than ``dense_from()``) where nothing needs the
         op itself: no gradient, no tracing or compiling, no torch function or dispatch mode.
@@ -110,29 +113,25 @@ class ShiftAddLinear(nn.Module):
         when the weights are replaced or changed in place, or the thread count changes."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():   # first: dynamo stops here
             return None
-        from ..backends import tvm_lut
-        if (type(x) is not torch.Tensor or x.dtype != torch.float32 or x.device.type != "cpu"
+        if (type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu
                 or x.shape[0] >= tvm_lut.SHUFFLE_DENSE_FROM or not x.is_contiguous()
-                or not tvm_lut.has_avx2()
-                or (torch.is_grad_enabled() and (x.requires_grad or self.alpha.requires_grad))
+                or (torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad))
                 or torch._C._is_torch_function_mode_enabled()
-                or torch._C._len_torch_dispatch_stack() > 0):
-            return None
-        codes, alpha = self.codes, self.alpha
-        if codes.is_inference() or alpha.is_inference():   # no version counters to watch
+                or torch._C._len_torch_dispatch_stack() or not tvm_lut.has_avx2()):
             return None
         b = self._bound
         threads = torch.get_num_threads()
-        if (b is None or b[0] is not codes or b[1] != codes._version or b[2] is not alpha
-                or b[3] != alpha._version or b[4] != threads):
-            from .. import ops
-            from ..backends.tvm_lut_shuffle import bind_weights
-            from ..ir.tiled import bind_tiled
-            program = ops.shift_add.program
-            rows = x[:1].reshape(1, self.in_features // self.group_size, self.group_size)
-            tc = bind_tiled(program, (rows, codes, alpha), {})   # checks the weights
-            b = self._bound = (codes, codes._version, alpha, alpha._version, threads,
-                               bind_weights(self._fn.plan, tc))
+        if (b is not None and b[0] is codes and b[2] is alpha and b[4] == threads
+                and b[1] == codes._version and b[3] == alpha._version):
+            return b[5]
+        if codes.is_inference() or alpha.is_inference():   # no version counters to watch
+            return None
+        from .. import ops
+        from ..backends.tvm_lut_shuffle import bind_weights
+        rows = x[:1].reshape(1, self.in_features // self.group_size, self.group_size)
+        tc = bind_tiled(ops.shift_add.program, (rows, codes, alpha), {})   # checks the weights
+        b = self._bound = (codes, codes._version, alpha, alpha._version, threads,
+                           bind_weights(self._fn.plan, tc))
         return b[5]
 
     def extra_repr(self) -> str:
