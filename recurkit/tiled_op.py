@@ -42,13 +42,15 @@ def _forward(backend: str, plan: TiledPlan | LutPlan, tc: TiledCall) -> torch.Te
     return run_tiled_torch(plan, tc)
 
 
-def _backward(backend: str, plan: TiledPlan | LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict:
+def _backward(backend: str, plan: TiledPlan | LutPlan, tc: TiledCall, dy: torch.Tensor,
+              need: frozenset[str]) -> dict:
+    """The gradients of the inputs named in ``need`` (at least those; others may come too)."""
     if isinstance(plan, LutPlan):   # two matmuls with the dequantized weight
         if backend == "tvm":        # built block by block by TVM kernels
             from .backends.tvm_lut_dense import lut_grads_tvm
-            return lut_grads_tvm(plan, tc, dy)
+            return lut_grads_tvm(plan, tc, dy, need)
         from .backends.lut_torch import lut_grads_torch
-        return lut_grads_torch(plan, tc, dy)
+        return lut_grads_torch(plan, tc, dy, need)
     if backend == "tvm":
         from .backends.tvm_tiled import tiled_grads_tvm
         return tiled_grads_tvm(plan, tc, dy)
@@ -93,10 +95,22 @@ class TiledTorchOp:
         self.lib.impl(f"{name}_backward", self._backward_kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(qualname, self._fake, lib=self.lib)
         torch.library.register_fake(f"{qualname}_backward", self._fake_backward, lib=self.lib)
+        # the LUT form: also the row's gradient alone, for when no weight needs one (frozen
+        # weights, a layer's buffers: the scale's cotangent is half the backward's time). An
+        # op of its own: Inductor (torch 2.13) called the backward without an int or bool[]
+        # argument saying which gradients to compute.
+        self.row_name = self.plan.row if isinstance(self.plan, LutPlan) else None
+        if self.row_name is not None:
+            self.lib.define(f"{name}_backward_row(Tensor dy, {', '.join(args)}) -> Tensor")
+            self.lib.impl(f"{name}_backward_row", self._backward_row_kernel,
+                          "CompositeExplicitAutograd")
+            torch.library.register_fake(f"{qualname}_backward_row", self._fake_backward_row,
+                                        lib=self.lib)
         torch.library.register_autograd(qualname, self._autograd, setup_context=self._setup,
                                         lib=self.lib)
         self.op = getattr(getattr(torch.ops, ns), name)
         self.backward_op = getattr(getattr(torch.ops, ns), f"{name}_backward")
+        self.backward_row_op = getattr(getattr(torch.ops, ns), f"{name}_backward_row", None)
 
     def _bind(self, args, check: bool = False) -> TiledCall:
         names = self.tensor_names + self.scalar_names
@@ -110,8 +124,14 @@ class TiledTorchOp:
 
     def _backward_kernel(self, dy, *args):
         tc = self._bind(args)
-        g = _backward(kernel_backend(self.backend, tc.device), self.plan, tc, dy.contiguous())
+        g = _backward(kernel_backend(self.backend, tc.device), self.plan, tc, dy.contiguous(),
+                      frozenset(self.grad_names))
         return [g[n] for n in self.grad_names]
+
+    def _backward_row_kernel(self, dy, *args):
+        tc = self._bind(args)
+        return _backward(kernel_backend(self.backend, tc.device), self.plan, tc,
+                         dy.contiguous(), frozenset([self.row_name]))[self.row_name]
 
     def _fake(self, *args):
         p = self.program
@@ -133,14 +153,21 @@ class TiledTorchOp:
         kw = dict(zip(self.tensor_names, args))
         return [torch.empty_like(kw[n]) for n in self.grad_names]
 
+    def _fake_backward_row(self, dy, *args):
+        return torch.empty_like(dict(zip(self.tensor_names, args))[self.row_name])
+
     def _setup(self, ctx, inputs, output) -> None:
         ctx.save_for_backward(*[x for x in inputs if isinstance(x, torch.Tensor)])
         ctx.scalars = [x for x in inputs[len(self.tensor_names):]]
 
     def _autograd(self, ctx, dy):
         tensors = ctx.saved_tensors
-        grads = self.backward_op(dy, *tensors, *ctx.scalars)
-        by_name = dict(zip(self.grad_names, grads))
+        at = {n: i for i, n in enumerate(self.tensor_names)}
+        others = [n for n in self.grad_names if n != self.row_name]
+        if self.row_name is not None and not any(ctx.needs_input_grad[at[n]] for n in others):
+            by_name = {self.row_name: self.backward_row_op(dy, *tensors, *ctx.scalars)}
+        else:
+            by_name = dict(zip(self.grad_names, self.backward_op(dy, *tensors, *ctx.scalars)))
         return tuple(by_name.get(n) for n in self.tensor_names) + \
             tuple(None for _ in self.scalar_names)
 
@@ -160,8 +187,15 @@ def register_tiled(program, qualname: str, backend: str = "auto") -> TiledTorchO
     return register_once(program, qualname, lambda: TiledTorchOp(program, qualname, backend))
 
 
+# part of every jit op's name: bump when the ops' schemas change, so that graphs compiled and
+# cached on disk by torch.compile (which keys them by op name) never call an op of the old
+# schema (seen: "expected at most 4 argument(s) but received 5" after a change)
+OP_SCHEMA = 2
+
+
 def compile_tiled(program, backend: str = "auto") -> TiledTorchOp:
     """``rk.compile`` of a tiled declaration: a custom op under ``recurkit_jit`` named by the
-    declaration and its content hash."""
-    key = hashlib.sha1(f"{program.content_hash()}:{backend}".encode()).hexdigest()[:12]
+    declaration, its content hash and ``OP_SCHEMA``."""
+    key = hashlib.sha1(f"{program.content_hash()}:{backend}:{OP_SCHEMA}".encode()
+                       ).hexdigest()[:12]
     return register_tiled(program, f"recurkit_jit::{program.name}_{key}", backend)

@@ -431,3 +431,29 @@ def test_cpu_backward_matches_autograd_through_the_reference(decl, blocks, monke
             grads.append([a.grad for a in xs if a.is_floating_point()])
         for g, w in zip(*grads):
             assert g.dtype == w.dtype and rel(g, w) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("backend", ["tvm", "torch"])
+def test_backward_computes_only_the_gradients_asked_for(backend, monkeypatch):
+    """The backward op is told which inputs need a gradient: frozen alphas (ShiftAddLinear's
+    buffers) cost no scale cotangent, a frozen row no dx."""
+    from recurkit.backends import lut_torch
+    x, codes, alpha, signs = draw(2, 32, 12, 2, 3, seed=9)
+    op = rk.compile(rk.ops.shift_add, backend=backend)
+    dy = torch.randn(3, 12)
+    W = dense(signs, alpha)
+    calls = []
+    real = lut_torch.weight_grads
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(lut_torch, "weight_grads", spy)
+    monkeypatch.setattr(tvm_lut_dense, "weight_grads", spy)
+    xr = x.clone().requires_grad_()
+    op(xr, codes, alpha).backward(dy)                      # alphas frozen
+    assert not calls and rel(xr.grad.reshape(3, -1), dy @ W) < 1e-5
+    ar = alpha.clone().requires_grad_()
+    op(x, codes, ar).backward(dy)                          # the row frozen
+    want = torch.einsum("no,goqe,nge->goq", dy, signs, x)
+    assert calls and rel(ar.grad, want) < 1e-5

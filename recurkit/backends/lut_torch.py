@@ -64,16 +64,30 @@ def run_lut_torch(plan: LutPlan, tc: TiledCall) -> torch.Tensor:
         return (x @ W.reshape(W.shape[0], -1).T).to(tc.out_dtype)
 
 
-def lut_grads_torch(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Gradients of the row and of every weight input, in their layouts and dtypes."""
+def needs(plan: LutPlan, need: frozenset[str] | None) -> tuple[bool, bool]:
+    """(the row's gradient, the weights') as ``need`` asks (None: all)."""
+    weights = {s.name for s in plan.program.call_inputs if s.role == "weight"}
+    if need is None:
+        return True, bool(weights)
+    return plan.row in need, bool(weights & need)
+
+
+def lut_grads_torch(plan: LutPlan, tc: TiledCall, dy: torch.Tensor,
+                    need: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+    """Gradients of the row and of every weight input, in their layouts and dtypes: those
+    named in ``need`` (None: all); the weights' all or none."""
+    row, weights = needs(plan, need)
     L = _letters(plan)
     x = tc.tensors[plan.row]
     dyf = dy.float().reshape(tc.N, -1)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         signs = unpack_signs(tc.tensors[plan.codes])
-        W = dequantized(plan, tc, scale_values(plan, tc), signs)
-        out[plan.row] = (dyf @ W.reshape(W.shape[0], -1)).reshape(x.shape).to(x.dtype)
+        if row:
+            W = dequantized(plan, tc, scale_values(plan, tc), signs)
+            out[plan.row] = (dyf @ W.reshape(W.shape[0], -1)).reshape(x.shape).to(x.dtype)
+        if not weights:
+            return out
         # the scale's cotangent: sum_n dy[n, o] * sum_e c[.., e] * x[n, .., e]
         cdims, rdims = dims_of(plan, plan.codes), dims_of(plan, plan.row)
         spec = (f"n{L[plan.out]},{''.join(L[d] for d in cdims)},n{''.join(L[d] for d in rdims)}"

@@ -16,7 +16,7 @@ import torch
 
 from ..ir.tiled import TiledCall
 from ..lowering.lut import LutPlan
-from .lut_torch import dims_of, lut_grads_torch, weight_grads
+from .lut_torch import dims_of, lut_grads_torch, needs, weight_grads
 from .tvm_lut import (_compiled, _operands, _scratch, _sel, canonical_codes, plan_sizes,
                       row_order, scale_order)
 
@@ -96,11 +96,13 @@ def run_dense(plan: LutPlan, tc: TiledCall, sizes: dict[str, int]) -> torch.Tens
     return yt.T.to(tc.out_dtype)
 
 
-def lut_grads_tvm(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The row's and the weights' gradients (as ``lut_grads_torch``) from blocks of the dense
-    weight and of dy^T x; codes in another layout go to ``lut_grads_torch``."""
+def lut_grads_tvm(plan: LutPlan, tc: TiledCall, dy: torch.Tensor,
+                  need: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+    """The row's and the weights' gradients (as ``lut_grads_torch``, ``need`` too) from blocks
+    of the dense weight and of dy^T x; codes in another layout go to ``lut_grads_torch``."""
     if not canonical_codes(plan):
-        return lut_grads_torch(plan, tc, dy)
+        return lut_grads_torch(plan, tc, dy, need)
+    row, weights = needs(plan, need)   # (frozen alphas: the weights' half is skipped)
     sizes = plan_sizes(plan, tc)
     dequant, sdot = _compiled("grads", plan, sizes, dequant_source, sdot_source)
     x, codes, a = _operands(plan, tc, sizes)
@@ -108,18 +110,20 @@ def lut_grads_tvm(plan: LutPlan, tc: TiledCall, dy: torch.Tensor) -> dict[str, t
     xf, dyf = x.reshape(tc.N, -1), dy.float().reshape(tc.N, O)
     dx = torch.zeros_like(xf)
     dS = torch.empty(Gs, O, Q)
-    weights = any(s.role == "weight" for s in plan.program.call_inputs)
     for o0, r, w in _weight_blocks(dequant, codes, a):
-        dx.addmm_(dyf[:, o0:o0 + r], w)
-        if weights:     # the scale's cotangent; a declaration without weights needs none
+        if row:
+            dx.addmm_(dyf[:, o0:o0 + r], w)
+        if weights:     # the scale's cotangent
             outer = _scratch("outer", (r, Gs, S * 8))
             torch.mm(dyf[:, o0:o0 + r].T, xf, out=outer.view(r, -1))
             sdot(codes, outer, dS, o0)
-    xin = tc.tensors[plan.row]
-    rdims, grow = dims_of(plan, plan.row), row_order(plan)
-    dx = dx.reshape(tc.N, *(sizes[d] for d in grow))
-    dx = dx.permute(0, *(1 + grow.index(d) for d in rdims))
-    out = {plan.row: dx.reshape(xin.shape).to(xin.dtype)}
+    out = {}
+    if row:
+        xin = tc.tensors[plan.row]
+        rdims, grow = dims_of(plan, plan.row), row_order(plan)
+        dx = dx.reshape(tc.N, *(sizes[d] for d in grow))
+        dx = dx.permute(0, *(1 + grow.index(d) for d in rdims))
+        out[plan.row] = dx.reshape(xin.shape).to(xin.dtype)
     if not weights:
         return out
     gop = scale_order(plan)
