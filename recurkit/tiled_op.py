@@ -3,8 +3,9 @@
 Each compiled tiled declaration is two custom ops, ``<ns>::<name>`` (the forward) and
 ``<ns>::<name>_backward`` (every row and weight gradient at once, from the backward derived in
 ``lowering.tiled``): schema ``(Tensor <each row, index, weight in order>, float? <scalars>)``.
-The forward's autograd calls the backward op, so ``torch.compile`` sees two opaque ops and
-traces both without graph breaks. Kernels by device and backend: "tvm" on CPU tensors,
+A declaration in the LUT form has a third, ``<ns>::<name>_backward_row`` (the row's gradient
+alone, called when no weight needs one). The forward's autograd calls a backward op, so
+``torch.compile`` sees opaque ops and traces them without graph breaks. Kernels by device and backend: "tvm" on CPU tensors,
 "triton" on CUDA tensors (and in Triton's interpreter for CPU tensors when asked for), "torch"
 anywhere.
 """
