@@ -213,3 +213,19 @@ def test_shuffle_source_matches_golden(two_threads):
     if os.environ.get("RECURKIT_UPDATE_GOLDEN"):
         path.write_text(text)
     assert text == path.read_text()
+
+
+def test_swapped_memory_is_seen_and_uncounted_writes_can_be_forgotten():
+    layer, other = _layer(), _layer(seed=9)
+    x = torch.randn(2, 256)
+
+    def ref():
+        return x @ layer.dequantized_weight().T + layer.bias
+    layer(x)
+    layer.codes.data = other.codes.clone()          # same object and version, new memory
+    assert rel(layer(x), ref()) < 1e-5
+    layer.alpha.data = other.alpha.clone()
+    assert rel(layer(x), ref()) < 1e-5
+    layer.codes.data.copy_(_layer(seed=10).codes)   # not counted by torch: must be forgotten
+    layer.forget_weights()
+    assert rel(layer(x), ref()) < 1e-5

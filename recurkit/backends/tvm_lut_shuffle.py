@@ -29,8 +29,8 @@ over the largest output) is ~5e-7 on random data, also with outliers, tiny or hu
 The codes are laid out anew once per codes tensor, [chunks, lane blocks of 32, chunk bytes,
 32] (a thread's blocks of a chunk are one contiguous run, which streams from memory), the
 lanes padded to a multiple of 32, and kept (``packed_codes``) while the tensor lives and is
-unchanged (its version counter is checked on every call): one more copy of the codes in
-memory. ``bind_weights`` fixes codes and scale for a layer's repeated calls.
+unchanged (its version counter and address are checked on every call; see ``packed_codes``
+for the writes that escape them): one more copy of the codes in memory. ``bind_weights`` fixes codes and scale for a layer's repeated calls.
 """
 from __future__ import annotations
 
@@ -203,11 +203,14 @@ def _pack(codes: torch.Tensor, Gs: int, per: int, ch: int, M: int, MB: int) -> t
 
 def packed_codes(plan: LutPlan, codes: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
     """The codes laid out for the look-up kernel, built once per codes tensor (and view of
-    it) and kept while the tensor lives; rebuilt when the tensor was changed in place."""
+    it) and kept while the tensor lives; rebuilt when the tensor was changed in place or its
+    memory swapped. Writes that torch does not count in the version counter are not seen:
+    through ``codes.data`` or a numpy array sharing the memory (as autograd misses them);
+    after one, call ``forget_packed(codes)``."""
     Gs, per, ch, M, MB = _geometry(plan, sizes)
     base = codes if codes._base is None else codes._base
-    key = (plan.codes, dims_of(plan, plan.codes), codes.storage_offset(), tuple(codes.shape),
-           codes.stride(), ch)
+    key = (plan.codes, dims_of(plan, plan.codes), codes.data_ptr(), tuple(codes.shape),
+           codes.stride(), ch)   # the address: a `.data =` swap keeps object and version
     try:
         version = codes._version
     except RuntimeError:   # an inference tensor has no version counter: pack every call
@@ -224,6 +227,12 @@ def packed_codes(plan: LutPlan, codes: torch.Tensor, sizes: dict[str, int]) -> t
         with _PACK_LOCK:
             _PACKED.setdefault(base, {})[key] = (version, packed)
     return packed
+
+
+def forget_packed(codes: torch.Tensor) -> None:
+    """Drop the packed copies of ``codes`` (and of every view of its base tensor)."""
+    with _PACK_LOCK:
+        _PACKED.pop(codes if codes._base is None else codes._base, None)
 
 
 def _kernel(plan: LutPlan, sizes: dict[str, int]):

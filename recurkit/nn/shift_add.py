@@ -48,7 +48,7 @@ class ShiftAddLinear(nn.Module):
         self.register_buffer("alpha", alpha.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._fn = _op()
-        self._bound = None   # (codes, version, alpha, version, threads, call): see _direct
+        self._bound = None   # (codes, (version, address), alpha, (..), threads, call): _direct
 
     def __getstate__(self):   # copy.deepcopy and pickle: the op and kernels are not data
         state = self.__dict__.copy()
@@ -104,13 +104,22 @@ class ShiftAddLinear(nn.Module):
             y = y + bias.to(y.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
+    def forget_weights(self) -> None:
+        """Drop what was derived from the weights (the kernel's packed codes): after writing
+        them in a way torch does not count (``layer.codes.data.copy_(...)``, numpy)."""
+        from ..backends.tvm_lut_shuffle import forget_packed
+        forget_packed(self._buffers["codes"])
+        self._bound = None
+
     def _direct(self, x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor):
         """The CPU shuffle kernels bound to this layer's weights, for a call the op would send
         to them (fp32 rows on an AVX2 CPU, fewer than ``dense_from()``) where nothing needs the
         op itself: no gradient, no tracing or compiling, no torch function or dispatch mode.
         Else None. Calling the kernel directly saves the op's dispatch and argument checks
         (the weights were checked when bound); the result is the op's, bit for bit. Rebound
-        when the weights are replaced or changed in place, or the thread count changes."""
+        when the weights are replaced, changed in place or their memory swapped (``.data =``),
+        or the thread count changes; writes torch does not count (through ``.data``, numpy)
+        need ``forget_weights()``."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():   # first: dynamo stops here
             return None
         if (type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu
@@ -122,7 +131,8 @@ class ShiftAddLinear(nn.Module):
         b = self._bound
         threads = torch.get_num_threads()
         if (b is not None and b[0] is codes and b[2] is alpha and b[4] == threads
-                and b[1] == codes._version and b[3] == alpha._version):
+                and b[1] == (codes._version, codes.data_ptr())
+                and b[3] == (alpha._version, alpha.data_ptr())):
             return b[5]
         if codes.is_inference() or alpha.is_inference():   # no version counters to watch
             return None
@@ -130,7 +140,8 @@ class ShiftAddLinear(nn.Module):
         from ..backends.tvm_lut_shuffle import bind_weights
         rows = x[:1].reshape(1, self.in_features // self.group_size, self.group_size)
         tc = bind_tiled(ops.shift_add.program, (rows, codes, alpha), {})   # checks the weights
-        b = self._bound = (codes, codes._version, alpha, alpha._version, threads,
+        b = self._bound = (codes, (codes._version, codes.data_ptr()), alpha,
+                           (alpha._version, alpha.data_ptr()), threads,
                            bind_weights(self._fn.plan, tc))
         return b[5]
 
