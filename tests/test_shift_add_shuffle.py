@@ -80,6 +80,20 @@ def test_rows_of_any_scale_and_outliers():
     assert torch.equal(call(torch.zeros(1, 4, 128), codes, alpha), torch.zeros(1, 64))
 
 
+@pytest.mark.parametrize("scale", [1e-33, 1e-36, 1e-40, 1e36], ids=str)
+def test_chunks_at_the_ends_of_fp32(scale):
+    """Chunks whose scale s leaves fp32's normal range (QMAX / max|x| overflows below ~6e-33;
+    subnormal inputs; x * alpha near fp32's largest): the scales are applied in fp64."""
+    x, codes, alpha, signs = draw(2, 64, 32, 2, 2, seed=11)
+    x = (x.double() * scale).float()
+    if scale > 1:
+        alpha = alpha * 1e-3
+    y = call(x, codes, alpha).double()
+    ref = want(x, signs, alpha)
+    assert ref.abs().max() > 0 and y.isfinite().all()
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
 def test_non_finite_inputs_give_nan_not_numbers():
     x, codes, alpha, _ = draw(2, 64, 32, 2, 3, seed=4)
     x[0, 1, 3] = float("nan")

@@ -66,7 +66,8 @@ def _geometry(plan: LutPlan, sizes: dict[str, int]) -> tuple[int, int, int, int,
 
 
 def _tables(NC: int, ch: int) -> list[str]:
-    """The tables loop: X [N, chunks x ch] -> TB [N, chunks, ch / 4, 3, 32], SX [N, chunks]."""
+    """The tables loop: X [N, chunks x ch] -> TB [N, chunks, ch / 4, 3, 32], SX [N, chunks]
+    (fp64)."""
     ent = " + ".join(f"T.Select((i >> {b}) & 1 == 1, XQ[u * 4 + {b}], -XQ[u * 4 + {b}])"
                      for b in range(4))
     return [
@@ -82,12 +83,15 @@ def _tables(NC: int, ch: int) -> list[str]:
         f"            red[1] = red[1] + T.Select(T.isfinite(X[n, c * {ch} + e]), T.float32(0), "
         "T.float32(1))",
         "        ok: T.let = red[1] == T.float32(0) and red[0] > T.float32(0)",
-        f"        inv: T.let = T.Select(ok, T.float32({QMAX}) / red[0], T.float32(0))",
-        f"        SX[n, c] = T.Select(red[1] == T.float32(0), red[0] / T.float32({QMAX}), "
-        f"{NAN})",
+        # the scales in fp64: QMAX / max overflows fp32 for max < ~6e-33, max / QMAX is
+        # subnormal in fp32 below ~2.5e-32
+        f"        inv: T.let = T.Select(ok, T.float64({QMAX}) / T.Cast(\"float64\", red[0]), "
+        "T.float64(0))",
+        f"        SX[n, c] = T.Select(red[1] == T.float32(0), T.Cast(\"float64\", red[0]) / "
+        f"T.float64({QMAX}), T.Cast(\"float64\", {NAN}))",
         f"        for e in T.serial({ch}):",
-        f"            XQ[e] = T.Cast(\"int32\", T.round(T.Select(ok, X[n, c * {ch} + e], "
-        "T.float32(0)) * inv))",
+        f"            XQ[e] = T.Cast(\"int32\", T.round(T.Cast(\"float64\", T.Select(ok, "
+        f"X[n, c * {ch} + e], T.float32(0))) * inv))",
         f"        for u in T.serial({ch // 4}):",
         "            for i in T.serial(16):",
         f"                t: T.let = {ent} + {OFFSET}",
@@ -103,7 +107,7 @@ def _shuf(table: str, idx: str) -> str:
 
 
 def _lookups(plan: LutPlan, sizes: dict[str, int]) -> list[str]:
-    """The look-ups: TB, SX from the tables; C the packed codes [blocks, chunks, ch / 8, 32];
+    """The look-ups: TB, SX from the tables; C the packed codes [chunks, blocks, ch / 8, 32];
     A the scale [groups, lanes]; Y [N, blocks x 32] the lanes (o x Q + q) in order."""
     Gs, per, ch, M, MB = _geometry(plan, sizes)
     S, U = ch // 8, ch // 4
@@ -133,15 +137,27 @@ def _lookups(plan: LutPlan, sizes: dict[str, int]) -> list[str]:
                  f"{at}e{p}: T.let = acc[T.ramp({32 * p}, 1, 16)] - "
                  f"(o{p} << T.Broadcast(T.uint16(8), 16))"]
 
-    def lanes(v: str, pick: int) -> str:   # the int32 sums -> fp32 x s x the lanes' scale
+    def lanes(v: str, pick: int, wide: bool) -> str:   # the int32 sums x s x the scale
         whole = " + ".join([f'T.Cast("int32x16", {v}0)'] + [
             f'(T.Cast("int32x16", {v}{p}) << T.Broadcast({8 * p}, 16))' for p in (1, 2)])
+        whole = f"{whole} - T.Broadcast({U * OFFSET}, 16)"
         a = f"T.Shuffle([A[g, T.ramp(mb * 32, 1, 32)]], [{', '.join(map(str, range(pick, 32, 2)))}])"
-        return (f'T.Cast("float32x16", {whole} - T.Broadcast({U * OFFSET}, 16)) * '
-                f"T.Broadcast(SX[n, c], 16) * {a}")
+        if not wide:
+            return (f'T.Cast("float32x16", {whole}) * T.Broadcast(T.Cast("float32", SX[n, c]), '
+                    f"16) * {a}")
+        return (f'T.Cast("float32x16", T.Cast("float64x16", {whole}) * T.Broadcast(SX[n, c], '
+                f'16) * T.Cast("float64x16", {a}))')
     inter = ", ".join(f"{i}, {i + 16}" for i in range(16))
     yv = "Y[n, T.ramp(mb * 32, 1, 32)]"
-    body.append(f"{at}{yv} = {yv} + T.Shuffle([{lanes('e', 0)}, {lanes('o', 1)}], [{inter}])")
+    # in fp32 where s keeps |int| x s within fp32's normal range (|int| < 2^29), else in fp64
+    # (a chunk of magnitudes below ~1e-23 or above ~1e33): no overflow or underflow before
+    # the last rounding either way
+    body += [f"{at}if T.float64(2.0 ** -100) <= SX[n, c] and SX[n, c] <= T.float64(2.0 ** 90):",
+             f"{at}    {yv} = {yv} + T.Shuffle([{lanes('e', 0, False)}, "
+             f"{lanes('o', 1, False)}], [{inter}])",
+             f"{at}else:",
+             f"{at}    {yv} = {yv} + T.Shuffle([{lanes('e', 0, True)}, "
+             f"{lanes('o', 1, True)}], [{inter}])"]
     return [
         f"    for mt in T.parallel({nt}):",
         f"        for mi in T.serial({tile}):",
@@ -177,7 +193,7 @@ def shuffle_source(plan: LutPlan, sizes: dict[str, int]) -> str:
         f"    A = T.match_buffer(a, ({Gs}, {MB * 32}), \"float32\")",
         f"    R = T.match_buffer(out, (N, {O}), \"float32\")",
         f"    TB = T.alloc_buffer((N, {NC}, {ch // 4}, 3, 32), \"uint8\")",
-        f"    SX = T.alloc_buffer((N, {NC}), \"float32\")",
+        f"    SX = T.alloc_buffer((N, {NC}), \"float64\")",
         f"    Y = T.alloc_buffer((N, {MB * 32}), \"float32\")",
         *_tables(NC, ch),
         *_lookups(plan, sizes),
@@ -193,7 +209,7 @@ _PACK_LOCK = threading.Lock()
 
 
 def _pack(codes: torch.Tensor, Gs: int, per: int, ch: int, M: int, MB: int) -> torch.Tensor:
-    """codes [groups, out, planes, bytes] (canonical) -> [blocks, chunks, ch / 8, 32]."""
+    """codes [groups, out, planes, bytes] (canonical) -> [chunks, blocks, ch / 8, 32]."""
     flat = codes.reshape(Gs, M, per, ch // 8)
     if MB * 32 != M:
         flat = torch.cat([flat, flat.new_zeros(Gs, MB * 32 - M, per, ch // 8)], 1)
