@@ -243,3 +243,21 @@ def test_swapped_memory_is_seen_and_uncounted_writes_can_be_forgotten():
     layer.codes.data.copy_(_layer(seed=10).codes)   # not counted by torch: must be forgotten
     layer.forget_weights()
     assert rel(layer(x), ref()) < 1e-5
+
+
+def test_layer_under_functorch_and_empty_batches():
+    layer = _layer()
+    x = torch.randn(5, 3, 256)
+    want = torch.stack([layer(xi) for xi in x])
+    assert rel(torch.vmap(layer)(x), want) < 1e-5           # through the op, not the kernel
+    with pytest.raises(rk.CallError, match="is 0"):
+        layer(torch.randn(0, 256))
+
+
+def test_swapped_memory_replaces_the_packed_copy():
+    x, codes, alpha, _ = draw(1, 64, 32, 2, 1, seed=12)
+    sizes = {"G": 1, "E": 64, "O": 32, "Q": 2}
+    for _ in range(3):
+        packed_codes(PLAN, codes, sizes)
+        codes.data = codes.clone()
+    assert len(tvm_lut_shuffle._PACKED[codes]) == 1

@@ -58,7 +58,9 @@ LANES = (0, 2, 4, 6, 1, 3, 5, 7)   # the permute kernel's lane order within a re
 # up (see tvm_lut_dense and dense_from). Measured here, 4096 x 4096, 3 bits: the byte tables
 # cost ~1 ms per sample, the weight ~7 ms once and the matmul with 16 samples ~12 ms; the
 # shuffle kernels cost ~0.55 ms per sample: 18 / 28 / 40 / 64 ms at 32 / 48 / 64 / 96 samples
-# against 30 / 35 / 43 / 57 ms dense (4 bits cross earlier, 2 later)
+# against 30 / 35 / 43 / 57 ms dense, a crossover between 64 and 96. 48 leaves room for 4
+# bits, whose look-ups cost ~4/3 as much per sample (an estimate from the plane count; the
+# 4-bit crossover was not measured)
 DENSE_FROM = 16
 SHUFFLE_DENSE_FROM = 48
 

@@ -17,7 +17,8 @@ point. One TVM function (one call, one wake-up of the thread pool) runs three lo
    (``vpmaddubsw`` with weights 0, 1), the even sums recovered as the difference. At the end
    of a chunk the three planes are joined in int32 (exact: at most 32 look-ups of 24-bit
    entries), the offsets removed, and the result converted to fp32, times ``s`` and the
-   lanes' scale, added to the lanes.
+   lanes' scale (in fp64 where fp32 would overflow or underflow: chunks of magnitudes below
+   ~1e-23 or above ~1e33), added to the lanes.
 3. finish: per (sample, output), the planes' lanes summed.
 
 So the result is the matmul with the dequantized weight of ``x`` rounded to the grid ``s``:
@@ -204,7 +205,7 @@ def shuffle_source(plan: LutPlan, sizes: dict[str, int]) -> str:
     ]) + "\n"
 
 
-_PACKED = WeakIdKeyDictionary()   # codes' base tensor -> {view key: (version, packed)}
+_PACKED = WeakIdKeyDictionary()   # base tensor -> {view key: ((version, address), packed)}
 _PACK_LOCK = threading.Lock()
 
 
@@ -221,12 +222,15 @@ def packed_codes(plan: LutPlan, codes: torch.Tensor, sizes: dict[str, int]) -> t
     """The codes laid out for the look-up kernel, built once per codes tensor (and view of
     it) and kept while the tensor lives; rebuilt when the tensor was changed in place or its
     memory swapped. Writes that torch does not count in the version counter are not seen:
-    through ``codes.data`` or a numpy array sharing the memory (as autograd misses them);
-    after one, call ``forget_packed(codes)``."""
+    through ``codes.data``, ``codes.untyped_storage()``, another tensor set onto the same
+    storage or a numpy array sharing the memory (as autograd misses them); after one, call
+    ``forget_packed(codes)``."""
     Gs, per, ch, M, MB = _geometry(plan, sizes)
     base = codes if codes._base is None else codes._base
-    key = (plan.codes, dims_of(plan, plan.codes), codes.data_ptr(), tuple(codes.shape),
-           codes.stride(), ch)   # the address: a `.data =` swap keeps object and version
+    key = (plan.codes, dims_of(plan, plan.codes), canonical_order(plan),
+           codes.storage_offset(), tuple(codes.shape), codes.stride(), ch)
+    # checked besides the version: the address (a `.data =` swap keeps object and version);
+    # a swap replaces the entry
     try:
         version = codes._version
     except RuntimeError:   # an inference tensor has no version counter: pack every call
@@ -234,14 +238,14 @@ def packed_codes(plan: LutPlan, codes: torch.Tensor, sizes: dict[str, int]) -> t
     if version is not None:
         with _PACK_LOCK:
             hit = _PACKED.get(base, {}).get(key)
-        if hit is not None and hit[0] == version:
+        if hit is not None and hit[0] == (version, codes.data_ptr()):
             return hit[1]
     nbytes = {**sizes, plan.packed: sizes[plan.packed] // 8}   # the codes' last dim: bytes
     canon = _ordered(codes, dims_of(plan, plan.codes), canonical_order(plan), nbytes)
     packed = _pack(canon, Gs, per, ch, M, MB)
     if version is not None:
         with _PACK_LOCK:
-            _PACKED.setdefault(base, {})[key] = (version, packed)
+            _PACKED.setdefault(base, {})[key] = ((version, codes.data_ptr()), packed)
     return packed
 
 

@@ -114,7 +114,8 @@ class ShiftAddLinear(nn.Module):
     def _direct(self, x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor):
         """The CPU shuffle kernels bound to this layer's weights, for a call the op would send
         to them (fp32 rows on an AVX2 CPU, fewer than ``dense_from()``) where nothing needs the
-        op itself: no gradient, no tracing or compiling, no torch function or dispatch mode.
+        op itself: no gradient, no tracing or compiling, no functorch transform (vmap, jvp), no
+        torch function or dispatch mode, at least one row (the op names an empty batch).
         Else None. Calling the kernel directly saves the op's dispatch and argument checks
         (the weights were checked when bound); the result is the op's, bit for bit. Rebound
         when the weights are replaced, changed in place or their memory swapped (``.data =``),
@@ -123,7 +124,8 @@ class ShiftAddLinear(nn.Module):
         if torch.compiler.is_compiling() or torch.jit.is_tracing():   # first: dynamo stops here
             return None
         if (type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu
-                or x.shape[0] >= tvm_lut.SHUFFLE_DENSE_FROM or not x.is_contiguous()
+                or not 0 < x.shape[0] < tvm_lut.SHUFFLE_DENSE_FROM or not x.is_contiguous()
+                or torch._C._functorch.is_functorch_wrapped_tensor(x)   # vmap, jvp, grad
                 or (torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad))
                 or torch._C._is_torch_function_mode_enabled()
                 or torch._C._len_torch_dispatch_stack() or not tvm_lut.has_avx2()):
