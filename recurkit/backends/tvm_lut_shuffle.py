@@ -44,8 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..ir.tiled import TiledCall
 from ..lowering.lut import LutPlan
 from .lut_torch import dims_of
-from .tvm_build import compile_source
-from .tvm_lut import _ordered, canonical_order, ordered_scale, plan_sizes, row_order
+from .tvm_lut import _compiled, _ordered, canonical_order, ordered_scale, plan_sizes, row_order
 
 QMAX = 2 ** 21 - 4    # largest |xq|: 4 of them plus the offset 2^23 stay within (0, 2^24)
 OFFSET = 2 ** 23      # added to every table entry so its bytes are unsigned
@@ -255,24 +254,13 @@ def forget_packed(codes: torch.Tensor) -> None:
         _PACKED.pop(codes if codes._base is None else codes._base, None)
 
 
-def _kernel(plan: LutPlan, sizes: dict[str, int]):
-    key = (plan, tuple(sorted(sizes.items())), torch.get_num_threads())
-    fn = _KERNELS.get(key)
-    if fn is None:
-        fn = _KERNELS[key] = compile_source(shuffle_source(plan, sizes))
-    return fn
-
-
-_KERNELS: dict[tuple, object] = {}
-
-
 def bind_weights(plan: LutPlan, tc: TiledCall) -> Callable[[torch.Tensor], torch.Tensor]:
     """The shuffle kernels with ``tc``'s codes and scale fixed (packed and evaluated now):
     ``f(x)`` for rows ``x`` [N, groups x positions] (the row's dims in order (group, packed)),
     fp32 and contiguous, any N, returns [N, out] fp32. For a layer that calls with new rows
     and the same weights: per call, one allocation and the kernel."""
     sizes = plan_sizes(plan, tc)
-    fn = _kernel(plan, sizes)
+    fn, = _compiled("shuffle", plan, sizes, shuffle_source)
     Gs, per, ch, M, MB = _geometry(plan, sizes)
     codes = packed_codes(plan, tc.tensors[plan.codes], sizes)
     a = ordered_scale(plan, tc, sizes).reshape(Gs, M)
