@@ -24,7 +24,7 @@ from .ir.dsl import (contract, dot, exp, gather, head, l2norm, log, max, maximum
 from . import ops  # noqa: E402  (ops use the names above)
 from . import nn  # noqa: E402,F401  (layers use the ops)
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = ["CompiledOp", "codegen", "compile", "export", "analyze", "lower", "LoweringError",
            "CallError", "DeclarationError", "DimExpr", "Param",

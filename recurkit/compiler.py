@@ -5,41 +5,26 @@ import hashlib
 
 import torch
 
-from .backends.dispatch import runner
-from .backends.torch_backend import run_tile
-from .backends.triton_backend import check_config
-from .backends.triton_backend import default_chunk as triton_default_chunk
-from .backends.tvm_backend import check_knobs, run_tvm_sequential
-from .ir import CallError, Program, Recurrence, bind_call
-from .backends.adjoint_host import adjoint_runner, check_backward
+from . import backends
+from .backends import AUTO
+from .backends.shared.adjoint import check_backward
 from .custom_op import register
+from .ir import CallError, Program, as_program, bind_call
 from .ir.bind import signature_names
 from .lowering.forms import lower
 
-BACKENDS = ("reference", "torch", "tvm", "triton")
-PLANNED: tuple[str, ...] = ()
-
-
-def as_program(decl) -> Program:
-    if isinstance(decl, Recurrence):
-        return decl.program
-    if isinstance(decl, Program):
-        return decl
-    inner = getattr(decl, "decl", None)  # a built-in op exposes its declaration
-    if isinstance(inner, Recurrence):
-        return inner.program
-    raise TypeError(f"expected an @rk.recurrence declaration, got {type(decl).__name__}")
+DEVICE_WORDS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def resolve_backend(backend: str) -> str:
-    if backend in BACKENDS or backend == "auto":
+    if backend == AUTO:
         return backend
-    if backend in PLANNED:
-        raise NotImplementedError(
-            f"backend '{backend}' is not available in this version of recurkit; available: "
-            f"{', '.join(['auto', *BACKENDS])}")
-    raise ValueError(f"unknown backend {backend!r}; choose one of "
-                     f"{', '.join(['auto', *BACKENDS, *PLANNED])}")
+    return backends.get(backend).name   # a ValueError lists the choices
+
+
+def _device_error(b, device) -> CallError:
+    where = " or ".join(DEVICE_WORDS.get(d, d) for d in b.devices)
+    return CallError(f"backend '{b.name}' runs on {where} tensors, got device {device}")
 
 
 class CompiledOp:
@@ -58,38 +43,29 @@ class CompiledOp:
         self.autotune = _effort(autotune)
         self._tuned: dict[tuple, object] = {}
         self._op = None
-        if self.autotune and (backend != "auto" or form or chunk or knobs):
-            raise ValueError("autotune chooses the backend, form, chunk and knobs itself: "
-                             "leave backend='auto' and form/chunk/knobs unset")
-        if knobs is not None:
-            if backend not in ("tvm", "triton"):
-                raise ValueError(f"knobs= configures the TVM and Triton backends; backend is "
-                                 f"{backend!r}")
-            self.knobs = check_knobs(knobs) if backend == "tvm" else check_config(knobs)
+        self._asked = (form, chunk)
+        self._auto_runs: dict[str, object] = {}
         self.tile_program = None
-        if backend == "auto" and form is not None:
-            backend = self.backend = "tvm" if form == "sequential" else "torch"
-        if backend in ("torch", "auto"):
-            self.tile_program = lower(program, form, chunk)
-            self.form = self.tile_program.form
-        elif backend in ("tvm", "triton"):
-            if program.new_state is None:
-                raise ValueError(f"backend '{backend}' compiles stateful declarations; "
-                                 f"{program.name} is stateless")
-            if backend == "triton" and form is None:
-                form = lower(program).form   # the first exact form, as for "torch"
-            if form in ("chunk_gated", "chunk_wy") and backend == "triton":
-                self.tile_program = lower(program, form, chunk or triton_default_chunk(program))
-            elif form in ("chunk_gated", "chunk_wy", "scan"):
-                self.tile_program = lower(program, form, chunk)
-            self.form = form or "sequential"
+        if self.autotune:   # tuned within what was fixed: the backend, form, chunk, knobs
+            self._space = {"backend": None if backend == AUTO else backend, "form": form,
+                           "chunk": chunk, "knobs": dict(knobs) if knobs else None}
+        if backend == AUTO:
+            if knobs is not None and not self.autotune:
+                raise ValueError(f"knobs= configures one backend: name it (backends with "
+                                 f"knobs: {', '.join(backends.with_knobs())})")
+            fallback = backends.choose("recurrence", form, "cpu", grad=True)
+            self._fallback = fallback.name   # what runs where no kernel backend takes a call
+            self.form, self.tile_program = fallback.prepare(program, form, chunk)
         else:
-            if form not in (None, "sequential"):
-                raise ValueError(f"backend 'reference' runs the step itself; form={form!r} "
-                                 "needs backend='torch'")
-            self.form = "reference"
-        if backend != "auto":
-            self._run = runner(backend, self.form, self.tile_program, self.knobs)
+            b = self._backend = backends.get(backend)
+            if knobs is not None:
+                if not b.knob_defaults:
+                    raise ValueError(f"knobs= configures the backends with knobs "
+                                     f"({', '.join(backends.with_knobs())}); backend "
+                                     f"{backend!r} takes none")
+                self.knobs = b.check_knobs(knobs)
+            self.form, self.tile_program = b.prepare(program, form, chunk)
+            self._run = b.runner(self.form, self.tile_program, self.knobs)
         self.__name__ = program.name
         self.__doc__ = (f"{program.name}({', '.join(signature_names(program))}) "
                         f"[backend={backend}, form={self.form}]")
@@ -98,8 +74,8 @@ class CompiledOp:
         """Stateful declarations run through this op's torch custom op (see ``torch_op``), so
         that autograd and ``torch.compile`` see one opaque op; stateless ones run directly."""
         bc = bind_call(self.program, args, kwargs)
-        if self.backend == "tvm" and bc.device.type != "cpu":
-            raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
+        if self.backend != AUTO and not self._backend.runs_on(bc.device.type):
+            raise _device_error(self._backend, bc.device)
         if self.program.new_state is None:
             return self._run_bound(bc)
         return self.torch_op(*args, **kwargs)
@@ -120,11 +96,10 @@ class CompiledOp:
                         self.tile_program.chunk if self.tile_program is not None else None,
                         sorted((self.knobs or {}).items()), self.autotune, self.backward))
             digest = hashlib.sha1(cfg.encode()).hexdigest()[:12]
-            if self.backend in ("torch", "reference"):
-                grad = self
-            else:
-                grad = CompiledOp(self.program, "torch")
-            adjoint = None if self.backend == "reference" else adjoint_runner(
+            b = None if self.backend == AUTO else self._backend
+            grad = self if b is not None and b.differentiable else \
+                CompiledOp(self.program, backends.choose("recurrence", None, "cpu", True).name)
+            adjoint = None if b is not None and b.autograd_only else backends.adjoint_runner(
                 self.program, self.backward)
             self._op = register(self.program, f"recurkit_jit::{self.program.name}_{digest}",
                                 self.forward, grad.forward, adjoint)
@@ -133,12 +108,25 @@ class CompiledOp:
     def _run_bound(self, bc):
         if self.autotune and self._tunable(bc):
             return self._tuned_runner(bc)(bc)
-        if self.backend == "auto":
-            return (run_tvm_sequential if self._tvm_fits(bc) else
-                    lambda b: run_tile(self.tile_program, b))(bc)
-        if self.backend == "tvm" and bc.device.type != "cpu":
-            raise CallError(f"backend 'tvm' runs on CPU tensors, got device {bc.device}")
+        if self.backend == AUTO:
+            return self._auto_runner(bc)(bc)
+        if not self._backend.runs_on(bc.device.type):
+            raise _device_error(self._backend, bc.device)
         return self._run(bc)
+
+    def _auto_runner(self, bc):
+        """backend="auto": the runner of the backend auto takes for this call's device (a
+        differentiable one where the call is not a kernel's: under autograd, stateless)."""
+        b = backends.choose("recurrence", self._asked[0], bc.device.type,
+                            grad=not self._tunable(bc))
+        run = self._auto_runs.get(b.name)
+        if run is None:
+            if b.name == self._fallback:
+                form, tp = self.form, self.tile_program   # lowered at compile time
+            else:
+                form, tp = b.prepare(self.program, *self._asked)
+            run = self._auto_runs[b.name] = b.runner(form, tp, None)
+        return run
 
     def _tuned_runner(self, bc):
         """The tuned candidate for this call's device, dtype and shape bucket: from the
@@ -152,7 +140,8 @@ class CompiledOp:
         key = (device, dtype, shape_bucket(bc.sizes, bc.B, bc.T, bc.H, bc.N))
         run = self._tuned.get(key)
         if run is None:
-            res = tune(self.program, shape, effort=self.autotune, dtype=dtype, device=device)
+            res = tune(self.program, shape, effort=self.autotune, dtype=dtype, device=device,
+                       **self._space)
             self.tuned_candidate = res.best
             run = self._tuned[key] = build_bound(self.program, res.best)
         return run
@@ -167,16 +156,15 @@ class CompiledOp:
                                                is not None else [])
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
-    def _tvm_fits(self, bc) -> bool:
-        """auto: the compiled TVM kernel for stateful CPU calls computed without autograd
-        (the custom op's kernel); the torch backend, which autograd differentiates, when
-        called for gradients directly (``forward`` under autograd)."""
-        return bc.device.type == "cpu" and self._tunable(bc)
-
     def __repr__(self) -> str:
-        if self.backend == "auto":
-            return (f"<rk.compile {self.program.name} backend=auto: tvm sequential on CPU, "
-                    f"else torch {self.form} chunk={self.tile_program.chunk}>")
+        if self.backend == AUTO:
+            cpu = backends.choose("recurrence", self._asked[0], "cpu")
+            fb = backends.choose("recurrence", self._asked[0], "cpu", grad=True)
+            chunk = f" chunk={self.tile_program.chunk}" if self.tile_program.chunk else ""
+            first = "" if cpu is fb else \
+                f"{cpu.name} {cpu.prepare(self.program, *self._asked)[0]} on CPU, else "
+            return f"<rk.compile {self.program.name} backend=auto: {first}{fb.name} " \
+                   f"{self.form}{chunk}>"
         chunk = f" chunk={self.tile_program.chunk}" if self.tile_program is not None and \
             self.tile_program.chunk else ""
         return f"<rk.compile {self.program.name} backend={self.backend} form={self.form}{chunk}>"
@@ -209,9 +197,9 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     "sequential" (default: the first exact form, see ``rk.analyze``); chunk: 16, 32, 64, 128
     (default: 64, or 16 with per-channel gates; at most 32 for "triton"). knobs: for "tvm"
     the sequential kernel's schedule (``vectorize``, ``unroll``, ``parallel``, ``pipeline``;
-    see ``recurkit.backends.tvm_backend.DEFAULT_KNOBS``), for "triton" the launch config
+    see ``recurkit.backends.tvm.sequential.DEFAULT_KNOBS``), for "triton" the launch config
     (``num_warps``, ``num_stages``, ``block_v``, ``precision``; see
-    ``recurkit.backends.triton_backend.DEFAULT_CONFIG``). autotune: True (= "quick") or
+    ``recurkit.backends.triton.runtime.DEFAULT_CONFIG``). autotune: True (= "quick") or
     "full": on the first call (CPU or CUDA) of each shape bucket, measure the
     candidates (forms, chunk sizes, backends, knobs), each verified against the reference,
     keep the fastest in the tuning cache and run it; later calls and processes reuse it.
@@ -226,8 +214,7 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
             raise ValueError(f"{p.name} is a tiled declaration: form, chunk, knobs and "
                              "autotune apply to recurrences")
         from .tiled_op import compile_tiled
-        return compile_tiled(p, resolve_backend(backend) if backend != "reference"
-                             else "torch")
+        return compile_tiled(p, resolve_backend(backend))
     return CompiledOp(p, resolve_backend(backend), form, chunk, knobs, autotune, backward)
 
 
@@ -238,14 +225,16 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
     every dim) and head count: a Triton module (kernels and their ``launch`` function) for
     "triton", TVMScript (one function per kernel) for "tvm". For a tiled declaration: the
     forward and backward kernels (forward, rows, columns, inverse); for one with rk.Bits codes
-    (the LUT form), what this CPU runs below ``tvm_lut.dense_from()`` samples (TVM: the shuffle kernels
+    (the LUT form), what this CPU runs below ``backends.tvm.lut.dense_from()`` samples (TVM: the shuffle kernels
     on an AVX2 CPU, else the byte table and look-up kernels) or the module holding the table,
     look-up and decode-and-dot kernels (Triton).
     ``sizes`` of packed dims count positions (multiples of 8)."""
     p = as_program(decl)
-    if backend not in ("triton", "tvm"):
-        raise ValueError(f"codegen shows generated source for 'triton' or 'tvm', got "
+    if backend not in backends.with_source():
+        raise ValueError(f"codegen shows generated source for "
+                         f"{' or '.join(map(repr, sorted(backends.with_source())))}, got "
                          f"{backend!r}")
+    b = backends.get(backend)
     sizes = {**{d: 64 for d in p.dims}, **(sizes or {})}
     unknown = set(sizes) - set(p.dims)
     if unknown:
@@ -253,37 +242,9 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
                          f"(its dims: {', '.join(p.dims)})")
     if p.is_tiled:
         from .lowering.lut import has_bits, lower_lut
-        if has_bits(p):   # the LUT form: tables + look-ups (TVM); Triton's module has both ways
-            plan = lower_lut(p)
-            if backend == "triton":
-                from .backends.triton_lut import KERNEL_SOURCE
-                return KERNEL_SOURCE
-            from .backends import tvm_lut
-            if tvm_lut.has_avx2():   # what this CPU runs for small batches
-                from .backends.tvm_lut_shuffle import shuffle_source
-                return shuffle_source(plan, sizes)
-            return tvm_lut.tables_source(plan, sizes) + "\n\n" + tvm_lut.lookup_source(
-                plan, sizes)
         from .lowering.tiled import lower_tiled
-        plan = lower_tiled(p)
-        if backend == "triton":
-            from .backends.triton_tiled import module_source as tiled_module
-            return tiled_module(plan, sizes)
-        from .backends.tvm_tiled import (INVERSE_SOURCE, columns_source, forward_source,
-                                         rows_source)
-        return "\n\n".join(f(plan, sizes) for f in (forward_source, rows_source,
-                                                     columns_source)) + "\n\n" + INVERSE_SOURCE
+        return b.codegen_tiled(lower_lut(p) if has_bits(p) else lower_tiled(p), sizes)
     if p.new_state is None:
         raise ValueError(f"{p.name} is stateless: nothing to generate")
     op = CompiledOp(p, backend, form, chunk, knobs)
-    tp = op.tile_program
-    if backend == "triton":
-        from .backends.triton_backend import module_source
-        return module_source(p, tp, sizes, H, op.knobs)
-    from .backends.tvm_backend import sequential_source
-    from .backends.tvm_tile import _scan_source, stage_sources
-    if tp is None:
-        return sequential_source(p, sizes, H, knobs=op.knobs)
-    if tp.form == "scan":
-        return _scan_source(sizes[p.state.dims[0]], H, "scan_sign" in tp.prologue)
-    return "\n\n".join(stage_sources(tp, sizes, H))
+    return b.codegen(p, op.tile_program, sizes, H, op.knobs)

@@ -2,9 +2,10 @@
 ``recurkit.custom_op`` for the op's schema, fake impl and backward."""
 from __future__ import annotations
 
-from .compiler import CompiledOp, as_program
-from .backends.adjoint_host import adjoint_runner
+from . import backends
+from .compiler import CompiledOp, resolve_backend
 from .custom_op import TorchOp, register
+from .ir import as_program
 
 
 def export(decl, qualname: str, backend: str = "auto", backward: str = "auto") -> TorchOp:
@@ -25,6 +26,6 @@ def export(decl, qualname: str, backend: str = "auto", backward: str = "auto") -
         return register_tiled(p, qualname, backend)
     if p.new_state is None:
         raise ValueError(f"{p.name} is stateless: export takes recurrences")
-    fwd = CompiledOp(p, backend)
-    grad = CompiledOp(p, "torch")
-    return register(p, qualname, fwd.forward, grad.forward, adjoint_runner(p, backward))
+    fwd = CompiledOp(p, resolve_backend(backend))
+    grad = CompiledOp(p, backends.choose("recurrence", None, "cpu", grad=True).name)
+    return register(p, qualname, fwd.forward, grad.forward, backends.adjoint_runner(p, backward))

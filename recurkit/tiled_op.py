@@ -5,9 +5,9 @@ Each compiled tiled declaration is two custom ops, ``<ns>::<name>`` (the forward
 ``lowering.tiled``): schema ``(Tensor <each row, index, weight in order>, float? <scalars>)``.
 A declaration in the LUT form has a third, ``<ns>::<name>_backward_row`` (the row's gradient
 alone, called when no weight needs one). The forward's autograd calls a backward op, so
-``torch.compile`` sees opaque ops and traces them without graph breaks. Kernels by device and backend: "tvm" on CPU tensors,
-"triton" on CUDA tensors (and in Triton's interpreter for CPU tensors when asked for), "torch"
-anywhere.
+``torch.compile`` sees opaque ops and traces them without graph breaks. The kernels are the
+backend's (``Backend.tiled_forward`` / ``tiled_backward``), chosen per call by device through
+the registry: with "auto", TVM on CPU tensors, Triton on CUDA tensors, torch elsewhere.
 """
 from __future__ import annotations
 
@@ -15,61 +15,17 @@ import hashlib
 
 import torch
 
+from . import backends
 from .custom_op import register_once
 from .ir.tiled import TiledCall, bind_tiled
 from .lowering.lut import LutPlan, has_bits, lower_lut
-from .lowering.tiled import TiledPlan, lower_tiled
+from .lowering.tiled import lower_tiled
 
-TILED_BACKENDS = ("auto", "torch", "tvm", "triton")
-
-
-def _forward(backend: str, plan: TiledPlan | LutPlan, tc: TiledCall) -> torch.Tensor:
-    if isinstance(plan, LutPlan):
-        if backend == "tvm":
-            from .backends.tvm_lut import run_lut_tvm
-            return run_lut_tvm(plan, tc)
-        if backend == "triton":
-            from .backends.triton_lut import run_lut_triton
-            return run_lut_triton(plan, tc)
-        from .backends.lut_torch import run_lut_torch
-        return run_lut_torch(plan, tc)
-    if backend == "tvm":
-        from .backends.tvm_tiled import run_tiled_tvm
-        return run_tiled_tvm(plan, tc)
-    if backend == "triton":
-        from .backends.triton_tiled import run_tiled_triton
-        return run_tiled_triton(plan, tc)
-    from .backends.tiled_torch import run_tiled_torch
-    return run_tiled_torch(plan, tc)
-
-
-def _backward(backend: str, plan: TiledPlan | LutPlan, tc: TiledCall, dy: torch.Tensor,
-              need: frozenset[str]) -> dict:
-    """The gradients of the inputs named in ``need`` (at least those; others may come too)."""
-    if isinstance(plan, LutPlan):   # two matmuls with the dequantized weight
-        if backend == "tvm":        # built block by block by TVM kernels
-            from .backends.tvm_lut_dense import lut_grads_tvm
-            return lut_grads_tvm(plan, tc, dy, need)
-        from .backends.lut_torch import lut_grads_torch
-        return lut_grads_torch(plan, tc, dy, need)
-    if backend == "tvm":
-        from .backends.tvm_tiled import tiled_grads_tvm
-        return tiled_grads_tvm(plan, tc, dy)
-    if backend == "triton":
-        from .backends.triton_tiled import tiled_grads_triton
-        return tiled_grads_triton(plan, tc, dy)
-    from .backends.tiled_torch import tiled_grads_torch
-    return tiled_grads_torch(plan, tc, dy)
-
-
-def kernel_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs on ``device``: "auto" is TVM on CPU, Triton on CUDA, else torch;
-    a TVM op given CUDA tensors runs Triton (TVM kernels here are CPU kernels)."""
-    if backend == "auto":
-        return {"cpu": "tvm", "cuda": "triton"}.get(device.type, "torch")
-    if backend == "tvm" and device.type != "cpu":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
+def kernel_backend(backend: str, device: torch.device):
+    """The backend whose kernels run a call on ``device`` (see ``backends.kernel_backend``:
+    "auto" is TVM on CPU, Triton on CUDA, else torch; a CPU-only backend's op given CUDA
+    tensors runs what auto runs there)."""
+    return backends.kernel_backend(backend, "tiled", device.type)
 
 
 class TiledTorchOp:
@@ -77,9 +33,10 @@ class TiledTorchOp:
     signature (inputs by position or name, scalars as numbers)."""
 
     def __init__(self, program, qualname: str, backend: str = "auto"):
-        if backend not in TILED_BACKENDS:
+        tiled = [n for n, b in backends.REGISTRY.items() if "tiled" in b.kinds]
+        if backend != backends.AUTO and backend not in tiled:
             raise ValueError(f"unknown backend {backend!r} for a tiled op; choose one of "
-                             f"{', '.join(TILED_BACKENDS)}")
+                             f"{', '.join([backends.AUTO, *tiled])}")
         self.program, self.qualname, self.backend = program, qualname, backend
         self.plan = lower_lut(program) if has_bits(program) else lower_tiled(program)
         specs = program.call_inputs
@@ -121,18 +78,19 @@ class TiledTorchOp:
     def _kernel(self, *args):
         tc = self._bind(args, check=True)   # out-of-range indices never reach a kernel
         with torch.no_grad():
-            return _forward(kernel_backend(self.backend, tc.device), self.plan, tc).contiguous()
+            return kernel_backend(self.backend, tc.device).tiled_forward(self.plan,
+                                                                         tc).contiguous()
 
     def _backward_kernel(self, dy, *args):
         tc = self._bind(args)
-        g = _backward(kernel_backend(self.backend, tc.device), self.plan, tc, dy.contiguous(),
-                      frozenset(self.grad_names))
+        g = kernel_backend(self.backend, tc.device).tiled_backward(
+            self.plan, tc, dy.contiguous(), frozenset(self.grad_names))
         return [g[n] for n in self.grad_names]
 
     def _backward_row_kernel(self, dy, *args):
         tc = self._bind(args)
-        return _backward(kernel_backend(self.backend, tc.device), self.plan, tc,
-                         dy.contiguous(), frozenset([self.row_name]))[self.row_name]
+        return kernel_backend(self.backend, tc.device).tiled_backward(
+            self.plan, tc, dy.contiguous(), frozenset([self.row_name]))[self.row_name]
 
     def _fake(self, *args):
         p = self.program

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import recurkit as rk
-from recurkit.backends.adjoint_host import generated_backward, run_adjoint_torch
-from recurkit.backends.tvm_adjoint import run_adjoint_tvm
+from recurkit.backends.shared.adjoint import generated_backward
+from recurkit.backends.torch.backward import run_adjoint_torch
+from recurkit.backends.tvm.adjoint import run_adjoint_tvm
 from recurkit.ir.bind import bind_call
 from recurkit.lowering.adjoint import derive_adjoint
 from recurkit.ops import ALL

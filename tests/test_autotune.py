@@ -134,8 +134,64 @@ def test_compile_autotune_runs_the_winner_and_checks_arguments(tmp_path, monkeyp
     assert op.tuned_candidate is not None
     with pytest.raises(ValueError, match="autotune must be"):
         rk.compile(rk.ops.gla, autotune="fast")
-    with pytest.raises(ValueError, match="leave backend='auto'"):
-        rk.compile(rk.ops.gla, backend="tvm", autotune=True)
+    with pytest.raises(ValueError, match="knobs with autotune: name the backend"):
+        rk.compile(rk.ops.gla, autotune=True, knobs={"block": 0})(
+            *[torch.randn(1, 8, 1, 4)] * 3, -torch.rand(1, 8, 1, 4))
+
+
+def test_compile_autotune_within_a_chosen_backend(tmp_path, monkeypatch):
+    """backend="tvm" with autotune tunes TVM's forms, chunks and knobs only, caches the
+    winner under a key of its own, and a second op reuses it without measuring."""
+    monkeypatch.setenv("RECURKIT_CACHE_DIR", str(tmp_path))
+    import torch
+    x = [torch.randn(1, 40, 2, 4), torch.nn.functional.normalize(torch.randn(1, 40, 2, 4), dim=-1),
+         torch.randn(1, 40, 2, 4), -torch.rand(1, 40, 2) * 0.1, torch.rand(1, 40, 2)]
+    monkeypatch.setitem(search_mod.EFFORT, "quick", {**search_mod.EFFORT["quick"],
+                                                     "exhaustive": 4, "budget": 60})
+    tried = []
+    real = search_mod.Worker.run
+
+    def spy(self, program, cand, *a, **k):
+        tried.append(cand)
+        return real(self, program, cand, *a, **k)
+    monkeypatch.setattr(search_mod.Worker, "run", spy)
+    op = rk.compile(rk.ops.gated_delta_rule, backend="tvm", autotune="quick")
+    o, S = op(*x, output_final_state=True)
+    o_ref, S_ref = rk.compile(rk.ops.gated_delta_rule, backend="reference")(
+        *x, output_final_state=True)
+    assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(S, S_ref, atol=1e-5)
+    assert tried and all(c.backend == "tvm" for c in tried)
+    assert op.tuned_candidate.backend == "tvm"
+    entries = TuneCache().entries()
+    assert len(entries) == 1 and next(iter(entries.values()))["best"]["backend"] == "tvm"
+
+    def no_timing(*a, **k):
+        raise AssertionError("a cache hit must not measure anything")
+    monkeypatch.setattr(search_mod.Worker, "run", no_timing)
+    shape = {"B": 1, "T": 40, "H": 2, "N": 1, "sizes": {"K": 4, "V": 4}}
+    hit = tune(P, shape, backend="tvm", progress=False)
+    assert hit.from_cache and hit.best == op.tuned_candidate
+    # form= narrows it further, and is another cache entry (so it tunes: measuring now fails)
+    with pytest.raises(AssertionError, match="must not measure"):
+        rk.compile(rk.ops.gated_delta_rule, backend="tvm", form="chunk_wy",
+                   autotune="quick")(*x)
+
+
+def test_config_space_narrowed_by_backend_form_chunk_and_knobs():
+    tvm = config_space(P, backend="tvm")
+    assert tvm[0] == config_space(P)[0] and {c.backend for c in tvm} == {"tvm"}
+    assert {c.form for c in tvm} == {"chunk_wy", "sequential"}
+    wy = config_space(P, backend="tvm", form="chunk_wy", chunk=32)
+    assert wy == [Candidate("tvm", "chunk_wy", 32)]
+    torch_only = config_space(P, backend="torch", form="chunk_wy")
+    assert {(c.backend, c.form) for c in torch_only} == {("torch", "chunk_wy")}
+    assert {c.chunk for c in torch_only} == {16, 32, 64, 128}
+    blocked = config_space(P, backend="tvm", form="sequential", knobs={"block": 0})
+    assert len(blocked) > 1 and all(c.knob_dict["block"] == 0 for c in blocked)
+    with pytest.raises(ValueError, match="unknown TVM knob 'tile'"):
+        config_space(P, backend="tvm", knobs={"tile": 1})
+    with pytest.raises(ValueError, match="form 'scan' is not exact"):
+        config_space(P, backend="tvm", form="scan")
 
 
 def test_cli_tune_and_cache(tmp_path):

@@ -189,7 +189,7 @@ def shift_add_inputs(G, E, O, Q, N, seed=0):
 @pytest.mark.parametrize("shape", [(32, 128, 4096, 3, 1), (3, 128, 70, 2, 5),
                                    (2, 24, 33, 4, 17), (8, 128, 1000, 3, 64)], ids=str)
 def test_shift_add_kernels(kernel, shape):
-    from recurkit.backends.triton_lut import run_lut_triton
+    from recurkit.backends.triton.lut import run_lut_triton
     G, E, O, Q, N = shape
     x, codes, alpha, W = shift_add_inputs(*shape)
     plan = lower_lut(rk.ops.shift_add.program)

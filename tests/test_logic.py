@@ -108,8 +108,8 @@ def test_hard_packed_reference_and_kernel_agree_on_a_wide_net():
 
 
 def test_packing_kernel_matches_torch_packing():
-    from recurkit.backends.tvm_packed import pack_bits
-    from recurkit.backends.triton_packed import pack_words
+    from recurkit.backends.tvm.packed import pack_bits
+    from recurkit.backends.triton.packed import pack_words
     from recurkit.lowering.packed import pack_bits_torch
     g = torch.Generator().manual_seed(5)
     for N, F, words in ((1, 3, 1), (300, 20, 4), (1000, 37, 8)):

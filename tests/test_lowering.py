@@ -184,7 +184,7 @@ def test_tile_verifier_catches_a_broken_program():
 def test_chunk_stages_streamed_in_groups(monkeypatch, stream_bytes):
     """The stages are streamed over groups of chunks (one chunk per group, or a few): the
     result does not depend on the grouping."""
-    from recurkit.backends import torch_backend
+    from recurkit.backends.torch import tile as torch_backend
     monkeypatch.setattr(torch_backend, "STREAM_BYTES", stream_bytes)
     for name in ["kda", "gla", "gated_delta_rule"]:
         x, S0, (o_ref, S_ref) = reference(name, 100, True)
@@ -197,7 +197,7 @@ def test_loop_plan_matches_op_by_op_execution():
     """The torch backend's loop plan (fused baddbmm, in place onto an accumulator it made,
     transposed views, the general path where a contraction is not one matmul, and results
     written into given buffers) computes what executing the ops one by one does."""
-    from recurkit.backends.torch_ops import LoopPlan, Val, exec_op
+    from recurkit.backends.torch.tile_ops import LoopPlan, Val, exec_op
     from recurkit.lowering.tile import TileOp
     g = torch.Generator().manual_seed(0)
     B, C, K, V = 6, 4, 5, 6     # one batch axis: sequences x heads
@@ -240,7 +240,7 @@ def test_decay_exp_clamp_changes_no_result():
     for -inf and large negative inputs); that must give exactly exp with results below the
     flush threshold set to 0, in place or not, at the threshold's edge and beyond."""
     import math
-    from recurkit.backends.torch_ops import FLUSH_BELOW, _decay_exp
+    from recurkit.backends.torch.tile_ops import FLUSH_BELOW, _decay_exp
     edge = math.log(FLUSH_BELOW)
     x = torch.tensor([0.0, -1.0, -20.0, edge + 1e-4, edge - 1e-4, -46.0, -47.0, -60.0, -88.0,
                       -200.0, float("-inf"), 0.5])

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import recurkit as rk
-from recurkit.backends.lut_torch import run_lut_torch
-from recurkit.backends.triton_lut import run_lut_triton
-from recurkit.backends import tvm_lut, tvm_lut_dense
-from recurkit.backends.tvm_lut import has_avx2, run_lut_tvm
+from recurkit.backends.torch.lut import run_lut_torch
+from recurkit.backends.triton.lut import run_lut_triton
+from recurkit.backends.tvm import lut as tvm_lut
+from recurkit.backends.tvm import lut_dense as tvm_lut_dense
+from recurkit.backends.tvm.lut import has_avx2, run_lut_tvm
 from recurkit.ir.tiled import bind_tiled, pack_signs, run_tiled, unpack_signs
 from recurkit.lowering.lut import lower_lut
 
@@ -265,7 +266,7 @@ def test_lut_sources_match_golden(two_threads, monkeypatch):
 @pytest.mark.parametrize("kernel", ["dot", "tables", "lookup"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90", "gfx942"])
 def test_triton_kernels_compile_ahead_of_time_without_spills(arch, kernel):
-    from recurkit.backends.triton_lut import aot_report
+    from recurkit.backends.triton.lut import aot_report
     # at the runner's default blocks
     r = aot_report(arch, kernel, block_o=128 if kernel == "lookup" else 32,
                    block_b=8 if kernel == "lookup" else 16)
@@ -293,7 +294,7 @@ def test_bits_without_dims_are_refused():
         rk.Bits[()]
 
 
-# the AVX2 permute kernels (tvm_lut.perm_*): packed sizes 32..256, outputs x planes a
+# the AVX2 permute kernels (tvm.lut.perm_*): packed sizes 32..256, outputs x planes a
 # multiple of 8 (O = 40, Q = 3: lane blocks straddle outputs), one to 17 samples
 PERM_SHAPES = [(1, 32, 8, 1, 1), (2, 64, 4, 2, 3), (3, 128, 40, 3, 1), (2, 256, 8, 4, 5),
                (1, 128, 16, 2, 17)]
@@ -394,7 +395,7 @@ def test_permute_kernels_refuse_what_they_cannot_run():
 def test_permute_sources_match_golden(two_threads):
     import os
     from pathlib import Path
-    from recurkit.backends import tvm_lut
+    from recurkit.backends.tvm import lut as tvm_lut
     path = Path(__file__).parent / "golden" / "shift_add.perm.tvm.py.txt"
     plan = lower_lut(rk.ops.shift_add.program)
     sizes = {"G": 2, "E": 64, "O": 4, "Q": 2}
@@ -437,7 +438,7 @@ def test_cpu_backward_matches_autograd_through_the_reference(decl, blocks, monke
 def test_backward_computes_only_the_gradients_asked_for(backend, monkeypatch):
     """The backward op is told which inputs need a gradient: frozen alphas (ShiftAddLinear's
     buffers) cost no scale cotangent, a frozen row no dx."""
-    from recurkit.backends import lut_torch
+    from recurkit.backends.torch import lut as lut_torch
     x, codes, alpha, signs = draw(2, 32, 12, 2, 3, seed=9)
     op = rk.compile(rk.ops.shift_add, backend=backend)
     dy = torch.randn(3, 12)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import recurkit as rk
-from recurkit.backends import tvm_lut, tvm_lut_shuffle
-from recurkit.backends.tvm_lut import has_avx2, run_lut_tvm
-from recurkit.backends.tvm_lut_shuffle import chunk_size, packed_codes
+from recurkit.backends.tvm import lut as tvm_lut
+from recurkit.backends.tvm import lut_shuffle as tvm_lut_shuffle
+from recurkit.backends.tvm.lut import has_avx2, run_lut_tvm
+from recurkit.backends.tvm.lut_shuffle import chunk_size, packed_codes
 from recurkit.ir.tiled import bind_tiled, run_tiled, unpack_signs
 from recurkit.lowering.lut import lower_lut
 from test_shift_add import (_inputs, binary_no_planes, dense, draw, group_major_scaled,

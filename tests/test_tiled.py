@@ -191,7 +191,7 @@ def test_tiled_op_under_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("arch", ["sm_90", "gfx942"])
 def test_tiled_triton_kernels_compile_ahead_of_time(arch):
-    from recurkit.backends.triton_tiled import aot_report
+    from recurkit.backends.triton.tiled import aot_report
     for plan, sizes in ((lower_tiled(rk.ops.logic_layer.program), {"I": 784, "O": 8000}),
                         (lower_tiled(mixed.program), {"I": 11, "P": 5, "Q": 3}),
                         (lower_tiled(reduced.program), {"G": 4, "C": 3, "I": 6}),

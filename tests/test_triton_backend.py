@@ -12,7 +12,7 @@ import torch
 
 import recurkit as rk
 from cases import CASES, VECTOR_CASES
-from recurkit.backends import triton_backend as tb
+from recurkit.backends.triton import runtime as tb
 from test_custom_recurrences import EXPECTED, draw
 from test_lowering import decl_of, inputs, rel, state
 
@@ -77,7 +77,7 @@ def test_per_channel_contractions_blocked_over_k(name, form, chunk, monkeypatch)
     """Per-channel [i, j, K] contractions are rendered as a loop over blocks of K (so they fit
     in registers at K = 128); with a tiny block budget the small test shapes take that path
     too (blocks of one channel), and still match the reference."""
-    from recurkit.backends import triton_tile
+    from recurkit.backends.triton import chunk as triton_tile
     monkeypatch.setattr(triton_tile._StageGen, "KBLOCK_ELEMS", 64)
     src = rk.codegen(decl_of(name), "triton", form=form, chunk=chunk, sizes={
         d: 8 for d in decl_of(name).program.dims})

@@ -6,7 +6,7 @@ import torch
 
 import recurkit as rk
 from cases import CASES, VECTOR_CASES, matrix_inputs, vector_inputs
-from recurkit.backends import tvm_backend
+from recurkit.backends.tvm import sequential as tvm_backend
 from test_custom_recurrences import EXPECTED, draw
 
 B, H, K, V, D = 2, 3, 6, 5, 7
@@ -149,7 +149,7 @@ def test_generated_source_golden():
 
 
 def test_chunk_stage_sources_golden():
-    from recurkit.backends.tvm_tile import stage_sources
+    from recurkit.backends.tvm.chunk import stage_sources
     tp = rk.lower(rk.ops.gla, chunk=16)
     src = "\n# ---- next stage ----\n".join(stage_sources(tp, {"K": 4, "V": 8}, 2))
     path = os.path.join(os.path.dirname(__file__), "golden", "gla.chunk_gated.tvm.py.txt")
@@ -234,10 +234,11 @@ def test_cuda_source_compiles_to_ptx(name):
 def test_auto_runs_tvm_forward_and_differentiates_through_the_torch_backend(monkeypatch):
     """auto on CPU: the TVM kernel computes the forward with or without grad; the backward
     recomputes with the torch tile program (the custom op's autograd)."""
-    import recurkit.compiler as compiler
+    import recurkit.backends.tvm.sequential as seq
     calls = []
-    real = compiler.run_tvm_sequential
-    monkeypatch.setattr(compiler, "run_tvm_sequential", lambda bc: calls.append(1) or real(bc))
+    real = seq.run_tvm_sequential
+    monkeypatch.setattr(seq, "run_tvm_sequential", lambda bc, knobs=None: calls.append(1) or
+                        real(bc, knobs))
     x = inputs("gated_delta_rule", 9)
     op = rk.compile(rk.ops.gated_delta_rule)
     assert "backend=auto" in repr(op)
@@ -302,7 +303,7 @@ def test_bad_knobs():
         rk.compile(rk.ops.gla, backend="tvm", knobs={"tile": 4})
     with pytest.raises(ValueError, match="'unroll' must be an int >= 0"):
         rk.compile(rk.ops.gla, backend="tvm", knobs={"unroll": -1})
-    with pytest.raises(ValueError, match="configures the TVM and Triton backends"):
+    with pytest.raises(ValueError, match="backends with knobs \(tvm, triton\); backend 'torch' takes none"):
         rk.compile(rk.ops.gla, backend="torch", knobs={"unroll": 4})
 
 
@@ -314,7 +315,7 @@ def test_chunk_gpu_kernels_semantics_on_cpu(name, form):
     """The GPU rendering of the chunk stages (a block per grid point, a thread per state
     column) with its block and thread loops run serially on the CPU matches the reference:
     T not a multiple of the chunk, initial and final state, varlen with a short segment."""
-    from recurkit.backends import tvm_tile
+    from recurkit.backends.tvm import chunk as tvm_tile
     from recurkit.ir import bind_call
     decl = getattr(rk.ops, name).decl
     tp = rk.lower(decl, form=form, chunk=16)
@@ -334,7 +335,7 @@ def test_chunk_gpu_kernels_semantics_on_cpu(name, form):
 
 @pytest.mark.parametrize("name", ["gla", "gated_delta_rule", "kda", "dplr_delta_rule"])
 def test_chunk_cuda_source_for_sm90(name):
-    from recurkit.backends import tvm_tile
+    from recurkit.backends.tvm import chunk as tvm_tile
     decl = getattr(rk.ops, name).decl
     tp = rk.lower(decl, chunk=16)
     src = tvm_tile.chunk_cuda_source(tp, {d: 64 for d in decl.program.dims}, 4)
@@ -351,7 +352,7 @@ def test_cuda_check_launch_specs():
     sizes, and the grid and block are (sequences x heads[, x chunks], state columns)."""
     import tvm_cuda_check as chk
     from recurkit.ir import bind_call
-    from recurkit.backends import tvm_tile
+    from recurkit.backends.tvm import chunk as tvm_tile
     decl = rk.ops.gated_delta_rule.decl
     x = inputs("gated_delta_rule", 21)
     bc = bind_call(decl.program, x, dict(initial_state=state("gated_delta_rule", B)))

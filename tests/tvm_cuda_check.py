@@ -77,7 +77,8 @@ def _cuda(script: str, symbol: str) -> str:
 def _calls(name: str, form: str, gpu_script: str | list, run):
     """Record each kernel call of ``run()``: compile_source is wrapped so that every call's
     arguments are cloned before and after; ``gpu_script`` gives each call's GPU source."""
-    from recurkit.backends import tvm_backend, tvm_tile
+    from recurkit.backends.tvm import sequential as tvm_backend
+    from recurkit.backends.tvm import chunk as tvm_tile
     seen = []
 
     def wrap(real):
@@ -119,7 +120,8 @@ def _calls(name: str, form: str, gpu_script: str | list, run):
 
 def prepare(path: str) -> None:
     import recurkit as rk
-    from recurkit.backends import tvm_backend, tvm_tile
+    from recurkit.backends.tvm import sequential as tvm_backend
+    from recurkit.backends.tvm import chunk as tvm_tile
     from recurkit.ir import bind_call
     sys.path.insert(0, os.path.dirname(__file__))
     from test_adjoint import draw

@@ -20,7 +20,8 @@ import warnings
 
 import torch
 
-from ..backends._config import cache_root
+from .._version import __version__
+from ..backends.shared.config import cache_root
 
 DB_VERSION = 1
 
@@ -55,14 +56,16 @@ def shape_bucket(sizes: dict[str, int], B: int, T: int, H: int, N: int) -> str:
     return f"N={N},B={B},T<={tb},H={H},{dims}"
 
 
-def make_key(ir_hash: str, family: str, dtype: str, bucket: str, device="cpu") -> str:
+def make_key(ir_hash: str, family: str, dtype: str, bucket: str, device="cpu",
+             space: str = "") -> str:
+    """The entry's key; ``space`` describes a narrowed candidate space (empty: the whole)."""
     import triton
     import tvm
 
-    from .. import __version__
     versions = f"recurkit {__version__}|torch {torch.__version__}|tvm {tvm.__version__}|" \
                f"triton {triton.__version__}|db {DB_VERSION}"
-    text = "|".join([fingerprint(device), ir_hash, family, dtype, bucket, versions])
+    text = "|".join([fingerprint(device), ir_hash, family, dtype, bucket, versions]
+                    + ([space] if space else []))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -75,13 +75,16 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
          seed: int = 0, cache: TuneCache | None = None, dtype: str = "float32",
          candidates: list[Candidate] | None = None, progress: bool = True,
          isolate: bool = True, use_cache: bool = True, arch: str = "sm_90",
-         timeout: float | None = None) -> TuneResult:
+         timeout: float | None = None, backend: str | None = None, form: str | None = None,
+         chunk: int | None = None, knobs: dict | None = None) -> TuneResult:
     """Tune ``program`` at ``shape`` = {"B", "T", "H", "N", "sizes": {dim: size}}.
 
     A cached winner for this device, IR, dtype and shape bucket is returned without timing
     anything. ``candidates`` replaces the derived space (the first one is the default);
     ``isolate=False`` measures in this process (no protection from crashes); ``timeout``
-    (seconds) overrides the effort's limit per candidate."""
+    (seconds) overrides the effort's limit per candidate. ``backend``, ``form``, ``chunk``
+    and ``knobs`` narrow the derived space (see ``config_space``); a narrowed space has cache
+    entries of its own."""
     if effort not in EFFORT:
         raise ValueError(f"effort must be one of {', '.join(EFFORT)}, got {effort!r}")
     cfg = dict(EFFORT[effort])
@@ -90,7 +93,10 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
     cache = cache or TuneCache()
     family = "gpu" if device == "cuda" else "cpu"
     bucket = shape_bucket(shape["sizes"], shape["B"], shape["T"], shape["H"], shape["N"])
-    key = make_key(program.content_hash(), family, dtype, bucket, device)
+    narrow = {k: v for k, v in (("backend", backend), ("form", form), ("chunk", chunk),
+                                ("knobs", sorted((knobs or {}).items()))) if v}
+    key = make_key(program.content_hash(), family, dtype, bucket, device,
+                   space=repr(sorted(narrow.items())) if narrow else "")
     shape = {**shape, "device": device}
     t0 = time.perf_counter()
     if use_cache:
@@ -99,8 +105,8 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
             return TuneResult(Candidate.from_json(hit["best"]), hit["seconds"],
                               hit.get("default_seconds"), wall=time.perf_counter() - t0,
                               from_cache=True)
-    space = list(candidates) if candidates is not None else config_space(program, device,
-                                                                          effort)
+    space = list(candidates) if candidates is not None else config_space(
+        program, device, effort, backend=backend, form=form, chunk=chunk, knobs=knobs)
     dropped: dict = {}
     if device == "cuda":
         space, dropped = prune_static(program, space, shape["sizes"], shape["H"], arch)

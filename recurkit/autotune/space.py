@@ -1,17 +1,19 @@
 """Config spaces: what can be chosen for one declaration on one device.
 
 A candidate is a backend, a form, a chunk size and that backend's knobs. The space is derived
-from the analysis (the forms that are exact for the declaration) and the backend's knobs; for
-GPU targets, candidates whose kernels (compiled ahead of time, no GPU needed) exceed shared
-memory or spill registers are dropped before any timing.
+from the analysis (the forms that are exact for the declaration) and each registered
+backend's tuning space; candidates a backend's static check rules out (for Triton on GPU
+targets: kernels, compiled ahead of time with no GPU, that exceed shared memory or spill
+registers) are dropped before any timing.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
 
+from .. import backends
+from ..backends.base import CHUNK_FORMS
 from ..lowering.analysis import analyze
-from ..lowering.forms import default_chunk
 
 
 @dataclass(frozen=True)
@@ -46,29 +48,62 @@ def _knobs(**kw) -> tuple[tuple[str, object], ...]:
     return tuple(sorted(kw.items()))
 
 
-def default_candidate(program, device: str = "cpu") -> Candidate:
-    """What ``rk.compile(decl)`` runs without tuning: the TVM sequential kernel on CPU, the
-    Triton kernels of the first exact form on a GPU."""
-    if device == "cuda":
-        rec = analyze(program)
-        form = rec.forms[0]
-        chunk = min(32, default_chunk(rec)) if form.startswith("chunk") else None
-        return Candidate("triton", form, chunk)
-    from ..backends.tvm_backend import DEFAULT_KNOBS
-    return Candidate("tvm", "sequential", None, _knobs(**DEFAULT_KNOBS))
+def _device_type(device: str) -> str:
+    return "cuda" if device == "cuda" else "cpu"
 
 
-def config_space(program, device: str = "cpu", effort: str = "full") -> list[Candidate]:
-    """Every candidate for ``program`` on ``device`` ("cpu" or "cuda"), the default first.
-    "quick" keeps the knob values that matter most (the form, the chunk size, pipelining)."""
+def _tuned_backends(backend: str | None) -> list:
+    return [backends.get(backend)] if backend is not None else list(backends.ranked())
+
+
+def default_candidate(program, device: str = "cpu", backend: str | None = None,
+                      form: str | None = None, chunk: int | None = None) -> Candidate:
+    """The baseline the tuner times first: what the first backend (in rank order) that is
+    tuned on ``device`` runs untuned (on CPU the TVM sequential kernel, on a GPU the Triton
+    kernels of the first exact form), or ``backend``'s, with ``form`` / ``chunk`` fixed."""
+    dev = _device_type(device)
     rec = analyze(program)
-    out = [default_candidate(program, device)]
+    for b in _tuned_backends(backend):
+        if backend is None and not any(b.tuning_space(program, f, dev, True)
+                                       for f in rec.forms):
+            continue
+        f, c, k = b.default_candidate(program, form, chunk)
+        return Candidate(b.name, f, c, _knobs(**k))
+    raise ValueError(f"no backend is tuned on {device!r}")
+
+
+def config_space(program, device: str = "cpu", effort: str = "full", *,
+                 backend: str | None = None, form: str | None = None,
+                 chunk: int | None = None, knobs: dict | None = None) -> list[Candidate]:
+    """Every candidate for ``program`` on ``device`` ("cpu" or "cuda"), the default first:
+    each backend's tuning space (``Backend.tuning_space``) over the exact forms. "quick" keeps
+    the knob values that matter most (the form, the chunk size, pipelining). ``backend``,
+    ``form``, ``chunk`` and ``knobs`` narrow the space to candidates with those values (given
+    knobs are set in every candidate of that backend)."""
+    dev = _device_type(device)
+    rec = analyze(program)
+    if form is not None and form not in rec.forms:
+        raise ValueError(f"form {form!r} is not exact for {program.name} (exact forms: "
+                         f"{', '.join(rec.forms)})")
+    if knobs and backend is None:
+        raise ValueError("knobs with autotune: name the backend they configure")
+    forms = [form] if form is not None else list(rec.forms)
     quick = effort == "quick"
-    for form in rec.forms:
-        if device == "cuda":
-            out += _triton_space(form, quick)
-        else:
-            out += _cpu_space(form, quick)
+    fixed = backends.get(backend).check_knobs(knobs) if knobs else {}
+    fixed = {k: fixed[k] for k in (knobs or {})}
+    out = [default_candidate(program, device, backend, form, chunk)]
+    for b in _tuned_backends(backend):
+        if form is not None and form not in b.forms:
+            continue
+        for f in forms:
+            out += [Candidate(b.name, f, c, _knobs(**k))
+                    for c, k in b.tuning_space(program, f, dev, quick)]
+    if chunk is not None:
+        out = [c if c.chunk is None or c.form not in CHUNK_FORMS else
+               Candidate(c.backend, c.form, chunk, c.knobs) for c in out]
+    if fixed:
+        out = [Candidate(c.backend, c.form, c.chunk, _knobs(**{**c.knob_dict, **fixed}))
+               for c in out]
     seen, uniq = set(), []
     for c in out:
         if c not in seen:
@@ -77,57 +112,17 @@ def config_space(program, device: str = "cpu", effort: str = "full") -> list[Can
     return uniq
 
 
-def _cpu_space(form: str, quick: bool) -> list[Candidate]:
-    if form == "sequential":
-        vec = (1024,) if quick else (1024, 0)
-        unroll = (0,) if quick else (0, 8)
-        return [Candidate("tvm", form, None, _knobs(vectorize=v, unroll=u, parallel=p,
-                                                    pipeline=pl, block=b))
-                for v, u, p, pl, b in itertools.product(
-                    vec, unroll, (True, False) if not quick else (True,), (True, False),
-                    (32, 0) if quick else (32, 16, 0))]
-    if form == "scan":
-        return [Candidate("tvm", form), Candidate("torch", form)]
-    chunks = (16, 32, 64) if quick else (16, 32, 64, 128)
-    return [Candidate(b, form, c) for b in ("tvm", "torch") for c in chunks]
-
-
-def _triton_space(form: str, quick: bool) -> list[Candidate]:
-    if form in ("sequential", "scan"):
-        return [Candidate("triton", form, None, _knobs(block_v=bv, num_warps=w))
-                for bv in ((32, 64) if quick else (16, 32, 64, 128)) for w in (2, 4, 8)]
-    return [Candidate("triton", form, c, _knobs(num_warps=w, num_stages=s, block_v=bv))
-            for c in ((16, 32) if quick else (16, 32, 64))
-            for w in ((4, 8) if quick else (4, 8, 16))
-            for s in ((2,) if quick else (1, 2, 3))
-            for bv in ((64,) if quick else (32, 64))]
-
-
 def prune_static(program, cands: list[Candidate], sizes: dict[str, int], H: int,
                  arch: str = "sm_90") -> tuple[list[Candidate], dict[Candidate, str]]:
-    """Drop Triton candidates whose kernels, compiled ahead of time for ``arch``, exceed the
-    device's shared memory or spill registers. Returns (kept, {dropped: why})."""
-    from ..backends import triton_backend as tb
-    from ..lowering.forms import lower
+    """Drop candidates that their backend's static check (``Backend.static_check``: for
+    Triton, kernels compiled ahead of time for ``arch`` that exceed the device's shared
+    memory or spill registers) rules out. Returns (kept, {dropped: why})."""
     kept, dropped = [], {}
     for c in cands:
-        if c.backend != "triton":
+        why = None if c.backend.startswith("py:") else backends.get(c.backend).static_check(
+            program, c.form, c.chunk, c.knob_dict, sizes, H, arch)
+        if why is None:
             kept.append(c)
-            continue
-        cfg = tb.check_config(c.knob_dict)
-        try:
-            tp = None if c.form == "sequential" else lower(program, c.form, c.chunk)
-            src = tb.module_source(program, tp, sizes, H, cfg)
-            report = tb.aot_compile(src, arch, cfg)
-        except Exception as e:  # noqa: BLE001 - a candidate that does not compile is dropped
-            dropped[c] = f"does not compile for {arch}: {type(e).__name__}: {e}"[:300]
-            continue
-        bad = [r for r in report if r["shared"] > tb.SHARED_LIMIT[arch] or
-               (r["spill_bytes"] or 0) > 0]
-        if bad:
-            r = bad[0]
-            dropped[c] = (f"{r['kernel']}: {r['shared']} B shared (limit "
-                          f"{tb.SHARED_LIMIT[arch]}), {r['spill_bytes']} B spilled")
         else:
-            kept.append(c)
+            dropped[c] = why
     return kept, dropped

@@ -20,11 +20,10 @@ import traceback
 
 import torch
 
-from ..backends.dispatch import runner
+from .. import backends
 from ..ir.bind import bind_call
 from ..ir.interpret import run_reference
 from ..ir.program import Program
-from ..lowering.forms import lower
 from .space import Candidate
 
 VERIFY_T = 37          # tokens of the correctness check: not a multiple of any chunk
@@ -60,8 +59,9 @@ def build_bound(program, cand: Candidate):
     if cand.backend.startswith("py:"):   # an external runner factory: "py:module:function"
         mod, fn = cand.backend[3:].rsplit(":", 1)
         return getattr(importlib.import_module(mod), fn)(program, cand)
-    return runner(cand.backend, cand.form, lower(program, cand.form, cand.chunk),
-                  cand.knob_dict or None)
+    b = backends.get(cand.backend)
+    form, tp = b.prepare(program, cand.form, cand.chunk)
+    return b.runner(form, tp, cand.knob_dict or None)
 
 
 def _rel(a, b) -> float:

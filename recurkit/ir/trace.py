@@ -211,3 +211,15 @@ def _user_frame(e: BaseException) -> Loc | None:
         if not os.path.abspath(fr.filename).startswith(_PKG_DIR + os.sep + "ir"):
             return Loc(fr.filename, fr.lineno or 0)
     return None
+
+
+def as_program(decl) -> Program:
+    """The program of a declaration, of a built-in op (its ``decl``) or a program itself."""
+    if isinstance(decl, Recurrence):
+        return decl.program
+    if isinstance(decl, Program):
+        return decl
+    inner = getattr(decl, "decl", None)  # a built-in op exposes its declaration
+    if isinstance(inner, Recurrence):
+        return inner.program
+    raise TypeError(f"expected an @rk.recurrence declaration, got {type(decl).__name__}")

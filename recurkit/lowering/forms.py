@@ -13,6 +13,7 @@ is sequential.
 from __future__ import annotations
 
 from ..ir.program import Program
+from ..ir.trace import as_program
 from .analysis import Recurrence, analyze
 from .tile import Stage, TileOp, TileProgram, verify_tile_program
 
@@ -66,7 +67,6 @@ def default_chunk(rec: Recurrence) -> int:
 def lower(decl_or_program, form: str | None = None, chunk: int | None = None) -> TileProgram:
     """Lower a declaration to a tile program in ``form`` (default: the first exact form) with
     ``chunk`` positions per chunk (default: ``default_chunk``)."""
-    from ..compiler import as_program  # noqa: PLC0415 - accepts declarations and built-ins
     p: Program = as_program(decl_or_program)
     rec = analyze(p)
     form = form or rec.forms[0]

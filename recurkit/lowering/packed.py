@@ -103,3 +103,11 @@ def pack_bits_torch(x: torch.Tensor, words: int = 4) -> torch.Tensor:
     bits = bits.reshape(NB, words, 64, F).permute(0, 3, 1, 2)          # [NB, F, words, 64]
     shifts = torch.arange(64, dtype=torch.int64, device=x.device)
     return (bits << shifts).sum(-1)   # distinct bits: the sum is their OR
+
+
+def net_buffers(net: PackedNet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate inputs and masks of every layer, concatenated: the kernels' tables."""
+    ia = torch.cat([layer.ia for layer in net.layers]).to(torch.int32)
+    ib = torch.cat([layer.ib for layer in net.layers]).to(torch.int32)
+    mk = torch.cat([layer.masks() for layer in net.layers]).contiguous()
+    return ia, ib, mk

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
 from ..lowering.packed import GATE_COEFFS, PackedLayer, PackedNet
 
 CONNECTIONS = ("random", "unique")
@@ -57,7 +58,7 @@ class LogicLayer(nn.Module):
                  gumbel_tau: float | None = None, backend: str = "auto",
                  generator: torch.Generator | None = None):
         super().__init__()
-        from .. import compile as rk_compile
+        from ..compiler import compile as rk_compile
         from ..ops import logic_layer
         self.in_dim, self.out_dim, self.kind = in_dim, out_dim, connections
         if gumbel_tau is not None and not gumbel_tau > 0:
@@ -105,7 +106,7 @@ class GroupSum(nn.Module):
 
     def __init__(self, k: int, tau: float = 1.0, backend: str = "auto"):
         super().__init__()
-        from .. import compile as rk_compile
+        from ..compiler import compile as rk_compile
         from ..ops import group_sum
         if k < 1 or not tau > 0:
             raise ValueError(f"GroupSum needs k >= 1 and tau > 0, got k={k}, tau={tau}")
@@ -134,12 +135,14 @@ class HardLogicNet:
     gate reference)."""
 
     def __init__(self, net: PackedNet, backend: str = "auto", words: int = 8):
-        if backend not in ("auto", "tvm", "triton", "torch"):
-            raise ValueError(f"unknown backend {backend!r}; choose auto, tvm, triton or torch")
+        runs = [n for n, b in backends.REGISTRY.items()
+                if type(b).run_packed is not backends.Backend.run_packed]
+        if backend != backends.AUTO and backend not in runs:
+            raise ValueError(f"unknown backend {backend!r}; choose {', '.join([backends.AUTO, *runs])}")
         if words < 1:
             raise ValueError(f"words must be >= 1, got {words}")
         self.net, self.backend, self.words = net, backend, words
-        self._buffers: dict[str, tuple] = {}
+        self._buffers: dict[str, tuple] = {}   # the backends' per-device tables
 
     def counts(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
@@ -149,25 +152,9 @@ class HardLogicNet:
         if x.dtype != torch.bool:
             raise ValueError(f"expected a bool tensor (hard inputs), got {x.dtype}; threshold "
                              "float inputs first, e.g. x > 0.5")
-        N = x.shape[0]
-        backend = self.backend
-        if backend == "auto":
-            backend = {"cpu": "tvm", "cuda": "triton"}.get(x.device.type, "torch")
-        if backend == "torch":
-            from ..lowering.packed import eval_packed_reference
-            return eval_packed_reference(net, x).to(torch.int32)
-        key = f"{backend}:{x.device}"
-        if key not in self._buffers:
-            from ..backends.tvm_packed import net_buffers
-            self._buffers[key] = tuple(t.to(x.device) for t in net_buffers(net))
-        if backend == "tvm":
-            if x.device.type != "cpu":
-                raise ValueError("the TVM hard kernel runs on CPU tensors")
-            from ..backends.tvm_packed import pack_bits, run_packed_tvm
-            return run_packed_tvm(net, pack_bits(x, self.words), self.words,
-                                  self._buffers[key])[:N]
-        from ..backends.triton_packed import run_packed_triton
-        return run_packed_triton(net, x, self._buffers[key])[:N]
+        b = backends.choose("tiled", None, x.device.type) if self.backend == backends.AUTO \
+            else backends.get(self.backend)
+        return b.run_packed(net, x, self.words, self._buffers)[:x.shape[0]]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.counts(x).to(torch.float32) / self.net.tau

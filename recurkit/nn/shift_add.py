@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backends import tvm_lut
+from .. import backends
 from ..ir.tiled import bind_tiled, pack_signs, unpack_signs
 from .bcq import bcq_quantize
 
@@ -48,12 +48,15 @@ class ShiftAddLinear(nn.Module):
         self.register_buffer("alpha", alpha.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._fn = _op()
-        self._bound = None   # (codes, (version, address), alpha, (..), threads, call): _direct
+        # (codes, (version, address), alpha, (..), threads, call, backend): see _direct
+        self._bound = None
+        self._kernels = {}   # device type -> the backend whose kernels run the op there
 
     def __getstate__(self):   # copy.deepcopy and pickle: the op and kernels are not data
         state = self.__dict__.copy()
         del state["_fn"]
         state["_bound"] = None
+        state["_kernels"] = {}
         return state
 
     def __setstate__(self, state):
@@ -107,13 +110,14 @@ class ShiftAddLinear(nn.Module):
     def forget_weights(self) -> None:
         """Drop what was derived from the weights (the kernel's packed codes): after writing
         them in a way torch does not count (``layer.codes.data.copy_(...)``, numpy)."""
-        from ..backends.tvm_lut_shuffle import forget_packed
-        forget_packed(self._buffers["codes"])
+        for b in backends.REGISTRY.values():
+            b.forget_weights(self._buffers["codes"])
         self._bound = None
 
     def _direct(self, x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor):
-        """The CPU shuffle kernels bound to this layer's weights, for a call the op would send
-        to them (fp32 rows on an AVX2 CPU, fewer than ``dense_from()``) where nothing needs the
+        """The kernel backend's bindable kernel (``Backend.binds`` / ``bind_weights``: TVM's
+        shuffle kernels for fp32 rows on an AVX2 CPU, fewer than ``dense_from()``) bound to
+        this layer's weights, for a call the op would send to it, where nothing needs the
         op itself: no gradient, no tracing or compiling, no functorch transform (vmap, jvp), no
         torch function or dispatch mode, at least one row (the op names an empty batch).
         Else None. Calling the kernel directly saves the op's dispatch and argument checks
@@ -123,28 +127,32 @@ class ShiftAddLinear(nn.Module):
         need ``forget_weights()``."""
         if torch.compiler.is_compiling() or torch.jit.is_tracing():   # first: dynamo stops here
             return None
-        if (type(x) is not torch.Tensor or x.dtype is not torch.float32 or not x.is_cpu
-                or not 0 < x.shape[0] < tvm_lut.SHUFFLE_DENSE_FROM or not x.is_contiguous()
+        if (type(x) is not torch.Tensor or not x.is_contiguous()
                 or torch._C._functorch.is_functorch_wrapped_tensor(x)   # vmap, jvp, grad
                 or (torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad))
                 or torch._C._is_torch_function_mode_enabled()
-                or torch._C._len_torch_dispatch_stack() or not tvm_lut.has_avx2()):
+                or torch._C._len_torch_dispatch_stack()):
+            return None
+        kb = self._kernels.get(x.device.type)
+        if kb is None:
+            kb = self._kernels[x.device.type] = backends.kernel_backend(
+                self._fn.backend, "tiled", x.device.type)
+        if not kb.binds(self._fn.plan, x):   # rows its bindable kernel would not take
             return None
         b = self._bound
         threads = torch.get_num_threads()
-        if (b is not None and b[0] is codes and b[2] is alpha and b[4] == threads
+        if (b is not None and b[0] is codes and b[2] is alpha and b[4] == threads and b[6] is kb
                 and b[1] == (codes._version, codes.data_ptr())
                 and b[3] == (alpha._version, alpha.data_ptr())):
             return b[5]
         if codes.is_inference() or alpha.is_inference():   # no version counters to watch
             return None
         from .. import ops
-        from ..backends.tvm_lut_shuffle import bind_weights
         rows = x[:1].reshape(1, self.in_features // self.group_size, self.group_size)
         tc = bind_tiled(ops.shift_add.program, (rows, codes, alpha), {})   # checks the weights
         b = self._bound = (codes, (codes._version, codes.data_ptr()), alpha,
                            (alpha._version, alpha.data_ptr()), threads,
-                           bind_weights(self._fn.plan, tc))
+                           kb.bind_weights(self._fn.plan, tc), kb)
         return b[5]
 
     def extra_repr(self) -> str:

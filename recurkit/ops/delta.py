@@ -1,8 +1,7 @@
 """Delta-rule recurrences: a rank-1 erase before the write, S' = (I - a b^T) D S + k w^T."""
 from __future__ import annotations
 
-import recurkit as rk
-
+from . import _lang as rk
 from ..ir.rewrite import with_prologue
 from ._builtin import builtin, flag, run
 from .gated import SCALE

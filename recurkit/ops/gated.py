@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-import recurkit as rk
-
+from . import _lang as rk
 from ..ir import CallError
 from ._builtin import builtin, flag, run
 

@@ -1,8 +1,7 @@
 """Elementwise vector-state recurrences: h' = a * h + b, o = h'."""
 from __future__ import annotations
 
-import recurkit as rk
-
+from . import _lang as rk
 from ..ir import CallError
 from ._builtin import builtin, run
 

@@ -1,0 +1,97 @@
+"""The Triton backend's protocol object (see ``backends.base``)."""
+from __future__ import annotations
+
+from ...lowering.lut import LutPlan
+from ..base import Backend
+from . import runtime
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    forms = ("sequential", "scan", "chunk_gated", "chunk_wy")
+    kinds = ("recurrence", "tiled")
+    auto_rank = 20
+    devices = ("cuda", "cpu")   # CPU tensors run in Triton's interpreter
+    knob_defaults = runtime.DEFAULT_CONFIG
+    knob_word = "Triton config key"
+
+    def auto_for(self, kind, form, device_type):
+        return kind == "tiled" and device_type == "cuda"
+
+    def check_knobs(self, knobs):
+        return runtime.check_config(knobs)
+
+    def default_chunk(self, program, form):
+        return runtime.default_chunk(program)
+
+    def runner(self, form, tp, knobs):
+        if form == "sequential":
+            return lambda bc: runtime.run_triton_sequential(bc, knobs)
+        run = runtime.run_triton_scan if form == "scan" else runtime.run_triton_chunked
+        return lambda bc: run(tp, bc, knobs)
+
+    def codegen(self, program, tp, sizes, H, knobs):
+        return runtime.module_source(program, tp, sizes, H, knobs)
+
+    def codegen_tiled(self, plan, sizes):
+        if isinstance(plan, LutPlan):   # one module: tables + look-ups, and decode-and-dot
+            from .lut import KERNEL_SOURCE
+            return KERNEL_SOURCE
+        from .tiled import module_source
+        return module_source(plan, sizes)
+
+    def tiled_forward(self, plan, tc):
+        if isinstance(plan, LutPlan):
+            from .lut import run_lut_triton
+            return run_lut_triton(plan, tc)
+        from .tiled import run_tiled_triton
+        return run_tiled_triton(plan, tc)
+
+    def tiled_backward(self, plan, tc, dy, need):
+        if isinstance(plan, LutPlan):   # two matmuls with the dequantized weight, in torch
+            from ..torch.lut import lut_grads_torch
+            return lut_grads_torch(plan, tc, dy, need)
+        from .tiled import tiled_grads_triton
+        return tiled_grads_triton(plan, tc, dy)
+
+    def run_packed(self, net, x, words, cache):
+        from ...lowering.packed import net_buffers
+        from .packed import run_packed_triton
+        key = f"triton:{x.device}"
+        if key not in cache:
+            cache[key] = tuple(t.to(x.device) for t in net_buffers(net))
+        return run_packed_triton(net, x, cache[key])
+
+    def tuning_space(self, program, form, device_type, quick):
+        if device_type != "cuda":
+            return []   # the interpreter is for correctness, not speed
+        if form in ("sequential", "scan"):
+            return [(None, {"block_v": bv, "num_warps": w})
+                    for bv in ((32, 64) if quick else (16, 32, 64, 128)) for w in (2, 4, 8)]
+        return [(c, {"num_warps": w, "num_stages": s, "block_v": bv})
+                for c in ((16, 32) if quick else (16, 32, 64))
+                for w in ((4, 8) if quick else (4, 8, 16))
+                for s in ((2,) if quick else (1, 2, 3))
+                for bv in ((64,) if quick else (32, 64))]
+
+    def static_check(self, program, form, chunk, knobs, sizes, H, arch):
+        """Compiled ahead of time for ``arch``: more shared memory than the device has, or
+        spilled registers, is a reason; so is failing to compile."""
+        from ...lowering.forms import lower
+        cfg = runtime.check_config(knobs)
+        try:
+            tp = None if form == "sequential" else lower(program, form, chunk)
+            src = runtime.module_source(program, tp, sizes, H, cfg)
+            report = runtime.aot_compile(src, arch, cfg)
+        except Exception as e:  # noqa: BLE001 - a candidate that does not compile is dropped
+            return f"does not compile for {arch}: {type(e).__name__}: {e}"[:300]
+        bad = [r for r in report if r["shared"] > runtime.SHARED_LIMIT[arch] or
+               (r["spill_bytes"] or 0) > 0]
+        if bad:
+            r = bad[0]
+            return (f"{r['kernel']}: {r['shared']} B shared (limit "
+                    f"{runtime.SHARED_LIMIT[arch]}), {r['spill_bytes']} B spilled")
+        return None
+
+
+BACKEND = TritonBackend()

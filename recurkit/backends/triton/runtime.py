@@ -1,0 +1,245 @@
+"""The Triton backend: generated kernels, run on a GPU or, for CPU tensors, in Triton's
+interpreter; compiled ahead of time for GPUs that are not here.
+
+Each tile program becomes one Python module of source (kernels plus a ``launch`` function),
+written to ``$RECURKIT_CACHE_DIR/triton/<hash>.py`` by content hash and imported from there
+(Triton needs kernels in real files). The module is imported once per mode: as interpreted
+functions for CPU tensors and as JIT functions for GPUs and ahead-of-time compilation.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+from types import ModuleType
+
+import torch
+
+from ...ir.bind import BoundCall
+from ...lowering.analysis import analyze
+from ...lowering.forms import default_chunk as lowering_default_chunk
+from ...lowering.tile import TileProgram
+from ..shared.config import cache_root, merge_defaults
+from ..shared.host import chunk_args, chunk_result, scan_args, scan_result, token_loop_args
+from ..shared.host import decays_positive
+from .sequential import SeqGen, scan_source
+from .chunk import chunk_source
+
+GEN_VERSION = 1
+# Triton 3.9 warns unless this is set; 1 keeps its current default (fused multiply-add)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+DEFAULT_CONFIG = {"num_warps": None,     # warps per program (None: 4 for the token loops, 8
+                                         # for chunk stages, whose blocks are larger)
+                  "num_stages": 2,       # software-pipelining depth of the chunk kernels
+                  "block_v": 64,         # sequential form: state columns per program
+                  "precision": "tf32"}   # tl.dot inputs on a GPU: "tf32" (tensor cores) or "ieee"
+_MODULES: dict[tuple[str, bool], ModuleType] = {}
+_LOCK = threading.Lock()
+
+
+def check_config(config: dict | None) -> dict:
+    out = merge_defaults(config, DEFAULT_CONFIG, "Triton config key")
+    for k in ("num_warps", "block_v"):
+        v = out[k]
+        if v is None and k == "num_warps":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"Triton config {k!r} must be a power of two, got {v!r}")
+    if not isinstance(out["num_stages"], int) or out["num_stages"] < 1:
+        raise ValueError(f"Triton config 'num_stages' must be an int >= 1, got "
+                         f"{out['num_stages']!r}")
+    if out["precision"] not in ("ieee", "tf32"):
+        raise ValueError(f"Triton config 'precision' must be 'ieee' or 'tf32', got "
+                         f"{out['precision']!r}")
+    return out
+
+
+MAX_DEFAULT_CHUNK = 32   # chunk 64 spills registers in the WY prep kernel at K = V = 128
+
+
+def default_chunk(program) -> int:
+    """The chunk size the Triton backend lowers with when none is given."""
+    return min(MAX_DEFAULT_CHUNK, lowering_default_chunk(analyze(program)))
+
+
+def warps(cfg: dict, chunked: bool) -> int:
+    return cfg["num_warps"] or (8 if chunked else 4)
+
+
+def cache_dir() -> str:
+    return os.path.join(cache_root(), "triton")
+
+
+def load_module(src: str, interpret: bool) -> ModuleType:
+    """Import generated source (cached by content hash) as interpreted or JIT functions."""
+    import triton
+    key = hashlib.sha256(f"{src}\n{triton.__version__}\n{GEN_VERSION}".encode()).hexdigest()[:24]
+    with _LOCK:
+        hit = _MODULES.get((key, interpret))
+    if hit is not None:
+        return hit
+    path = os.path.join(cache_dir(), f"rk_{key}.py")
+    if not os.path.exists(path) or _read(path) != src:   # missing or damaged: (re)write
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(src)
+        os.replace(tmp, path)
+    name = f"recurkit_triton_{key}_{'interp' if interpret else 'jit'}"
+    with triton.knobs.runtime.scope():
+        triton.knobs.runtime.interpret = interpret
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    with _LOCK:
+        _MODULES[(key, interpret)] = mod
+    return mod
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _launch(mod: ModuleType, interpret: bool, *args) -> None:
+    if interpret:
+        import triton
+        with triton.knobs.runtime.scope():
+            triton.knobs.runtime.interpret = True
+            mod.launch(*args)
+    else:
+        mod.launch(*args)
+
+
+def sequential_gen(p, sizes: dict[str, int], H: int, config: dict | None = None) -> SeqGen:
+    return SeqGen(p, sizes, H, check_config(config)["block_v"])
+
+
+def module_source(program, tp: TileProgram | None, sizes: dict[str, int], H: int,
+                  config: dict | None = None) -> str:
+    """The generated module for ``program`` lowered to ``tp`` (None: the sequential form) at
+    the given dim sizes and head count: what the runners below load, for reading and for
+    compiling ahead of time."""
+    cfg = check_config(config)
+    if tp is None or tp.form == "sequential":
+        return sequential_gen(program, sizes, H, cfg).source(warps(cfg, False))
+    if tp.form == "scan":
+        return scan_source(sizes[program.state.dims[0]], H, "scan_sign" in tp.prologue,
+                           num_warps=warps(cfg, False))
+    return chunk_source(tp, sizes, H, cfg)[0]
+
+
+def run_triton_sequential(bc: BoundCall, config: dict | None = None):
+    p = bc.program
+    cfg = check_config(config)
+    gen = sequential_gen(p, bc.sizes, bc.H, cfg)
+    interpret = bc.device.type != "cuda"
+    mod = load_module(gen.source(warps(cfg, False)), interpret)
+    feeds, segt, s0, sf = token_loop_args(bc, gen.feeds)
+    o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims),
+                    device=bc.device)
+    _launch(mod, interpret, o, s0, sf, segt, feeds, bc.T, segt.shape[0])
+    return o.to(bc.out_dtype), (sf if bc.output_final_state else None)
+
+
+def run_triton_scan(tp: TileProgram, bc: BoundCall, config: dict | None = None):
+    cfg = check_config(config)
+    m, sg, b, seg, s0, sf = scan_args(tp, bc)
+    interpret = bc.device.type != "cuda"
+    mod = load_module(scan_source(m.shape[-1], bc.H, sg is not None,
+                                  num_warps=warps(cfg, False)), interpret)
+    hs = torch.empty_like(m)
+    _launch(mod, interpret, m, sg, b, hs, s0, sf, seg, bc.T, seg.shape[0])
+    return scan_result(bc, hs, sf)
+
+
+def run_triton_chunked(tp: TileProgram, bc: BoundCall, config: dict | None = None):
+    cfg = check_config(config)
+    if not decays_positive(tp, bc):   # the log-space form does not apply to this call
+        return run_triton_sequential(bc, config)
+    src, (name, axes) = chunk_source(tp, bc.sizes, bc.H, cfg)
+    interpret = bc.device.type != "cuda"
+    mod = load_module(src, interpret)
+    pk, env, s0 = chunk_args(tp, bc)
+    sf = torch.empty_like(s0)
+    _launch(mod, interpret, env, pk.N, pk.nc, s0, sf)
+    return chunk_result(bc, pk, env[name], axes, sf)
+
+
+# --- ahead-of-time compilation for GPUs that are not here -----------------------------------
+TARGETS = {"sm_80": ("cuda", 80, 32), "sm_90": ("cuda", 90, 32), "gfx942": ("hip", "gfx942", 64)}
+SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448, "gfx942": 65536}
+
+
+def _param_type(name: str) -> str:
+    return "*i32" if name == "SEG" else "i32" if name in ("NC", "TT") else "*fp32"
+
+
+def aot_compile(src: str, arch: str = "sm_90", config: dict | None = None) -> list[dict]:
+    """Compile every kernel of a generated module for ``arch`` with no GPU. Returns, per
+    kernel: name, shared memory bytes, and for CUDA registers and spill bytes (read from the
+    cubin with the cuobjdump bundled with Triton; None where it cannot be read)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    if arch not in TARGETS:
+        raise ValueError(f"unknown target {arch!r}; choose one of {', '.join(TARGETS)}")
+    cfg = check_config(config)
+    mod = load_module(src, interpret=False)
+    out = []
+    for name in sorted(n for n in vars(mod) if n.endswith("_kernel")):
+        fn = getattr(mod, name)
+        sig = {a: _param_type(a) for a in fn.arg_names}
+        loop = name in ("recurrent_kernel", "scan_kernel")
+        k = triton.compile(triton.compiler.ASTSource(fn, sig, {}), target=GPUTarget(
+            *TARGETS[arch]), options={"num_warps": warps(cfg, not loop),
+                                      "num_stages": 1 if loop else cfg["num_stages"]})
+        rec = {"kernel": name, "arch": arch, "shared": k.metadata.shared,
+               "registers": None, "spill_bytes": None}
+        if "cubin" in k.asm:
+            rec.update(_cubin_usage(k.asm["cubin"]))
+        out.append(rec)
+    return out
+
+
+def aot_compile_kernel(fn, signature: dict, constants: dict, arch: str = "sm_90",
+                       num_warps: int = 4) -> dict:
+    """Compile one @triton.jit function of a loaded module for ``arch`` with no GPU; the
+    report is as ``aot_compile``'s. ``signature`` maps every argument to a Triton type
+    ("*fp32", "i32", "constexpr", ...), ``constants`` the constexpr ones to values."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    if arch not in TARGETS:
+        raise ValueError(f"unknown target {arch!r}; choose one of {', '.join(TARGETS)}")
+    k = triton.compile(triton.compiler.ASTSource(fn, signature, constants),
+                       target=GPUTarget(*TARGETS[arch]), options={"num_warps": num_warps})
+    rec = {"kernel": fn.__name__, "arch": arch, "shared": k.metadata.shared,
+           "registers": None, "spill_bytes": None}
+    if "cubin" in k.asm:
+        rec.update(_cubin_usage(k.asm["cubin"]))
+    return rec
+
+
+def _cubin_usage(cubin: bytes) -> dict:
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        r = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", r.stdout)
+    return {"registers": int(m.group(1)), "spill_bytes": int(m.group(2))} if m else {}

@@ -1,0 +1,279 @@
+"""The generated backward of a recurrence as one compiled TVM CPU kernel.
+
+It renders the adjoint step (``lowering/adjoint.py``) with the sequential kernel's expression
+machinery (``tvm.sequential._Gen``). Per (sequence, head), in parallel:
+
+  1. the forward, saving the state entering every chunk of ``chunk`` tokens (checkpoints);
+  2. for each chunk, last first: the chunk's states recomputed from its checkpoint into a
+     scratch of chunk + 1 states, then its tokens walked in reverse, each evaluating the
+     adjoint step: it reads the old state (scratch slot j), the new one (slot j + 1), the
+     feeds, the output's cotangent and ``G``, the cotangent of the new state carried back in
+     time (a local buffer, overwritten with the old state's cotangent), and writes each
+     feed's cotangent for the token;
+  3. ``G``, now the cotangent of the initial state, is written out.
+
+Memory beyond the inputs: one checkpoint per chunk and the scratch, per (sequence, head).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ...ir.bind import BoundCall
+from ...ir.node import Node, toposort
+from ...lowering.adjoint import AdjointStep
+from ..shared.host import initial_state, segments
+from .sequential import _Gen
+from .nests import LANES, NestEmitter, _Item
+from .build import _LOCK, compile_source
+
+DEFAULT_CHUNK = 32   # tokens between checkpoints: the scratch (chunk + 1 states) stays in cache
+INLINE_COST = 6      # a value used twice is stored when its inline expression has more ops
+
+
+class _AdjGen(NestEmitter, _Gen):
+    """TVMScript text of the backward kernel of one program at fixed dim sizes."""
+
+    def __init__(self, adj: AdjointStep, sizes: dict[str, int], chunk: int = DEFAULT_CHUNK,
+                 knobs: dict | None = None):
+        from .sequential import check_knobs
+        p = adj.program
+        self.p, self.adj, self.sizes, self.chunk = p, adj, dict(sizes), chunk
+        self.knobs = check_knobs(knobs)
+        self.tdim, self.tvar = None, "tt"
+        self.state = next(n for n in p.nodes() if n.role == "state")
+        self.slot, self.slot_next = "j", None   # the scratch slots of the old and new state
+        self.lets: tuple | None = None           # (nest dims, hoisted loads) while rendering
+        self.nlet = 0
+        feed_ids = {id(f) for f in adj.feeds}
+        self.fwd = toposort([p.new_state], stop=feed_ids)
+        self.bwd = adj.nodes()
+        every = {id(n): n for n in self.fwd + self.bwd}
+        self.free_inline = set(adj.inlined)
+        self.feeds = list(adj.feeds)
+        self.dep = {i: (i not in feed_ids and i not in self.free_inline) for i in every}
+        self.leaves = {id(self.state), id(adj.d_new), id(p.new_state)} | (
+            {id(adj.d_out)} if adj.d_out is not None else set())
+        uses: dict[int, int] = {}
+        for n in every.values():
+            if n.op == "input" or id(n) in feed_ids:
+                continue
+            for a in n.args:
+                uses[id(a)] = uses.get(id(a), 0) + 1
+        # what is stored: every reduction, and values used more than once whose inline
+        # expression (down to leaves and stored values) is not short
+        self.mat: set[int] = set()
+        cost: dict[int, int] = {}
+        for n in toposort(list(every.values()), stop=feed_ids):
+            if not self.dep.get(id(n), False) or n.op in ("input", "const") or \
+                    id(n) in self.leaves:
+                cost[id(n)] = 0
+                continue
+            if n.op in ("contract", "sum", "max"):
+                self.mat.add(id(n))
+                cost[id(n)] = 0
+                continue
+            c = 1 + sum(cost.get(id(a), 0) for a in n.args)
+            if uses.get(id(n), 0) > 1 and n.dtype == "f32" and c > INLINE_COST:
+                self.mat.add(id(n))
+                c = 0
+            cost[id(n)] = c
+        self.names = {id(f): f"F{i}" for i, f in enumerate(self.feeds)}
+        for i, n in enumerate(toposort(list(every.values()))):
+            self.names.setdefault(id(n), f"N{i}")
+
+    # --- scheduling: stored values and outputs, fused into loop nests ------------------------
+    def reads(self, n: Node, top: bool = True) -> set[int]:
+        """The stored values (and leaves) that evaluating ``n`` inline loads."""
+        if not top and (id(n) in self.mat or id(n) in self.leaves):
+            return {id(n)}
+        if n.op in ("input", "const") or not self.dep.get(id(n), False):
+            return set()
+        out: set[int] = set()
+        for a in n.args:
+            out |= self.reads(a, top=False)
+        return out
+
+    def items(self, nodes: list[Node]) -> list["_Item"]:
+        out = []
+        for n in nodes:
+            if id(n) not in self.mat:
+                continue
+            red = n.op in ("contract", "sum", "max")
+            dom = self.p.canonical(set(n.dims) | set(n.attr("over") or ())) if red else n.dims
+            out.append(_Item(n, red, dom, self.reads(n)))
+        return out
+
+    def expr(self, n: Node, env: dict[str, str]) -> str:
+        if n is self.state:
+            return f"SCR[n, h, {self.slot}, {self.gidx(n.dims, env)}]"
+        if n is self.p.new_state and self.slot_next is not None:
+            return f"SCR[n, h, {self.slot_next}, {self.gidx(n.dims, env)}]"
+        if n is self.adj.d_new:
+            return f"G[{self.idx(n.dims, env)}]"
+        if n is self.adj.d_out:
+            lead = f"row, {self.tvar}, h" + (", " if n.dims else "")
+            return self.hoist(f"DOUT[{lead}{self.gidx(n.dims, env)}]", n.dims)
+        if id(n) in self.mat or (n.op != "const" and not self.dep.get(id(n), True) and
+                                 id(n) not in self.free_inline):
+            return self.hoist(super().expr(n, env), n.dims)
+        return super().expr(n, env)
+
+    def forward_step(self, ind: int, j: str, tt: str) -> list[str]:
+        """SCR[slot j + 1] = the new state from SCR[slot j], for token tt."""
+        self.slot, self.slot_next, self.tvar = j, None, tt
+        sd = self.state.dims
+        out = _Item(None, False, sd, self.reads(self.p.new_state), value=self.p.new_state,
+                    target=lambda e: f"SCR[n, h, {j} + 1, {self.gidx(sd, e)}]")
+        return self.emit(self.schedule(self.items(self.fwd) + [out]), ind)
+
+    def backward_step(self, ind: int, j: str, tt: str) -> list[str]:
+        self.slot, self.slot_next, self.tvar = j, f"{j} + 1", tt
+        adj = self.adj
+        items = self.items(self.bwd)
+        for i, d in enumerate(adj.d_feeds):
+            if d is None:
+                continue
+            fd = adj.feeds[i].dims
+            lead = f"row, {tt}, h" + (", " if fd else "")
+            items.append(_Item(None, False, fd, self.reads(d, top=id(d) not in self.mat),
+                               value=d, target=lambda e, i=i, fd=fd, lead=lead:
+                               f"DF{i}[{lead}{self.gidx(fd, e)}]"))
+        sd = self.state.dims
+        # G is overwritten in place by the old state's cotangent: after every read of it
+        g_val = adj.d_state
+        g_item = _Item(None, False, sd, set() if g_val is None else self.reads(
+            g_val, top=id(g_val) not in self.mat), value=g_val,
+            target=lambda e: f"G[{self.idx(sd, e)}]")
+        # its own nest, after every read of G
+        placed = self.schedule(items) + [[g_item]]
+        lines = self.emit(placed, ind)
+        self.slot_next = None
+        return lines
+
+    def source(self) -> str:
+        p, sz, adj, C = self.p, self.sizes, self.adj, self.chunk
+        sd = self.state.dims
+        H = sz["__H"]
+        shape = lambda dims: ", ".join(str(sz[d]) for d in dims)  # noqa: E731
+        lead = lambda dims: f"(B, TT, {H}{', ' if dims else ''}{shape(dims)})"  # noqa: E731
+        grads = [i for i, d in enumerate(adj.d_feeds) if d is not None]
+        args = ["s0: T.handle", "dsf: T.handle", "ds0: T.handle", "seg: T.handle",
+                "scr: T.handle", "ck: T.handle"] + \
+            (["dout: T.handle"] if adj.d_out is not None else []) + \
+            [f"f{i}: T.handle" for i in range(len(self.feeds))] + \
+            [f"df{i}: T.handle" for i in grads]
+        L = ["@T.prim_func", f"def main({', '.join(args)}):",
+             '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+             "    B = T.int32()", "    TT = T.int32()", "    NS = T.int32()",
+             "    NC = T.int32()"]
+        for nm in ("S0", "DSF", "DS0"):
+            L.append(f"    {nm} = T.match_buffer({nm.lower()}, (NS, {H}, {shape(sd)}), "
+                     "\"float32\")")
+        L.append("    SEG = T.match_buffer(seg, (NS, 3), \"int32\")")
+        L.append(f"    SCR = T.match_buffer(scr, (NS, {H}, {C + 1}, {shape(sd)}), \"float32\")")
+        L.append(f"    CK = T.match_buffer(ck, (NS, {H}, NC, {shape(sd)}), \"float32\")")
+        if adj.d_out is not None:
+            L.append(f"    DOUT = T.match_buffer(dout, {lead(p.output.dims)}, \"float32\")")
+        for i, f in enumerate(self.feeds):
+            L.append(f"    F{i} = T.match_buffer(f{i}, {lead(f.dims)}, \"float32\")")
+        for i in grads:
+            L.append(f"    DF{i} = T.match_buffer(df{i}, {lead(adj.feeds[i].dims)}, "
+                     "\"float32\")")
+        kind = "T.parallel" if self.knobs["parallel"] else "T.serial"
+        L.append(f"    for nh in {kind}(NS * {H}):")
+        pad = "        "
+        L += [f"{pad}n: T.let = nh // {H}", f"{pad}h: T.let = nh % {H}", f"{pad}row: T.let = SEG[n, 0]",
+              f"{pad}t0: T.let = SEG[n, 1]", f"{pad}nt: T.let = SEG[n, 2] - SEG[n, 1]",
+              f"{pad}nck: T.let = (nt + {C - 1}) // {C}",
+              f"{pad}G = T.alloc_buffer(({self.local_shape(sd)},), \"float32\")"]
+        for n in toposort(self.fwd + self.bwd):
+            if id(n) in self.mat:
+                L.append(f"{pad}{self.names[id(n)]} = T.alloc_buffer(("
+                         f"{self.local_shape(n.dims)},), \"float32\")")
+                over = n.attr("over") or ()
+                dom = self.p.canonical(set(n.dims) | set(over))
+                if dom and dom[-1] in over and self.sizes[dom[-1]] % LANES == 0:
+                    shp = ", ".join([str(self.sizes[d]) for d in n.dims
+                                     if not self.row_local(n)] + [str(self.width(dom[-1]))])
+                    L.append(f"{pad}{self.names[id(n)]}_acc = T.alloc_buffer(({shp},), "
+                             "\"float32\")")
+        e = self.env(sd)
+        g = self.gidx(sd, e)
+        L += self.loops(sd, [f"SCR[n, h, 0, {g}] = S0[n, h, {g}]"], 2)
+        # 1. the forward, keeping the state entering each chunk
+        L.append(f"{pad}for c in T.serial(nck):")
+        p3 = pad + "    "
+        L += self.loops(sd, [f"CK[n, h, c, {g}] = SCR[n, h, 0, {g}]"], 3)
+        L.append(f"{p3}nj: T.let = T.min({C}, nt - c * {C})")
+        L.append(f"{p3}for j in T.serial(nj):")
+        L.append(f"{p3}    tt: T.let = t0 + c * {C} + j")
+        L += self.forward_step(4, "j", "tt")
+        L += self.loops(sd, [f"SCR[n, h, 0, {g}] = SCR[n, h, nj, {g}]"], 3)
+        # 2. back through the chunks: recompute the chunk's states, then walk it in reverse
+        L += self.loops(sd, [f"G[{self.idx(sd, e)}] = DSF[n, h, {g}]"], 2)
+        L.append(f"{pad}for cr in T.serial(nck):")
+        L.append(f"{p3}cb: T.let = nck - 1 - cr")
+        L.append(f"{p3}njb: T.let = T.min({C}, nt - cb * {C})")
+        L += self.loops(sd, [f"SCR[n, h, 0, {g}] = CK[n, h, cb, {g}]"], 3)
+        L.append(f"{p3}for jf in T.serial(njb):")
+        L.append(f"{p3}    tf: T.let = t0 + cb * {C} + jf")
+        L += self.forward_step(4, "jf", "tf")
+        L.append(f"{p3}for jr in T.serial(njb):")
+        L.append(f"{p3}    jb: T.let = njb - 1 - jr")
+        L.append(f"{p3}    tb: T.let = t0 + cb * {C} + jb")
+        L += self.backward_step(4, "jb", "tb")
+        # 3. the initial state's cotangent
+        L += self.loops(sd, [f"DS0[n, h, {g}] = G[{self.idx(sd, e)}]"], 2)
+        return "\n".join(L) + "\n"
+
+
+def adjoint_source(adj: AdjointStep, sizes: dict[str, int], H: int,
+                   chunk: int = DEFAULT_CHUNK, knobs: dict | None = None) -> str:
+    """The TVMScript of the backward kernel (for reading and golden tests)."""
+    return _AdjGen(adj, {**sizes, "__H": H}, chunk, knobs).source()
+
+
+_KERNELS: dict[tuple, Callable] = {}
+
+
+def _kernel(adj: AdjointStep, sizes: dict[str, int], H: int, chunk: int,
+            knobs: dict | None) -> Callable:
+    from .sequential import check_knobs
+    knobs = check_knobs(knobs)
+    key = (adj.program.content_hash(), tuple(sorted(sizes.items())), H, chunk,
+           torch.get_num_threads(), tuple(sorted(knobs.items())))
+    with _LOCK:
+        hit = _KERNELS.get(key)
+    if hit is None:
+        hit = compile_source(adjoint_source(adj, sizes, H, chunk, knobs))
+        with _LOCK:
+            _KERNELS[key] = hit
+    return hit
+
+
+def run_adjoint_tvm(bc: BoundCall, adj: AdjointStep, feeds: list[torch.Tensor],
+                    d_out: torch.Tensor | None, d_final: torch.Tensor | None,
+                    chunk: int = DEFAULT_CHUNK, knobs: dict | None = None):
+    """The backward kernel (see ``shared.adjoint.generated_backward`` for the contract)."""
+    p = bc.program
+    fn = _kernel(adj, bc.sizes, bc.H, chunk, knobs)
+    segs = segments(bc)
+    seg = torch.tensor(segs, dtype=torch.int32)
+    s0 = initial_state(bc, len(segs)).contiguous()
+    dsf = torch.zeros_like(s0) if d_final is None else d_final.contiguous()
+    ds0 = torch.empty_like(s0)
+    longest = max([e - s for _, s, e in segs] + [1])
+    sd = s0.shape[2:]
+    scr = torch.empty(len(segs), bc.H, chunk + 1, *sd)
+    ck = torch.empty(len(segs), bc.H, -(-longest // chunk), *sd)
+    args = [s0, dsf, ds0, seg, scr, ck]
+    if adj.d_out is not None:
+        args.append(d_out.contiguous() if d_out is not None else torch.zeros(
+            bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims)))
+    args += feeds
+    d_feeds = [None if d is None else torch.empty_like(f) for f, d in zip(feeds, adj.d_feeds)]
+    args += [d for d in d_feeds if d is not None]
+    fn(*args)
+    return d_feeds, ds0

@@ -1,0 +1,389 @@
+"""The TVM backend: the sequential form as a compiled CPU kernel generated from the step's IR.
+
+State-free values (the prologue: gates, normalised keys, scales) are computed for all tokens at
+once in torch and passed in as buffers; the kernel runs, in parallel over (sequence, head), a
+loop over tokens that keeps the state in a local buffer and evaluates the state-dependent
+nodes as small loop nests (innermost dim vectorised; single-use elementwise nodes inlined), and
+overwrites the state in one pass that also accumulates its reads (``tvm.update``).
+Kernels are specialised to the dim sizes and cached by (IR hash, sizes, target).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ...ir.bind import BoundCall
+from ...ir.node import Node, depends_on_state
+from ..shared.config import merge_defaults
+from ..shared.host import token_loop_args
+from .build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
+                        cache_dir, compile_source, cuda_ptx, target)
+from .update import UpdatePass, _f  # noqa: F401 - _f: shared by the other generators
+
+# schedule knobs of the sequential kernel (the autotuner's space): see rk.compile(knobs=...)
+DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this extent (0: never)
+                 "unroll": 0,         # unroll loops of at most this extent (0: never)
+                 "parallel": True,    # run (sequence, head) pairs on all threads
+                 "pipeline": True,    # read the state for token t+1 while writing token t's
+                 "block": 32}         # update the state in column blocks this wide (0: whole)
+
+
+def check_knobs(knobs: dict | None) -> dict:
+    out = merge_defaults(knobs, DEFAULT_KNOBS, "TVM knob")
+    for k in ("vectorize", "unroll", "block"):
+        if isinstance(out[k], bool) or not isinstance(out[k], int) or out[k] < 0:
+            raise ValueError(f"TVM knob {k!r} must be an int >= 0, got {out[k]!r}")
+    for k in ("parallel", "pipeline"):
+        if not isinstance(out[k], bool):
+            raise ValueError(f"TVM knob {k!r} must be a bool, got {out[k]!r}")
+    return out
+
+
+class _Gen(UpdatePass):
+    """TVMScript text for the sequential form of one program at fixed dim sizes."""
+
+    UNARY = {"neg": "(-{0})", "exp": "T.exp({0})", "log": "T.log({0})",
+             "sigmoid": "T.sigmoid({0})", "tanh": "T.tanh({0})", "sqrt": "T.sqrt({0})",
+             "rsqrt": "T.rsqrt({0})", "abs": "T.fabs({0})",
+             "relu": "T.max({0}, T.float32(0))", "silu": "({0} * T.sigmoid({0}))",
+             "softplus": "(T.max({0}, T.float32(0)) + T.log1p(T.exp(-T.fabs({0}))))"}
+    BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})",
+              "div": "({0} / {1})", "pow": "T.pow({0}, {1})", "maximum": "T.max({0}, {1})",
+              "minimum": "T.min({0}, {1})", "lt": "({0} < {1})", "le": "({0} <= {1})",
+              "gt": "({0} > {1})", "ge": "({0} >= {1})", "eq": "({0} == {1})",
+              "ne": "({0} != {1})"}
+
+    def __init__(self, p, sizes: dict[str, int], gpu: bool = False,
+                 knobs: dict | None = None):
+        self.p, self.sizes = p, sizes
+        self.knobs = check_knobs(knobs)
+        # on a GPU the last state dim is spread over the threads of a block: each thread keeps
+        # its column of the state in registers and contracts the other dims by itself
+        self.tdim = p.state.dims[-1] if gpu else None
+        self.tvar = "tt"   # the token whose prologue values expressions read
+        self.scope = buffer_scope(gpu)
+        nodes = p.nodes()
+        self.dep = depends_on_state(nodes)
+        self.state = next(n for n in nodes if n.role == "state")
+        self.step = [n for n in nodes if self.dep[id(n)] and n.op != "input"]
+        uses: dict[int, int] = {}
+        for n in self.step:
+            for a in n.args:
+                uses[id(a)] = uses.get(id(a), 0) + 1
+        for r in (p.output, p.new_state):
+            uses[id(r)] = uses.get(id(r), 0) + 2
+        # state-free arguments of the step: fed as [B, T, H, *dims] buffers, except
+        # broadcasting products (an outer product k v^T), which are rebuilt from their
+        # factors in the kernel instead of being stored per token at K x V
+        self.free_inline: set[int] = set()
+        self.feeds: list[Node] = []
+
+        def feed(a: Node) -> None:
+            if self.dep[id(a)] or a.op == "const" or any(a is f for f in self.feeds):
+                return
+            if (a.op in self.BINARY or a.op in self.UNARY) and a.dims and all(
+                    len(x.dims) < len(a.dims) for x in a.args):
+                self.free_inline.add(id(a))
+                for x in a.args:
+                    feed(x)
+                return
+            self.feeds.append(a)
+        for n in self.step:
+            for a in n.args:
+                feed(a)
+        if not self.dep[id(p.output)]:
+            feed(p.output)
+        self.out_free = not self.dep[id(p.output)]
+
+        def cheap(n: Node) -> bool:   # one op on leaves: recomputing beats a store and loads
+            return n.op in self.UNARY or n.op in self.BINARY and all(
+                a is self.state or a.op == "const" or not self.dep[id(a)] for a in n.args)
+        self.mat = {id(n) for n in self.step if n.op in ("contract", "sum", "max")
+                    or (uses.get(id(n), 0) > 1 and n.dtype == "f32" and not cheap(n))}
+        # a value with fewer dims than its consumer is computed once, not once per row
+        for c in self.step:
+            for a in c.args:
+                if self.dep[id(a)] and a.op != "input" and a.dtype == "f32" and \
+                        set(a.dims) < set(c.dims) and not cheap(a):
+                    self.mat.add(id(a))
+        # the new state can overwrite S in place when nothing evaluated after it reads the old S
+        after = _descendants(self.step, p.new_state)
+        self.in_place = not any(self._reads_state(n) for n in self.step
+                                if id(n) in after and n is not p.new_state) and \
+            not (self.dep[id(p.output)] and id(p.output) in after and
+                 self._reads_state(p.output, top=True))
+        self.names = {id(f): f"F{i}" for i, f in enumerate(self.feeds)}
+        for i, n in enumerate(self.step):
+            self.names.setdefault(id(n), f"N{i}")
+
+    def _pure(self, n: Node) -> bool:
+        """Computed from S and prologue values only, without materialised intermediates."""
+        return n is self.state or not self.dep[id(n)] or (
+            id(n) not in self.mat and n.op in self.BINARY | self.UNARY and
+            all(self._pure(a) for a in n.args))
+
+    def _pipelined(self, after: set[int]) -> list[Node]:
+        """Contractions of the old state that can be computed for token t+1 while token t's
+        update writes S: one pass over the state per token instead of two (CPU only)."""
+        sd = self.p.state.dims
+        if self.tdim is not None or not self.in_place or not sd or not self.knobs["pipeline"]:
+            return []
+        return [n for n in self.step if n.op == "contract" and id(n) in self.mat and
+                id(n) not in after and sd[-1] not in n.attr("over") and
+                set(n.attr("over")) <= set(sd) and all(self._pure(a) for a in n.args)]
+
+    def _product(self, n: Node, e: dict[str, str]) -> str:
+        """The summand of a contraction as a product, loop-invariant factors first."""
+        alld = tuple(d for d in self.p.dims if d in n.dims or d in n.attr("over"))
+        fs = sorted(self._factors(n.args[0]) + self._factors(n.args[1]), key=lambda f: (
+            bool(f.dims) and alld[-1] in f.dims and alld[-1] != self.tdim, len(f.dims)))
+        return self._chain(fs, e)
+
+    def _factors(self, n: Node) -> list[Node]:
+        if n.op == "mul" and id(n) not in self.mat and (self.dep[id(n)] or
+                                                       id(n) in self.free_inline):
+            return self._factors(n.args[0]) + self._factors(n.args[1])
+        return [n]
+
+    def _reads_state(self, n: Node, top: bool = False) -> bool:
+        """Whether evaluating n (with its inlined args) loads the old state S."""
+        if n is self.state:
+            return True
+        if (not top and id(n) in self.mat) or n is self.p.new_state or not self.dep[id(n)]:
+            return False
+        return any(self._reads_state(a) for a in n.args)
+
+    def idx(self, dims, env: dict[str, str]) -> str:
+        """Index into a local buffer (the thread dim, on a GPU, is not stored)."""
+        dims = [d for d in dims if d != self.tdim]
+        return ", ".join(env[d] for d in dims) if dims else "0"
+
+    def gidx(self, dims, env: dict[str, str]) -> str:
+        return ", ".join(env[d] for d in dims)
+
+    def local_shape(self, dims) -> str:
+        dims = [d for d in dims if d != self.tdim]
+        return ", ".join(str(self.sizes[d]) for d in dims) if dims else "1"
+
+    def expr(self, n: Node, env: dict[str, str]) -> str:
+        if n is self.state:
+            return f"S[{self.idx(n.dims, env)}]"
+        if n.op == "const":
+            return _f(n.attr("value"))
+        if not self.dep[id(n)] and id(n) not in self.free_inline:
+            lead = f"row, {self.tvar}, h" + (", " if n.dims else "")
+            return f"{self.names[id(n)]}[{lead}{', '.join(env[d] for d in n.dims)}]"
+        if id(n) in self.mat:
+            return f"{self.names[id(n)]}[{self.idx(n.dims, env)}]"
+        if n.op == "mul":   # a product: loop-invariant factors first, so they are hoisted
+            inner = self.p.dims[-1] if self.p.dims else None
+            fs = sorted(self._factors(n), key=lambda f: (
+                bool(f.dims) and f.dims[-1] == inner and inner != self.tdim, len(f.dims)))
+            return self._chain(fs, env)
+        a = [self.expr(x, env) for x in n.args]
+        if n.op in self.UNARY:
+            return self.UNARY[n.op].format(*a)
+        if n.op in self.BINARY:
+            return self.BINARY[n.op].format(*a)
+        if n.op == "where":
+            return f"T.if_then_else({a[0]}, {a[1]}, {a[2]})"
+        raise NotImplementedError(f"tvm backend: op {n.op} cannot be inlined")
+
+    def loops(self, dims, body: list[str], ind: int, vector_last: bool = True) -> list[str]:
+        out, pad = [], "    " * ind
+        dims = [d for d in dims if d != self.tdim]
+        vector_last = vector_last and self.tdim is None
+        for k, d in enumerate(dims):
+            kind = "T.vectorized" if vector_last and k == len(dims) - 1 and \
+                self.sizes[d] <= self.knobs["vectorize"] else (
+                    "T.unroll" if self.sizes[d] <= self.knobs["unroll"] else "T.serial")
+            out.append(f"{pad}for i_{d} in {kind}({self.sizes[d]}):")
+            pad += "    "
+        return out + [pad + line for line in body]
+
+    def env(self, dims) -> dict[str, str]:
+        return {d: ("tx" if d == self.tdim else f"i_{d}") for d in dims}
+
+    def node_code(self, n: Node, ind: int) -> list[str]:
+        name = self.names[id(n)]
+        if n.op in ("contract", "sum", "max"):
+            over = n.attr("over")
+            if self.tdim in over:
+                raise NotImplementedError(
+                    f"tvm gpu kernel: {n.op} over {self.tdim}, the dim spread over threads, "
+                    "needs a cross-thread reduction, which this version does not generate")
+            init = _f(float("-inf")) if n.op == "max" else _f(0.0)
+            code = self.loops(n.dims, [f"{name}[{self.idx(n.dims, self.env(n.dims))}] = {init}"],
+                              ind)
+            alld = tuple(d for d in self.p.dims if d in n.dims or d in over)
+            e = self.env(alld)
+            tgt = f"{name}[{self.idx(n.dims, e)}]"
+            if n.op == "contract":   # as a product, so invariant factors are hoisted
+                val = self._product(n, e)
+                upd = f"{tgt} = {tgt} + {val}"
+            elif n.op == "sum":
+                upd = f"{tgt} = {tgt} + {self.expr(n.args[0], e)}"
+            else:
+                upd = f"{tgt} = T.max({tgt}, {self.expr(n.args[0], e)})"
+            # vectorise the innermost loop only when it is not the reduced one
+            vec = bool(alld) and alld[-1] not in over
+            return code + self.loops(alld, [upd], ind, vector_last=vec)
+        e = self.env(n.dims)
+        inner = self.expr_inline(n, e)
+        return self.loops(n.dims, [f"{name}[{self.idx(n.dims, e)}] = {inner}"], ind)
+
+    def expr_inline(self, n: Node, env) -> str:
+        saved = id(n) in self.mat
+        self.mat.discard(id(n))
+        try:
+            return self.expr(n, env)
+        finally:
+            if saved:
+                self.mat.add(id(n))
+
+    def source(self) -> str:
+        p, sz = self.p, self.sizes
+        sd = p.state.dims
+        shape = lambda dims: ", ".join(str(sz[d]) for d in dims)  # noqa: E731
+        args = ["o: T.handle", "s0: T.handle", "sf: T.handle", "seg: T.handle"] + [
+            f"f{i}: T.handle" for i in range(len(self.feeds))]
+        lines = ["@T.prim_func", f"def main({', '.join(args)}):",
+                 '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
+                 "    B = T.int32()", "    TT = T.int32()", "    NS = T.int32()"]
+        H = sz["__H"]
+        od = p.output.dims
+        lines.append(f"    O = T.match_buffer(o, (B, TT, {H}{', ' if od else ''}{shape(od)}), "
+                     "\"float32\")")
+        lines.append(f"    S0 = T.match_buffer(s0, (NS, {H}, {shape(sd)}), \"float32\")")
+        lines.append(f"    SF = T.match_buffer(sf, (NS, {H}, {shape(sd)}), \"float32\")")
+        lines.append("    SEG = T.match_buffer(seg, (NS, 3), \"int32\")")
+        for i, f in enumerate(self.feeds):
+            fd = f.dims
+            lines.append(f"    F{i} = T.match_buffer(f{i}, (B, TT, {H}{', ' if fd else ''}"
+                         f"{shape(fd)}), \"float32\")")
+        if self.tdim is None:
+            kind = "T.parallel" if self.knobs["parallel"] else "T.serial"
+            lines.append(f"    for nh in {kind}(NS * {H}):")
+            ind = 2
+        else:
+            lines.append(f"    for nh in T.thread_binding(NS * {H}, thread=\"blockIdx.x\"):")
+            lines.append(f"        for tx in T.thread_binding({sz[self.tdim]}, "
+                         "thread=\"threadIdx.x\"):")
+            ind = 3
+        pad = "    " * ind
+        lines += [f"{pad}n: T.let = nh // {H}", f"{pad}h: T.let = nh % {H}",
+                  f"{pad}row: T.let = SEG[n, 0]",
+                  f"{pad}S = T.alloc_buffer(({self.local_shape(sd)},), \"float32\""
+                  f"{self.scope})"]
+        for n in self.step:
+            if (id(n) in self.mat or n is p.new_state) and not (n is p.new_state and
+                                                                self.in_place):
+                lines.append(f"{pad}{self.names[id(n)]} = T.alloc_buffer(("
+                             f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
+        e = self.env(sd)
+        lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = S0[n, h, {self.gidx(sd, e)}]"], ind)
+        after = _descendants(self.step, p.new_state)
+        pre = self._pipelined(after)
+        for n in pre:   # the next step's reads of the state, accumulated during each update
+            lines.append(f"{pad}{self.names[id(n)]}_next = T.alloc_buffer(("
+                         f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
+        self.late_allocs: list[str] = []   # buffers the token loop's code asks for
+        alloc_at = len(lines)
+        if pre:         # ... and for the first token, before the loop
+            lines.append(f"{pad}t0: T.let = T.min(SEG[n, 1], TT - 1)")
+            self.tvar = "t0"
+            for n in pre:
+                lines += self.node_code(n, ind)
+            self.tvar = "tt"
+        lines.append(f"{pad}for t in T.serial(SEG[n, 2] - SEG[n, 1]):")
+        ind2 = ind + 1
+        pad2 = "    " * ind2
+        lines.append(f"{pad2}tt: T.let = SEG[n, 1] + t")
+        if pre:
+            lines.append(f"{pad2}tn: T.let = T.min(tt + 1, TT - 1)")
+        for n in self.step:
+            if id(n) in self.mat and id(n) not in after and n is not p.new_state and \
+                    n not in pre:
+                lines += self.node_code(n, ind2)
+        e = self.env(sd)
+        fused: set[int] = set()
+        if self.in_place:   # S' written over S: later nodes read the new state as S
+            fused = self._update_pass(pre, ind2, lines)
+        else:
+            self.mat.add(id(p.new_state))
+            lines += self.node_code(p.new_state, ind2)
+        for n in self.step:
+            if id(n) in self.mat and id(n) in after and n is not p.new_state and \
+                    id(n) not in fused:
+                lines += self.node_code(n, ind2)
+        e = self.env(od)
+        lines += self.loops(od, [f"O[row, tt, h{', ' if od else ''}{', '.join(e[d] for d in od)}]"
+                                 f" = {self.expr(p.output, e)}"], ind2)
+        if not self.in_place:
+            e = self.env(sd)
+            lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = {self.expr(p.new_state, e)}"],
+                                ind2)
+        for n in pre:   # once every use of this token's value is done
+            en = self.env(n.dims)
+            lines += self.loops(n.dims, [f"{self.names[id(n)]}[{self.idx(n.dims, en)}] = "
+                                         f"{self.names[id(n)]}_next[{self.idx(n.dims, en)}]"],
+                                ind2)
+        e = self.env(sd)
+        lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
+        lines[alloc_at:alloc_at] = [pad + a for a in self.late_allocs]
+        return "\n".join(lines) + "\n"
+
+
+def _descendants(nodes: list[Node], root: Node) -> set[int]:
+    """ids of the nodes (in topological ``nodes``) that depend on ``root``, root included."""
+    out = {id(root)}
+    for n in nodes:
+        if any(id(a) in out for a in n.args):
+            out.add(id(n))
+    return out
+
+
+def sequential_source(p, sizes: dict[str, int], H: int, gpu: bool = False,
+                      knobs: dict | None = None) -> str:
+    """The TVMScript of the sequential kernel (for reading and golden tests)."""
+    return _Gen(p, {**sizes, "__H": H}, gpu, knobs).source()
+
+
+def cuda_source(p, sizes: dict[str, int], H: int, arch: str = "sm_90") -> str:
+    """CUDA C of the sequential kernel for ``arch``, generated with no GPU: one block per
+    (sequence, head), one thread per entry of the state's last dim."""
+    import tvm
+    import tvm.script
+    func = tvm.script.from_source(sequential_source(p, sizes, H, gpu=True))
+    ex = tvm.compile(tvm.IRModule({"main": func}),
+                     target=tvm.target.Target({"kind": "cuda", "arch": arch}))
+    return ex.mod.imports[0].inspect_source()
+
+
+_KERNELS: dict[tuple, tuple[Callable, _Gen]] = {}
+
+
+def _kernel(p, sizes: dict[str, int], H: int, knobs: dict | None = None
+            ) -> tuple[Callable, _Gen]:
+    knobs = check_knobs(knobs)
+    key = (p.content_hash(), tuple(sorted(sizes.items())), H, torch.get_num_threads(),
+           tuple(sorted(knobs.items())))
+    with _LOCK:
+        hit = _KERNELS.get(key)
+    if hit is None:
+        gen = _Gen(p, {**sizes, "__H": H}, knobs=knobs)
+        hit = (compile_source(gen.source()), gen)
+        with _LOCK:
+            _KERNELS[key] = hit
+    return hit
+
+
+def run_tvm_sequential(bc: BoundCall, knobs: dict | None = None):
+    """Run the sequential form of a stateful program as a compiled TVM kernel."""
+    p = bc.program
+    fn, gen = _kernel(p, bc.sizes, bc.H, knobs)
+    feeds, segt, s0, sf = token_loop_args(bc, gen.feeds)
+    o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))  # all written
+    fn(o, s0, sf, segt, *feeds)
+    return o.to(bc.out_dtype), (sf if bc.output_final_state else None)
