@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import bench, machine  # noqa: E402
+from common import bench, cpu_features, machine, save_results  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 from recurkit.autotune import TuneCache, default_candidate, tune  # noqa: E402
@@ -28,7 +28,9 @@ SHAPE = {"B": 1, "T": 4096, "H": 4, "N": 1, "sizes": {"K": 128, "V": 128}}
 
 def main() -> int:
     print(f"machine: {machine()}")
+    print(f"vector features: {' '.join(cpu_features())}")
     print("shape: B=1, T=4096, H=4, K=V=128, fp32, forward")
+    rows = []
     with tempfile.TemporaryDirectory() as d:
         os.environ["RECURKIT_CACHE_DIR"] = d
         for name in ("gated_delta_rule", "kda"):
@@ -63,6 +65,13 @@ def main() -> int:
             print(f"{name:17} quick is {gap * 100:+.1f}% vs full, {speed:.2f}x the default; "
                   f"quick wall {q.wall:.1f} s; cache hit {hit_ms:.1f} ms -> bars "
                   f"{'met' if ok else 'MISSED'}", flush=True)
+            rows.append({"op": name, "cache_hit_ms": hit_ms,
+                         "side_by_side_ms": {n: v * 1e3 for n, v in side.items()},
+                         **{e: {"best": r.best.label(), "tuned_s": r.wall,
+                                "tried": len(r.tried), "failed": len(r.failures())}
+                            for e, r in res.items()}})
+    save_results("autotune_cpu", {"shape": {"B": 1, "T": 4096, "H": 4, "K": 128, "V": 128},
+                                  "dtype": "float32", "rows": rows})
     return 0
 
 

@@ -1,6 +1,7 @@
 """Shared helpers for the benchmark scripts: machine description and robust timing."""
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -76,3 +77,44 @@ def gdn_inputs(B: int, T: int, H: int, K: int) -> list[torch.Tensor]:
     torch.manual_seed(0)
     return [torch.randn(B, T, H, K), F.normalize(torch.randn(B, T, H, K), dim=-1),
             torch.randn(B, T, H, K), F.logsigmoid(torch.randn(B, T, H)), torch.rand(B, T, H)]
+
+
+def cpu_features() -> list[str]:
+    """The vector features that decide which kernels run (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw",
+                                        "avx512_vnni", "avx512_vbmi", "amx_tile") if x in have]
+    except OSError:
+        pass
+    return []
+
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def save_results(name: str, payload: dict) -> str:
+    """Write ``payload`` with the date, machine and command to benchmarks/results/<name>.json
+    (what ``benchmarks/plot.py`` renders and the docs show); returns the path."""
+    import datetime
+    import json
+    import sys
+    doc = {"benchmark": name,
+           "date": datetime.date.today().isoformat(),
+           "machine": {"cpu": cpu_model(), "features": cpu_features(),
+                       "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "python": platform.python_version()},
+           "command": "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]),
+                                                            os.path.dirname(RESULTS) + "/..")]
+                                           + sys.argv[1:]),
+           **payload}
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"\nresults written to {os.path.relpath(path)}")
+    return path

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from common import add_shape_args, bench, machine  # noqa: E402
+from common import add_shape_args, bench, cpu_features, machine, save_results  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 from recurkit.ir.bind import bind_call  # noqa: E402
@@ -118,6 +118,7 @@ def main() -> None:
         a @ a
     mm = 3 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
     print(f"machine: {machine()}")
+    print(f"vector features: {' '.join(cpu_features())}")
     print(f"B=1 T={T} H={H} K=V={K}, vector states D=512, fp32 forward; "
           f"torch fp32 matmul: {mm:.0f} GFLOP/s\n")
     head = (f"{'op':<18}{'tvm ms':>9}{'torch seq':>11}{'compiled seq':>14}{'torch ms':>10}"
@@ -125,6 +126,7 @@ def main() -> None:
             f"{'tvm GFLOP/s':>13}")
     print(head)
     worst = None
+    rows = []
     for name, op in rk.ops.ALL.items():
         decl = op.decl
         x = inputs(name, T, H, K, K, 512)
@@ -150,10 +152,16 @@ def main() -> None:
               f"{t['torch'] / t['tvm']:10.2f}x{ratio_fla}{gf:13.1f}")
         r = best_seq / t["tvm"]
         worst = r if worst is None else min(worst, r)
+        rows.append({"op": name, "torch_form": torch_op.form, "gflops": gf,
+                     "ms": {"tvm": t["tvm"] * 1e3, "torch": t["torch"] * 1e3,
+                            "torch_seq": t["seq"] * 1e3, "compiled_seq": t["cseq"] * 1e3,
+                            **({"fla_naive": t["fla"] * 1e3} if "fla" in t else {})}})
     verdict = "met" if worst >= 1.5 else f"MISSED by {1.5 / worst:.2f}x"
     print(f"\nbar: every built-in >= 1.5x faster in TVM than the best of torch eager and "
           f"torch.compile on the same tile program (the sequential form): worst {worst:.1f}x, "
           f"{verdict}")
+    save_results("cpu_builtins", {"shape": {"B": 1, "T": T, "H": H, "K": K, "V": K, "D": 512},
+                                  "dtype": "float32", "matmul_gflops": mm, "rows": rows})
 
 
 if __name__ == "__main__":

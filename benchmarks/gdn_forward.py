@@ -15,7 +15,7 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_shape_args, bench, gdn_inputs, machine  # noqa: E402
+from common import add_shape_args, bench, gdn_inputs, cpu_features, machine, save_results  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 
@@ -29,6 +29,7 @@ def main() -> None:
     B, T, H, K = args.B, args.T, args.H, args.D
     q, k, v, g, beta = gdn_inputs(B, T, H, K)
     print(f"machine: {machine()}")
+    print(f"vector features: {' '.join(cpu_features())}")
     print(f"Gated DeltaNet forward, B={B} T={T} H={H} K=V={K}, fp32\n")
 
     fns = {}
@@ -73,6 +74,9 @@ def main() -> None:
             verdict = "met" if r >= bar else f"MISSED by {bar / r:.2f}x"
             print(f"bar: {label} >= {bar}x faster than FLA's naive chunk code: {r:.2f}x, "
                   f"{verdict}")
+    save_results("gdn_forward", {"shape": {"B": B, "T": T, "H": H, "K": K, "V": K},
+                                 "dtype": "float32",
+                                 "ms": {n: t * 1e3 for n, t in times.items()}})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_shape_args, bench, gdn_inputs, machine  # noqa: E402
+from common import add_shape_args, bench, gdn_inputs, cpu_features, machine, save_results  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 
@@ -34,6 +34,7 @@ def main() -> int:
     T, H, K = args.T, args.H, args.D
     base = gdn_inputs(1, T, H, K)
     print(f"machine: {machine()}")
+    print(f"vector features: {' '.join(cpu_features())}")
     print(f"Gated DeltaNet forward + backward, B=1 T={T} H={H} K=V={K}, fp32\n")
 
     def step(fn):
@@ -72,6 +73,9 @@ def main() -> int:
         print(f"\nmax relative gradient difference to FLA: {err:.1e}")
         print(f"bar (>= 3x faster than FLA naive under autograd): {ratio:.2f}x -> "
               f"{'met' if ratio >= 3 else 'MISSED by %.2fx' % (3 / ratio)}")
+    save_results("gdn_train_cpu", {"shape": {"B": 1, "T": T, "H": H, "K": K, "V": K},
+                                   "dtype": "float32",
+                                   "ms": {n: t * 1e3 for n, t in times.items()}})
     return 0
 
 

@@ -23,10 +23,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench, machine  # noqa: E402
+from common import bench, cpu_features, machine, save_results  # noqa: E402
 
 import recurkit as rk  # noqa: E402
-from recurkit.backends.tvm_packed import net_buffers, pack_bits, run_packed_tvm  # noqa: E402
+from recurkit.backends.tvm.packed import net_buffers, pack_bits, run_packed_tvm  # noqa: E402
 from recurkit.lowering.packed import GATE_COEFFS  # noqa: E402
 
 
@@ -58,6 +58,7 @@ def main() -> None:
     N = args.samples
     x = torch.rand(N, 784) < 0.5
     print(f"machine: {machine()}")
+    print(f"vector features: {' '.join(cpu_features())}")
     print(f"network: 784 -> 6 x 8000 gates -> GroupSum(10); {N} samples for the hard rows, "
           f"{args.soft_samples} for the soft rows")
     rows = {}
@@ -83,6 +84,9 @@ def main() -> None:
     for name, (sec, n) in rows.items():
         rate = n / sec
         print(f"{name:<40} {sec * 1e3:9.2f} {rate:12.3e} {rate / base_rate:13.1f}x")
+    save_results("logic_cpu", {"network": "784 -> 6 x 8000 gates -> GroupSum(10)",
+                               "rows": [{"path": n, "ms": sec * 1e3, "samples": k}
+                                        for n, (sec, k) in rows.items()]})
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench, bench_back_to_back, machine  # noqa: E402
+from common import bench, bench_back_to_back, cpu_features, machine, save_results  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 from recurkit.ir.tiled import bind_tiled  # noqa: E402
-from recurkit.backends.tvm_lut import run_lut_tvm  # noqa: E402
+from recurkit.backends.tvm.lut import run_lut_tvm  # noqa: E402
 from recurkit.lowering.lut import lower_lut  # noqa: E402
 
 GROUP = 128
@@ -55,8 +55,9 @@ def random_layer(O: int, K: int, bits: int) -> rk.nn.ShiftAddLinear:
     return rk.nn.ShiftAddLinear(codes, alpha, None, GROUP)
 
 
-def gemv_table(repeats: int, bw: float) -> dict[str, float]:
-    """Both timing modes; returns the 3-bit layer's ratio to fp32 at 4096x4096 per mode."""
+def gemv_table(repeats: int, bw: float, rows: list) -> dict[str, float]:
+    """Both timing modes; returns the 3-bit layer's ratio to fp32 at 4096x4096 per mode and
+    appends a row per shape and path to ``rows``."""
     plan = lower_lut(rk.ops.shift_add.program)
     print(f"{'shape':>12} {'path':<30} {'MB moved':>9} {'ms idle':>8} {'GB/s':>6} "
           f"{'vs fp32':>7} {'ms b2b':>8} {'GB/s':>6} {'vs fp32':>7}")
@@ -92,6 +93,8 @@ def gemv_table(repeats: int, bw: float) -> dict[str, float]:
                 cols.append(f"{t * 1e3:8.3f} {moved[name] / t / 1e9:6.1f} "
                             f"{times['torch F.linear fp32'] / t:6.2f}x")
             print(f"{O:>5}x{K:<6} {name:<30} {moved[name] / 1e6:9.2f} {' '.join(cols)}")
+            rows.append({"shape": f"{O}x{K}", "path": name, "bytes": moved[name],
+                         "ms_idle": idle[name] * 1e3, "ms_b2b": b2b[name] * 1e3})
         if O == 4096:
             ratio3 = {mode: times["torch F.linear fp32"] / times["recurkit 3-bit layer"]
                       for mode, times in (("idle", idle), ("b2b", b2b))}
@@ -127,11 +130,16 @@ def main() -> int:
     print(f"machine: {machine()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     print(f"batch-1 GEMV y = x W^T, K = 4096, group {GROUP}; median of {args.repeats}\n")
     bw = copy_bandwidth(args.repeats)
-    ratio3 = gemv_table(args.repeats, bw)
+    print(f"vector features: {' '.join(cpu_features())}")
+    rows: list = []
+    ratio3 = gemv_table(args.repeats, bw, rows)
     for mode, r in ratio3.items():
         print(f"bar: 3-bit layer >= 4x faster than fp32 F.linear at 4096x4096 ({mode}): "
               f"{r:.2f}x -> {'met' if r >= 4 else 'MISSED by %.2fx' % (4 / r)}")
     mlp_check()
+    save_results("shift_add_cpu", {"batch": 1, "group": GROUP, "copy_gbps": bw,
+                                   "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                                   "rows": rows})
     return 0
 
 

@@ -1,7 +1,7 @@
 """Shift-add matmul on one CUDA GPU: the Triton look-up kernels ("lut") vs the decode +
 ``tl.dot`` kernel ("dot") vs torch F.linear in fp32, fp16 and bf16, over batch sizes, in one
 run; effective GB/s of the packed weight against the device's copy bandwidth measured in the
-same run; and which kernel wins where (the switch in ``triton_lut.run_lut_triton``).
+same run; and which kernel wins where (the switch in ``triton.lut.run_lut_triton``).
 
     python benchmarks/shift_add_gpu.py [--quick]
 
@@ -41,7 +41,7 @@ def main() -> int:
         return 0
     import triton
     from triton.testing import do_bench, do_bench_cudagraph
-    from recurkit.backends.triton_lut import LUT_MAX_N, run_lut_triton
+    from recurkit.backends.triton.lut import LUT_MAX_N, run_lut_triton
 
     def ms(fn):
         return do_bench(fn, warmup=25, rep=100, return_mode="median")

@@ -11,7 +11,6 @@ from .backends.shared.adjoint import check_backward
 from .custom_op import register
 from .ir import CallError, Program, as_program, bind_call
 from .ir.bind import signature_names
-from .lowering.forms import lower
 
 DEVICE_WORDS = {"cpu": "CPU", "cuda": "CUDA"}
 
@@ -50,9 +49,11 @@ class CompiledOp:
             self._space = {"backend": None if backend == AUTO else backend, "form": form,
                            "chunk": chunk, "knobs": dict(knobs) if knobs else None}
         if backend == AUTO:
-            if knobs is not None and not self.autotune:
-                raise ValueError(f"knobs= configures one backend: name it (backends with "
-                                 f"knobs: {', '.join(backends.with_knobs())})")
+            if knobs is not None:
+                what = "knobs with autotune: name the backend they configure" if \
+                    self.autotune else "knobs= configures one backend: name it"
+                raise ValueError(f"{what} (backends with knobs: "
+                                 f"{', '.join(backends.with_knobs())})")
             fallback = backends.choose("recurrence", form, "cpu", grad=True)
             self._fallback = fallback.name   # what runs where no kernel backend takes a call
             self.form, self.tile_program = fallback.prepare(program, form, chunk)
@@ -201,8 +202,9 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     (``num_warps``, ``num_stages``, ``block_v``, ``precision``; see
     ``recurkit.backends.triton.runtime.DEFAULT_CONFIG``). autotune: True (= "quick") or
     "full": on the first call (CPU or CUDA) of each shape bucket, measure the
-    candidates (forms, chunk sizes, backends, knobs), each verified against the reference,
-    keep the fastest in the tuning cache and run it; later calls and processes reuse it.
+    candidates (forms, chunk sizes, backends, knobs; within ``backend``, ``form``, ``chunk``
+    and ``knobs`` where they are given), each verified against the reference, keep the
+    fastest in the tuning cache and run it; later calls and processes reuse it.
     backward (gradients of stateful declarations): "auto" (the generated adjoint, a compiled
     TVM kernel, for CPU tensors; elsewhere the forward recomputed with the torch backend under
     autograd), "adjoint" (the generated adjoint everywhere: off the CPU, a torch step loop,

@@ -8,7 +8,6 @@ registers) are dropped before any timing.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 from .. import backends
