@@ -13,6 +13,9 @@ from .ir import CallError, Program, as_program, bind_call
 from .ir.bind import signature_names
 
 DEVICE_WORDS = {"cpu": "CPU", "cuda": "CUDA"}
+# tuned runners and winners by config digest: ops compiled with the same config share one
+# custom op (whose kernel is the first one's forward), so they share what it tuned too
+_TUNED: dict[str, dict] = {}
 
 
 def resolve_backend(backend: str) -> str:
@@ -40,8 +43,8 @@ class CompiledOp:
         self.backward = check_backward(backward)
         self.knobs = None
         self.autotune = _effort(autotune)
-        self._tuned: dict[tuple, object] = {}
         self._op = None
+        self._digest_value = None
         self._asked = (form, chunk)
         self._auto_runs: dict[str, object] = {}
         self.tile_program = None
@@ -93,18 +96,36 @@ class CompiledOp:
         ``compile``'s ``backward``) or recomputes the forward with the torch tile program (the
         reference, for backend='reference') under autograd."""
         if self._op is None:
-            cfg = repr((self.program.content_hash(), self.backend, self.form,
-                        self.tile_program.chunk if self.tile_program is not None else None,
-                        sorted((self.knobs or {}).items()), self.autotune, self.backward))
-            digest = hashlib.sha1(cfg.encode()).hexdigest()[:12]
+            digest = self._digest()
             b = None if self.backend == AUTO else self._backend
-            grad = self if b is not None and b.differentiable else \
-                CompiledOp(self.program, backends.choose("recurrence", None, "cpu", True).name)
+            if b is not None and b.differentiable:
+                grad = self
+            elif b is None:   # auto: its differentiable fallback, lowered as asked
+                grad = CompiledOp(self.program, self._fallback, *self._asked)
+            else:
+                grad = CompiledOp(self.program,
+                                  backends.choose("recurrence", None, "cpu", grad=True).name)
             adjoint = None if b is not None and b.autograd_only else backends.adjoint_runner(
                 self.program, self.backward)
             self._op = register(self.program, f"recurkit_jit::{self.program.name}_{digest}",
                                 self.forward, grad.forward, adjoint)
         return self._op
+
+    def _digest(self) -> str:
+        """A hash of everything that changes what this op runs (its custom op's name)."""
+        if self._digest_value is not None:
+            return self._digest_value
+        cfg = repr((self.program.content_hash(), self.backend, self.form,
+                    self.tile_program.chunk if self.tile_program is not None else None,
+                    sorted((self.knobs or {}).items()), self.autotune, self.backward,
+                    self._asked, sorted(self._space.items()) if self.autotune else None))
+        self._digest_value = hashlib.sha1(cfg.encode()).hexdigest()[:12]
+        return self._digest_value
+
+    @property
+    def tuned_candidate(self):
+        """The candidate the last tuned call ran (None before any)."""
+        return _TUNED.get(self._digest(), {}).get("best")
 
     def _run_bound(self, bc):
         if self.autotune and self._tunable(bc):
@@ -139,13 +160,14 @@ class CompiledOp:
         dtype = str(next(iter(bc.tensors.values())).dtype).replace("torch.", "")
         device = "cuda" if bc.device.type == "cuda" else "cpu"
         key = (device, dtype, shape_bucket(bc.sizes, bc.B, bc.T, bc.H, bc.N))
-        run = self._tuned.get(key)
-        if run is None:
+        tuned = _TUNED.setdefault(self._digest(), {})
+        hit = tuned.get(key)
+        if hit is None:
             res = tune(self.program, shape, effort=self.autotune, dtype=dtype, device=device,
                        **self._space)
-            self.tuned_candidate = res.best
-            run = self._tuned[key] = build_bound(self.program, res.best)
-        return run
+            hit = tuned[key] = (res.best, build_bound(self.program, res.best))
+        tuned["best"] = hit[0]
+        return hit[1]
 
     def _tunable(self, bc) -> bool:
         """autotune: stateful calls on CPU or CUDA, computed without autograd (as the custom
@@ -159,8 +181,9 @@ class CompiledOp:
 
     def __repr__(self) -> str:
         if self.backend == AUTO:
-            cpu = backends.choose("recurrence", self._asked[0], "cpu")
             fb = backends.choose("recurrence", self._asked[0], "cpu", grad=True)
+            cpu = fb if self.program.new_state is None else \
+                backends.choose("recurrence", self._asked[0], "cpu")
             chunk = f" chunk={self.tile_program.chunk}" if self.tile_program.chunk else ""
             first = "" if cpu is fb else \
                 f"{cpu.name} {cpu.prepare(self.program, *self._asked)[0]} on CPU, else "
@@ -217,7 +240,12 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
                              "autotune apply to recurrences")
         from .tiled_op import compile_tiled
         return compile_tiled(p, resolve_backend(backend))
-    return CompiledOp(p, resolve_backend(backend), form, chunk, knobs, autotune, backward)
+    backend = resolve_backend(backend)
+    if backend == AUTO and form is not None and not autotune:
+        # a form asked of "auto": the backend auto takes for that form on a CPU (the TVM
+        # kernel for "sequential", else the torch backend), fixed here
+        backend = backends.choose("recurrence", form, "cpu").name
+    return CompiledOp(p, backend, form, chunk, knobs, autotune, backward)
 
 
 def codegen(decl, backend: str = "triton", *, form: str | None = None,

@@ -21,6 +21,7 @@ from .ir.tiled import TiledCall, bind_tiled
 from .lowering.lut import LutPlan, has_bits, lower_lut
 from .lowering.tiled import lower_tiled
 
+
 def kernel_backend(backend: str, device: torch.device):
     """The backend whose kernels run a call on ``device`` (see ``backends.kernel_backend``:
     "auto" is TVM on CPU, Triton on CUDA, else torch; a CPU-only backend's op given CUDA

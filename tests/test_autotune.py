@@ -132,6 +132,9 @@ def test_compile_autotune_runs_the_winner_and_checks_arguments(tmp_path, monkeyp
         *x, output_final_state=True)
     assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(S, S_ref, atol=1e-5)
     assert op.tuned_candidate is not None
+    # the same config compiled again shares the custom op, and what it tuned
+    assert rk.compile(rk.ops.gated_delta_rule, autotune=True).tuned_candidate == \
+        op.tuned_candidate
     with pytest.raises(ValueError, match="autotune must be"):
         rk.compile(rk.ops.gla, autotune="fast")
     with pytest.raises(ValueError, match="knobs with autotune: name the backend"):
@@ -175,6 +178,21 @@ def test_compile_autotune_within_a_chosen_backend(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="must not measure"):
         rk.compile(rk.ops.gated_delta_rule, backend="tvm", form="chunk_wy",
                    autotune="quick")(*x)
+
+
+def test_config_space_order_by_form_then_backend():
+    """The unnarrowed space: the default, then per exact form (fastest form first) each tuned
+    backend's candidates in rank order (the seeded search samples from this order)."""
+    space = config_space(P, effort="quick")
+    seen = []
+    for c in space[1:]:
+        if not seen or seen[-1] != (c.form, c.backend):
+            seen.append((c.form, c.backend))
+    assert seen == [("chunk_wy", "tvm"), ("chunk_wy", "torch"), ("sequential", "tvm")]
+    hgrn = config_space(rk.ops.hgrn.decl.program, effort="quick")
+    assert [(c.backend, c.form) for c in hgrn[1:3]] == [("tvm", "scan"), ("torch", "scan")]
+    with pytest.raises(ValueError, match="backend 'tvm' does not run on 'cuda'"):
+        config_space(P, "cuda", backend="tvm")
 
 
 def test_config_space_narrowed_by_backend_form_chunk_and_knobs():

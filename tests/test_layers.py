@@ -117,14 +117,20 @@ def test_no_backend_name_is_tested_above_the_backends():
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             consts = []
-            if isinstance(node, ast.Compare):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):   # ("tvm", "triton") anywhere
+                consts += [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("startswith", "endswith"):
+                consts += [a.value for a in node.args if isinstance(a, ast.Constant)]
+            elif isinstance(node, ast.Compare):
                 for c in [node.left, *node.comparators]:
                     if isinstance(c, ast.Constant):
                         consts.append(c.value)
                     elif isinstance(c, (ast.Tuple, ast.List, ast.Set)):
                         consts += [e.value for e in c.elts if isinstance(e, ast.Constant)]
             elif isinstance(node, ast.Dict):
-                consts += [v.value for v in node.values if isinstance(v, ast.Constant)]
+                consts += [v.value for v in [*node.keys, *node.values]
+                           if isinstance(v, ast.Constant)]
             if BACKEND_NAMES & {c for c in consts if isinstance(c, str)}:
                 bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
     assert not bad, "backend names tested outside the registry:\n" + "\n".join(bad)

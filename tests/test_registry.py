@@ -39,25 +39,36 @@ def test_auto_choice_by_kind_form_device_and_grad():
     assert backends.kernel_backend("triton", "tiled", "cpu").name == "triton"
 
 
-def test_auto_with_a_form_runs_tvm_on_cpu_and_torch_under_autograd(monkeypatch):
-    """backend="auto", form="sequential": TVM's kernel for a CPU call without autograd, the
-    differentiable torch backend for one under autograd."""
-    ran = []
-    for name in ("tvm", "torch"):
-        b = backends.REGISTRY[name]
-        real = b.runner
+def test_auto_with_a_form_fixes_the_backend_auto_takes_for_it_on_a_cpu():
+    assert rk.compile(rk.ops.gated_delta_rule, form="sequential").backend == "tvm"
+    op = rk.compile(rk.ops.gated_delta_rule, form="chunk_wy", chunk=32)
+    assert op.backend == "torch" and op.tile_program.chunk == 32
+    with pytest.raises(rk.CallError, match="backend 'tvm' runs on CPU tensors"):
+        rk.compile(rk.ops.gla, form="sequential")(
+            *[t.to("meta") for t in matrix_inputs("gla", 1, 5, 2, 4, 4)])
 
-        def spy(form, tp, knobs, real=real, name=name):
-            run = real(form, tp, knobs)
-            return lambda bc: ran.append(name) or run(bc)
-        monkeypatch.setattr(b, "runner", spy)
-    x = matrix_inputs("gated_delta_rule", 1, 9, 2, 4, 4)
-    op = rk.compile(rk.ops.gated_delta_rule, form="sequential")
-    o, _ = op.forward(**dict(zip(["q", "k", "v", "g", "beta"], x)))
-    assert ran == ["tvm"]
-    xg = [t.clone().requires_grad_() for t in x]
-    op.forward(**dict(zip(["q", "k", "v", "g", "beta"], xg)))
-    assert ran == ["tvm", "torch"]
+
+def test_each_config_has_its_own_custom_op():
+    """The op's name hashes everything that changes what it runs: two configs never share
+    an op (the second would run the first one's forward)."""
+    ops = [rk.compile(rk.ops.gated_delta_rule),
+           rk.compile(rk.ops.gated_delta_rule, chunk=32),
+           rk.compile(rk.ops.gated_delta_rule, form="chunk_wy"),
+           rk.compile(rk.ops.gated_delta_rule, autotune=True),
+           rk.compile(rk.ops.gated_delta_rule, autotune=True, form="chunk_wy"),
+           rk.compile(rk.ops.gated_delta_rule, backend="tvm", autotune=True),
+           rk.compile(rk.ops.gated_delta_rule, backend="tvm", autotune=True,
+                      knobs={"block": 0})]
+    names = [op.torch_op.qualname for op in ops]
+    assert len(set(names)) == len(names)
+    assert rk.compile(rk.ops.gated_delta_rule).torch_op is ops[0].torch_op   # same config
+
+
+def test_repr_of_a_stateless_declaration_under_auto():
+    @rk.recurrence
+    def proj(x: rk.Token["D"], w: rk.Param["D"]):
+        return x * w
+    assert "backend=auto" in repr(rk.compile(proj))
 
 
 class EchoBackend(ReferenceBackend):
@@ -76,6 +87,7 @@ class EchoBackend(ReferenceBackend):
 
 def test_a_registered_backend_is_usable_everywhere(monkeypatch):
     monkeypatch.setitem(backends.REGISTRY, "echo", EchoBackend())
+    monkeypatch.setattr(EchoBackend, "calls", 0)
     x = matrix_inputs("gla", 1, 7, 2, 4, 4)
     o, S = rk.compile(rk.ops.gla, backend="echo")(*x, output_final_state=True)
     o_ref, S_ref = rk.compile(rk.ops.gla, backend="reference")(*x, output_final_state=True)

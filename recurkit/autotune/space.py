@@ -90,13 +90,14 @@ def config_space(program, device: str = "cpu", effort: str = "full", *,
     quick = effort == "quick"
     fixed = backends.get(backend).check_knobs(knobs) if knobs else {}
     fixed = {k: fixed[k] for k in (knobs or {})}
+    if backend is not None and not backends.get(backend).runs_on(dev):
+        raise ValueError(f"backend {backend!r} does not run on {device!r}")
     out = [default_candidate(program, device, backend, form, chunk)]
-    for b in _tuned_backends(backend):
-        if form is not None and form not in b.forms:
-            continue
-        for f in forms:
-            out += [Candidate(b.name, f, c, _knobs(**k))
-                    for c, k in b.tuning_space(program, f, dev, quick)]
+    for f in forms:   # by form, then by backend in rank order
+        for b in _tuned_backends(backend):
+            if f in b.forms:
+                out += [Candidate(b.name, f, c, _knobs(**k))
+                        for c, k in b.tuning_space(program, f, dev, quick)]
     if chunk is not None:
         out = [c if c.chunk is None or c.form not in CHUNK_FORMS else
                Candidate(c.backend, c.form, chunk, c.knobs) for c in out]

@@ -93,7 +93,7 @@ def adjoint_runner(program, mode: str = "auto") -> Callable | None:
 
     def run(kw: dict, leaves: dict, grad_o, grad_S):
         bc = bind_call(program, (), {**kw, **leaves})
-        kernel = next((k for k in (b.adjoint_kernel(bc.device.type) for b in REGISTRY.values())
+        kernel = next((k for k in (b.adjoint_kernel(bc.device.type) for b in _by_rank())
                        if k is not None), None)
         if kernel is None:
             if mode != "adjoint":

@@ -60,6 +60,7 @@ class ShiftAddLinear(nn.Module):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("_kernels", {})   # pickles from before the backend lookup
         self.__dict__.update(state)
         self._fn = _op()
 

@@ -21,7 +21,7 @@ class ReferenceBackend(Backend):
     auto_rank = 100        # never chosen by "auto" (auto_for is False); listed last
 
     def prepare(self, program, form, chunk):
-        if form not in (None, "sequential"):
+        if form not in (None, "sequential", "reference"):
             raise ValueError(f"backend 'reference' runs the step itself; form={form!r} "
                              "needs backend='torch'")
         return "reference", None
