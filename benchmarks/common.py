@@ -118,3 +118,17 @@ def save_results(name: str, payload: dict) -> str:
     os.replace(path + ".tmp", path)
     print(f"\nresults written to {os.path.relpath(path)}")
     return path
+
+
+def fla_naive_gdn():
+    """FLA's ``naive_chunk_gated_delta_rule`` (the peer of the GDN benchmarks), or None with
+    the reason printed when FLA is not installed (``pip install --no-deps fla-core einops``)."""
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule
+        return naive_chunk_gated_delta_rule
+    except Exception as e:  # noqa: BLE001 - report and go on without it
+        print(f"(FLA's naive code not available: {type(e).__name__}: {e})")
+        return None

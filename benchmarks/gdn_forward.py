@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_shape_args, bench, gdn_inputs, cpu_features, machine, save_results  # noqa: E402
+from common import (add_shape_args, bench, cpu_features, fla_naive_gdn, gdn_inputs,  # noqa: E402
+                    machine, save_results)
 
 import recurkit as rk  # noqa: E402
 
@@ -40,15 +40,10 @@ def main() -> None:
     tvm_op = rk.compile(rk.ops.gated_delta_rule, backend="tvm")
     tvm_op(q[:, :8], k[:, :8], v[:, :8], g[:, :8], beta[:, :8])   # compile outside the timing
     fns["recurkit tvm, sequential"] = lambda: tvm_op(q, k, v, g, beta, output_final_state=True)
-    fla = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule as fla
+    fla = fla_naive_gdn()
+    if fla is not None:
         fns["FLA naive_chunk_gated_delta_rule"] = \
             lambda: fla(q, k, v, g, beta, output_final_state=True)
-    except Exception as e:  # noqa: BLE001 - report and go on without it
-        print(f"(FLA's naive code not available: {type(e).__name__}: {e})")
     times = bench(fns, repeats=args.repeats)
     if not args.skip_reference:
         ref = rk.compile(rk.ops.gated_delta_rule, backend="reference")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bench, cpu_features, gdn_inputs, machine, save_results  # noqa: E402
+from common import (bench, cpu_features, fla_naive_gdn, gdn_inputs, machine,  # noqa: E402
+                    save_results)
 
 import recurkit as rk  # noqa: E402
 
@@ -33,13 +33,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"vector features: {' '.join(cpu_features())}")
     print(f"Gated DeltaNet forward, B=1 H={H} K=V={K}, fp32; median of {args.repeats}\n")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule as fla
-    except Exception as e:  # noqa: BLE001 - report and go on without it
-        print(f"(FLA's naive code not available: {type(e).__name__}: {e})")
-        fla = None
+    fla = fla_naive_gdn()
     tvm_op = rk.compile(rk.ops.gated_delta_rule, backend="tvm")
     torch_op = rk.compile(rk.ops.gated_delta_rule, backend="torch", chunk=64)
     names = ["recurkit tvm sequential", "recurkit torch chunk_wy 64"] + \

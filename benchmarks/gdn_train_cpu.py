@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_shape_args, bench, gdn_inputs, cpu_features, machine, save_results  # noqa: E402
+from common import (add_shape_args, bench, cpu_features, fla_naive_gdn, gdn_inputs,  # noqa: E402
+                    machine, save_results)
 
 import recurkit as rk  # noqa: E402
 
@@ -51,14 +51,9 @@ def main() -> int:
            # the tile program differentiated by autograd directly (not through the custom op)
            "recurkit torch backend under autograd": lambda: step(
                lambda *a: torch_op.forward(**dict(zip(["q", "k", "v", "g", "beta"], a))))}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from fla.ops.gated_delta_rule.naive import naive_chunk_gated_delta_rule as fla
+    fla = fla_naive_gdn()
+    if fla is not None:
         fns["FLA naive_chunk_gated_delta_rule under autograd"] = lambda: step(fla)
-    except Exception as e:  # noqa: BLE001 - report and go on without it
-        fla = None
-        print(f"(FLA's naive code not available: {type(e).__name__}: {e})")
     times = bench(fns, repeats=args.repeats)
     ours = times[OURS]
     width = max(map(len, times))

@@ -84,14 +84,11 @@ class Backend:
         if self.forms and form not in self.forms:
             raise ValueError(f"backend '{self.name}' runs the forms "
                              f"{', '.join(self.forms)}; got form={form!r}")
-        if form == "sequential" and not self.sequential_needs_tile_program:
+        if form == "sequential":   # the token-walking kernels read no tile program
             return form, None
         if form in CHUNK_FORMS and chunk is None:
             chunk = self.default_chunk(program, form)
         return form, lower(program, form, chunk)
-
-    #: whether the sequential form's runner reads a tile program
-    sequential_needs_tile_program: bool = False
 
     def runner(self, form: str, tp: TileProgram | None, knobs: dict | None
                ) -> Callable[[BoundCall], tuple]:

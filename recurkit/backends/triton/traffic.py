@@ -33,9 +33,9 @@ _FREE = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t
          "slice", "as_strided", "unsqueeze", "squeeze", "alias", "detach", "unbind", "split",
          "split_with_sizes", "chunk", "narrow", "movedim", "diagonal", "view_as_real",
          "view_as_complex", "unfold", "empty", "empty_like", "empty_strided", "new_empty",
-         "new_empty_strided", "lift_fresh", "_to_copy_noop", "is_nonzero", "item",
-         "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "size", "stride",
-         "dim", "is_contiguous", "set_", "resize_", "contiguous_noop"}
+         "new_empty_strided", "lift_fresh", "is_nonzero", "item", "_local_scalar_dense",
+         "sym_size", "sym_stride", "sym_numel", "size", "stride", "dim", "is_contiguous",
+         "set_", "resize_"}
 
 
 @dataclass
@@ -112,7 +112,7 @@ def _tensors(obj):
 
 
 _FILLS = {"zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "new_zeros",
-          "new_ones", "new_full", "fill", "scalar_tensor", "arange", "zero_", "fill_"}
+          "new_ones", "new_full", "fill", "scalar_tensor", "arange"}
 _WRITE_ONLY = {"copy_", "zero_", "fill_"}   # in-place ops that do not read their target
 
 

@@ -110,7 +110,7 @@ class TvmBackend(Backend):
         if form == "sequential":
             vec = (1024,) if quick else (1024, 0)
             unroll = (0,) if quick else (0, 8)
-            space = [dict(DEFAULT_KNOBS)] + [
+            space = [   # includes DEFAULT_KNOBS
                 dict(vectorize=v, unroll=u, parallel=p, pipeline=pl, block=b)
                 for v, u, p, pl, b in itertools.product(
                     vec, unroll, (True, False) if not quick else (True,), (True, False),
