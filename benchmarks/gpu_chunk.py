@@ -1,11 +1,13 @@
 """Generated Triton kernels vs flash-linear-attention's hand-written ones, on one GPU.
 
-    python benchmarks/gpu_chunk.py [--quick]
+    python benchmarks/gpu_chunk.py [--quick | --protocol] [--no-backward] [--json PATH]
 
 For Gated DeltaNet, GLA and KDA (bf16, D = 128, B in {1, 8}, T in {2048, 8192, 16384},
-H in {16, 32}) prints milliseconds per forward call of FLA's chunk_* function and of
-rk.compile(..., backend="triton") at its default config, with the ratio FLA / recurkit
-(> 1: recurkit is faster), plus the max relative difference of the outputs; then forward +
+H in {16, 32}; ``--protocol``: the GPU run protocol's B1 T8192 H16 and H32, B8 T2048 H16)
+prints milliseconds per forward call (``triton.testing.do_bench`` medians) of FLA's chunk_*
+function (its Triton path: FLA_FLASH_QLA=0) and of rk.compile(..., backend="triton") at its
+default config, with the ratio FLA / recurkit (> 1: recurkit is faster), plus the max
+relative difference of the outputs; then forward +
 backward (a loss through the output, gradients of every input) at B = 1 for both (recurkit's
 backward on a GPU recomputes the forward with the torch backend under autograd; the adjoint
 kernel is CPU-only). Needs a CUDA GPU and fla-core (pip install fla-core); on a machine
@@ -14,7 +16,11 @@ without one it says so and exits. Results of one H100 run: benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+
+os.environ.setdefault("FLA_FLASH_QLA", "0")   # FLA's own Triton kernels, not FlashQLA's
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +54,11 @@ def fla_fn(op: str):
     return chunk_kda
 
 
-def pairs(quiet: bool = False):
+def pairs(quiet: bool = False, autotune: bool = False):
     """(op, recurkit's compiled op, FLA's function or None) for each op compared."""
     for op in ("gated_delta_rule", "gla", "kda"):
-        ours = rk.compile(getattr(rk.ops, op).decl, backend="triton")
+        ours = rk.compile(getattr(rk.ops, op).decl, backend="triton",
+                          autotune="quick" if autotune else False)
         try:
             theirs = fla_fn(op)
         except ImportError as e:
@@ -65,6 +72,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="B=1, T=2048, H=16 only")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
+    ap.add_argument("--protocol", action="store_true",
+                    help="B1 T8192 H16, B1 T8192 H32, B8 T2048 H16 (the GPU run protocol)")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--autotune", action="store_true",
+                    help="recurkit with autotune='quick' (tuned winners from the cache)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_chunk.py: no CUDA device here; run it on a machine with a GPU "
@@ -74,12 +86,14 @@ def main() -> int:
     from triton.testing import do_bench
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
           f"triton {triton.__version__} | recurkit {rk.__version__}")
-    shapes = [(1, 2048, 16)] if args.quick else [
+    shapes = [(1, 2048, 16)] if args.quick else \
+        [(1, 8192, 16), (1, 8192, 32), (8, 2048, 16)] if args.protocol else [
         (B, T, H) for B in (1, 8) for T in (2048, 8192, 16384) for H in (16, 32)]
+    rows = []
     D = 128
     print(f"{'op':18} {'B':>2} {'T':>6} {'H':>3}  {'FLA ms':>8} {'rk ms':>8} {'FLA/rk':>7} "
           f"{'max rel diff':>12}")
-    for op, ours, theirs in pairs():
+    for op, ours, theirs in pairs(autotune=args.autotune):
         for B, T, H in shapes:
             x = inputs(op, B, T, H, D, "cuda")
             t_rk = do_bench(lambda: ours(*x))
@@ -91,6 +105,12 @@ def main() -> int:
                 diff = ((o_rk - o_fla).abs().max() / o_fla.abs().max()).item()
             print(f"{op:18} {B:>2} {T:>6} {H:>3}  {t_fla:8.3f} {t_rk:8.3f} "
                   f"{t_fla / t_rk:7.2f} {diff:12.2e}", flush=True)
+            rows.append({"op": op, "pass": "forward", "B": B, "T": T, "H": H, "D": D,
+                         "fla_ms": t_fla, "recurkit_ms": t_rk, "max_rel_diff": diff})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "rows": rows}, f, indent=1)
     if args.no_backward:
         return 0
     print(f"forward + backward, ms\n{'op':18} {'B':>2} {'T':>6} {'H':>3}  {'FLA ms':>8} "

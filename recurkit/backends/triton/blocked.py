@@ -113,8 +113,7 @@ class BlockedContractions:
         self.kctx = (k, bk)
         order = [o for o in self.st.ops if o.out in ops]
         for name in sorted(loads):
-            ptr, lead = self.ptrs[name]
-            self.load(name, ptr, lead, ind + 1)
+            self.read(name, ind + 1)
         for o in order:
             self.op(o, ind + 1)
         for op, _ in members:

@@ -1,31 +1,40 @@
 """Triton source for the chunk forms: one kernel per stage of the tile program.
 
-A chunk stage runs one program per (sequence, head, chunk); the state pass one program per
-(sequence, head), looping over the chunks with the state in registers. A value is a register
-block holding exactly its own named axes, in a recorded order; ops align their operands by
-name (permute, then insert size-1 axes), so broadcasting never needs the author's help.
-Contractions of two matrices over one axis are ``tl.dot``; the rest multiply and reduce.
-Values cross stages in [N, H, chunks, *axes] buffers (true sizes; blocks are padded to powers
-of two, at least 16, with masked loads and stores).
+The tile program is first rewritten by ``lowering.fuse.optimize`` (the output computed inside
+the state pass, cheap values recomputed where read), so a chunk form is two kernels: a chunk
+stage, one program per (sequence, head, chunk), and the state pass, one program per
+(sequence, head[, block of V]) looping over the chunks with the state in registers. A value is
+a register block holding exactly its own named axes, in a recorded order; ops align their
+operands by name (permute, then insert size-1 axes), so broadcasting never needs the author's
+help. Contractions of two matrices over one axis are ``tl.dot``; the rest multiply and reduce.
+
+Per-token values are computed in the kernels from the call's tensors (``prologue``); the
+output is stored straight into the call's [B, T, H, *dims] output in its dtype. Values that
+cross stages go through [N, H, chunks, *axes] buffers (true sizes; blocks are padded to powers
+of two, at least 16, with masked loads and stores), in the call's 16-bit dtype when it has one,
+except values made from the gates alone (log-space: they stay fp32), and the state, always fp32.
 """
 from __future__ import annotations
 
 import re
 
-from ...lowering.tile import Stage, TileOp, TileProgram, stage_inputs
+from ...lowering.tile import Stage, TileOp, TileProgram
 from .blocked import BlockedContractions
-from .sequential import FLUSH, HEADER, TRITON_BINARY, TRITON_UNARY, pow2
+from .prologue import ChunkIO, PrologueRender
+from .sequential import FLUSH, TRITON_BINARY, TRITON_UNARY, pow2
 
 
 def _var(name: str) -> str:
     return "v_" + re.sub(r"\W", "_", name.replace("'", "p"))
 
 
-class _StageGen(BlockedContractions):
-    def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int],
-                 inputs: dict[str, tuple[str, ...]], cfg: dict):
-        self.st, self.tp, self.C = st, tp, tp.chunk
+class _StageGen(BlockedContractions, PrologueRender):
+    def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int], H: int,
+                 inputs: dict[str, tuple[str, ...]], cfg: dict, io: ChunkIO):
+        self.st, self.tp, self.C, self.H, self.io = st, tp, tp.chunk, H, io
         self.sizes, self.inputs, self.cfg = dict(sizes), inputs, cfg
+        self.used: set[str] = set()   # kernel arguments the body reads
+        self._tok: dict[int, bool] = {}
         self.axes: dict[str, tuple[str, ...]] = {}   # value -> axes of its register block
         self.var: dict[str, str] = {}
         self.L: list[str] = []
@@ -40,9 +49,16 @@ class _StageGen(BlockedContractions):
         uses = any(last in op.axes for op in st.ops)
         self.split = last if last and uses and last not in along and \
             last + "'" not in {a for op in st.ops for a in op.axes} else None
-        self.bsplit = min(pow2(cfg["block_v"]), max(16, pow2(sizes[last]))) if self.split else 0
+        # a chunk stage splits only a wide state (its work along the other axes is repeated
+        # by every block); the state pass by ``block_v``
+        bv = cfg["block_v"] or (64 if cfg.get("_16bit") else 32)
+        bv = bv if st.kind == "loop" else max(bv, 128)
+        self.bsplit = min(pow2(bv), max(16, pow2(sizes[last]))) if self.split else 0
+        if self.split and self.bsplit >= max(16, pow2(sizes[last])):
+            self.split, self.bsplit = None, 0
+        self.dot = "tf32"   # tl.dot operands: "tf32", "ieee", or a 16-bit dtype they take
         self.kctx: tuple[str, int] | None = None   # (axis, block) inside a blocked loop
-        self.ptrs: dict[str, tuple[str, str]] = {}  # stage input -> (pointer, lead offset)
+        self.ptrs: dict[str, tuple[str, str]] = {}  # buffer input -> (pointer, lead offset)
         self.deferred: dict[str, str] = {}            # load op output -> the input it reads
 
     # --- axes -------------------------------------------------------------------------------
@@ -101,8 +117,8 @@ class _StageGen(BlockedContractions):
             src = self.deferred.get(name, name)
             if src != name:
                 self.ensure([src], ind)
-            elif name in self.ptrs:
-                self.load(name, *self.ptrs[name], ind)
+            else:
+                self.read(name, ind)
             if src in self.var:
                 self.var[name], self.axes[name] = self.var[src], self.axes[src]
 
@@ -112,11 +128,20 @@ class _StageGen(BlockedContractions):
         self.L.append("    " * ind + f"{v} = {expr}")
         self.var[out], self.axes[out] = v, tuple(axes)
 
+    def read(self, name: str, ind: int) -> None:
+        """A stage input: a prologue value computed here, or a buffer of an earlier stage."""
+        if name in self.io.values:
+            self.prologue_value(name, ind)
+        elif name in self.ptrs:
+            self.load(name, *self.ptrs[name], ind)
+
     def load(self, name: str, ptr: str, lead: str, ind: int) -> None:
         axes = self.inputs[name]
         off, m, numel = self.offset(axes)
         mk = f", mask={m}, other=0.0" if m else ""
-        self.emit(name, axes, f"tl.load({ptr} + ({lead}) * {numel} + {off}{mk})", ind)
+        self.used.add(ptr)
+        self.emit(name, axes, f"tl.load({ptr} + ({lead}) * {numel} + {off}{mk})"
+                  ".to(tl.float32)", ind)
 
     def store(self, name: str, ptr: str, lead: str, ind: int) -> None:
         axes = self.axes[name]
@@ -125,8 +150,9 @@ class _StageGen(BlockedContractions):
             first = f"(({off}) * 0 + pv == 0)"   # a block-shaped mask
             m = f"({m}) & {first}" if m else first
         mk = f", mask={m}" if m else ""
+        self.used.add(ptr)
         self.L.append("    " * ind + f"tl.store({ptr} + ({lead}) * {numel} + {off}, "
-                      f"{self.var[name]}{mk})")
+                      f"{self.var[name]}.to({ptr}.dtype.element_ty){mk})")
 
     # --- ops --------------------------------------------------------------------------------
     def cond(self, mask: str, axes) -> str:
@@ -201,8 +227,12 @@ class _StageGen(BlockedContractions):
             c = over[0]
             m = next(a for a in hx if a != c)
             n = next(a for a in hy if a != c)
-            dot = (f"tl.dot({self.to(x, (m, c))}, {self.to(y, (c, n))}, "
-                   f"input_precision=\"{self.cfg['precision']}\")")
+            if self.dot in ("bf16", "fp16"):   # 16-bit operands, fp32 accumulation
+                t = "tl.bfloat16" if self.dot == "bf16" else "tl.float16"
+                dot = f"tl.dot({self.to(x, (m, c))}.to({t}), {self.to(y, (c, n))}.to({t}))"
+            else:
+                dot = (f"tl.dot({self.to(x, (m, c))}, {self.to(y, (c, n))}, "
+                       f"input_precision=\"{self.dot}\")")
             self.emit(op.out, (m, n), dot, ind)
             if (m, n) != ax:
                 self.emit(op.out, ax, self.to(op.out, ax), ind)
@@ -275,35 +305,42 @@ class _StageGen(BlockedContractions):
             self.emit(op.out, tuple(op.axes), self.to(op.out, tuple(op.axes)), ind)
 
     # --- the kernel -------------------------------------------------------------------------
-    def source(self, out_axes: dict[str, tuple[str, ...]], known
-               ) -> tuple[str, list[str], list[str]]:
-        st = self.st
+    def source(self, out_axes: dict[str, tuple[str, ...]], known, bufs: dict[str, str],
+               result: str, flags: dict) -> tuple[str, list[str]]:
+        """The stage's kernel, and its parameters in order (before NC and TT)."""
+        st, C, H = self.st, self.C, self.H
         carried = st.carried[0] if st.carried else None
-        ins = list(self.inputs)
-        # outputs that are already global (a prologue value passed on) are not stored again
         outs = [n for n in st.outputs if n != carried and n not in known]
-        params = [f"X{k}" for k in range(len(ins))] + [f"Y{k}" for k in range(len(outs))]
-        if carried:
-            params += ["S0", "SF"]
         L = self.L
-        L += ["", "", "@triton.jit", f"def {st.name}_kernel({', '.join(params + ['NC'])}):",
-              "    pid = tl.program_id(0)", "    pv = tl.program_id(1)"]
         loop = st.kind == "loop"
+        L += ["    pid = tl.program_id(0)", "    pv = tl.program_id(1)"]
+        L += ["    nh = pid.to(tl.int64)"] if loop else [
+            "    p = pid.to(tl.int64)", "    c = p % NC", "    nh = p // NC"]
+        L += [f"    n = nh // {H}", f"    h = nh % {H}"]
+        if flags["varlen"]:   # the sequence's first token and the one past its last
+            self.used.add("CU")
+            L += ["    bos = tl.load(CU + n).to(tl.int64)",
+                  "    eos = tl.load(CU + n + 1).to(tl.int64)"]
+        else:
+            L += ["    bos = n * TT", "    eos = bos + TT"]
         if loop:
-            L += ["    nh = pid.to(tl.int64)"]
-            lead = "nh * NC + c"
-            ind = 2
+            lead, ind = "nh * NC + c", 2
             sd = tuple(self.tp.meta["program"].state.dims)
             self.inputs = {**self.inputs, carried: sd}
-            self.load(carried, "S0", "nh", 1)
-            L.append("    for c in range(0, NC):")
+            if flags["has_s0"]:
+                self.load(carried, "S0", "nh", 1)
+            else:
+                shape = ", ".join(str(self.block(a)) for a in sd)
+                self.emit(carried, sd, f"tl.full([{shape}], 0.0, tl.float32)", 1)
+            L += ["    for c in range(0, NC):", f"        tok0 = bos + c * {C}",
+                  "        rem = eos - tok0"]
             v = self.var[carried]
         else:
-            lead = "p"
-            L += ["    p = pid.to(tl.int64)"]
-            ind = 1
-        for k, name in enumerate(ins):   # each input is read where it is first used
-            self.ptrs[name] = (f"X{k}", lead)
+            lead, ind = "p", 1
+            L += [f"    tok0 = bos + c * {C}", "    rem = eos - tok0"]
+        for name in self.inputs:
+            if name in bufs:
+                self.ptrs[name] = (bufs[name], lead)
         groups = self.blocked_groups()
         done = {op.out for members in groups.values() for op, _ in members}
         live = self.live(done, carried) if groups else {op.out for op in st.ops}
@@ -312,8 +349,17 @@ class _StageGen(BlockedContractions):
         alias = {op.out: op for op in st.ops if op.op in ("rename", "load")}
         stored: set[str] = set()
 
+        def put(name: str) -> None:
+            self.ensure([name], ind)
+            if name == result:
+                self.store_output(name, ind)
+            else:
+                self.store(name, bufs[name], lead, ind)
+            out_axes[name] = self.axes[name]
+            stored.add(name)
+
         def store_ready() -> None:
-            for k, name in enumerate(outs):
+            for name in outs:
                 chain, x = [], name
                 while x in alias and x not in self.var:
                     chain.append(alias[x])
@@ -326,58 +372,38 @@ class _StageGen(BlockedContractions):
                 self.ensure([x], ind)
                 for op in reversed(chain):
                     self.op(op, ind)
-                self.store(name, f"Y{k}", lead, ind)
-                out_axes[name] = self.axes[name]
-                stored.add(name)
+                put(name)
         for op in st.ops:
             if op.out in groups:
                 self.blocked(groups[op.out], ind)
-            if op.op == "load" and not loop:   # read where first used
+            if op.op == "load":   # read where first used
                 self.deferred[op.out] = op.attr("value")
+            elif op.op == "zeros":
+                pass
             elif op.out not in done and op.out in live:
                 self.ensure(op.args, ind)
                 self.op(op, ind)
             if loop and op.out == carried and op.op != "zeros":   # the next chunk's state
                 L.append("    " * ind + f"{v} = {self.to(carried, sd)}")
                 self.var[carried], self.axes[carried] = v, sd
-            for k, name in enumerate(outs):
+            for name in outs:
                 if op.out == name and name not in stored:
-                    self.ensure([name], ind)
-                    self.store(name, f"Y{k}", lead, ind)
-                    out_axes[name] = self.axes[name]
-                    stored.add(name)
+                    put(name)
             store_ready()
         if loop:
             self.var[carried], self.axes[carried] = v, sd
-            self.store(carried, "SF", "nh", 1)
-        return "\n".join(L), ins, outs
+            if flags["has_sf"]:
+                self.store(carried, "SF", "nh", 1)
+        params = sorted(self.used, key=_param_order)
+        head = ["", "", "@triton.jit",
+                f"def {st.name}_kernel({', '.join(params + ['NC', 'TT'])}):"]
+        return "\n".join(head + L), params
 
 
-def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict
-                 ) -> tuple[str, tuple[str, tuple[str, ...]]]:
-    """The module for a chunk-form tile program, and the name and axes of its output."""
-    known = {k: ("i", *n.dims) for k, n in tp.prologue.items()}
-    C = tp.chunk
-    kernels, calls = [], []
-    alloc: list[str] = []
-    out_axes: dict[str, tuple[str, ...]] = {}
-    for st in tp.stages:
-        gen = _StageGen(st, tp, sizes, stage_inputs(st, known), cfg)
-        src, ins, outs = gen.source(out_axes, known)
-        kernels.append(src)
-        for name in outs:
-            known[name] = out_axes[name]
-            shape = ", ".join(str(C if a in ("i", "j") else sizes[a.rstrip("'")])
-                              for a in out_axes[name])
-            alloc.append(f"    env[{name!r}] = torch.empty((N, {H}, NC, {shape}), "
-                         "device=s0.device, dtype=torch.float32)")
-        nv = gen.nsplit()
-        grid = f"(N * {H}, {nv})" if st.kind == "loop" else f"(N * {H} * NC, {nv})"
-        args = [f"env[{n!r}]" for n in ins + outs] + (["s0", "sf"] if st.carried else [])
-        calls.append(f"    {st.name}_kernel[{grid}]({', '.join(args + ['NC'])}, "
-                     f"num_warps={cfg['num_warps'] or 8}, num_stages={cfg['num_stages']})")
-    last = tp.stages[-1].outputs[0]
-    launch = ["", "", "def launch(env, N, NC, s0, sf):",
-              '    """Run the stages; env maps value names to [N, H, chunks, ...] tensors."""',
-              *alloc, *calls, ""]
-    return HEADER + "\n".join(kernels) + "\n".join(launch), (last, out_axes[last])
+def _param_order(name: str) -> tuple[int, int]:
+    kinds = "XFBLOS"
+    if name in ("O", "S0", "SF", "CU"):
+        return (10 + ("O", "S0", "SF", "CU").index(name), 0)
+    if name.startswith("SC"):
+        return (20, int(name[2:]))
+    return (kinds.index(name[0]), int(name[1:]))

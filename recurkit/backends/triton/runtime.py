@@ -22,10 +22,11 @@ from ...lowering.analysis import analyze
 from ...lowering.forms import default_chunk as lowering_default_chunk
 from ...lowering.tile import TileProgram
 from ..shared.config import cache_root, merge_defaults
-from ..shared.host import chunk_args, chunk_result, scan_args, scan_result, token_loop_args
+from ...ir.interpret import evaluate
+from ..shared.host import scan_args, scan_result, segments, token_loop_args
 from ..shared.host import decays_positive
 from .sequential import SeqGen, scan_source
-from .chunk import chunk_source
+from .chunk_module import chunk_source
 
 GEN_VERSION = 1
 # Triton 3.9 warns unless this is set; 1 keeps its current default (fused multiply-add)
@@ -33,8 +34,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 DEFAULT_CONFIG = {"num_warps": None,     # warps per program (None: 4 for the token loops, 8
                                          # for chunk stages, whose blocks are larger)
                   "num_stages": 2,       # software-pipelining depth of the chunk kernels
-                  "block_v": 64,         # sequential form: state columns per program
-                  "precision": "tf32"}   # tl.dot inputs on a GPU: "tf32" (tensor cores) or "ieee"
+                  "block_v": None,       # state columns per program of the token loops and the
+                                         # chunk state pass (None: 64; 32 for an fp32 chunk
+                                         # state pass, whose fp32 operands need twice the
+                                         # registers)
+                  "precision": "auto",   # tl.dot operands on a GPU: "auto" (16-bit calls: their
+                                         # dtype, as FLA; fp32 calls: tf32), "tf32" or "ieee"
+                  "intermediates": "auto"}   # chunk forms: values crossing kernels in the
+                                             # call's 16-bit dtype ("auto") or "fp32"
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
 _LOCK = threading.Lock()
 
@@ -43,15 +50,18 @@ def check_config(config: dict | None) -> dict:
     out = merge_defaults(config, DEFAULT_CONFIG, "Triton config key")
     for k in ("num_warps", "block_v"):
         v = out[k]
-        if v is None and k == "num_warps":
+        if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
             raise ValueError(f"Triton config {k!r} must be a power of two, got {v!r}")
     if not isinstance(out["num_stages"], int) or out["num_stages"] < 1:
         raise ValueError(f"Triton config 'num_stages' must be an int >= 1, got "
                          f"{out['num_stages']!r}")
-    if out["precision"] not in ("ieee", "tf32"):
-        raise ValueError(f"Triton config 'precision' must be 'ieee' or 'tf32', got "
+    if out["intermediates"] not in ("auto", "fp32"):
+        raise ValueError(f"Triton config 'intermediates' must be 'auto' or 'fp32', got "
+                         f"{out['intermediates']!r}")
+    if out["precision"] not in ("auto", "ieee", "tf32"):
+        raise ValueError(f"Triton config 'precision' must be 'auto', 'ieee' or 'tf32', got "
                          f"{out['precision']!r}")
     return out
 
@@ -118,21 +128,22 @@ def _launch(mod: ModuleType, interpret: bool, *args) -> None:
 
 
 def sequential_gen(p, sizes: dict[str, int], H: int, config: dict | None = None) -> SeqGen:
-    return SeqGen(p, sizes, H, check_config(config)["block_v"])
+    return SeqGen(p, sizes, H, check_config(config)["block_v"] or 64)
 
 
 def module_source(program, tp: TileProgram | None, sizes: dict[str, int], H: int,
-                  config: dict | None = None) -> str:
+                  config: dict | None = None, dtype: str = "fp32") -> str:
     """The generated module for ``program`` lowered to ``tp`` (None: the sequential form) at
-    the given dim sizes and head count: what the runners below load, for reading and for
-    compiling ahead of time."""
+    the given dim sizes and head count, for calls in ``dtype`` with an initial state and a
+    final state (chunk forms): what the runners below load, for reading and for compiling
+    ahead of time."""
     cfg = check_config(config)
     if tp is None or tp.form == "sequential":
         return sequential_gen(program, sizes, H, cfg).source(warps(cfg, False))
     if tp.form == "scan":
         return scan_source(sizes[program.state.dims[0]], H, "scan_sign" in tp.prologue,
                            num_warps=warps(cfg, False))
-    return chunk_source(tp, sizes, H, cfg)[0]
+    return chunk_source(tp, sizes, H, cfg, dtype=dtype)[0]
 
 
 def run_triton_sequential(bc: BoundCall, config: dict | None = None):
@@ -159,17 +170,53 @@ def run_triton_scan(tp: TileProgram, bc: BoundCall, config: dict | None = None):
     return scan_result(bc, hs, sf)
 
 
+def chunk_inputs(io, bc: BoundCall):
+    """(xs, fs, scs) for a chunk module's ``launch``: the call's tensors it reads (contiguous,
+    in their own dtype), the host-evaluated feeds (fp32 [B, T, H, *dims]) and the scalars."""
+    p = bc.program
+    xs = [bc.tensors[p.inputs[n.attr("index")].name].contiguous() for n in io.inputs]
+    vals = evaluate(bc, io.feeds) if io.feeds else {}
+    fs = [vals[id(n)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in n.dims)).contiguous()
+          for n in io.feeds]
+    scs = [float(bc.scalars[n.attr("name")]) for n in io.scalars]
+    return xs, fs, scs
+
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def intermediate_dtype(bc: BoundCall, cfg: dict) -> torch.dtype:
+    """The dtype of values crossing the chunk kernels: the call's if it is 16-bit."""
+    lowp = bc.out_dtype in (torch.bfloat16, torch.float16) and cfg["intermediates"] == "auto"
+    return bc.out_dtype if lowp else torch.float32
+
+
 def run_triton_chunked(tp: TileProgram, bc: BoundCall, config: dict | None = None):
     cfg = check_config(config)
     if not decays_positive(tp, bc):   # the log-space form does not apply to this call
         return run_triton_sequential(bc, config)
-    src, (name, axes) = chunk_source(tp, bc.sizes, bc.H, cfg)
+    p = bc.program
+    varlen, has_s0 = bc.cu_seqlens is not None, bc.initial_state is not None
     interpret = bc.device.type != "cuda"
+    src, io = chunk_source(tp, bc.sizes, bc.H, cfg, varlen, has_s0, bc.output_final_state,
+                           DTYPE_NAMES.get(bc.out_dtype, "fp32"), interpret)
     mod = load_module(src, interpret)
-    pk, env, s0 = chunk_args(tp, bc)
-    sf = torch.empty_like(s0)
-    _launch(mod, interpret, env, pk.N, pk.nc, s0, sf)
-    return chunk_result(bc, pk, env[name], axes, sf)
+    xs, fs, scs = chunk_inputs(io, bc)
+    N = bc.N
+    longest = max([e - s for _, s, e in segments(bc)] + [1])
+    nc = -(-longest // tp.chunk)
+    o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims),
+                    dtype=bc.out_dtype, device=bc.device)
+    state = (N, bc.H, *(bc.sizes[d] for d in p.state.dims))
+    s0 = bc.initial_state.to(torch.float32).contiguous() if has_s0 else None
+    sf = torch.empty(state, dtype=torch.float32, device=bc.device) \
+        if bc.output_final_state else None
+    cu = bc.cu_seqlens_tensor if varlen else None
+    if cu is not None and cu.device != bc.device:
+        cu = cu.to(bc.device)
+    _launch(mod, interpret, xs, fs, scs, o, s0, sf, cu, N, nc, bc.T,
+            intermediate_dtype(bc, cfg))
+    return o, sf
 
 
 # --- ahead-of-time compilation for GPUs that are not here -----------------------------------
@@ -177,14 +224,29 @@ TARGETS = {"sm_80": ("cuda", 80, 32), "sm_90": ("cuda", 90, 32), "gfx942": ("hip
 SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448, "gfx942": 65536}
 
 
-def _param_type(name: str) -> str:
-    return "*i32" if name == "SEG" else "i32" if name in ("NC", "TT") else "*fp32"
+def _param_type(name: str, io: str = "fp32") -> str:
+    """Argument types for compiling a generated kernel ahead of time, by parameter name:
+    inputs, low-precision intermediates and the output in ``io`` ("fp32", "bf16", "fp16"),
+    everything else fp32 (integers for offsets and counts, fp32 scalars)."""
+    import re
+    if name in ("SEG", "CU"):
+        return "*i32"
+    if name in ("NC", "TT"):
+        return "i32"
+    if re.fullmatch(r"SC\d+", name):
+        return "fp32"
+    if name == "O" or re.fullmatch(r"[XL]\d+", name):
+        return f"*{io}"
+    return "*fp32"
 
 
-def aot_compile(src: str, arch: str = "sm_90", config: dict | None = None) -> list[dict]:
-    """Compile every kernel of a generated module for ``arch`` with no GPU. Returns, per
-    kernel: name, shared memory bytes, and for CUDA registers and spill bytes (read from the
-    cubin with the cuobjdump bundled with Triton; None where it cannot be read)."""
+def aot_compile(src: str, arch: str = "sm_90", config: dict | None = None,
+                io: str = "fp32") -> list[dict]:
+    """Compile every kernel of a generated module for ``arch`` with no GPU, its inputs,
+    output and low-precision intermediates in ``io``. Returns, per kernel: name, shared memory
+    bytes, for CUDA registers and spill bytes (read from the cubin with the cuobjdump bundled
+    with Triton; None where it cannot be read) and whether the SASS has tensor-core
+    instructions (``mma``: HGMMA / HMMA counts; None where it cannot be read)."""
     import triton
     from triton.backends.compiler import GPUTarget
     if arch not in TARGETS:
@@ -194,13 +256,13 @@ def aot_compile(src: str, arch: str = "sm_90", config: dict | None = None) -> li
     out = []
     for name in sorted(n for n in vars(mod) if n.endswith("_kernel")):
         fn = getattr(mod, name)
-        sig = {a: _param_type(a) for a in fn.arg_names}
+        sig = {a: _param_type(a, io) for a in fn.arg_names}
         loop = name in ("recurrent_kernel", "scan_kernel")
         k = triton.compile(triton.compiler.ASTSource(fn, sig, {}), target=GPUTarget(
             *TARGETS[arch]), options={"num_warps": warps(cfg, not loop),
                                       "num_stages": 1 if loop else cfg["num_stages"]})
         rec = {"kernel": name, "arch": arch, "shared": k.metadata.shared,
-               "registers": None, "spill_bytes": None}
+               "registers": None, "spill_bytes": None, "mma": None}
         if "cubin" in k.asm:
             rec.update(_cubin_usage(k.asm["cubin"]))
         out.append(rec)
@@ -241,5 +303,9 @@ def _cubin_usage(cubin: bytes) -> dict:
         f.write(cubin)
         f.flush()
         r = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", r.stdout)
-    return {"registers": int(m.group(1)), "spill_bytes": int(m.group(2))} if m else {}
+    out = {"registers": int(m.group(1)), "spill_bytes": int(m.group(2))} if m else {}
+    if sass:   # tensor-core instructions: warpgroup MMA (sm_90) and warp MMA
+        out["mma"] = {op: len(re.findall(rf"\b{op}\.", sass)) for op in ("HGMMA", "HMMA")}
+    return out

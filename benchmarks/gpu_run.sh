@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU run protocol: one call of at most ~8 minutes on a machine with a CUDA GPU.
+#
+#   bash benchmarks/gpu_run.sh [OUT_DIR]        (default: $OUT, else benchmarks/results/gpu)
+#
+# Works on the GPU machine's own torch / Triton (recurkit is installed without dependencies
+# so they are kept): 1. environment report, 2. tests/test_gpu.py (correctness on the GPU),
+# 3. benchmarks/gpu_chunk.py --protocol (GDN, GLA, KDA forward against FLA's Triton path,
+# B1 T8192 H16 / H32 and B8 T2048 H16, K = V = 128, bf16), 4. tuning of the built-ins at
+# those shapes (benchmarks/gpu_tune.py: the autotuner within the Triton backend on CUDA
+# tensors), 5. the forward again with the tuned winners (rk.compile(..., autotune="quick")
+# finds them in the tuning cache). Each step has its own time limit; raw output lands in
+# OUT_DIR.
+set -u
+OUT_DIR="${1:-${OUT:-benchmarks/results/gpu}}"
+mkdir -p "$OUT_DIR"
+export RECURKIT_CACHE_DIR="$OUT_DIR/cache" FLA_FLASH_QLA=0 PYTHONUNBUFFERED=1
+step() { local limit=$1 name=$2; shift 2; echo "== $name (limit ${limit}s)";
+         timeout "$limit" "$@" > "$OUT_DIR/$name.txt" 2>&1; echo "rc=$?" >> "$OUT_DIR/$name.txt";
+         tail -n 40 "$OUT_DIR/$name.txt"; }
+{
+  date -u; nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  lscpu | grep -E 'Model name|^CPU\(s\)'
+} > "$OUT_DIR/env.txt" 2>&1; cat "$OUT_DIR/env.txt"
+pip install -q --no-deps -e . > "$OUT_DIR/install.txt" 2>&1 || echo "install failed (see install.txt)"
+python -c "import fla" 2>/dev/null || pip install -q --no-deps fla-core einops >> "$OUT_DIR/install.txt" 2>&1
+step 150 test_gpu python -m pytest -q -x tests/test_gpu.py -p no:cacheprovider
+step 150 gpu_chunk python benchmarks/gpu_chunk.py --protocol --no-backward --json "$OUT_DIR/gpu_chunk.json"
+step 150 tune python benchmarks/gpu_tune.py --out "$OUT_DIR/tuned.json"
+step 90 gpu_chunk_tuned python benchmarks/gpu_chunk.py --protocol --no-backward --autotune --json "$OUT_DIR/gpu_chunk_tuned.json"

@@ -1,0 +1,63 @@
+"""Tune the Triton built-ins on this GPU at the GPU run protocol's shapes.
+
+    python benchmarks/gpu_tune.py [--out tuned.json] [--effort quick]
+
+For Gated DeltaNet, GLA and KDA (bf16, K = V = 128; B1 T8192 H16 and H32, B8 T2048 H16) runs
+``recurkit.autotune.tune`` within the Triton backend on CUDA tensors (each candidate timed in
+a subprocess, checked against the default's output; kernels that do not compile, spill or
+exceed shared memory are dropped before timing) and writes the winners, with the default's
+time beside the winner's, as JSON. The winners also land in the tuning cache
+($RECURKIT_CACHE_DIR), where ``rk.compile(..., autotune=...)`` finds them on this device.
+Needs a CUDA GPU; says so and exits without one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import recurkit as rk
+
+SHAPES = [(1, 8192, 16), (1, 8192, 32), (8, 2048, 16)]
+OPS = ("gated_delta_rule", "gla", "kda")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="tuned.json")
+    ap.add_argument("--effort", default="quick", choices=("quick", "full"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_tune.py: no CUDA device here; run it on a machine with a GPU")
+        return 0
+    from recurkit.autotune import tune
+    name = torch.cuda.get_device_name()
+    cap = "sm_%d%d" % torch.cuda.get_device_capability()
+    rows = []
+    for op in OPS:
+        program = getattr(rk.ops, op).decl.program
+        for B, T, H in SHAPES:
+            shape = {"B": B, "T": T, "H": H, "N": B, "sizes": {"K": 128, "V": 128}}
+            try:
+                res = tune(program, shape, device="cuda", effort=args.effort,
+                           dtype="bfloat16", backend="triton", arch=cap, progress=False)
+            except Exception as e:  # noqa: BLE001 - report and go on to the next shape
+                print(f"{op} B{B} T{T} H{H}: tuning failed: {type(e).__name__}: {e}")
+                continue
+            best = res.best
+            row = {"op": op, "B": B, "T": T, "H": H, "form": best.form, "chunk": best.chunk,
+                   "knobs": dict(best.knobs), "ms": res.seconds * 1e3,
+                   "default_ms": (res.default_seconds or float("nan")) * 1e3,
+                   "tried": len(res.tried), "dropped": len(res.dropped)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"device": name, "capability": cap, "torch": torch.__version__,
+                   "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The Python module of a chunk form for the Triton backend: the tile program optimized by
+``lowering.fuse``, a kernel per remaining stage (``chunk._StageGen``), the buffers between
+them (dtypes chosen here) and a ``launch`` function that allocates them and runs the stages."""
+from __future__ import annotations
+
+from ...lowering.fuse import optimize, output_name
+from ...lowering.tile import TileProgram, stage_inputs
+from .chunk import _StageGen
+from .prologue import ChunkIO
+from .sequential import HEADER
+
+
+def _gate_only(tp: TileProgram) -> set[str]:
+    """Values computed from the log-gates alone (cumulative gates, decays): kept in fp32."""
+    gates = {k for k in tp.prologue if k.startswith("log_gate")}
+    leaves: dict[str, set[str]] = {k: {k} for k in tp.prologue}
+    for st in tp.stages:
+        for op in st.ops:
+            src = [op.attr("value")] if op.op == "load" else list(op.args)
+            leaves[op.out] = set().union(*(leaves.get(a, {a}) for a in src)) if src else set()
+    return {k for k, v in leaves.items() if v and v <= gates}
+
+
+def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
+                 varlen: bool = False, has_s0: bool = True, has_sf: bool = True,
+                 dtype: str = "fp32", interpret: bool = False) -> tuple[str, ChunkIO]:
+    """The module for a chunk-form tile program (optimized by ``lowering.fuse`` first), and
+    what its ``launch`` reads from a call. ``launch(xs, fs, scs, o, s0, sf, cu, N, NC, TT,
+    lowp)`` takes the inputs, host feeds and scalars of the ``ChunkIO``, the output
+    [B, T, H, *dims], the initial and final states [N, H, *state dims] (fp32; None where the
+    flags say there is none), ``cu_seqlens`` (varlen) and the dtype of the low-precision
+    intermediates. ``dtype`` ("fp32", "bf16", "fp16") is the call's: with ``precision``
+    "auto", a 16-bit call's dots take 16-bit operands (fp32 accumulation), an fp32 call's
+    tf32; in the interpreter (``interpret``) bf16 dots take fp32 operands, as the
+    interpreter's bf16 dots are wrong (Triton 3.x: errors of 1e10 measured)."""
+    cache = tp.meta.setdefault("_triton_chunk", {})
+    key = (tuple(sorted(sizes.items())), H, tuple(sorted(cfg.items())), varlen, has_s0,
+           has_sf, dtype, interpret)
+    if key in cache:
+        return cache[key]
+    opt = optimize(tp)
+    io = ChunkIO(opt.meta["program"], opt.prologue)
+    result = output_name(opt)
+    known = {k: ("i", *n.dims) for k, n in opt.prologue.items()}
+    C = opt.chunk
+    flags = {"varlen": varlen, "has_s0": has_s0, "has_sf": has_sf}
+    fp32 = _gate_only(opt)
+    dot = cfg["precision"] if cfg["precision"] != "auto" else \
+        "tf32" if dtype not in ("bf16", "fp16") or (interpret and dtype == "bf16") else dtype
+    kernels, calls, alloc = [], [], []
+    bufs: dict[str, str] = {}
+    out_axes: dict[str, tuple[str, ...]] = {}
+    for st in opt.stages:
+        carried = st.carried[0] if st.carried else None
+        for name in st.outputs:
+            if name not in known and name not in (result, carried) and name not in bufs:
+                bufs[name] = f"{'B' if name in fp32 else 'L'}{len(bufs)}"
+        gen = _StageGen(st, opt, sizes, H, stage_inputs(st, known),
+                        {**cfg, "_16bit": dtype in ("bf16", "fp16")}, io)
+        gen.dot = dot
+        src, params = gen.source(out_axes, known, bufs, result, flags)
+        kernels.append(src)
+        for name in st.outputs:
+            if name in bufs and name not in known:
+                known[name] = out_axes[name]
+                shape = ", ".join(str(C if a in ("i", "j") else sizes[a.rstrip("'")])
+                                  for a in out_axes[name])
+                dt = "torch.float32" if bufs[name][0] == "B" else "lowp"
+                alloc.append(f"    env[{name!r}] = torch.empty((N, {H}, NC, {shape}), "
+                             f"device=o.device, dtype={dt})")
+        nv = gen.nsplit()
+        grid = f"(N * {H}, {nv})" if st.kind == "loop" else f"(N * {H} * NC, {nv})"
+        inv = {p: n for n, p in bufs.items()}
+        args = [_arg(p, inv) for p in params]
+        calls.append(f"    {st.name}_kernel[{grid}]({', '.join(args + ['NC', 'TT'])}, "
+                     f"num_warps={cfg['num_warps'] or 8}, num_stages={cfg['num_stages']})")
+    launch = ["", "", "def launch(xs, fs, scs, o, s0, sf, cu, N, NC, TT, lowp):",
+              '    """Run the stages; intermediates are [N, H, chunks, ...] tensors."""',
+              "    env = {}", *alloc, *calls, ""]
+    cache[key] = (HEADER + "\n".join(kernels) + "\n".join(launch), io)
+    return cache[key]
+
+
+def _arg(p: str, bufs: dict[str, str]) -> str:
+    if p[0] in "BL" and p[1:].isdigit():
+        return f"env[{bufs[p]!r}]"
+    if p[0] in "XF" and p[1:].isdigit():
+        return f"{'xs' if p[0] == 'X' else 'fs'}[{p[1:]}]"
+    if p.startswith("SC"):
+        return f"scs[{p[2:]}]"
+    return {"O": "o", "S0": "s0", "SF": "sf", "CU": "cu"}[p]

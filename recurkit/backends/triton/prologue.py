@@ -1,0 +1,219 @@
+"""The prologue of the Triton chunk kernels, computed where it is used.
+
+A chunk stage reads per-token values (the tile program's prologue: gates, scaled queries,
+keys times betas, ...) as blocks over the chunk's positions. They are computed in the kernel
+from the call's own tensors, read in their own dtype (bf16, fp16, fp32) and converted in
+registers, by rendering the prologue's IR: elementwise ops, constants, scalars and the head
+index in the kernel; anything else (a norm's sum over a dim, a contraction) is evaluated on
+the host once, as an fp32 [B, T, H, *dims] feed, and read like an input. Positions past the
+end of a sequence and padded lanes of a dim are 0, as in the packed layout the other backends
+use.
+
+Tokens are addressed in the call's layout, [B, T, H, *dims] (or the packed varlen [1, T, H,
+*dims] with ``cu_seqlens``): the first token of chunk c of sequence n is ``bos + c C``.
+"""
+from __future__ import annotations
+
+from ...ir.node import BINARY, COMPARE, UNARY, Node, toposort
+from .sequential import TRITON_BINARY, TRITON_UNARY, lit, power
+
+ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where"}
+
+
+class ChunkIO:
+    """What the chunk kernels read from a call: the inputs used raw, the host-side feeds and
+    the scalars, for one tile program's prologue."""
+
+    def __init__(self, program, prologue: dict[str, Node]):
+        self.program = program
+        self.values = dict(prologue)
+        self.inputs: list[Node] = []    # token / param inputs, read from the call's tensors
+        self.feeds: list[Node] = []     # evaluated on the host, [B, T, H, *dims] fp32
+        self.scalars: list[Node] = []   # scalar inputs, kernel arguments
+        self.kind: dict[int, tuple[str, int]] = {}
+        for n in toposort(list(self.values.values()), stop=self._stops()):
+            if id(n) in self.kind:
+                continue
+            if n.op == "input" and n.role in ("token", "param"):
+                self.kind[id(n)] = ("input", len(self.inputs))
+                self.inputs.append(n)
+            elif n.op == "input" and n.role == "scalar":
+                self.kind[id(n)] = ("scalar", len(self.scalars))
+                self.scalars.append(n)
+            elif n.op == "input" and n.role == "head":
+                self.kind[id(n)] = ("head", 0)
+            elif n.op == "const" or n.op in ELEMENTWISE:
+                self.kind[id(n)] = (n.op, 0)
+            else:
+                self.kind[id(n)] = ("feed", len(self.feeds))
+                self.feeds.append(n)
+
+    def _stops(self) -> set[int]:
+        """Nodes not descended into: the host evaluates them whole."""
+        stop = set()
+        for n in toposort(list(self.values.values())):
+            if not (n.op in ("input", "const") or n.op in ELEMENTWISE):
+                stop.add(id(n))
+        return stop
+
+    def has_token(self, n: Node, memo: dict[int, bool] | None = None) -> bool:
+        """Whether ``n`` varies per token (its block has the position axis)."""
+        memo = {} if memo is None else memo
+        if id(n) not in memo:
+            k = self.kind.get(id(n), ("",))[0]
+            if k == "feed":
+                memo[id(n)] = True
+            elif k == "input":
+                memo[id(n)] = n.role == "token"
+            else:
+                memo[id(n)] = any(self.has_token(a, memo) for a in n.args)
+        return memo[id(n)]
+
+
+class PrologueRender:
+    """Mixin of the chunk stage generator: reads prologue values and the call's inputs, and
+    stores the program's output, in token addressing. Uses the generator's ``io``, ``sizes``,
+    ``var``/``axes``, ``emit``, ``ar``, ``block``, ``size``, ``to``, ``kctx``, ``split``
+    and ``used`` (the kernel arguments read)."""
+
+    def dims_of(self, n: Node) -> tuple[str, ...]:
+        """The dims of an input in its tensor's memory order (declared order)."""
+        return tuple(self.io.program.inputs[n.attr("index")].dims)
+
+    def valid(self, axes: tuple[str, ...]) -> str | None:
+        """Lanes of a block over ``axes`` that hold a real token and real dim entries."""
+        ms = [f"({self.ar('i', axes)} < rem)"] if "i" in axes else []
+        ms += [f"({self.ar(a, axes)} < {self.size(a)})" for a in axes
+               if a != "i" and (self.block(a) != self.size(a) or a == self.split or
+                                (self.kctx and a == self.kctx[0]))]
+        return " & ".join(ms) or None
+
+    def token_offset(self, axes: tuple[str, ...], numel: int) -> str:
+        """Offsets of a block over ``axes`` (i first, then dims in memory order) into a
+        [tokens, H, *dims] tensor."""
+        terms, stride = [], 1
+        for a in reversed(axes[1:]):
+            t = self.ar(a, axes)
+            terms.append(f"{t} * {stride}" if stride != 1 else t)
+            stride *= self.size(a)
+        row = f"((tok0 + {self.ar('i', axes)}) * {self.H} + h) * {numel}"
+        return " + ".join([row] + list(reversed(terms)))
+
+    def _numel(self, dims) -> int:
+        n = 1
+        for d in dims:
+            n *= self.sizes[d]
+        return n
+
+    def _key(self, n: Node, axes: tuple[str, ...]) -> str:
+        k = self.kctx[0] if self.kctx and self.kctx[0] in axes else ""
+        return f"@{id(n)}:{k}"
+
+    def node_axes(self, n: Node) -> tuple[str, ...]:
+        kind = self.io.kind[id(n)][0]
+        if kind in ("input", "feed"):
+            dims = self.dims_of(n) if kind == "input" else tuple(n.dims)
+            return (("i",) if self.io.has_token(n, self._tok) else ()) + dims
+        return (("i",) if self.io.has_token(n, self._tok) else ()) + tuple(n.dims)
+
+    def node(self, n: Node, ind: int) -> str:
+        """Render IR node ``n`` of the prologue; returns its key in ``var``/``axes``."""
+        axes = self.node_axes(n)
+        key = self._key(n, axes)
+        if key in self.var:
+            return key
+        kind, k = self.io.kind[id(n)]
+        if kind in ("input", "feed"):
+            ptr = f"X{k}" if kind == "input" else f"F{k}"
+            self.used.add(ptr)
+            dims = axes[1:] if "i" in axes else axes
+            numel = self._numel(dims)
+            if "i" in axes:
+                off = self.token_offset(axes, numel)
+            else:   # a per-head parameter [H, *dims]
+                terms, stride = [], 1
+                for a in reversed(axes):
+                    t = self.ar(a, axes)
+                    terms.append(f"{t} * {stride}" if stride != 1 else t)
+                    stride *= self.size(a)
+                off = " + ".join([f"h * {numel}"] + list(reversed(terms)))
+            m = self.valid(axes)
+            mk = f", mask={m}, other=0.0" if m else ""
+            self.emit(key, axes, f"tl.load({ptr} + {off}{mk}).to(tl.float32)", ind)
+            return key
+        if kind == "scalar":
+            self.used.add(f"SC{k}")
+            self.var[key], self.axes[key] = f"SC{k}", ()
+            return key
+        if kind == "head":
+            self.var[key], self.axes[key] = "h.to(tl.float32)", ()
+            return key
+        if kind == "const":
+            self.var[key], self.axes[key] = lit(n.attr("value")), ()
+            return key
+        if self._constant(n):
+            self.var[key], self.axes[key] = lit(self._fold(n)), ()
+            return key
+        args = [self.node(a, ind) for a in n.args]
+        xs = [self.to(a, axes) for a in args]
+        if n.op == "pow":
+            expr = power(xs[0], n.args[1], xs[1])
+        elif n.op in TRITON_UNARY:
+            expr = TRITON_UNARY[n.op].format(*xs)
+        elif n.op == "where":
+            expr = f"tl.where({xs[0]}, {xs[1]}, {xs[2]})"
+        else:
+            expr = TRITON_BINARY[n.op].format(*xs)
+        if not axes:   # scalars only (kernel arguments, the head index): inline
+            self.var[key], self.axes[key] = f"({expr})", ()
+            return key
+        self.emit(key, axes, expr, ind)
+        return key
+
+    def _constant(self, n: Node) -> bool:
+        return n.op == "const" or (n.op != "input" and bool(n.args) and
+                                   all(self._constant(a) for a in n.args))
+
+    @staticmethod
+    def _fold(n: Node) -> float:
+        """The value of a subtree of constants, computed as the reference does (fp32)."""
+        import torch
+
+        from ...ir.interpret import apply_node
+
+        def ev(x: Node):
+            if x.op == "const":
+                return torch.tensor(float(x.attr("value")))
+            return apply_node(x, [ev(a) for a in x.args], 0)
+        return float(ev(n))
+
+    def prologue_value(self, name: str, ind: int) -> None:
+        """The prologue value ``name`` as a block over (i, *dims), 0 where no token is."""
+        n = self.io.values[name]
+        want = ("i", *n.dims)
+        key = self.node(n, ind)
+        m = self.valid(want)
+        if self.axes[key] == want and (m is None or n.op == "input"):   # loads are masked
+            self.var[name], self.axes[name] = self.var[key], want
+            return
+        full = f"tl.full([{', '.join(str(self.block(a)) for a in want)}], 0.0, tl.float32)"
+        x = self.to(key, want) if self.axes[key] else self.var[key]
+        self.emit(name, want, f"tl.where({m or 'True'}, {x} + {full}, 0.0)", ind)
+
+    def store_output(self, name: str, ind: int) -> None:
+        """The program's output, into O [tokens, H, *output dims] in O's dtype."""
+        od = tuple(self.io.program.output.dims)
+        want = ("i", *od)
+        have = self.axes[name]
+        x = self.to(name, want) if set(have) <= set(want) else self.var[name]
+        full = f"tl.full([{', '.join(str(self.block(a)) for a in want)}], 0.0, tl.float32)"
+        if tuple(have) != want:
+            x = f"({x} + {full})"
+        off = self.token_offset(want, self._numel(od))
+        m = self.valid(want)
+        if self.split and self.split not in want:
+            first = f"(({off}) * 0 + pv == 0)"
+            m = f"({m}) & {first}" if m else first
+        self.used.add("O")
+        self.L.append("    " * ind + f"tl.store(O + {off}, {x}.to(O.dtype.element_ty)"
+                      f"{', mask=' + m if m else ''})")
