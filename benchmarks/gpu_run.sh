@@ -7,9 +7,10 @@
 # so they are kept): 1. environment report, 2. tests/test_gpu.py (correctness on the GPU),
 # 3. benchmarks/gpu_chunk.py --protocol (GDN, GLA, KDA forward against FLA's Triton path,
 # B1 T8192 H16 / H32 and B8 T2048 H16, K = V = 128, bf16), 4. tuning of the built-ins at
-# those shapes (benchmarks/gpu_tune.py: the autotuner within the Triton backend on CUDA
-# tensors), 5. the forward again with the tuned winners (rk.compile(..., autotune="quick")
-# finds them in the tuning cache). Each step has its own time limit; raw output lands in
+# those shapes (benchmarks/gpu_tune.py --package: the autotuner within the Triton backend
+# on CUDA tensors, winners written as this GPU's shipped configs), 5. the forward again at
+# the default config, which now reads those configs. Each step has its own time limit; raw
+# output and the configs file (to commit into recurkit/backends/triton/configs/) land in
 # OUT_DIR.
 set -u
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu}}"
@@ -27,5 +28,6 @@ pip install -q --no-deps -e . > "$OUT_DIR/install.txt" 2>&1 || echo "install fai
 python -c "import fla" 2>/dev/null || pip install -q --no-deps fla-core einops >> "$OUT_DIR/install.txt" 2>&1
 step 150 test_gpu python -m pytest -q -x tests/test_gpu.py -p no:cacheprovider
 step 150 gpu_chunk python benchmarks/gpu_chunk.py --protocol --no-backward --json "$OUT_DIR/gpu_chunk.json"
-step 150 tune python benchmarks/gpu_tune.py --out "$OUT_DIR/tuned.json"
-step 90 gpu_chunk_tuned python benchmarks/gpu_chunk.py --protocol --no-backward --autotune --json "$OUT_DIR/gpu_chunk_tuned.json"
+step 150 tune python benchmarks/gpu_tune.py --package --out "$OUT_DIR/tuned.json"
+cp recurkit/backends/triton/configs/*.json "$OUT_DIR/" 2>/dev/null   # to commit: the shipped configs
+step 90 gpu_chunk_tuned python benchmarks/gpu_chunk.py --protocol --no-backward --json "$OUT_DIR/gpu_chunk_tuned.json"

@@ -1,6 +1,6 @@
 """Tune the Triton built-ins on this GPU at the GPU run protocol's shapes.
 
-    python benchmarks/gpu_tune.py [--out tuned.json] [--effort quick]
+    python benchmarks/gpu_tune.py [--out tuned.json] [--effort quick] [--package]
 
 For Gated DeltaNet, GLA and KDA (bf16, K = V = 128; B1 T8192 H16 and H32, B8 T2048 H16) runs
 ``recurkit.autotune.tune`` within the Triton backend on CUDA tensors (each candidate timed in
@@ -8,12 +8,17 @@ a subprocess, checked against the default's output; kernels that do not compile,
 exceed shared memory are dropped before timing) and writes the winners, with the default's
 time beside the winner's, as JSON. The winners also land in the tuning cache
 ($RECURKIT_CACHE_DIR), where ``rk.compile(..., autotune=...)`` finds them on this device.
+The JSON is in the format of ``recurkit.backends.triton.configs``: with ``--package`` it is
+also merged into ``recurkit/backends/triton/configs/<device>.json``, the configs shipped with
+the package and used by default on a GPU of this model (commit that file). Timing runs in
+bf16; each candidate is first checked against the reference in fp32.
 Needs a CUDA GPU; says so and exits without one.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -28,6 +33,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tuned.json")
     ap.add_argument("--effort", default="quick", choices=("quick", "full"))
+    ap.add_argument("--package", action="store_true",
+                    help="merge the winners into recurkit/backends/triton/configs/")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_tune.py: no CUDA device here; run it on a machine with a GPU")
@@ -47,15 +54,30 @@ def main() -> int:
                 print(f"{op} B{B} T{T} H{H}: tuning failed: {type(e).__name__}: {e}")
                 continue
             best = res.best
-            row = {"op": op, "B": B, "T": T, "H": H, "form": best.form, "chunk": best.chunk,
-                   "knobs": dict(best.knobs), "ms": res.seconds * 1e3,
+            row = {"program": program.content_hash(), "name": op, "B": B, "T": T, "H": H,
+                   "form": best.form, "chunk": best.chunk, "sizes": shape["sizes"],
+                   "dtype": "bfloat16", "knobs": dict(best.knobs), "ms": res.seconds * 1e3,
                    "default_ms": (res.default_seconds or float("nan")) * 1e3,
                    "tried": len(res.tried), "dropped": len(res.dropped)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    doc = {"device": name, "capability": cap, "torch": torch.__version__, "entries": rows}
     with open(args.out, "w") as f:
-        json.dump({"device": name, "capability": cap, "torch": torch.__version__,
-                   "rows": rows}, f, indent=1)
+        json.dump(doc, f, indent=1)
+    if args.package:
+        from recurkit.backends.triton import configs
+        path = os.path.join(os.path.dirname(configs.__file__), configs.slug(name) + ".json")
+        old = json.load(open(path)).get("entries", []) if os.path.exists(path) else []
+        key = configs._key
+        # one entry per (declaration, form, chunk, sizes, dtype): the winner at the shape with
+        # the most tokens x heads (the training shape), new rows over old at equal size
+        merged = {}
+        for e in sorted(old + rows, key=lambda e: e["B"] * e["T"] * e["H"]):
+            merged[key(e)] = e
+        doc["entries"] = sorted(merged.values(), key=lambda e: (e["name"], e["B"], e["T"]))
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {path}")
     return 0
 
 

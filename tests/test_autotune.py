@@ -226,3 +226,24 @@ def test_cli_tune_and_cache(tmp_path):
     assert "removed 1" in cli("cache", "clear").stdout
     bad = cli("tune", "recurkit.ops:hgrn", "--shape", "T=64,D=8")
     assert bad.returncode != 0 and "missing H" in bad.stderr
+
+
+def test_gpu_tuning_without_a_gpu_ranks_by_the_traffic_model(monkeypatch):
+    """No GPU here: tune(device="cuda") drops what does not compile cleanly for the arch,
+    ranks the chunk-form candidates by their modelled roofline time and caches nothing."""
+    import torch
+    from recurkit.autotune import tune
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tuning measures")
+    p = rk.ops.gated_delta_rule.decl.program
+    shape = {"B": 1, "T": 4096, "H": 16, "N": 1, "sizes": {"K": 128, "V": 128}}
+    cands = [Candidate("triton", "chunk_wy", 32, ()),
+             Candidate("triton", "chunk_wy", 32, (("block_v", 16),)),
+             Candidate("triton", "sequential", None, ())]
+    res = tune(p, shape, device="cuda", dtype="bfloat16", candidates=cands, progress=False)
+    secs = {c: r["seconds"] for c, r in res.tried}
+    assert all(r["modelled"] == "h100" for _, r in res.tried)
+    assert "no traffic model" in res.dropped[cands[2]]
+    # block_v 16 reads the key-side inputs 4x as often as 64: more bytes, more time
+    assert secs[cands[1]] > secs[cands[0]] > 0 and res.best == cands[0]
+    assert res.default_seconds == secs[cands[0]] and not res.from_cache

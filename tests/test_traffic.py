@@ -59,3 +59,44 @@ def test_counting_stops_outside_the_block():
         pass
     torch.randn(4) + 1
     assert t.launches == []
+
+
+# --- the model of the generated chunk kernels: the same counts, without running them --------
+def _call(name, varlen):
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    B, T, H, K = 2, 40, 1, 16
+    q, v = torch.randn(B, T, H, K).bfloat16(), torch.randn(B, T, H, K).bfloat16()
+    k = F.normalize(torch.randn(B, T, H, K), dim=-1).bfloat16()
+    g = F.logsigmoid(torch.randn(B, T, H, *((K,) if name != "gated_delta_rule" else ())))
+    x = [q, k, v, g] + ([torch.rand(B, T, H).bfloat16()] if name != "gla" else [])
+    kw = {"output_final_state": True}   # what the custom op asks for
+    if varlen:
+        x = [t.reshape(1, B * T, *t.shape[2:]) for t in x]
+        kw["cu_seqlens"] = torch.tensor([0, 1, 1, 50, 80])
+    else:
+        kw["initial_state"] = torch.randn(B, H, K, K)
+    if name != "gated_delta_rule":   # fewer programs: the interpreter is slow on KDA's loops
+        x = [t[:, :24] for t in x] if not varlen else x
+    return x, kw
+
+
+@pytest.mark.parametrize("name,varlen", [("gated_delta_rule", False), ("gla", True),
+                                         ("kda", True),   # blocked per-channel loops
+                                         pytest.param("kda", False, marks=pytest.mark.slow)])
+def test_model_of_the_chunk_kernels_matches_the_interpreter(name, varlen):
+    import recurkit as rk
+    from recurkit.backends.triton.chunk_module import model_traffic
+    from recurkit.backends.triton.runtime import check_config
+    from recurkit.ir.bind import bind_call
+    decl = getattr(rk.ops, name).decl
+    x, kw = _call(name, varlen)
+    op = rk.compile(decl, backend="triton")
+    with count_traffic() as t:
+        op(*x, **kw)
+    model = model_traffic(op.tile_program, bind_call(decl.program, tuple(x), kw),
+                          check_config(None))
+    counted = [(k.name, k.read, k.written, k.flops) for k in t.launches if k.kind == "triton"]
+    assert counted == [(k.name, k.read, k.written, k.flops) for k in model.launches]
+    others = [k for k in t.launches if k.kind == "torch" and not k.name.startswith(name)]
+    assert len(counted) == 2 and not others   # no torch op besides the custom op itself

@@ -116,7 +116,11 @@ def test_low_precision_inputs(name, dtype, tol):
         assert o.dtype == dtype and S.dtype == torch.float32
         # chunk forms keep values crossing kernels in the call's dtype (the state and every
         # accumulation fp32): the state is then within the dtype's tolerance
+        # Triton's interpreter truncates on every conversion to bf16 (measured: 1 ulp where a
+        # GPU and torch round to nearest, within half), so bf16 chunk forms get twice the
+        # tolerance here; tests/test_gpu.py holds them to it on a GPU
         exact = not form.startswith("chunk")
+        tol = tol * 2 if dtype == torch.bfloat16 and not exact else tol
         assert rel(o, o_ref) < tol and rel(S, S_ref) < (1e-5 if exact else tol), form
         if not exact:   # fp32 intermediates: the state as exact as from fp32 inputs
             o, S = rk.compile(decl_of(name), backend="triton", form=form, chunk=16,
@@ -253,3 +257,31 @@ def test_chunk_kernels_use_tensor_cores_on_sm90_for_bf16(name):
     for r in report:
         assert r["spill_bytes"] == 0 and r["shared"] <= tb.SHARED_LIMIT["sm_90"], r
         assert r["mma"] is not None and r["mma"]["HGMMA"] + r["mma"]["HMMA"] > 0, r
+
+
+def test_shipped_configs_match_by_declaration_device_and_call(tmp_path, monkeypatch):
+    """A config file for a GPU model gives its knobs to calls of the same declaration (by
+    content hash), form, chunk, sizes and dtype on a device of that name and capability;
+    anything else, or a damaged file, gives None (the defaults)."""
+    import json
+    from recurkit.backends.triton import configs
+    p = decl_of("gated_delta_rule").program
+    entry = {"program": p.content_hash(), "name": "gated_delta_rule", "form": "chunk_wy",
+             "chunk": 32, "sizes": {"K": 128, "V": 128}, "dtype": "bfloat16",
+             "knobs": {"block_v": 32, "num_warps": 4}}
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "capability": "sm_90",
+                                "entries": [entry]}))
+    monkeypatch.setenv("RECURKIT_TRITON_CONFIGS", str(path))
+    args = ("chunk_wy", 32, {"K": 128, "V": 128}, "bfloat16", "NVIDIA H100 80GB HBM3")
+    assert configs.lookup(p, *args, "sm_90") == {"block_v": 32, "num_warps": 4}
+    assert configs.lookup(p, *args[:-1], "NVIDIA H200", "sm_90") is None
+    assert configs.lookup(p, *args, "sm_80") is None
+    assert configs.lookup(p, "chunk_wy", 16, *args[2:], "sm_90") is None
+    assert configs.lookup(p, "chunk_wy", 32, {"K": 64, "V": 128}, *args[3:], "sm_90") is None
+    assert configs.lookup(decl_of("gla").program, *args, "sm_90") is None
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv("RECURKIT_TRITON_CONFIGS", str(bad))
+    assert configs.lookup(p, *args, "sm_90") is None
+    assert configs.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"

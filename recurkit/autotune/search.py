@@ -11,6 +11,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import torch
+
+from .. import backends
 from .cache import TuneCache, make_key, shape_bucket
 from .space import Candidate, config_space, prune_static
 from .worker import Worker, measure
@@ -90,6 +93,12 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
     cfg = dict(EFFORT[effort])
     if timeout is not None:
         cfg["timeout"] = timeout
+    if device == "cuda" and not torch.cuda.is_available():   # no GPU to time on: the model
+        space = list(candidates) if candidates is not None else config_space(
+            program, device, effort, backend=backend, form=form, chunk=chunk, knobs=knobs)
+        space, dropped = prune_static(program, space, shape["sizes"], shape["H"], arch,
+                                      SHORT.get(dtype, "fp32"))
+        return _modelled(program, space, dropped, shape, dtype, arch, time.perf_counter())
     cache = cache or TuneCache()
     family = "gpu" if device == "cuda" else "cpu"
     bucket = shape_bucket(shape["sizes"], shape["B"], shape["T"], shape["H"], shape["N"])
@@ -97,7 +106,7 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
                                 ("knobs", sorted((knobs or {}).items()))) if v}
     key = make_key(program.content_hash(), family, dtype, bucket, device,
                    space=repr(sorted(narrow.items())) if narrow else "")
-    shape = {**shape, "device": device}
+    shape = {**shape, "device": device, "dtype": dtype}
     t0 = time.perf_counter()
     if use_cache:
         hit = cache.get(key)
@@ -109,7 +118,8 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
         program, device, effort, backend=backend, form=form, chunk=chunk, knobs=knobs)
     dropped: dict = {}
     if device == "cuda":
-        space, dropped = prune_static(program, space, shape["sizes"], shape["H"], arch)
+        space, dropped = prune_static(program, space, shape["sizes"], shape["H"], arch,
+                                      SHORT.get(dtype, "fp32"))
     rng = random.Random(seed)
     exhaustive = len(space) <= cfg["exhaustive"]
     limit = len(space) if exhaustive else cfg["exhaustive"]
@@ -159,3 +169,30 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
                     "program": program.name, "bucket": bucket, "effort": effort,
                     "device": family})
     return TuneResult(best, secs, d_secs, tried, dropped, time.perf_counter() - t0)
+
+
+SHORT = {"bfloat16": "bf16", "float16": "fp16"}   # tuning dtypes as the kernels name them
+MODEL_DEVICE = {"sm_90": "h100", "sm_80": "h100"}   # the modelled device for an arch
+
+
+def _modelled(program, space, dropped, shape, dtype, arch, t0) -> TuneResult:
+    """The candidate with the least modelled time (``Backend.model_seconds``) among those the
+    static check kept; candidates without a model are dropped. Not cached: a measurement on a
+    GPU replaces it."""
+    device = MODEL_DEVICE.get(arch, "h100")
+    tried = []
+    for c in space:
+        if c.backend.startswith("py:"):
+            continue
+        secs = backends.get(c.backend).model_seconds(program, c.form, c.chunk, c.knob_dict,
+                                                     shape, dtype, device)
+        if secs is None:
+            dropped[c] = "no traffic model for this form (token loops are latency-bound)"
+        else:
+            tried.append((c, {"ok": True, "seconds": secs, "modelled": device}))
+    if not tried:
+        raise RuntimeError(f"autotune {program.name}: no GPU here and no candidate the "
+                           "traffic model ranks")
+    secs, _, best = min((r["seconds"], i, c) for i, (c, r) in enumerate(tried))
+    first = tried[0][1]["seconds"] if space and tried[0][0] == space[0] else None
+    return TuneResult(best, secs, first, tried, dropped, time.perf_counter() - t0)

@@ -113,14 +113,16 @@ def config_space(program, device: str = "cpu", effort: str = "full", *,
 
 
 def prune_static(program, cands: list[Candidate], sizes: dict[str, int], H: int,
-                 arch: str = "sm_90") -> tuple[list[Candidate], dict[Candidate, str]]:
+                 arch: str = "sm_90", dtype: str = "fp32"
+                 ) -> tuple[list[Candidate], dict[Candidate, str]]:
     """Drop candidates that their backend's static check (``Backend.static_check``: for
     Triton, kernels compiled ahead of time for ``arch`` that exceed the device's shared
-    memory or spill registers) rules out. Returns (kept, {dropped: why})."""
+    memory or spill registers, with inputs in ``dtype``: "fp32", "bf16", "fp16") rules out.
+    Returns (kept, {dropped: why})."""
     kept, dropped = [], {}
     for c in cands:
         why = None if c.backend.startswith("py:") else backends.get(c.backend).static_check(
-            program, c.form, c.chunk, c.knob_dict, sizes, H, arch)
+            program, c.form, c.chunk, c.knob_dict, sizes, H, arch, dtype)
         if why is None:
             kept.append(c)
         else:

@@ -85,8 +85,9 @@ def measure(program, cand: Candidate, shape: dict, repeats: int, warmup: int = 1
     if not err < VERIFY_TOL:   # NaN fails too
         return {"ok": False, "why": f"wrong answer: relative error {err:.2e} against the "
                                     "reference"}
+    dtype = getattr(torch, shape.get("dtype", "float32"))   # verified in fp32, timed in it
     xs = {k: v.to(dev) for k, v in make_inputs(program, shape["B"], shape["T"], H, sizes,
-                                                seed=3).items()}
+                                                dtype=dtype, seed=3).items()}
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn(**xs)

@@ -156,10 +156,19 @@ class Backend:
         backend's default first; empty where it is not tuned there."""
         return []
 
+    def model_seconds(self, program, form: str, chunk: int | None, knobs: dict,
+                      shape: dict, dtype: str, device: str) -> float | None:
+        """A modelled time of this candidate on ``device`` (a name of
+        ``backends.triton.traffic.DEVICES``) at ``shape`` = {B, T, H, N, sizes}, computed
+        without running it; None where the backend has no model for the form. The autotuner
+        ranks GPU candidates with it when no GPU is present."""
+        return None
+
     def static_check(self, program, form: str, chunk: int | None, knobs: dict,
-                     sizes: dict[str, int], H: int, arch: str) -> str | None:
-        """Why this candidate cannot run well on ``arch`` (found without running it: shared
-        memory, spills), or None."""
+                     sizes: dict[str, int], H: int, arch: str, dtype: str = "fp32"
+                     ) -> str | None:
+        """Why this candidate cannot run well on ``arch`` for calls in ``dtype`` (found
+        without running it: shared memory, spills), or None."""
         return None
 
     def __repr__(self) -> str:

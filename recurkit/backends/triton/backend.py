@@ -25,10 +25,19 @@ class TritonBackend(Backend):
         return runtime.default_chunk(program)
 
     def runner(self, form, tp, knobs):
+        if knobs is None:   # none given: a tuned config shipped for this GPU, if any
+            from . import configs
+
+            def pick(bc):
+                return configs.for_call(bc.program, tp, bc) if bc.device.type == "cuda" \
+                    else None
+        else:
+            def pick(bc):
+                return knobs
         if form == "sequential":
-            return lambda bc: runtime.run_triton_sequential(bc, knobs)
+            return lambda bc: runtime.run_triton_sequential(bc, pick(bc))
         run = runtime.run_triton_scan if form == "scan" else runtime.run_triton_chunked
-        return lambda bc: run(tp, bc, knobs)
+        return lambda bc: run(tp, bc, pick(bc))
 
     def codegen(self, program, tp, sizes, H, knobs):
         return runtime.module_source(program, tp, sizes, H, knobs)
@@ -72,17 +81,40 @@ class TritonBackend(Backend):
                 for c in ((16, 32) if quick else (16, 32, 64))
                 for w in ((4, 8) if quick else (4, 8, 16))
                 for s in ((2,) if quick else (1, 2, 3))
-                for bv in ((64,) if quick else (32, 64))]
+                for bv in ((32, 64) if quick else (16, 32, 64, 128))]
 
-    def static_check(self, program, form, chunk, knobs, sizes, H, arch):
+    def model_seconds(self, program, form, chunk, knobs, shape, dtype, device):
+        """The roofline time of the chunk kernels' modelled traffic (``chunk_module.
+        model_traffic``); the token loops (sequential, scan) are latency-bound over T, which
+        a roofline does not see: no model."""
+        if form not in ("chunk_gated", "chunk_wy"):
+            return None
+        import torch
+
+        from ...ir.bind import bind_call
+        from ...lowering.forms import lower
+        from .chunk_module import model_traffic
+        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        B, T, H, sizes = shape["B"], shape["T"], shape["H"], shape["sizes"]
+        xs = {}
+        for spec in program.call_inputs:   # shapes and dtypes only: nothing is computed
+            if spec.role in ("token", "param"):
+                lead = (B, T, H) if spec.role == "token" else (H,)
+                xs[spec.name] = torch.empty(*lead, *(sizes[d] for d in spec.dims),
+                                            dtype=dt, device="meta")
+        bc = bind_call(program, (), {**xs, "output_final_state": True})
+        tp = lower(program, form, chunk or runtime.default_chunk(program))
+        return model_traffic(tp, bc, runtime.check_config(knobs)).roofline(device)
+
+    def static_check(self, program, form, chunk, knobs, sizes, H, arch, dtype="fp32"):
         """Compiled ahead of time for ``arch``: more shared memory than the device has, or
         spilled registers, is a reason; so is failing to compile."""
         from ...lowering.forms import lower
         cfg = runtime.check_config(knobs)
         try:
             tp = None if form == "sequential" else lower(program, form, chunk)
-            src = runtime.module_source(program, tp, sizes, H, cfg)
-            report = runtime.aot_compile(src, arch, cfg)
+            src = runtime.module_source(program, tp, sizes, H, cfg, dtype)
+            report = runtime.aot_compile(src, arch, cfg, io=dtype)
         except Exception as e:  # noqa: BLE001 - a candidate that does not compile is dropped
             return f"does not compile for {arch}: {type(e).__name__}: {e}"[:300]
         bad = [r for r in report if r["shared"] > runtime.SHARED_LIMIT[arch] or

@@ -109,6 +109,7 @@ class BlockedContractions:
         self.ensure([x for o in [*ops.values(), *(m for m, _ in members)] for x in o.args
                      if x not in ops and x not in loads], ind)   # read once, outside the loop
         saved = dict(self.var), dict(self.axes)
+        self.hoist, self.hoisted = (len(self.L), ind), set()
         self.L.append(f"{pad}for kb in range(0, {self.size(k)}, {bk}):")
         self.kctx = (k, bk)
         order = [o for o in self.st.ops if o.out in ops]
@@ -122,7 +123,11 @@ class BlockedContractions:
             prod = f"tl.reduce({self.to(x, union)} * {self.to(y, union)}, {len(union) - 1}, _add)"
             self.L.append(f"{pad}    {accs[op.out]} = {accs[op.out]} + {prod}")
         self.kctx = None
+        kept = {x: (self.var[x], self.axes[x]) for x in self.hoisted}
         self.var, self.axes = saved
+        for x, (v, a) in kept.items():
+            self.var[x], self.axes[x] = v, a
+        self.hoist = None
         for op, _ in members:
             self.var[op.out], self.axes[op.out] = accs[op.out], tuple(op.axes)
             self.defs[op.out] = op

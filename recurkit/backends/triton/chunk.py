@@ -20,6 +20,7 @@ import re
 
 from ...lowering.tile import Stage, TileOp, TileProgram
 from .blocked import BlockedContractions
+from .shift_invert import ShiftInvert
 from .prologue import ChunkIO, PrologueRender
 from .sequential import FLUSH, TRITON_BINARY, TRITON_UNARY, pow2
 
@@ -28,12 +29,14 @@ def _var(name: str) -> str:
     return "v_" + re.sub(r"\W", "_", name.replace("'", "p"))
 
 
-class _StageGen(BlockedContractions, PrologueRender):
+class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
     def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int], H: int,
                  inputs: dict[str, tuple[str, ...]], cfg: dict, io: ChunkIO):
         self.st, self.tp, self.C, self.H, self.io = st, tp, tp.chunk, H, io
         self.sizes, self.inputs, self.cfg = dict(sizes), inputs, cfg
         self.used: set[str] = set()   # kernel arguments the body reads
+        self.accesses: list[tuple] = []   # (r|w, pointer, axes, per chunk, by token) for the
+        self.dots: list[tuple] = []       # traffic model; (FLOPs, per chunk) per tl.dot
         self._tok: dict[int, bool] = {}
         self.axes: dict[str, tuple[str, ...]] = {}   # value -> axes of its register block
         self.var: dict[str, str] = {}
@@ -51,13 +54,15 @@ class _StageGen(BlockedContractions, PrologueRender):
             last + "'" not in {a for op in st.ops for a in op.axes} else None
         # a chunk stage splits only a wide state (its work along the other axes is repeated
         # by every block); the state pass by ``block_v``
-        bv = cfg["block_v"] or (64 if cfg.get("_16bit") else 32)
+        bv = cfg["block_v"] or (64 if cfg.get("_16bit") else 16)
         bv = bv if st.kind == "loop" else max(bv, 128)
         self.bsplit = min(pow2(bv), max(16, pow2(sizes[last]))) if self.split else 0
         if self.split and self.bsplit >= max(16, pow2(sizes[last])):
             self.split, self.bsplit = None, 0
         self.dot = "tf32"   # tl.dot operands: "tf32", "ieee", or a 16-bit dtype they take
         self.kctx: tuple[str, int] | None = None   # (axis, block) inside a blocked loop
+        self.hoist: tuple[int, int] | None = None  # (line, indent) just before that loop
+        self.hoisted: set[str] = set()
         self.ptrs: dict[str, tuple[str, str]] = {}  # buffer input -> (pointer, lead offset)
         self.deferred: dict[str, str] = {}            # load op output -> the input it reads
 
@@ -122,6 +127,22 @@ class _StageGen(BlockedContractions, PrologueRender):
             if src in self.var:
                 self.var[name], self.axes[name] = self.var[src], self.axes[src]
 
+    # --- what the kernel moves, for the traffic model (``chunk_module.model_traffic``) -------
+    def per_chunk(self, ind: int) -> bool:
+        return self.st.kind == "chunk" or ind >= 2
+
+    def note(self, kind: str, ptr: str, axes: tuple[str, ...], ind: int,
+             by_token: bool = False) -> None:
+        """A load or store of a block over ``axes`` (all of each axis over the kernel's
+        programs; a split axis' blocks together cover it once)."""
+        copies = self.nsplit() if kind == "r" and self.split and self.split not in axes else 1
+        self.accesses.append((kind, ptr, tuple(a.rstrip("'") for a in axes),
+                              self.per_chunk(ind), by_token, copies))
+
+    def note_dot(self, M: int, N: int, K: int, ind: int) -> None:
+        rep = -(-self.size(self.kctx[0]) // self.kctx[1]) if self.kctx else 1
+        self.dots.append((2 * M * N * K * rep * self.nsplit(), self.per_chunk(ind)))
+
     def emit(self, out: str, axes: tuple[str, ...], expr: str, ind: int) -> None:
         self.n += 1
         v = f"{_var(out)}_{self.n}"
@@ -140,6 +161,7 @@ class _StageGen(BlockedContractions, PrologueRender):
         off, m, numel = self.offset(axes)
         mk = f", mask={m}, other=0.0" if m else ""
         self.used.add(ptr)
+        self.note("r", ptr, axes, ind)
         self.emit(name, axes, f"tl.load({ptr} + ({lead}) * {numel} + {off}{mk})"
                   ".to(tl.float32)", ind)
 
@@ -151,6 +173,7 @@ class _StageGen(BlockedContractions, PrologueRender):
             m = f"({m}) & {first}" if m else first
         mk = f", mask={m}" if m else ""
         self.used.add(ptr)
+        self.note("w", ptr, axes, ind)
         self.L.append("    " * ind + f"tl.store({ptr} + ({lead}) * {numel} + {off}, "
                       f"{self.var[name]}.to({ptr}.dtype.element_ty){mk})")
 
@@ -234,6 +257,7 @@ class _StageGen(BlockedContractions, PrologueRender):
                 dot = (f"tl.dot({self.to(x, (m, c))}, {self.to(y, (c, n))}, "
                        f"input_precision=\"{self.dot}\")")
             self.emit(op.out, (m, n), dot, ind)
+            self.note_dot(self.block(m), self.block(n), self.block(c), ind)
             if (m, n) != ax:
                 self.emit(op.out, ax, self.to(op.out, ax), ind)
             return
@@ -242,67 +266,6 @@ class _StageGen(BlockedContractions, PrologueRender):
         for k in range(len(union) - 1, len(ax) - 1, -1):
             prod = f"tl.reduce({prod}, {k}, _add)"
         self.emit(op.out, ax, prod, ind)
-
-    def shift(self, op: TileOp, ind: int) -> None:
-        """y[i] = x[i-1] (0 at i = 0), exactly: a 0/1 matrix product (one nonzero term per
-        entry) for blocks, a masked reduction for a vector. The shift of a decay ratio
-        exp(a_i - b_j) [i >= j] is the ratio of the shifted a, exp(a_(i-1) - b_j) [i > j]: the
-        same numbers, without a [C, C*K] product when the ratio is per channel."""
-        x, axis = op.args[0], op.attr("axis")
-        src = self.defs.get(x)
-        if axis == "i" and src is not None and src.op == "decay_ratio" and \
-                src.attr("mask") == "i>=j":
-            a = src.args[0]
-            self.shift(TileOp(a + "_prev", "shift", (a,), self.axes[a], (("axis", "i"),)), ind)
-            self.op(TileOp(op.out, "decay_ratio", (a + "_prev", src.args[1]), op.axes,
-                           (("mask", "i>j"),)), ind)
-            return
-        have = self.axes[x]
-        C = self.size(axis)
-        rest = tuple(d for d in have if d != axis)
-        if not rest:
-            sel = (f"tl.where(tl.arange(0, {C})[:, None] - 1 == tl.arange(0, {C})[None, :], "
-                   f"{self.var[x]}[None, :], 0.0)")
-            self.emit(op.out, have, f"tl.reduce({sel}, 1, _add)", ind)
-            return
-        sh = (f"tl.where(tl.arange(0, {C})[:, None] - 1 == tl.arange(0, {C})[None, :], "
-              "1.0, 0.0)")
-        xv = self.to(x, (axis, *rest))
-        if len(rest) == 1 and self.block(rest[0]) < 16:   # too narrow for tl.dot
-            self.emit(op.out, (axis, *rest), f"tl.reduce({sh}[:, :, None] * {xv}[None, :, :], "
-                      "1, _add)", ind)
-        elif len(rest) == 1:
-            self.emit(op.out, (axis, *rest), f"tl.dot({sh}, {xv}, input_precision=\"ieee\")",
-                      ind)
-        else:
-            widths = [self.block(d) for d in rest]
-            flat = 1
-            for w in widths:
-                flat *= w
-            self.emit(op.out, (axis, *rest), f"tl.reshape(tl.dot({sh}, tl.reshape({xv}, "
-                      f"({C}, {flat})), input_precision=\"ieee\"), ({C}, "
-                      f"{', '.join(map(str, widths))}))", ind)
-        if tuple(op.axes) != (axis, *rest):
-            self.emit(op.out, tuple(op.axes), self.to(op.out, tuple(op.axes)), ind)
-
-    def invert(self, op: TileOp, ind: int) -> None:
-        """(I - L)^-1 by forward substitution, one row per iteration: row r is e_r plus
-        L[r, :] times the rows above it (rows not yet solved are still 0)."""
-        C, pad = self.C, "    " * ind
-        Lm = self.to(op.args[0], ("i", "j"))
-        self.n += 1
-        v, lv = f"inv_{self.n}", f"lmat_{self.n}"
-        rows = f"tl.arange(0, {C})[:, None]"
-        self.L += [f"{pad}{lv} = {Lm}",
-                   f"{pad}{v} = tl.full([{C}, {C}], 0.0, tl.float32)",
-                   f"{pad}for r in range({C}):",
-                   f"{pad}    lrow = tl.reduce(tl.where({rows} == r, {lv}, 0.0), 0, _add)",
-                   f"{pad}    row = tl.reduce(lrow[:, None] * {v}, 0, _add) + "
-                   f"tl.where(tl.arange(0, {C}) == r, 1.0, 0.0)",
-                   f"{pad}    {v} = tl.where({rows} == r, row[None, :], {v})"]
-        self.var[op.out], self.axes[op.out] = v, ("i", "j")
-        if tuple(op.axes) != ("i", "j"):
-            self.emit(op.out, tuple(op.axes), self.to(op.out, tuple(op.axes)), ind)
 
     # --- the kernel -------------------------------------------------------------------------
     def source(self, out_axes: dict[str, tuple[str, ...]], known, bufs: dict[str, str],
@@ -319,6 +282,8 @@ class _StageGen(BlockedContractions, PrologueRender):
         L += [f"    n = nh // {H}", f"    h = nh % {H}"]
         if flags["varlen"]:   # the sequence's first token and the one past its last
             self.used.add("CU")
+            self.note("r", "CU", (), 1)
+            self.note("r", "CU", (), 1)
             L += ["    bos = tl.load(CU + n).to(tl.int64)",
                   "    eos = tl.load(CU + n + 1).to(tl.int64)"]
         else:

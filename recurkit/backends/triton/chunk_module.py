@@ -69,6 +69,8 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
                 alloc.append(f"    env[{name!r}] = torch.empty((N, {H}, NC, {shape}), "
                              f"device=o.device, dtype={dt})")
         nv = gen.nsplit()
+        io.kernels.append({"name": f"{st.name}_kernel", "kind": st.kind, "nsplit": nv,
+                           "accesses": gen.accesses, "dots": gen.dots})
         grid = f"(N * {H}, {nv})" if st.kind == "loop" else f"(N * {H} * NC, {nv})"
         inv = {p: n for n, p in bufs.items()}
         args = [_arg(p, inv) for p in params]
@@ -89,3 +91,55 @@ def _arg(p: str, bufs: dict[str, str]) -> str:
     if p.startswith("SC"):
         return f"scs[{p[2:]}]"
     return {"O": "o", "S0": "s0", "SF": "sf", "CU": "cu"}[p]
+
+
+def model_traffic(tp: TileProgram, bc, cfg: dict):
+    """The traffic of the chunk kernels for call ``bc`` (its sizes, dtypes, lengths; tensors
+    may be on the meta device), computed from what the generator emitted instead of by
+    running them: per kernel, the bytes of its masked-in loads and stores and its tl.dot
+    FLOPs, as ``traffic.count_traffic`` counts them in the interpreter. Host-side work
+    (feeds of non-elementwise prologue values, copies of non-contiguous inputs) is not
+    included. Returns a ``traffic.Traffic``."""
+    import torch
+
+    from .runtime import DTYPE_NAMES, intermediate_dtype
+    from .traffic import Launch, Traffic
+    varlen = bc.cu_seqlens is not None
+    lengths = [bc.T] * bc.B if not varlen else [
+        e - s for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
+    N, C, H = len(lengths), tp.chunk, bc.H
+    NC = -(-max(lengths + [1]) // C)
+    tokens = sum(lengths)
+    _, io = chunk_source(tp, bc.sizes, H, cfg, varlen, bc.initial_state is not None,
+                         bc.output_final_state, DTYPE_NAMES.get(bc.out_dtype, "fp32"))
+    p = bc.program
+    xs = [bc.tensors[p.inputs[n.attr("index")].name] for n in io.inputs]
+    lowp = torch.empty((), dtype=intermediate_dtype(bc, cfg)).element_size()
+    out = torch.empty((), dtype=bc.out_dtype).element_size()
+    cu = bc.cu_seqlens_tensor.element_size() if varlen and bc.cu_seqlens_tensor is not None \
+        else 8
+
+    def item(ptr: str) -> int:
+        if ptr[0] == "X" and ptr[1:].isdigit():
+            return xs[int(ptr[1:])].element_size()
+        return {"L": lowp, "O": out}.get(ptr[0], cu if ptr == "CU" else 4)
+
+    size = {**bc.sizes, "i": C, "j": C}
+    launches = []
+    for k in io.kernels:
+        read = written = flops = 0
+        for kind, ptr, axes, per_chunk, by_token, copies in k["accesses"]:
+            elems = 1
+            for a in axes:
+                if not (by_token and a == "i"):
+                    elems *= size[a]
+            times = tokens * H if by_token else N * H * (NC if per_chunk else 1)
+            nbytes = elems * times * copies * item(ptr)
+            if kind == "r":
+                read += nbytes
+            else:
+                written += nbytes
+        for f, per_chunk in k["dots"]:
+            flops += f * N * H * (NC if per_chunk else 1)
+        launches.append(Launch("triton", k["name"], read, written, flops))
+    return Traffic(launches)

@@ -30,8 +30,11 @@ class ChunkIO:
         self.inputs: list[Node] = []    # token / param inputs, read from the call's tensors
         self.feeds: list[Node] = []     # evaluated on the host, [B, T, H, *dims] fp32
         self.scalars: list[Node] = []   # scalar inputs, kernel arguments
+        self.kernels: list[dict] = []   # per kernel: what it loads, stores and multiplies
         self.kind: dict[int, tuple[str, int]] = {}
+        self.index: dict[int, int] = {}   # a stable name per node, for the generated source
         for n in toposort(list(self.values.values()), stop=self._stops()):
+            self.index.setdefault(id(n), len(self.index))
             if id(n) in self.kind:
                 continue
             if n.op == "input" and n.role in ("token", "param"):
@@ -107,7 +110,7 @@ class PrologueRender:
 
     def _key(self, n: Node, axes: tuple[str, ...]) -> str:
         k = self.kctx[0] if self.kctx and self.kctx[0] in axes else ""
-        return f"@{id(n)}:{k}"
+        return f"@n{self.io.index[id(n)]}{'_' + k if k else ''}"
 
     def node_axes(self, n: Node) -> tuple[str, ...]:
         kind = self.io.kind[id(n)][0]
@@ -122,6 +125,8 @@ class PrologueRender:
         key = self._key(n, axes)
         if key in self.var:
             return key
+        if self.kctx and self.kctx[0] not in axes and self.hoist is not None:
+            return self._hoisted(n)
         kind, k = self.io.kind[id(n)]
         if kind in ("input", "feed"):
             ptr = f"X{k}" if kind == "input" else f"F{k}"
@@ -139,6 +144,7 @@ class PrologueRender:
                 off = " + ".join([f"h * {numel}"] + list(reversed(terms)))
             m = self.valid(axes)
             mk = f", mask={m}, other=0.0" if m else ""
+            self.note("r", ptr, axes, ind, by_token="i" in axes)
             self.emit(key, axes, f"tl.load({ptr} + {off}{mk}).to(tl.float32)", ind)
             return key
         if kind == "scalar":
@@ -168,6 +174,21 @@ class PrologueRender:
             self.var[key], self.axes[key] = f"({expr})", ()
             return key
         self.emit(key, axes, expr, ind)
+        return key
+
+    def _hoisted(self, n: Node) -> str:
+        """A node without the blocked axis, needed inside a blocked loop: rendered before the
+        loop (once, not once per block) and kept after it."""
+        at, ind = self.hoist
+        body, kctx = self.L, self.kctx
+        self.L, self.kctx = [], None
+        try:
+            key = self.node(n, ind)
+        finally:
+            lines, self.L, self.kctx = self.L, body, kctx
+        self.L[at:at] = lines
+        self.hoist = (at + len(lines), ind)
+        self.hoisted.add(key)
         return key
 
     def _constant(self, n: Node) -> bool:
@@ -215,5 +236,6 @@ class PrologueRender:
             first = f"(({off}) * 0 + pv == 0)"
             m = f"({m}) & {first}" if m else first
         self.used.add("O")
+        self.note("w", "O", want, ind, by_token=True)
         self.L.append("    " * ind + f"tl.store(O + {off}, {x}.to(O.dtype.element_ty)"
                       f"{', mask=' + m if m else ''})")

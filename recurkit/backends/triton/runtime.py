@@ -35,9 +35,9 @@ DEFAULT_CONFIG = {"num_warps": None,     # warps per program (None: 4 for the to
                                          # for chunk stages, whose blocks are larger)
                   "num_stages": 2,       # software-pipelining depth of the chunk kernels
                   "block_v": None,       # state columns per program of the token loops and the
-                                         # chunk state pass (None: 64; 32 for an fp32 chunk
-                                         # state pass, whose fp32 operands need twice the
-                                         # registers)
+                                         # chunk state pass (None: 64; 16 for the state pass
+                                         # of an fp32 call, whose fp32 operands need twice
+                                         # the registers: no spills at K = V = 128)
                   "precision": "auto",   # tl.dot operands on a GPU: "auto" (16-bit calls: their
                                          # dtype, as FLA; fp32 calls: tf32), "tf32" or "ieee"
                   "intermediates": "auto"}   # chunk forms: values crossing kernels in the
