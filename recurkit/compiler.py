@@ -222,7 +222,7 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     (default: 64, or 16 with per-channel gates; at most 32 for "triton"). knobs: for "tvm"
     the sequential kernel's schedule (``vectorize``, ``unroll``, ``parallel``, ``pipeline``;
     see ``recurkit.backends.tvm.sequential.DEFAULT_KNOBS``), for "triton" the launch config
-    (``num_warps``, ``num_stages``, ``block_v``, ``precision``; see
+    (``num_warps``, ``num_stages``, ``block_v``, ``precision``, ``intermediates``; see
     ``recurkit.backends.triton.runtime.DEFAULT_CONFIG``). autotune: True (= "quick") or
     "full": on the first call (CPU or CUDA) of each shape bucket, measure the
     candidates (forms, chunk sizes, backends, knobs; within ``backend``, ``form``, ``chunk``

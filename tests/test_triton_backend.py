@@ -285,3 +285,33 @@ def test_shipped_configs_match_by_declaration_device_and_call(tmp_path, monkeypa
     monkeypatch.setenv("RECURKIT_TRITON_CONFIGS", str(bad))
     assert configs.lookup(p, *args, "sm_90") is None
     assert configs.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+@rk.recurrence
+def _v_normalised(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"],
+                  v: rk.Token["V"]):
+    S = S + rk.outer(k, rk.l2norm(v))   # a sum over V: the dim the state pass splits
+    return S, q @ S
+
+
+def test_prologue_reductions_in_the_kernels_except_over_the_split_dim():
+    """Norms over K (FLA's use_qk_l2norm_in_kernel) are computed in the kernels; a norm over
+    V, which a state-pass program holds only a block of, is evaluated on the host."""
+    from recurkit.backends.triton.prologue import ChunkIO
+    from recurkit.ops.delta import gated_delta_rule_l2_decl
+    l2 = gated_delta_rule_l2_decl.program
+    assert ChunkIO(l2, lower(l2, "chunk_wy", 16).prologue).feeds == []
+    vn = _v_normalised.program
+    assert [n.op for n in ChunkIO(vn, lower(vn, "chunk_gated", 16).prologue).feeds] == ["sum"]
+    x = [t[:1] for t in inputs("gated_delta_rule", 19)]
+    kw = dict(initial_state=state("gated_delta_rule", 1), output_final_state=True,
+              use_qk_l2norm_in_kernel=True)
+    o_ref, S_ref = rk.ops.gated_delta_rule(*x, **kw, backend="reference")
+    o, S = rk.ops.gated_delta_rule(*x, **kw, backend="triton")
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    q, k, v = x[:3]
+    o_ref, S_ref = rk.compile(_v_normalised, backend="reference")(q, k, v,
+                                                                 output_final_state=True)
+    o, S = rk.compile(_v_normalised, backend="triton", knobs={"block_v": 16})(
+        q, k, v, output_final_state=True)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5

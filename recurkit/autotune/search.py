@@ -184,8 +184,12 @@ def _modelled(program, space, dropped, shape, dtype, arch, t0) -> TuneResult:
     for c in space:
         if c.backend.startswith("py:"):
             continue
-        secs = backends.get(c.backend).model_seconds(program, c.form, c.chunk, c.knob_dict,
-                                                     shape, dtype, device)
+        try:
+            secs = backends.get(c.backend).model_seconds(program, c.form, c.chunk,
+                                                         c.knob_dict, shape, dtype, device)
+        except Exception as e:  # noqa: BLE001 - a candidate the model cannot price is dropped
+            dropped[c] = f"traffic model failed: {type(e).__name__}: {e}"[:300]
+            continue
         if secs is None:
             dropped[c] = "no traffic model for this form (token loops are latency-bound)"
         else:

@@ -28,6 +28,7 @@ from .space import Candidate
 
 VERIFY_T = 37          # tokens of the correctness check: not a multiple of any chunk
 VERIFY_TOL = 1e-4      # relative error against the reference (fp32)
+VERIFY_TOL_16 = 5e-2   # in bf16 / fp16 (16-bit intermediates and dot operands)
 
 
 def make_inputs(program, B: int, T: int, H: int, sizes: dict[str, int], dtype=torch.float32,
@@ -86,6 +87,15 @@ def measure(program, cand: Candidate, shape: dict, repeats: int, warmup: int = 1
         return {"ok": False, "why": f"wrong answer: relative error {err:.2e} against the "
                                     "reference"}
     dtype = getattr(torch, shape.get("dtype", "float32"))   # verified in fp32, timed in it
+    if dtype != torch.float32:   # and verified in it too: 16-bit paths of their own
+        low = {k: v.to(dtype) for k, v in small.items()}
+        o_ref, s_ref = run_reference(bind_call(program, (), {
+            **low, "initial_state": S0, "output_final_state": True}))
+        o, s = fn(**low, initial_state=S0, output_final_state=True)
+        err = max(_rel(o, o_ref), _rel(s, s_ref))
+        if not err < VERIFY_TOL_16:
+            return {"ok": False, "why": f"wrong answer in {shape['dtype']}: relative error "
+                                        f"{err:.2e} against the reference"}
     xs = {k: v.to(dev) for k, v in make_inputs(program, shape["B"], shape["T"], H, sizes,
                                                 dtype=dtype, seed=3).items()}
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)

@@ -98,7 +98,9 @@ class TritonBackend(Backend):
         B, T, H, sizes = shape["B"], shape["T"], shape["H"], shape["sizes"]
         xs = {}
         for spec in program.call_inputs:   # shapes and dtypes only: nothing is computed
-            if spec.role in ("token", "param"):
+            if spec.role == "scalar":
+                xs[spec.name] = 1.0   # any value: the traffic does not depend on it
+            elif spec.role in ("token", "param"):
                 lead = (B, T, H) if spec.role == "token" else (H,)
                 xs[spec.name] = torch.empty(*lead, *(sizes[d] for d in spec.dims),
                                             dtype=dt, device="meta")

@@ -3,9 +3,11 @@
 A chunk stage reads per-token values (the tile program's prologue: gates, scaled queries,
 keys times betas, ...) as blocks over the chunk's positions. They are computed in the kernel
 from the call's own tensors, read in their own dtype (bf16, fp16, fp32) and converted in
-registers, by rendering the prologue's IR: elementwise ops, constants, scalars and the head
-index in the kernel; anything else (a norm's sum over a dim, a contraction) is evaluated on
-the host once, as an fp32 [B, T, H, *dims] feed, and read like an input. Positions past the
+registers, by rendering the prologue's IR: elementwise ops, constants, scalars, the head
+index and reductions (sums, maxima, contractions: a norm's sum over K) in the kernel; what
+is left (a reduction over the state's last dim, which a program may hold only a block of; a
+gather) is evaluated on the host once, as an fp32 [B, T, H, *dims] feed, and read like an
+input. Positions past the
 end of a sequence and padded lanes of a dim are 0, as in the packed layout the other backends
 use.
 
@@ -18,6 +20,7 @@ from ...ir.node import BINARY, COMPARE, UNARY, Node, toposort
 from .sequential import TRITON_BINARY, TRITON_UNARY, lit, power
 
 ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where"}
+REDUCE = ("sum", "max", "contract")
 
 
 class ChunkIO:
@@ -26,6 +29,8 @@ class ChunkIO:
 
     def __init__(self, program, prologue: dict[str, Node]):
         self.program = program
+        sd = tuple(program.state.dims) if program.state is not None else ()
+        self.split_dim = sd[-1] if sd else None   # the dim a kernel may split over programs
         self.values = dict(prologue)
         self.inputs: list[Node] = []    # token / param inputs, read from the call's tensors
         self.feeds: list[Node] = []     # evaluated on the host, [B, T, H, *dims] fp32
@@ -45,7 +50,7 @@ class ChunkIO:
                 self.scalars.append(n)
             elif n.op == "input" and n.role == "head":
                 self.kind[id(n)] = ("head", 0)
-            elif n.op == "const" or n.op in ELEMENTWISE:
+            elif n.op == "const" or n.op in ELEMENTWISE or self._reduce(n):
                 self.kind[id(n)] = (n.op, 0)
             else:
                 self.kind[id(n)] = ("feed", len(self.feeds))
@@ -55,9 +60,13 @@ class ChunkIO:
         """Nodes not descended into: the host evaluates them whole."""
         stop = set()
         for n in toposort(list(self.values.values())):
-            if not (n.op in ("input", "const") or n.op in ELEMENTWISE):
+            if not (n.op in ("input", "const") or n.op in ELEMENTWISE or self._reduce(n)):
                 stop.add(id(n))
         return stop
+
+    def _reduce(self, n: Node) -> bool:
+        """A reduction the kernels compute: not over the dim they may split."""
+        return n.op in REDUCE and self.split_dim not in n.attr("over")
 
     def has_token(self, n: Node, memo: dict[int, bool] | None = None) -> bool:
         """Whether ``n`` varies per token (its block has the position axis)."""
@@ -162,6 +171,8 @@ class PrologueRender:
             return key
         args = [self.node(a, ind) for a in n.args]
         xs = [self.to(a, axes) for a in args]
+        if n.op in REDUCE:
+            return self._reduction(n, key, args, ind)
         if n.op == "pow":
             expr = power(xs[0], n.args[1], xs[1])
         elif n.op in TRITON_UNARY:
@@ -174,6 +185,29 @@ class PrologueRender:
             self.var[key], self.axes[key] = f"({expr})", ()
             return key
         self.emit(key, axes, expr, ind)
+        return key
+
+    def _reduction(self, n: Node, key: str, args: list[str], ind: int) -> str:
+        """sum / max over dims, or a contraction (the sum of a product), of blocks whose
+        padded lanes and absent tokens are first set to the reduction's identity."""
+        union: list[str] = []
+        for a in args:
+            union += [x for x in self.axes[a] if x not in union]
+        union.sort(key=lambda x: (x != "i", x))
+        have = tuple(union)
+        x = f"({' * '.join(self.to(a, have) for a in args)})" if n.op == "contract" else \
+            self.to(args[0], have)
+        fill, fn = ('float("-inf")', "_max") if n.op == "max" else ("0.0", "_add")
+        full = f"tl.full([{', '.join(str(self.block(a)) for a in have)}], {fill}, tl.float32)"
+        m = self.valid(have)
+        x = f"tl.where({m}, {x}, {full})" if m else x
+        for d in sorted(n.attr("over"), key=have.index, reverse=True):
+            x = f"tl.reduce({x}, {have.index(d)}, {fn})"
+            have = tuple(a for a in have if a != d)
+        if not have:
+            self.var[key], self.axes[key] = x, ()
+            return key
+        self.emit(key, have, x, ind)
         return key
 
     def _hoisted(self, n: Node) -> str:

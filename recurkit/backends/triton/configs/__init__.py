@@ -18,6 +18,7 @@ import json
 import os
 import re
 import threading
+import warnings
 from functools import lru_cache
 
 _LOCK = threading.Lock()
@@ -57,7 +58,14 @@ def lookup(program, form: str, chunk: int | None, sizes: dict, dtype: str,
             continue
         for e in entries:
             if _key(e) == want:
-                return dict(e.get("knobs") or {})
+                from ..runtime import check_config
+                knobs = dict(e.get("knobs") or {})
+                try:   # an entry this version cannot use (unknown or bad knobs): skipped
+                    check_config(knobs)
+                except (ValueError, TypeError) as err:
+                    warnings.warn(f"{path}: entry for {e.get('name')} ignored: {err}")
+                    continue
+                return knobs
     return None
 
 
@@ -70,14 +78,16 @@ def for_call(program, tp, bc) -> dict | None:
     import torch
     dev = bc.device
     dtype = str(next(iter(bc.tensors.values())).dtype).replace("torch.", "")
-    k = (id(tp), str(dev), tuple(sorted(bc.sizes.items())), dtype)
+    form = tp.form if tp is not None else "sequential"
+    chunk = tp.chunk if tp is not None else None
+    k = (program.content_hash(), form, chunk, str(dev), tuple(sorted(bc.sizes.items())), dtype,
+         os.environ.get("RECURKIT_TRITON_CONFIGS", ""))
     with _LOCK:
         if k in _SEEN:
             return _SEEN[k]
     name = torch.cuda.get_device_name(dev)
     cap = "sm_%d%d" % torch.cuda.get_device_capability(dev)
-    knobs = lookup(program, tp.form if tp is not None else "sequential",
-                   tp.chunk if tp is not None else None, dict(bc.sizes), dtype, name, cap)
+    knobs = lookup(program, form, chunk, dict(bc.sizes), dtype, name, cap)
     with _LOCK:
         _SEEN[k] = knobs
     return knobs
