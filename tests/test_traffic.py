@@ -81,7 +81,8 @@ def _call(name, varlen):
     return x, kw
 
 
-@pytest.mark.parametrize("name,varlen", [("gated_delta_rule", False), ("gla", True),
+@pytest.mark.parametrize("name,varlen", [pytest.param("gated_delta_rule", False,
+                                                      marks=pytest.mark.slow), ("gla", True),
                                          ("kda", True),   # blocked per-channel loops
                                          pytest.param("kda", False, marks=pytest.mark.slow)])
 def test_model_of_the_chunk_kernels_matches_the_interpreter(name, varlen):
