@@ -4,6 +4,7 @@ and tl.dot FLOPs per kernel and per token-head, and a roofline time for H100 and
 
     pip install --no-deps fla-core einops     # FLA's kernels, the peer (optional)
     python benchmarks/gpu_traffic.py [--ops gated_delta_rule,gla,kda] [--T 256] [--H 2] [--D 128]
+                                     [--l2norm]
 
 Counting: see ``recurkit.backends.triton.traffic`` (every masked-in global load and store of a
 kernel at its element size, tl.dot as 2 M N K, every torch op on tensors between kernels as a
@@ -144,18 +145,28 @@ def main() -> int:
     ap.add_argument("--T", type=int, default=256)
     ap.add_argument("--H", type=int, default=2)
     ap.add_argument("--D", type=int, default=128, help="K = V")
+    ap.add_argument("--l2norm", action="store_true",
+                    help="q and k l2-normalised inside the op (FLA's use_qk_l2norm_in_kernel; "
+                         "GDN and KDA); writes gpu_traffic_l2norm.json")
     args = ap.parse_args()
     B, T, H, K = args.B, args.T, args.H, args.D
     th = B * T * H
     print(f"machine: {machine()}")
     print(f"vector features: {' '.join(cpu_features())}")
     print(f"forward, B={B} T={T} H={H} K=V={K}, bf16 q/k/v/beta, fp32 log-gates; counted in "
-          f"Triton's interpreter (bytes and FLOPs per token-head, th = B*T*H = {th})")
+          f"Triton's interpreter (bytes and FLOPs per token-head, th = B*T*H = {th})"
+          + ("; q, k l2-normalised in the op" if args.l2norm else ""))
     results = {}
     summary = []
-    for name in args.ops.split(","):
+    names = [n for n in args.ops.split(",") if not (args.l2norm and n == "gla")]
+    extra = {"use_qk_l2norm_in_kernel": True} if args.l2norm else {}
+    for name in names:
         x = inputs(name, B, T, H, K)
-        op = rk.compile(getattr(rk.ops, name).decl, backend="triton")
+        decl = getattr(rk.ops, name).decl
+        if args.l2norm:   # the built-in's variant with the norms in its prologue
+            from recurkit.ops import delta
+            decl = getattr(delta, f"{name}_l2_decl")
+        op = rk.compile(decl, backend="triton")
         kw = dict(zip([s.name for s in op.program.call_inputs if s.role == "token"], x))
         op.forward(**{k: v[:, :8] for k, v in kw.items()})   # load the modules first
         t, sec = count(lambda *_: op.forward(**kw), x)
@@ -167,7 +178,7 @@ def main() -> int:
                 warnings.simplefilter("ignore")
                 fla = getattr(__import__(mod, fromlist=[fn]), fn)
                 with fla_in_the_interpreter():
-                    ft, fsec = count(lambda *a: fla(*a, output_final_state=True), x)
+                    ft, fsec = count(lambda *a: fla(*a, output_final_state=True, **extra), x)
             res["fla"] = report(f"{name}: FLA {fn} ({fsec:.0f} s to count)", ft, th)
         except Exception as e:  # noqa: BLE001 - report and go on without the peer
             print(f"\n{name}: FLA {fn} not counted: {type(e).__name__}: {str(e)[:200]}")
@@ -186,7 +197,8 @@ def main() -> int:
             r, f = res["recurkit"]["total"], res["fla"]["total"]
             print(f"{'':18} {'ratio':9} {r['bytes_per_token_head'] / f['bytes_per_token_head']:13.2f}x "
                   f"{r['launches'] / f['launches']:8.2f}x")
-    save_results("gpu_traffic", {"shape": {"B": B, "T": T, "H": H, "K": K, "V": K},
+    save_results("gpu_traffic_l2norm" if args.l2norm else "gpu_traffic", {
+                                 "l2norm": args.l2norm, "shape": {"B": B, "T": T, "H": H, "K": K, "V": K},
                                  "dtypes": {"qkv": "bfloat16", "gates": "float32"},
                                  "devices": {d: {"bytes_per_s": bw, "flops": pk, "launch_s": ln}
                                              for d, (bw, pk, ln) in DEVICES.items()},
