@@ -102,8 +102,7 @@ class BlockedContractions:
         for op, _ in members:
             self.n += 1
             accs[op.out] = f"acc_{self.n}"
-            shape = ", ".join(str(self.block(a)) for a in op.axes)
-            self.L.append(f"{pad}{accs[op.out]} = tl.full([{shape}], 0.0, tl.float32)")
+            self.L.append(f"{pad}{accs[op.out]} = {self.full(op.axes)}")
         ops = {o.out: o for _, (anc, _) in members for o in anc}
         loads = {x for _, (_, ls) in members for x in ls}
         self.ensure([x for o in [*ops.values(), *(m for m, _ in members)] for x in o.args

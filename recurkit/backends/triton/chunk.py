@@ -102,17 +102,31 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
             x = f"{x}[{', '.join(':' if a in have else 'None' for a in want)}]"
         return x
 
-    def offset(self, axes: tuple[str, ...]) -> tuple[str, str | None, int]:
-        """Offsets of a [*axes] row (true sizes), its mask, and its element count."""
+    def strided(self, dims: tuple[str, ...], axes: tuple[str, ...]) -> tuple[str, int]:
+        """Offsets of a block over ``axes`` into a contiguous row over ``dims`` (true sizes,
+        the last fastest; "0" when there are none), and the row's element count."""
         terms, stride = [], 1
-        for a in reversed(axes):
+        for a in reversed(dims):
             t = self.ar(a, axes)
             terms.append(f"{t} * {stride}" if stride != 1 else t)
             stride *= self.size(a)
-        masks = [f"({self.ar(a, axes)} < {self.size(a)})" for a in axes
-                 if self.block(a) != self.size(a) or a == self.split or
-                 (self.kctx and a == self.kctx[0])]
-        return " + ".join(reversed(terms)) or "0", " & ".join(masks) or None, stride
+        return " + ".join(reversed(terms)) or "0", stride
+
+    def dim_masks(self, axes: tuple[str, ...], skip: tuple[str, ...] = ()) -> list[str]:
+        """Lane masks of the axes whose block may run past their size (padded to a power of
+        two, split over programs, or a block of a blocked loop)."""
+        return [f"({self.ar(a, axes)} < {self.size(a)})" for a in axes if a not in skip and (
+            self.block(a) != self.size(a) or a == self.split or
+            (self.kctx and a == self.kctx[0]))]
+
+    def full(self, axes: tuple[str, ...], fill: str = "0.0") -> str:
+        """A block over ``axes`` holding ``fill``."""
+        return f"tl.full([{', '.join(str(self.block(a)) for a in axes)}], {fill}, tl.float32)"
+
+    def offset(self, axes: tuple[str, ...]) -> tuple[str, str | None, int]:
+        """Offsets of a [*axes] row (true sizes), its mask, and its element count."""
+        off, numel = self.strided(axes, axes)
+        return off, " & ".join(self.dim_masks(axes)) or None, numel
 
     def ensure(self, names, ind: int) -> None:
         """Read the stage inputs among ``names`` that are not read yet."""
@@ -295,8 +309,7 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
             if flags["has_s0"]:
                 self.load(carried, "S0", "nh", 1)
             else:
-                shape = ", ".join(str(self.block(a)) for a in sd)
-                self.emit(carried, sd, f"tl.full([{shape}], 0.0, tl.float32)", 1)
+                self.emit(carried, sd, self.full(sd), 1)
             L += ["    for c in range(0, NC):", f"        tok0 = bos + c * {C}",
                   "        rem = eos - tok0"]
             v = self.var[carried]

@@ -38,7 +38,9 @@ class ChunkIO:
         self.kernels: list[dict] = []   # per kernel: what it loads, stores and multiplies
         self.kind: dict[int, tuple[str, int]] = {}
         self.index: dict[int, int] = {}   # a stable name per node, for the generated source
-        for n in toposort(list(self.values.values()), stop=self._stops()):
+        stops = {id(n) for n in toposort(list(self.values.values()))
+                 if not self._in_kernel(n)}   # the host evaluates these whole
+        for n in toposort(list(self.values.values()), stop=stops):
             self.index.setdefault(id(n), len(self.index))
             if id(n) in self.kind:
                 continue
@@ -50,23 +52,17 @@ class ChunkIO:
                 self.scalars.append(n)
             elif n.op == "input" and n.role == "head":
                 self.kind[id(n)] = ("head", 0)
-            elif n.op == "const" or n.op in ELEMENTWISE or self._reduce(n):
+            elif self._in_kernel(n):
                 self.kind[id(n)] = (n.op, 0)
             else:
                 self.kind[id(n)] = ("feed", len(self.feeds))
                 self.feeds.append(n)
 
-    def _stops(self) -> set[int]:
-        """Nodes not descended into: the host evaluates them whole."""
-        stop = set()
-        for n in toposort(list(self.values.values())):
-            if not (n.op in ("input", "const") or n.op in ELEMENTWISE or self._reduce(n)):
-                stop.add(id(n))
-        return stop
-
-    def _reduce(self, n: Node) -> bool:
-        """A reduction the kernels compute: not over the dim they may split."""
-        return n.op in REDUCE and self.split_dim not in n.attr("over")
+    def _in_kernel(self, n: Node) -> bool:
+        """Inputs, constants, elementwise ops, and reductions not over the dim a kernel may
+        split: what the kernels compute."""
+        return n.op in ("input", "const") or n.op in ELEMENTWISE or (
+            n.op in REDUCE and self.split_dim not in n.attr("over"))
 
     def has_token(self, n: Node, memo: dict[int, bool] | None = None) -> bool:
         """Whether ``n`` varies per token (its block has the position axis)."""
@@ -85,8 +81,9 @@ class ChunkIO:
 class PrologueRender:
     """Mixin of the chunk stage generator: reads prologue values and the call's inputs, and
     stores the program's output, in token addressing. Uses the generator's ``io``, ``sizes``,
-    ``var``/``axes``, ``emit``, ``ar``, ``block``, ``size``, ``to``, ``kctx``, ``split``
-    and ``used`` (the kernel arguments read)."""
+    ``var``/``axes``, ``emit``, ``ar``, ``block``, ``size``, ``to``, ``strided``,
+    ``dim_masks``, ``full``, ``note``, ``kctx``, ``hoist``, ``split`` and ``used`` (the
+    kernel arguments read)."""
 
     def dims_of(self, n: Node) -> tuple[str, ...]:
         """The dims of an input in its tensor's memory order (declared order)."""
@@ -95,38 +92,21 @@ class PrologueRender:
     def valid(self, axes: tuple[str, ...]) -> str | None:
         """Lanes of a block over ``axes`` that hold a real token and real dim entries."""
         ms = [f"({self.ar('i', axes)} < rem)"] if "i" in axes else []
-        ms += [f"({self.ar(a, axes)} < {self.size(a)})" for a in axes
-               if a != "i" and (self.block(a) != self.size(a) or a == self.split or
-                                (self.kctx and a == self.kctx[0]))]
-        return " & ".join(ms) or None
+        return " & ".join(ms + self.dim_masks(axes, skip=("i",))) or None
 
     def token_offset(self, axes: tuple[str, ...], numel: int) -> str:
         """Offsets of a block over ``axes`` (i first, then dims in memory order) into a
         [tokens, H, *dims] tensor."""
-        terms, stride = [], 1
-        for a in reversed(axes[1:]):
-            t = self.ar(a, axes)
-            terms.append(f"{t} * {stride}" if stride != 1 else t)
-            stride *= self.size(a)
         row = f"((tok0 + {self.ar('i', axes)}) * {self.H} + h) * {numel}"
-        return " + ".join([row] + list(reversed(terms)))
-
-    def _numel(self, dims) -> int:
-        n = 1
-        for d in dims:
-            n *= self.sizes[d]
-        return n
+        return row if len(axes) == 1 else f"{row} + {self.strided(axes[1:], axes)[0]}"
 
     def _key(self, n: Node, axes: tuple[str, ...]) -> str:
         k = self.kctx[0] if self.kctx and self.kctx[0] in axes else ""
         return f"@n{self.io.index[id(n)]}{'_' + k if k else ''}"
 
     def node_axes(self, n: Node) -> tuple[str, ...]:
-        kind = self.io.kind[id(n)][0]
-        if kind in ("input", "feed"):
-            dims = self.dims_of(n) if kind == "input" else tuple(n.dims)
-            return (("i",) if self.io.has_token(n, self._tok) else ()) + dims
-        return (("i",) if self.io.has_token(n, self._tok) else ()) + tuple(n.dims)
+        dims = self.dims_of(n) if self.io.kind[id(n)][0] == "input" else tuple(n.dims)
+        return (("i",) if self.io.has_token(n, self._tok) else ()) + dims
 
     def node(self, n: Node, ind: int) -> str:
         """Render IR node ``n`` of the prologue; returns its key in ``var``/``axes``."""
@@ -141,16 +121,11 @@ class PrologueRender:
             ptr = f"X{k}" if kind == "input" else f"F{k}"
             self.used.add(ptr)
             dims = axes[1:] if "i" in axes else axes
-            numel = self._numel(dims)
+            within, numel = self.strided(dims, axes)
             if "i" in axes:
                 off = self.token_offset(axes, numel)
             else:   # a per-head parameter [H, *dims]
-                terms, stride = [], 1
-                for a in reversed(axes):
-                    t = self.ar(a, axes)
-                    terms.append(f"{t} * {stride}" if stride != 1 else t)
-                    stride *= self.size(a)
-                off = " + ".join([f"h * {numel}"] + list(reversed(terms)))
+                off = f"h * {numel}" + (f" + {within}" if dims else "")
             m = self.valid(axes)
             mk = f", mask={m}, other=0.0" if m else ""
             self.note("r", ptr, axes, ind, by_token="i" in axes)
@@ -170,9 +145,9 @@ class PrologueRender:
             self.var[key], self.axes[key] = lit(self._fold(n)), ()
             return key
         args = [self.node(a, ind) for a in n.args]
-        xs = [self.to(a, axes) for a in args]
         if n.op in REDUCE:
             return self._reduction(n, key, args, ind)
+        xs = [self.to(a, axes) for a in args]
         if n.op == "pow":
             expr = power(xs[0], n.args[1], xs[1])
         elif n.op in TRITON_UNARY:
@@ -198,9 +173,8 @@ class PrologueRender:
         x = f"({' * '.join(self.to(a, have) for a in args)})" if n.op == "contract" else \
             self.to(args[0], have)
         fill, fn = ('float("-inf")', "_max") if n.op == "max" else ("0.0", "_add")
-        full = f"tl.full([{', '.join(str(self.block(a)) for a in have)}], {fill}, tl.float32)"
         m = self.valid(have)
-        x = f"tl.where({m}, {x}, {full})" if m else x
+        x = f"tl.where({m}, {x}, {self.full(have, fill)})" if m else x
         for d in sorted(n.attr("over"), key=have.index, reverse=True):
             x = f"tl.reduce({x}, {have.index(d)}, {fn})"
             have = tuple(a for a in have if a != d)
@@ -251,9 +225,8 @@ class PrologueRender:
         if self.axes[key] == want and (m is None or n.op == "input"):   # loads are masked
             self.var[name], self.axes[name] = self.var[key], want
             return
-        full = f"tl.full([{', '.join(str(self.block(a)) for a in want)}], 0.0, tl.float32)"
         x = self.to(key, want) if self.axes[key] else self.var[key]
-        self.emit(name, want, f"tl.where({m or 'True'}, {x} + {full}, 0.0)", ind)
+        self.emit(name, want, f"tl.where({m or 'True'}, {x} + {self.full(want)}, 0.0)", ind)
 
     def store_output(self, name: str, ind: int) -> None:
         """The program's output, into O [tokens, H, *output dims] in O's dtype."""
@@ -261,10 +234,9 @@ class PrologueRender:
         want = ("i", *od)
         have = self.axes[name]
         x = self.to(name, want) if set(have) <= set(want) else self.var[name]
-        full = f"tl.full([{', '.join(str(self.block(a)) for a in want)}], 0.0, tl.float32)"
         if tuple(have) != want:
-            x = f"({x} + {full})"
-        off = self.token_offset(want, self._numel(od))
+            x = f"({x} + {self.full(want)})"
+        off = self.token_offset(want, self.strided(od, want)[1])
         m = self.valid(want)
         if self.split and self.split not in want:
             first = f"(({off}) * 0 + pv == 0)"
