@@ -93,22 +93,17 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
     cfg = dict(EFFORT[effort])
     if timeout is not None:
         cfg["timeout"] = timeout
-    if device == "cuda" and not torch.cuda.is_available():   # no GPU to time on: the model
-        space = list(candidates) if candidates is not None else config_space(
-            program, device, effort, backend=backend, form=form, chunk=chunk, knobs=knobs)
-        space, dropped = prune_static(program, space, shape["sizes"], shape["H"], arch,
-                                      SHORT.get(dtype, "fp32"))
-        return _modelled(program, space, dropped, shape, dtype, arch, time.perf_counter())
+    modelled = device == "cuda" and not torch.cuda.is_available()   # no GPU to time on
     cache = cache or TuneCache()
     family = "gpu" if device == "cuda" else "cpu"
     bucket = shape_bucket(shape["sizes"], shape["B"], shape["T"], shape["H"], shape["N"])
     narrow = {k: v for k, v in (("backend", backend), ("form", form), ("chunk", chunk),
                                 ("knobs", sorted((knobs or {}).items()))) if v}
-    key = make_key(program.content_hash(), family, dtype, bucket, device,
-                   space=repr(sorted(narrow.items())) if narrow else "")
+    key = None if modelled else make_key(program.content_hash(), family, dtype, bucket, device,
+                                         space=repr(sorted(narrow.items())) if narrow else "")
     shape = {**shape, "device": device, "dtype": dtype}
     t0 = time.perf_counter()
-    if use_cache:
+    if use_cache and not modelled:
         hit = cache.get(key)
         if hit is not None:
             return TuneResult(Candidate.from_json(hit["best"]), hit["seconds"],
@@ -118,8 +113,9 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
         program, device, effort, backend=backend, form=form, chunk=chunk, knobs=knobs)
     dropped: dict = {}
     if device == "cuda":
-        space, dropped = prune_static(program, space, shape["sizes"], shape["H"], arch,
-                                      SHORT.get(dtype, "fp32"))
+        space, dropped = prune_static(program, space, shape["sizes"], shape["H"], arch, dtype)
+    if modelled:
+        return _modelled(program, space, dropped, shape, dtype, arch, t0)
     rng = random.Random(seed)
     exhaustive = len(space) <= cfg["exhaustive"]
     limit = len(space) if exhaustive else cfg["exhaustive"]
@@ -171,7 +167,6 @@ def tune(program, shape: dict, *, device: str = "cpu", effort: str = "quick",
     return TuneResult(best, secs, d_secs, tried, dropped, time.perf_counter() - t0)
 
 
-SHORT = {"bfloat16": "bf16", "float16": "fp16"}   # tuning dtypes as the kernels name them
 MODEL_DEVICE = {"sm_90": "h100", "sm_80": "h100"}   # the modelled device for an arch
 
 

@@ -113,11 +113,11 @@ def config_space(program, device: str = "cpu", effort: str = "full", *,
 
 
 def prune_static(program, cands: list[Candidate], sizes: dict[str, int], H: int,
-                 arch: str = "sm_90", dtype: str = "fp32"
+                 arch: str = "sm_90", dtype: str = "float32"
                  ) -> tuple[list[Candidate], dict[Candidate, str]]:
     """Drop candidates that their backend's static check (``Backend.static_check``: for
     Triton, kernels compiled ahead of time for ``arch`` that exceed the device's shared
-    memory or spill registers, with inputs in ``dtype``: "fp32", "bf16", "fp16") rules out.
+    memory or spill registers, with inputs in ``dtype``, a torch dtype's name) rules out.
     Returns (kept, {dropped: why})."""
     kept, dropped = [], {}
     for c in cands:

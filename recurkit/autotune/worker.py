@@ -79,23 +79,19 @@ def measure(program, cand: Candidate, shape: dict, repeats: int, warmup: int = 1
                                                    seed=1).items()}
     S0 = (torch.randn(1, H, *(sizes[d] for d in program.state.dims),
                       generator=torch.Generator().manual_seed(2)) * 0.3).to(dev)
-    o_ref, s_ref = run_reference(bind_call(program, (), {
-        **small, "initial_state": S0, "output_final_state": True}))
-    o, s = fn(**small, initial_state=S0, output_final_state=True)
-    err = max(_rel(o, o_ref), _rel(s, s_ref))
-    if not err < VERIFY_TOL:   # NaN fails too
-        return {"ok": False, "why": f"wrong answer: relative error {err:.2e} against the "
-                                    "reference"}
     dtype = getattr(torch, shape.get("dtype", "float32"))   # verified in fp32, timed in it
+    checks = [(small, VERIFY_TOL, "")]
     if dtype != torch.float32:   # and verified in it too: 16-bit paths of their own
-        low = {k: v.to(dtype) for k, v in small.items()}
+        checks.append(({k: v.to(dtype) for k, v in small.items()}, VERIFY_TOL_16,
+                       f" in {shape['dtype']}"))
+    for xs, tol, where in checks:
         o_ref, s_ref = run_reference(bind_call(program, (), {
-            **low, "initial_state": S0, "output_final_state": True}))
-        o, s = fn(**low, initial_state=S0, output_final_state=True)
+            **xs, "initial_state": S0, "output_final_state": True}))
+        o, s = fn(**xs, initial_state=S0, output_final_state=True)
         err = max(_rel(o, o_ref), _rel(s, s_ref))
-        if not err < VERIFY_TOL_16:
-            return {"ok": False, "why": f"wrong answer in {shape['dtype']}: relative error "
-                                        f"{err:.2e} against the reference"}
+        if not err < tol:   # NaN fails too
+            return {"ok": False, "why": f"wrong answer{where}: relative error {err:.2e} "
+                                        "against the reference"}
     xs = {k: v.to(dev) for k, v in make_inputs(program, shape["B"], shape["T"], H, sizes,
                                                 dtype=dtype, seed=3).items()}
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)

@@ -165,10 +165,11 @@ class Backend:
         return None
 
     def static_check(self, program, form: str, chunk: int | None, knobs: dict,
-                     sizes: dict[str, int], H: int, arch: str, dtype: str = "fp32"
+                     sizes: dict[str, int], H: int, arch: str, dtype: str = "float32"
                      ) -> str | None:
-        """Why this candidate cannot run well on ``arch`` for calls in ``dtype`` (found
-        without running it: shared memory, spills), or None."""
+        """Why this candidate cannot run well on ``arch`` for calls in ``dtype`` (a torch
+        dtype's name, as the autotuner's) found without running it (shared memory, spills), or
+        None."""
         return None
 
     def __repr__(self) -> str:

@@ -22,14 +22,18 @@ def segments(bc: BoundCall) -> list[tuple[int, int, int]]:
     return [(0, s, e) for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
 
 
+def chunk_count(bc: BoundCall, C: int) -> int:
+    """Chunks of C tokens per sequence: enough for the longest (at least 1)."""
+    return -(-max([e - s for _, s, e in segments(bc)] + [1]) // C)
+
+
 class Packing:
     """Gathers [B, T, H, ...] token values into [N, H, chunks, C, ...] with zero padding."""
 
     def __init__(self, bc: BoundCall, C: int):
         segs = segments(bc)
         self.N, self.C = len(segs), C
-        longest = max([e - s for _, s, e in segs] + [1])
-        self.nc = -(-longest // C)
+        self.nc = chunk_count(bc, C)
         L = self.nc * C
         pos = torch.arange(L, device=bc.device)
         starts = torch.tensor([s for _, s, _ in segs], device=bc.device)
@@ -95,13 +99,18 @@ def initial_state(bc: BoundCall, N: int) -> torch.Tensor:
 
 
 
-def token_loop_args(bc: BoundCall, nodes, dims=None):
-    """(feeds, seg, s0, sf): each node's value for every token as a contiguous
-    [B, T, H, *dims] tensor (``dims``: the node's own, unless given), the segments as an int32
-    [N, 3] table of (batch row, start, end), the initial state and an empty final state."""
-    vals = evaluate(bc, list(nodes))
-    feeds = [vals[id(n)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (
+def per_token(bc: BoundCall, nodes, dims=None) -> list[torch.Tensor]:
+    """Each node's value for every token as a contiguous fp32 [B, T, H, *dims] tensor
+    (``dims``: the node's own, unless given)."""
+    vals = evaluate(bc, list(nodes)) if nodes else {}
+    return [vals[id(n)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (
         n.dims if dims is None else dims))).contiguous() for n in nodes]
+
+
+def token_loop_args(bc: BoundCall, nodes, dims=None):
+    """(feeds, seg, s0, sf): ``per_token`` values of the nodes, the segments as an int32
+    [N, 3] table of (batch row, start, end), the initial state and an empty final state."""
+    feeds = per_token(bc, nodes, dims)
     segs = segments(bc)
     seg = torch.tensor(segs, dtype=torch.int32, device=bc.device)
     s0 = initial_state(bc, len(segs)).contiguous()

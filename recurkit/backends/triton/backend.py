@@ -108,11 +108,14 @@ class TritonBackend(Backend):
         tp = lower(program, form, chunk or runtime.default_chunk(program))
         return model_traffic(tp, bc, runtime.check_config(knobs)).roofline(device)
 
-    def static_check(self, program, form, chunk, knobs, sizes, H, arch, dtype="fp32"):
+    def static_check(self, program, form, chunk, knobs, sizes, H, arch, dtype="float32"):
         """Compiled ahead of time for ``arch``: more shared memory than the device has, or
         spilled registers, is a reason; so is failing to compile."""
+        import torch
+
         from ...lowering.forms import lower
         cfg = runtime.check_config(knobs)
+        dtype = runtime.DTYPE_NAMES.get(getattr(torch, dtype), "fp32")
         try:
             tp = None if form == "sequential" else lower(program, form, chunk)
             src = runtime.module_source(program, tp, sizes, H, cfg, dtype)

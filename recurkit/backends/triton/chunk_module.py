@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ...lowering.fuse import optimize, output_name
 from ...lowering.tile import TileProgram, stage_inputs
+from ..shared.host import chunk_count
 from .chunk import _StageGen
 from .prologue import ChunkIO
 from .sequential import HEADER
@@ -105,11 +106,8 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
     from .runtime import DTYPE_NAMES, intermediate_dtype
     from .traffic import Launch, Traffic
     varlen = bc.cu_seqlens is not None
-    lengths = [bc.T] * bc.B if not varlen else [
-        e - s for s, e in zip(bc.cu_seqlens[:-1], bc.cu_seqlens[1:])]
-    N, C, H = len(lengths), tp.chunk, bc.H
-    NC = -(-max(lengths + [1]) // C)
-    tokens = sum(lengths)
+    N, C, H = bc.N, tp.chunk, bc.H
+    NC, tokens = chunk_count(bc, C), bc.B * bc.T   # varlen: B = 1 and cu_seqlens covers T
     _, io = chunk_source(tp, bc.sizes, H, cfg, varlen, bc.initial_state is not None,
                          bc.output_final_state, DTYPE_NAMES.get(bc.out_dtype, "fp32"))
     p = bc.program

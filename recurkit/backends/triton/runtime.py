@@ -22,8 +22,7 @@ from ...lowering.analysis import analyze
 from ...lowering.forms import default_chunk as lowering_default_chunk
 from ...lowering.tile import TileProgram
 from ..shared.config import cache_root, merge_defaults
-from ...ir.interpret import evaluate
-from ..shared.host import scan_args, scan_result, segments, token_loop_args
+from ..shared.host import chunk_count, per_token, scan_args, scan_result, token_loop_args
 from ..shared.host import decays_positive
 from .sequential import SeqGen, scan_source
 from .chunk_module import chunk_source
@@ -175,9 +174,7 @@ def chunk_inputs(io, bc: BoundCall):
     in their own dtype), the host-evaluated feeds (fp32 [B, T, H, *dims]) and the scalars."""
     p = bc.program
     xs = [bc.tensors[p.inputs[n.attr("index")].name].contiguous() for n in io.inputs]
-    vals = evaluate(bc, io.feeds) if io.feeds else {}
-    fs = [vals[id(n)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in n.dims)).contiguous()
-          for n in io.feeds]
+    fs = per_token(bc, io.feeds)
     scs = [float(bc.scalars[n.attr("name")]) for n in io.scalars]
     return xs, fs, scs
 
@@ -202,9 +199,7 @@ def run_triton_chunked(tp: TileProgram, bc: BoundCall, config: dict | None = Non
                            DTYPE_NAMES.get(bc.out_dtype, "fp32"), interpret)
     mod = load_module(src, interpret)
     xs, fs, scs = chunk_inputs(io, bc)
-    N = bc.N
-    longest = max([e - s for _, s, e in segments(bc)] + [1])
-    nc = -(-longest // tp.chunk)
+    N, nc = bc.N, chunk_count(bc, tp.chunk)
     o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims),
                     dtype=bc.out_dtype, device=bc.device)
     state = (N, bc.H, *(bc.sizes[d] for d in p.state.dims))
