@@ -105,8 +105,10 @@ class CompiledOp:
             else:
                 grad = CompiledOp(self.program,
                                   backends.choose("recurrence", None, "cpu", grad=True).name)
+            tp = self.tile_program
             adjoint = None if b is not None and b.autograd_only else backends.adjoint_runner(
-                self.program, self.backward)
+                self.program, self.backward, self.form, tp.chunk if tp is not None else None,
+                self.backend)
             self._op = register(self.program, f"recurkit_jit::{self.program.name}_{digest}",
                                 self.forward, grad.forward, adjoint)
         return self._op

@@ -78,25 +78,67 @@ def with_source() -> tuple[str, ...]:
     return tuple(n for n, b in REGISTRY.items() if b.generates_source)
 
 
-def adjoint_runner(program, mode: str = "auto") -> Callable | None:
-    """The custom op's generated backward for ``program`` (see ``custom_op.TorchOp``): per
-    call, the compiled kernel of the first backend offering one for the tensors' device;
-    elsewhere the torch step loop with ``mode="adjoint"``, or None (the op then recomputes
-    through autograd) with "auto". None for ``mode="autograd"``."""
+def adjoint_runner(program, mode: str = "auto", form: str | None = None,
+                   chunk: int | None = None, backend: str | None = None) -> Callable | None:
+    """The custom op's generated backward for ``program`` (see ``custom_op.TorchOp``), for an
+    op compiled with ``backend``, ``form`` and ``chunk``. Per call:
+
+    - the chunk-form backward (``lowering.chunk_adjoint``, in the op's chunk form, else the
+      declaration's first one) where the declaration has one, its decays are positive for the
+      call, and a backend offers its kernel there: with ``mode="chunk"`` on any device; with
+      "auto" on CUDA and for an op of a backend whose chunk kernel runs on the CPU
+      (backend="triton": Triton's interpreter), the op's backend first, else by rank;
+    - else the sequential adjoint: the compiled kernel of the first backend offering one for
+      the tensors' device; elsewhere the torch step loop with ``mode="adjoint"`` (or
+      "chunk"), or None (the op then recomputes through autograd) with "auto".
+
+    None for ``mode="autograd"``."""
     from ..ir.bind import bind_call
     from ..lowering.adjoint import derive_adjoint
+    from ..lowering.analysis import analyze
+    from ..lowering.chunk_adjoint import lower_adjoint
+    from ..lowering.forms import LoweringError
     from .shared.adjoint import check_backward, generated_backward
+    from .shared.chunk_backward import chunk_backward
+    from .shared.host import decays_positive
     from .torch.backward import run_adjoint_torch
     if check_backward(mode) == "autograd":
         return None
     adj = derive_adjoint(program)
+    forms = analyze(program).forms
+    cform = form if form in ("chunk_gated", "chunk_wy") else next(
+        (f for f in forms if f.startswith("chunk")), None)
+    own = REGISTRY.get(backend) if backend else None
+    lowered: dict[int, object] = {}
+
+    def chunk_kernel(device_type: str):
+        if cform is None or mode == "adjoint":
+            return None, None
+        order = ([own] if own is not None else []) + _by_rank()
+        for b in order:
+            k = b.chunk_adjoint_kernel(device_type)
+            if k is None:
+                continue
+            if mode == "auto" and device_type == "cpu" and b is not own:
+                return None, None   # CPU, auto: the compiled sequential adjoint (below)
+            c = chunk if chunk and form == cform else b.default_chunk(program, cform)
+            if c not in lowered:
+                try:
+                    lowered[c] = lower_adjoint(program, cform, c)
+                except LoweringError:
+                    lowered[c] = None
+            return k, lowered[c]
+        return None, None
 
     def run(kw: dict, leaves: dict, grad_o, grad_S):
         bc = bind_call(program, (), {**kw, **leaves})
+        kernel, tp = chunk_kernel(bc.device.type)
+        if kernel is not None and tp is not None and decays_positive(tp, bc):
+            return chunk_backward(bc, tp, grad_o, grad_S, kernel, leaves)
         kernel = next((k for k in (b.adjoint_kernel(bc.device.type) for b in _by_rank())
                        if k is not None), None)
         if kernel is None:
-            if mode != "adjoint":
+            if mode == "auto":
                 return None
             kernel = run_adjoint_torch
         return generated_backward(bc, adj, grad_o, grad_S, kernel, leaves)

@@ -142,6 +142,11 @@ class Backend:
         on ``device_type``, or None."""
         return None
 
+    def chunk_adjoint_kernel(self, device_type: str) -> Callable | None:
+        """A kernel of the chunk-form backward (``lowering.chunk_adjoint``; see
+        ``shared.chunk_backward``) for tensors on ``device_type``, or None."""
+        return None
+
     # --- tuning -----------------------------------------------------------------------------
     def default_candidate(self, program, form: str | None = None, chunk: int | None = None
                           ) -> tuple[str, int | None, dict]:

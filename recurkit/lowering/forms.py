@@ -118,7 +118,10 @@ def _scan(p: Program, rec: Recurrence) -> TileProgram:
     return TileProgram(p.name, "scan", None, p.dims, pro, [st], _meta(p, rec))
 
 
-def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
+def _chunked(p: Program, rec: Recurrence, form: str, chunk: int,
+             proportional: bool = True) -> TileProgram:
+    """``proportional=False``: the WY form's general E form even where the erase direction
+    is proportional to the write key (the backward, ``chunk_adjoint``, reads E)."""
     K, V = rec.kdim, rec.vdim
     pro = rec.prologue()
     for name, v in pro.items():
@@ -129,9 +132,11 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
                                 "sequential form")
     wy = form == "chunk_wy"
     S = p.state.name
-    prop = wy and rec.erase_scale is not None   # u = c * a: one pseudo-value per token
+    prop = wy and rec.erase_scale is not None and proportional   # u = c a: one pseudo-value
     if prop:
         pro.pop("erase_u")
+    elif wy:
+        pro.pop("erase_scale", None)
     loads = [k for k in pro if k not in ("decay_k", "decay_v", "read_post", "out_const")]
 
     # --- stage 1: everything per chunk that does not need the incoming state -------------
@@ -248,7 +253,9 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int) -> TileProgram:
         "mul", o.contract(qg, "S_in", (K,)), outs["out_gate_v"]), outs["AkB"])
     if wy:
         out = o.ir("add", out, o.contract(outs["Au"], o.rename("E"), ("j",)))
-    return _finish(p, rec, form, chunk, pro, [prep, sp, ost], o, out)
+    tp = _finish(p, rec, form, chunk, pro, [prep, sp, ost], o, out)
+    tp.meta["values"] = dict(outs)   # role -> the prep value holding it (chunk_adjoint)
+    return tp
 
 
 def Gx_of(e: _Emit, G: str | None) -> str | None:

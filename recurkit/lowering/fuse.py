@@ -98,30 +98,34 @@ def rematerialize(tp: TileProgram) -> TileProgram:
     """Recompute in each later stage the values it reads from a chunk stage when they are
     cheap to make again from per-token values (see the module doc)."""
     stages = [_clone(st) for st in tp.stages]
-    made = {op.out: k for k, st in enumerate(stages) for op in st.ops}
     changed = False
     for x, st in enumerate(stages):
         if x == 0:
             continue
         known = {op.out: op.axes for s in stages[:x] for op in s.ops}
-        copies: list[TileOp] = []
+        copies: list[tuple[int, int, TileOp]] = []   # (source stage, position, op)
         have = {op.out for op in st.ops}
         for name in stage_inputs(st, known):
-            src = made.get(name)
-            if src is None or src >= x or stages[src].kind != "chunk":
+            src = max((k for k in range(x) if name in {op.out for op in stages[k].ops}),
+                      default=None)
+            if src is None or stages[src].kind != "chunk":
                 continue
             chain = _chain(stages[src], name)
             if chain is None:
                 continue
+            pos = {op.out: k for k, op in enumerate(stages[src].ops)}
             for op in chain:
                 if op.out not in have:
-                    copies.append(op)
+                    copies.append((src, pos[op.out], op))
                     have.add(op.out)
         if not copies:
             continue
-        order = {op.out: k for k, op in enumerate(stages[made[copies[0].out]].ops)}
-        copies.sort(key=lambda op: (made[op.out], order.get(op.out, 0)))
-        at = max((k + 1 for k, op in enumerate(st.ops) if op.op == "zeros"), default=0)
+        copies.sort(key=lambda c: c[:2])
+        copies = [op for _, _, op in copies]
+        # after the stage's zeros, and after its own ops that the copies read (its loads)
+        args = {a for op in copies for a in op.args} - {op.out for op in copies}
+        at = max((k + 1 for k, op in enumerate(st.ops) if op.op == "zeros" or
+                  op.out in args), default=0)
         st.ops = st.ops[:at] + copies + st.ops[at:]
         changed = True
     if not changed:
@@ -136,7 +140,7 @@ def prune(tp: TileProgram) -> TileProgram:
     only they needed, and stages left with nothing to do."""
     result = output_name(tp)
     stages = [_clone(st) for st in tp.stages]
-    need: set[str] = {result}
+    need: set[str] = {result, *tp.meta.get("results", ())}
     keep: list[Stage] = []
     for st in reversed(stages):
         live = set(st.carried) | {o for o in st.outputs if o in need}
@@ -164,10 +168,14 @@ def prune(tp: TileProgram) -> TileProgram:
 
 
 def optimize(tp: TileProgram) -> TileProgram:
-    """The passes of ``PASSES`` in order, the result verified."""
+    """The passes of ``PASSES`` in order, the result verified. A backward program
+    (``lowering.chunk_adjoint``) keeps its gradient stage parallel over chunks: it is most
+    of the work, and inside the backwards pass it would run one chunk after another."""
     if tp.form not in ("chunk_gated", "chunk_wy"):
         return tp
     for name in PASSES:
+        if name == "fuse_output" and tp.meta.get("adjoint"):
+            continue
         tp = globals()[name](tp)
     verify_tile_program(tp)
     return tp

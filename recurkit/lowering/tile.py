@@ -36,6 +36,9 @@ TILE_OPS: dict[str, tuple[int, str]] = {
 }
 ELEMENTWISE = set(UNARY) | set(BINARY) | set(COMPARE) | {"where"}
 MASKS = ("i>=j", "i>j")
+# what a carried value starts from: the call's initial state (zeros when none), or, for a
+# backward pass, the cotangent of the final state (zeros when none flows)
+INITS = ("initial_state", "final_cotangent")
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,13 @@ class Stage:
     carried: tuple[str, ...] = ()    # loop: values carried from one iteration to the next
     over: str | None = None          # loop: "chunks" or "tokens"
     outputs: tuple[str, ...] = ()
+    reverse: bool = False            # loop: last chunk first (the backward's adjoint pass)
 
     def __str__(self) -> str:
         head = f"stage {self.name} ({self.kind}, grid {' x '.join(self.grid)}"
         if self.over:
-            head += f", sequential over {self.over}, carries {', '.join(self.carried)}"
+            order = "backwards " if self.reverse else ""
+            head += f", sequential {order}over {self.over}, carries {', '.join(self.carried)}"
         lines = [head + ")"]
         lines += [f"    {op}" for op in self.ops]
         if self.outputs:
@@ -129,9 +134,11 @@ def verify_tile_program(tp: TileProgram) -> None:
             local[op.out] = op.axes
         for name in st.carried:
             first = next((op for op in st.ops if op.out == name), None)
-            if first is None or first.op != "zeros" or first.attr("init") != "initial_state":
+            if first is None or first.op != "zeros" or first.attr("init") not in INITS:
                 raise TileVerifyError(f"stage {st.name}: carried value {name} must start as "
-                                      "zeros(init=initial_state)")
+                                      f"zeros(init=...) with init one of {INITS}")
+        if st.reverse and (st.kind != "loop" or st.over != "chunks"):
+            raise TileVerifyError(f"stage {st.name}: only a loop over chunks runs backwards")
         for name in st.outputs:
             if name not in local:
                 raise TileVerifyError(f"stage {st.name}: output {name} is never computed")

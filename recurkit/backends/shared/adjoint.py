@@ -61,7 +61,7 @@ def generated_backward(bc: BoundCall, adj: AdjointStep, grad_o: torch.Tensor | N
     return res
 
 
-BACKWARDS = ("auto", "adjoint", "autograd")
+BACKWARDS = ("auto", "chunk", "adjoint", "autograd")
 
 
 def check_backward(mode: str) -> str:

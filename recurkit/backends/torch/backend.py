@@ -25,6 +25,10 @@ class TorchBackend(Backend):
         from .tile import run_tile
         return lambda bc: run_tile(tp, bc)   # the sequential tile program runs the reference
 
+    def chunk_adjoint_kernel(self, device_type):
+        from .chunk_adjoint import run_chunk_adjoint_torch
+        return run_chunk_adjoint_torch
+
     def tiled_forward(self, plan, tc):
         if isinstance(plan, LutPlan):
             from .lut import run_lut_torch

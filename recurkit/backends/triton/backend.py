@@ -39,6 +39,10 @@ class TritonBackend(Backend):
         run = runtime.run_triton_scan if form == "scan" else runtime.run_triton_chunked
         return lambda bc: run(tp, bc, pick(bc))
 
+    def chunk_adjoint_kernel(self, device_type):
+        from .chunk_adjoint import run_chunk_adjoint_triton
+        return run_chunk_adjoint_triton   # CUDA, or Triton's interpreter for CPU tensors
+
     def codegen(self, program, tp, sizes, H, knobs):
         return runtime.module_source(program, tp, sizes, H, knobs)
 

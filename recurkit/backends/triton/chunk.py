@@ -283,8 +283,10 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
 
     # --- the kernel -------------------------------------------------------------------------
     def source(self, out_axes: dict[str, tuple[str, ...]], known, bufs: dict[str, str],
-               result: str, flags: dict) -> tuple[str, list[str]]:
-        """The stage's kernel, and its parameters in order (before NC and TT)."""
+               results: dict[str, tuple[str, tuple[str, ...]]], flags: dict
+               ) -> tuple[str, list[str]]:
+        """The stage's kernel, and its parameters in order (before NC and TT). ``results``:
+        the values stored per token, each into (its pointer, its dims)."""
         st, C, H = self.st, self.C, self.H
         carried = st.carried[0] if st.carried else None
         outs = [n for n in st.outputs if n != carried and n not in known]
@@ -306,12 +308,20 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
             lead, ind = "nh * NC + c", 2
             sd = tuple(self.tp.meta["program"].state.dims)
             self.inputs = {**self.inputs, carried: sd}
-            if flags["has_s0"]:
-                self.load(carried, "S0", "nh", 1)
+            # the carried value starts from the initial state or, backwards, from the final
+            # state's cotangent (zeros where the call has none)
+            adjoint = next(op for op in st.ops if op.out == carried).attr("init") != \
+                "initial_state"
+            src = ("DSF", "has_dsf") if adjoint else ("S0", "has_s0")
+            if flags.get(src[1]):
+                self.load(carried, src[0], "nh", 1)
             else:
                 self.emit(carried, sd, self.full(sd), 1)
-            L += ["    for c in range(0, NC):", f"        tok0 = bos + c * {C}",
-                  "        rem = eos - tok0"]
+            if st.reverse:
+                L += ["    for cr in range(0, NC):", "        c = NC - 1 - cr"]
+            else:
+                L += ["    for c in range(0, NC):"]
+            L += [f"        tok0 = bos + c * {C}", "        rem = eos - tok0"]
             v = self.var[carried]
         else:
             lead, ind = "p", 1
@@ -329,8 +339,8 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
 
         def put(name: str) -> None:
             self.ensure([name], ind)
-            if name == result:
-                self.store_output(name, ind)
+            if name in results:
+                self.store_output(name, ind, *results[name])
             else:
                 self.store(name, bufs[name], lead, ind)
             out_axes[name] = self.axes[name]
@@ -370,7 +380,9 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
             store_ready()
         if loop:
             self.var[carried], self.axes[carried] = v, sd
-            if flags["has_sf"]:
+            if adjoint:   # the initial state's cotangent
+                self.store(carried, "DS0", "nh", 1)
+            elif flags["has_sf"]:
                 self.store(carried, "SF", "nh", 1)
         params = sorted(self.used, key=_param_order)
         head = ["", "", "@triton.jit",
@@ -378,10 +390,13 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
         return "\n".join(head + L), params
 
 
+FIXED = ("O", "S0", "SF", "DSF", "DS0", "CU")
+
+
 def _param_order(name: str) -> tuple[int, int]:
     kinds = "XFBLOS"
-    if name in ("O", "S0", "SF", "CU"):
-        return (10 + ("O", "S0", "SF", "CU").index(name), 0)
+    if name in FIXED:
+        return (10 + FIXED.index(name), 0)
     if name.startswith("SC"):
         return (20, int(name[2:]))
     return (kinds.index(name[0]), int(name[1:]))

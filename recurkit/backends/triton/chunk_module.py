@@ -24,7 +24,8 @@ def _gate_only(tp: TileProgram) -> set[str]:
 
 def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
                  varlen: bool = False, has_s0: bool = True, has_sf: bool = True,
-                 dtype: str = "fp32", interpret: bool = False) -> tuple[str, ChunkIO]:
+                 dtype: str = "fp32", interpret: bool = False, has_dsf: bool = False
+                 ) -> tuple[str, ChunkIO]:
     """The module for a chunk-form tile program (optimized by ``lowering.fuse`` first), and
     what its ``launch`` reads from a call. ``launch(xs, fs, scs, o, s0, sf, cu, N, NC, TT,
     lowp)`` takes the inputs, host feeds and scalars of the ``ChunkIO``, the output
@@ -33,18 +34,34 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     intermediates. ``dtype`` ("fp32", "bf16", "fp16") is the call's: with ``precision``
     "auto", a 16-bit call's dots take 16-bit operands (fp32 accumulation), an fp32 call's
     tf32; in the interpreter (``interpret``) bf16 dots take fp32 operands, as the
-    interpreter's bf16 dots are wrong (Triton 3.x: errors of 1e10 measured)."""
+    interpreter's bf16 dots are wrong (Triton 3.x: errors of 1e10 measured).
+
+    A backward program (``lowering.chunk_adjoint``, ``meta["adjoint"]``) gets
+    ``launch(xs, fs, scs, os, s0, dsf, ds0, cu, N, NC, TT, lowp)``: ``os`` the fp32
+    [B, T, H, *dims] cotangent of each prologue value in ``meta["grads"]`` order (then the
+    readout h where ``meta["h"]``), ``dsf`` the final state's cotangent (``has_dsf``; else
+    None), ``ds0`` the initial state's, written; the readout's cotangent is the feed of the
+    ``d_out`` node."""
     cache = tp.meta.setdefault("_triton_chunk", {})
     key = (tuple(sorted(sizes.items())), H, tuple(sorted(cfg.items())), varlen, has_s0,
-           has_sf, dtype, interpret)
+           has_sf, dtype, interpret, has_dsf)
     if key in cache:
         return cache[key]
     opt = optimize(tp)
     io = ChunkIO(opt.meta["program"], opt.prologue)
-    result = output_name(opt)
+    adjoint = bool(opt.meta.get("adjoint"))
+    if adjoint:   # every cotangent (and the readout h) into an fp32 [B, T, H, *dims] output
+        res = list(opt.meta["grads"].items()) + ([("h", opt.meta["h"])] if opt.meta["h"]
+                                                 else [])
+        vdim = opt.meta["vdim"]
+        results = {v: (f"O{k}", (vdim,) if r == "h" else tuple(opt.prologue[r].dims))
+                   for k, (r, v) in enumerate(res)}
+    else:
+        results = {output_name(opt): ("O", None)}
     known = {k: ("i", *n.dims) for k, n in opt.prologue.items()}
     C = opt.chunk
-    flags = {"varlen": varlen, "has_s0": has_s0, "has_sf": has_sf}
+    flags = {"varlen": varlen, "has_s0": has_s0, "has_sf": has_sf and not adjoint,
+             "has_dsf": has_dsf}
     fp32 = _gate_only(opt)
     dot = cfg["precision"] if cfg["precision"] != "auto" else \
         "tf32" if dtype not in ("bf16", "fp16") or (interpret and dtype == "bf16") else dtype
@@ -54,12 +71,13 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     for st in opt.stages:
         carried = st.carried[0] if st.carried else None
         for name in st.outputs:
-            if name not in known and name not in (result, carried) and name not in bufs:
+            if name not in known and name not in results and name != carried and \
+                    name not in bufs:
                 bufs[name] = f"{'B' if name in fp32 else 'L'}{len(bufs)}"
         gen = _StageGen(st, opt, sizes, H, stage_inputs(st, known),
                         {**cfg, "_16bit": dtype in ("bf16", "fp16")}, io)
         gen.dot = dot
-        src, params = gen.source(out_axes, known, bufs, result, flags)
+        src, params = gen.source(out_axes, known, bufs, results, flags)
         kernels.append(src)
         for name in st.outputs:
             if name in bufs and name not in known:
@@ -68,7 +86,7 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
                                   for a in out_axes[name])
                 dt = "torch.float32" if bufs[name][0] == "B" else "lowp"
                 alloc.append(f"    env[{name!r}] = torch.empty((N, {H}, NC, {shape}), "
-                             f"device=o.device, dtype={dt})")
+                             f"device={'ds0' if adjoint else 'o'}.device, dtype={dt})")
         nv = gen.nsplit()
         io.kernels.append({"name": f"{st.name}_kernel", "kind": st.kind, "nsplit": nv,
                            "accesses": gen.accesses, "dots": gen.dots})
@@ -77,7 +95,8 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
         args = [_arg(p, inv) for p in params]
         calls.append(f"    {st.name}_kernel[{grid}]({', '.join(args + ['NC', 'TT'])}, "
                      f"num_warps={cfg['num_warps'] or 8}, num_stages={cfg['num_stages']})")
-    launch = ["", "", "def launch(xs, fs, scs, o, s0, sf, cu, N, NC, TT, lowp):",
+    sig = "xs, fs, scs, os, s0, dsf, ds0, cu" if adjoint else "xs, fs, scs, o, s0, sf, cu"
+    launch = ["", "", f"def launch({sig}, N, NC, TT, lowp):",
               '    """Run the stages; intermediates are [N, H, chunks, ...] tensors."""',
               "    env = {}", *alloc, *calls, ""]
     cache[key] = (HEADER + "\n".join(kernels) + "\n".join(launch), io)
@@ -91,7 +110,9 @@ def _arg(p: str, bufs: dict[str, str]) -> str:
         return f"{'xs' if p[0] == 'X' else 'fs'}[{p[1:]}]"
     if p.startswith("SC"):
         return f"scs[{p[2:]}]"
-    return {"O": "o", "S0": "s0", "SF": "sf", "CU": "cu"}[p]
+    if p[0] == "O" and p[1:].isdigit():
+        return f"os[{p[1:]}]"
+    return {"O": "o", "S0": "s0", "SF": "sf", "DSF": "dsf", "DS0": "ds0", "CU": "cu"}[p]
 
 
 def model_traffic(tp: TileProgram, bc, cfg: dict):

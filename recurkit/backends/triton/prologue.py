@@ -50,6 +50,9 @@ class ChunkIO:
             elif n.op == "input" and n.role == "scalar":
                 self.kind[id(n)] = ("scalar", len(self.scalars))
                 self.scalars.append(n)
+            elif n.op == "input" and n.role == "d_out":   # a cotangent, given by the host
+                self.kind[id(n)] = ("feed", len(self.feeds))
+                self.feeds.append(n)
             elif n.op == "input" and n.role == "head":
                 self.kind[id(n)] = ("head", 0)
             elif self._in_kernel(n):
@@ -228,9 +231,10 @@ class PrologueRender:
         x = self.to(key, want) if self.axes[key] else self.var[key]
         self.emit(name, want, f"tl.where({m or 'True'}, {x} + {self.full(want)}, 0.0)", ind)
 
-    def store_output(self, name: str, ind: int) -> None:
-        """The program's output, into O [tokens, H, *output dims] in O's dtype."""
-        od = tuple(self.io.program.output.dims)
+    def store_output(self, name: str, ind: int, ptr: str = "O", od=None) -> None:
+        """A per-token result (the program's output), into ``ptr`` [tokens, H, *od] (by
+        default the output's dims) in its dtype."""
+        od = tuple(self.io.program.output.dims) if od is None else tuple(od)
         want = ("i", *od)
         have = self.axes[name]
         x = self.to(name, want) if set(have) <= set(want) else self.var[name]
@@ -241,7 +245,7 @@ class PrologueRender:
         if self.split and self.split not in want:
             first = f"(({off}) * 0 + pv == 0)"
             m = f"({m}) & {first}" if m else first
-        self.used.add("O")
-        self.note("w", "O", want, ind, by_token=True)
-        self.L.append("    " * ind + f"tl.store(O + {off}, {x}.to(O.dtype.element_ty)"
+        self.used.add(ptr)
+        self.note("w", ptr, want, ind, by_token=True)
+        self.L.append("    " * ind + f"tl.store({ptr} + {off}, {x}.to({ptr}.dtype.element_ty)"
                       f"{', mask=' + m if m else ''})")

@@ -1,0 +1,58 @@
+"""The chunk-form backward (``lowering.chunk_adjoint``) as Triton kernels: the same stage
+generator as the forward (``chunk_module``), four kernels (the chunk prep, the forward's state
+pass, the cotangent state's pass backwards over the chunks, the gradients per chunk), on a GPU
+or in Triton's interpreter for CPU tensors. The prologue is computed in the kernels from the
+call's tensors as in the forward; the readout's cotangent is a host feed. See
+``backends.shared.chunk_backward`` for the host side."""
+from __future__ import annotations
+
+import torch
+
+from ...ir.bind import BoundCall
+from ...lowering.chunk_adjoint import D_H
+from ...lowering.tile import TileProgram
+from ..shared.host import chunk_count, per_token
+from .chunk_module import chunk_source
+from .runtime import DTYPE_NAMES, _launch, check_config, intermediate_dtype, load_module
+
+
+def adjoint_module(tp: TileProgram, bc: BoundCall, cfg: dict, has_dsf: bool):
+    """(source, ChunkIO) of the backward's kernels for call ``bc``."""
+    return chunk_source(tp, bc.sizes, bc.H, cfg, bc.cu_seqlens is not None,
+                        bc.initial_state is not None, False,
+                        DTYPE_NAMES.get(bc.out_dtype, "fp32"), bc.device.type != "cuda",
+                        has_dsf=has_dsf)
+
+
+def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, torch.Tensor],
+                             d_final: torch.Tensor | None, config: dict | None = None):
+    """The kernel of ``shared.chunk_backward``: (cotangents by prologue value, h or None,
+    the initial state's cotangent)."""
+    cfg = check_config(config)
+    interpret = bc.device.type != "cuda"
+    src, io = adjoint_module(tp, bc, cfg, d_final is not None)
+    mod = load_module(src, interpret)
+    p = bc.program
+    xs = [bc.tensors[p.inputs[n.attr("index")].name].contiguous() for n in io.inputs]
+    host = [n for n in io.feeds if n.role != "d_out"]
+    vals = dict(zip(map(id, host), per_token(bc, host)))
+    shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
+    fs = [vals[id(n)] if id(n) in vals else feeds[D_H].float().expand(shape).contiguous()
+          for n in io.feeds]
+    scs = [float(bc.scalars[n.attr("name")]) for n in io.scalars]
+    res = list(tp.meta["grads"]) + (["h"] if tp.meta["h"] else [])
+    os = [torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (
+        p.output.dims if r == "h" else tp.prologue[r].dims)), device=bc.device)
+        for r in res]
+    N = bc.N
+    state = (N, bc.H, *(bc.sizes[d] for d in p.state.dims))
+    s0 = bc.initial_state.float().contiguous() if bc.initial_state is not None else None
+    dsf = d_final.float().contiguous() if d_final is not None else None
+    ds0 = torch.empty(state, device=bc.device)
+    cu = bc.cu_seqlens_tensor if bc.cu_seqlens is not None else None
+    if cu is not None and cu.device != bc.device:
+        cu = cu.to(bc.device)
+    _launch(mod, interpret, xs, fs, scs, os, s0, dsf, ds0, cu, N, chunk_count(bc, tp.chunk),
+            bc.T, intermediate_dtype(bc, cfg))
+    grads = dict(zip(tp.meta["grads"], os))
+    return grads, (os[-1] if tp.meta["h"] else None), ds0
