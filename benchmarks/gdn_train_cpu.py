@@ -25,6 +25,7 @@ import recurkit as rk  # noqa: E402
 
 
 OURS = "recurkit rk.export (TVM fwd, generated adjoint bwd)"
+CHUNK = "recurkit rk.export, backward='chunk' (TVM fwd, chunk-form bwd in torch)"
 
 
 def main() -> int:
@@ -44,9 +45,11 @@ def main() -> int:
         return xs
 
     exported = rk.export(rk.ops.gated_delta_rule, "bench::gdn")
+    chunked = rk.export(rk.ops.gated_delta_rule, "bench::gdn_chunk", backward="chunk")
     recompute = rk.export(rk.ops.gated_delta_rule, "bench::gdn_recompute", backward="autograd")
     torch_op = rk.compile(rk.ops.gated_delta_rule, backend="torch")
     fns = {OURS: lambda: step(exported),
+           CHUNK: lambda: step(chunked),
            "recurkit rk.export, backward='autograd' (recompute)": lambda: step(recompute),
            # the tile program differentiated by autograd directly (not through the custom op)
            "recurkit torch backend under autograd": lambda: step(

@@ -9,9 +9,11 @@ function (its Triton path: FLA_FLASH_QLA=0) and of rk.compile(..., backend="trit
 default config, with the ratio FLA / recurkit (> 1: recurkit is faster), plus the max
 relative difference of the outputs; then forward +
 backward (a loss through the output, gradients of every input) at B = 1 for both (recurkit's
-backward on a GPU recomputes the forward with the torch backend under autograd; the adjoint
-kernel is CPU-only). Needs a CUDA GPU and fla-core (pip install fla-core); on a machine
-without one it says so and exits. Results of one H100 run: benchmarks/results/.
+backward on a GPU is the chunk-form backward, Triton kernels generated from the declaration),
+with each side's peak memory (torch.cuda.max_memory_allocated over one step, inputs
+excluded) and the max relative difference of the gradients. Needs a CUDA GPU and fla-core
+(pip install fla-core); on a machine without one it says so and exits. Results of one H100
+run: benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -107,25 +109,47 @@ def main() -> int:
                   f"{t_fla / t_rk:7.2f} {diff:12.2e}", flush=True)
             rows.append({"op": op, "pass": "forward", "B": B, "T": T, "H": H, "D": D,
                          "fla_ms": t_fla, "recurkit_ms": t_rk, "max_rel_diff": diff})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "rows": rows}, f, indent=1)
+    def dump():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "triton": triton.__version__, "rows": rows}, f, indent=1)
+    dump()
     if args.no_backward:
         return 0
-    print(f"forward + backward, ms\n{'op':18} {'B':>2} {'T':>6} {'H':>3}  {'FLA ms':>8} "
-          f"{'rk ms':>8} {'FLA/rk':>7}")
+    print(f"forward + backward, ms and peak MiB\n{'op':18} {'B':>2} {'T':>6} {'H':>3}  "
+          f"{'FLA ms':>8} {'rk ms':>8} {'FLA/rk':>7} {'FLA MiB':>8} {'rk MiB':>8} "
+          f"{'grad diff':>10}")
     for op, ours, theirs in pairs(quiet=True):
         for B, T, H in [s for s in shapes if s[0] == 1 and s[1] <= 8192]:
             x = [t.requires_grad_() for t in inputs(op, B, T, H, D, "cuda")]
 
             def step(fn):
                 o = fn(*x)[0]
-                torch.autograd.grad(o.float().square().sum(), x)
+                return torch.autograd.grad(o.float().square().sum(), x)
+
+            def peak(fn):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                g = step(fn)
+                torch.cuda.synchronize()
+                return (torch.cuda.max_memory_allocated() - base) / 2 ** 20, g
             t_rk = do_bench(lambda: step(ours))
-            t_fla = do_bench(lambda: step(theirs)) if theirs is not None else float("nan")
-            print(f"{op:18} {B:>2} {T:>6} {H:>3}  {t_fla:8.3f} {t_rk:8.3f} {t_fla / t_rk:7.2f}",
-                  flush=True)
+            m_rk, g_rk = peak(ours)
+            t_fla, m_fla, diff = float("nan"), float("nan"), float("nan")
+            if theirs is not None:
+                t_fla = do_bench(lambda: step(theirs))
+                m_fla, g_fla = peak(theirs)
+                diff = max(((a.float() - b.float()).abs().max() /
+                            b.float().abs().max().clamp_min(1e-30)).item()
+                           for a, b in zip(g_rk, g_fla))
+            print(f"{op:18} {B:>2} {T:>6} {H:>3}  {t_fla:8.3f} {t_rk:8.3f} {t_fla / t_rk:7.2f} "
+                  f"{m_fla:8.0f} {m_rk:8.0f} {diff:10.2e}", flush=True)
+            rows.append({"op": op, "pass": "forward+backward", "B": B, "T": T, "H": H, "D": D,
+                         "fla_ms": t_fla, "recurkit_ms": t_rk, "fla_peak_mib": m_fla,
+                         "recurkit_peak_mib": m_rk, "max_rel_grad_diff": diff})
+            dump()
     return 0
 
 

@@ -1,10 +1,15 @@
-"""GPU forward traffic counted on the CPU: recurkit's Triton kernels and flash-linear-attention's
-for the same op and shape, run in Triton's interpreter, with launches, bytes read and written
-and tl.dot FLOPs per kernel and per token-head, and a roofline time for H100 and H200.
+"""GPU forward (or backward) traffic counted on the CPU: recurkit's Triton kernels and
+flash-linear-attention's for the same op and shape, run in Triton's interpreter, with launches,
+bytes read and written and tl.dot FLOPs per kernel and per token-head, and a roofline time for
+H100 and H200.
 
     pip install --no-deps fla-core einops     # FLA's kernels, the peer (optional)
     python benchmarks/gpu_traffic.py [--ops gated_delta_rule,gla,kda] [--T 256] [--H 2] [--D 128]
-                                     [--l2norm]
+                                     [--l2norm] [--backward]
+
+--backward counts the gradients of every input (from random cotangents of the output and the
+final state) after an uncounted forward: recurkit's chunk-form backward kernels with the host's
+prologue recompute and its autograd, FLA's backward kernels and torch ops.
 
 Counting: see ``recurkit.backends.triton.traffic`` (every masked-in global load and store of a
 kernel at its element size, tl.dot as 2 M N K, every torch op on tensors between kernels as a
@@ -16,7 +21,7 @@ computes bf16 arithmetic wrongly, so FLA's values are not checked here; its load
 are what the kernels ask for. The roofline per launch is max(bytes / HBM bandwidth, FLOPs /
 dense bf16 tensor rate) plus a launch cost (``traffic.DEVICES``), summed over launches.
 
-Writes benchmarks/results/gpu_traffic.json.
+Writes benchmarks/results/gpu_traffic[_backward][_l2norm].json.
 """
 from __future__ import annotations
 
@@ -107,6 +112,28 @@ def fla_in_the_interpreter():
         autotuner.Autotuner.run, ip.GridExecutor.__call__ = real_run, real_call
 
 
+def backward_of(fn, kw: dict, T: int | None = None, positional: bool = False,
+                inner: bool = False):
+    """Run ``fn``'s forward on ``kw`` (``positional``: its keys are positions; ``T``: the
+    first T tokens only) now, outside any count, and return the backward: a function taking
+    the gradients of every floating input from seeded random cotangents of the output and
+    the final state. ``inner``: ``fn`` is a compiled op whose custom op's backward is run as
+    its Python implementation (``TorchOp._gradients``), not as one opaque op."""
+    leaves = {k: (v[:, :T] if T else v).detach().clone().requires_grad_(v.is_floating_point())
+              for k, v in kw.items()}
+    if positional:
+        o, S = fn(*[leaves[i] for i in sorted(leaves)])
+    else:
+        o, S = fn(**leaves, output_final_state=True)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=gen).to(o.dtype)
+    dS = torch.randn(S.shape, generator=gen).to(S.dtype)
+    if inner:
+        return lambda *_: fn.torch_op._gradients(do, dS, {**leaves})
+    return lambda *_: torch.autograd.grad(
+        [o, S], [v for v in leaves.values() if v.requires_grad], [do, dS], allow_unused=True)
+
+
 def count(fn, x):
     t0 = time.perf_counter()
     with count_traffic() as t:
@@ -145,6 +172,10 @@ def main() -> int:
     ap.add_argument("--T", type=int, default=256)
     ap.add_argument("--H", type=int, default=2)
     ap.add_argument("--D", type=int, default=128, help="K = V")
+    ap.add_argument("--backward", action="store_true",
+                    help="count the backward (the gradients of every input from random "
+                         "cotangents of the output and final state) instead of the forward; "
+                         "writes gpu_traffic_backward.json")
     ap.add_argument("--l2norm", action="store_true",
                     help="q and k l2-normalised inside the op (FLA's use_qk_l2norm_in_kernel; "
                          "GDN and KDA); writes gpu_traffic_l2norm.json")
@@ -153,7 +184,8 @@ def main() -> int:
     th = B * T * H
     print(f"machine: {machine()}")
     print(f"vector features: {' '.join(cpu_features())}")
-    print(f"forward, B={B} T={T} H={H} K=V={K}, bf16 q/k/v/beta, fp32 log-gates; counted in "
+    what = "backward" if args.backward else "forward"
+    print(f"{what}, B={B} T={T} H={H} K=V={K}, bf16 q/k/v/beta, fp32 log-gates; counted in "
           f"Triton's interpreter (bytes and FLOPs per token-head, th = B*T*H = {th})"
           + ("; q, k l2-normalised in the op" if args.l2norm else ""))
     results = {}
@@ -168,8 +200,12 @@ def main() -> int:
             decl = getattr(delta, f"{name}_l2_decl")
         op = rk.compile(decl, backend="triton")
         kw = dict(zip([s.name for s in op.program.call_inputs if s.role == "token"], x))
-        op.forward(**{k: v[:, :8] for k, v in kw.items()})   # load the modules first
-        t, sec = count(lambda *_: op.forward(**kw), x)
+        if args.backward:   # the custom op's backward, its implementation called directly
+            backward_of(op, kw, T=8, inner=True)()   # (so that its torch ops are counted)
+            t, sec = count(backward_of(op, kw, inner=True), x)
+        else:
+            op.forward(**{k: v[:, :8] for k, v in kw.items()})   # load the modules first
+            t, sec = count(lambda *_: op.forward(**kw), x)
         res = {"recurkit": report(f"{name}: recurkit (backend='triton', form={op.form}, "
                                   f"chunk={op.tile_program.chunk}; {sec:.0f} s to count)", t, th)}
         mod, fn = FLA[name]
@@ -178,7 +214,13 @@ def main() -> int:
                 warnings.simplefilter("ignore")
                 fla = getattr(__import__(mod, fromlist=[fn]), fn)
                 with fla_in_the_interpreter():
-                    ft, fsec = count(lambda *a: fla(*a, output_final_state=True, **extra), x)
+                    if args.backward:
+                        ft, fsec = count(backward_of(
+                            lambda *b: fla(*b, output_final_state=True, **extra),
+                            dict(enumerate(x)), positional=True), x)
+                    else:
+                        ft, fsec = count(lambda *a: fla(*a, output_final_state=True, **extra),
+                                         x)
             res["fla"] = report(f"{name}: FLA {fn} ({fsec:.0f} s to count)", ft, th)
         except Exception as e:  # noqa: BLE001 - report and go on without the peer
             print(f"\n{name}: FLA {fn} not counted: {type(e).__name__}: {str(e)[:200]}")
@@ -197,8 +239,9 @@ def main() -> int:
             r, f = res["recurkit"]["total"], res["fla"]["total"]
             print(f"{'':18} {'ratio':9} {r['bytes_per_token_head'] / f['bytes_per_token_head']:13.2f}x "
                   f"{r['launches'] / f['launches']:8.2f}x")
-    save_results("gpu_traffic_l2norm" if args.l2norm else "gpu_traffic", {
-                                 "l2norm": args.l2norm, "shape": {"B": B, "T": T, "H": H, "K": K, "V": K},
+    save_results("gpu_traffic" + ("_backward" if args.backward else "") +
+                 ("_l2norm" if args.l2norm else ""), {
+                                 "pass": what, "l2norm": args.l2norm, "shape": {"B": B, "T": T, "H": H, "K": K, "V": K},
                                  "dtypes": {"qkv": "bfloat16", "gates": "float32"},
                                  "devices": {d: {"bytes_per_s": bw, "flops": pk, "launch_s": ln}
                                              for d, (bw, pk, ln) in DEVICES.items()},

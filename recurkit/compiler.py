@@ -105,10 +105,9 @@ class CompiledOp:
             else:
                 grad = CompiledOp(self.program,
                                   backends.choose("recurrence", None, "cpu", grad=True).name)
-            tp = self.tile_program
             adjoint = None if b is not None and b.autograd_only else backends.adjoint_runner(
-                self.program, self.backward, self.form, tp.chunk if tp is not None else None,
-                self.backend)
+                self.program, self.backward, self.form, self._asked[1], self.backend,
+                self.knobs)
             self._op = register(self.program, f"recurkit_jit::{self.program.name}_{digest}",
                                 self.forward, grad.forward, adjoint)
         return self._op
@@ -230,10 +229,12 @@ def compile(decl, backend: str = "auto", *, form: str | None = None,  # noqa: A0
     candidates (forms, chunk sizes, backends, knobs; within ``backend``, ``form``, ``chunk``
     and ``knobs`` where they are given), each verified against the reference, keep the
     fastest in the tuning cache and run it; later calls and processes reuse it.
-    backward (gradients of stateful declarations): "auto" (the generated adjoint, a compiled
-    TVM kernel, for CPU tensors; elsewhere the forward recomputed with the torch backend under
-    autograd), "adjoint" (the generated adjoint everywhere: off the CPU, a torch step loop,
-    slow) or "autograd" (always the recompute).
+    backward (gradients of stateful declarations): "auto" (on CUDA, the chunk-form backward
+    as Triton kernels; on CPU the sequential adjoint as one TVM kernel, or for
+    backend="triton" the chunk-form backward in Triton's interpreter; the forward recomputed
+    under autograd where neither applies), "chunk" (the chunk-form backward on any device:
+    torch ops on CPU), "adjoint" (the sequential adjoint everywhere: off the CPU, a torch
+    step loop, slow) or "autograd" (always the recompute). See docs/torch.md.
     """
     p = as_program(decl)
     if p.is_tiled:

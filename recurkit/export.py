@@ -28,4 +28,5 @@ def export(decl, qualname: str, backend: str = "auto", backward: str = "auto") -
         raise ValueError(f"{p.name} is stateless: export takes recurrences")
     fwd = CompiledOp(p, resolve_backend(backend))
     grad = CompiledOp(p, backends.choose("recurrence", None, "cpu", grad=True).name)
-    return register(p, qualname, fwd.forward, grad.forward, backends.adjoint_runner(p, backward))
+    return register(p, qualname, fwd.forward, grad.forward, backends.adjoint_runner(
+        p, backward, fwd.form, None, fwd.backend))

@@ -9,6 +9,7 @@ backends up here and never test a backend's name. Adding a backend is a package 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from .base import Backend
@@ -79,9 +80,12 @@ def with_source() -> tuple[str, ...]:
 
 
 def adjoint_runner(program, mode: str = "auto", form: str | None = None,
-                   chunk: int | None = None, backend: str | None = None) -> Callable | None:
+                   chunk: int | None = None, backend: str | None = None,
+                   knobs: dict | None = None) -> Callable | None:
     """The custom op's generated backward for ``program`` (see ``custom_op.TorchOp``), for an
-    op compiled with ``backend``, ``form`` and ``chunk``. Per call:
+    op compiled with ``backend``, ``form``, ``chunk`` (None: the backward's own default,
+    ``Backend.default_adjoint_chunk``) and ``knobs`` (the op's backend's kernels take them).
+    Per call:
 
     - the chunk-form backward (``lowering.chunk_adjoint``, in the op's chunk form, else the
       declaration's first one) where the declaration has one, its decays are positive for the
@@ -117,11 +121,13 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
         order = ([own] if own is not None else []) + _by_rank()
         for b in order:
             k = b.chunk_adjoint_kernel(device_type)
-            if k is None:
+            if k is None or (b is not own and device_type in b.interpreted):
                 continue
             if mode == "auto" and device_type == "cpu" and b is not own:
                 return None, None   # CPU, auto: the compiled sequential adjoint (below)
-            c = chunk if chunk and form == cform else b.default_chunk(program, cform)
+            c = chunk if chunk and form == cform else b.default_adjoint_chunk(program, cform)
+            if b is own and knobs:
+                k = functools.partial(k, config=knobs)
             if c not in lowered:
                 try:
                     lowered[c] = lower_adjoint(program, cform, c)

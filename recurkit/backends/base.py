@@ -31,6 +31,9 @@ class Backend:
     kinds: tuple[str, ...] = ("recurrence",)
     #: device types its kernels take (``torch.device.type``); None: any device torch has
     devices: tuple[str, ...] | None = None
+    #: device types where this backend's kernels run in an interpreter (correct, slow): used
+    #: there only when asked for by name
+    interpreted: tuple[str, ...] = ()
     #: it also runs stateless recurrence declarations
     stateless: bool = False
     #: autograd differentiates what it computes (it runs on torch ops)
@@ -68,6 +71,11 @@ class Backend:
     def default_chunk(self, program, form: str) -> int | None:
         """The chunk size of the chunk forms when none is given (None: lowering's)."""
         return None
+
+    def default_adjoint_chunk(self, program, form: str) -> int | None:
+        """The chunk size of the chunk-form backward when none is given (None: lowering's);
+        it need not be the forward's (the backward reads only the call's inputs)."""
+        return self.default_chunk(program, form)
 
     def default_form(self, program) -> str:
         """The form compiled when none is asked for."""

@@ -53,11 +53,11 @@ def chunk_backward(bc: BoundCall, tp: TileProgram, grad_o: torch.Tensor | None,
         v = vals[id(n)]
         if k in d_roles and v.requires_grad:
             outs.append(v)
-            cots.append(_fit(d_roles[k], v.shape))
+            cots.append(_fit(d_roles[k].float(), v.shape))
     if go is not None:
         if post is not None and post.requires_grad:
             outs.append(post)
-            cots.append(_fit(go * h, post.shape))
+            cots.append(_fit(go * h.float(), post.shape))
         c = vals[id(rec.out_const)] if rec.out_const is not None else None
         if c is not None and c.requires_grad:
             outs.append(c)
@@ -65,7 +65,8 @@ def chunk_backward(bc: BoundCall, tp: TileProgram, grad_o: torch.Tensor | None,
     want = [(n, t) for n, t in leaves.items() if n != "initial_state" and t.requires_grad]
     got = torch.autograd.grad(outs, [t for _, t in want], cots, allow_unused=True) \
         if outs and want else [None] * len(want)
-    res = {n: (None if g is None else g.to(t.dtype)) for (n, t), g in zip(want, got)}
+    res = {n: (None if g is None else g.to(t.dtype).contiguous())
+           for (n, t), g in zip(want, got)}
     if "initial_state" in leaves:
-        res["initial_state"] = d_init.to(leaves["initial_state"].dtype)
+        res["initial_state"] = d_init.to(leaves["initial_state"].dtype).contiguous()
     return res

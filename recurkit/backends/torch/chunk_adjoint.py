@@ -13,10 +13,11 @@ from .tile_ops import Val, exec_op
 
 
 def run_chunk_adjoint_torch(tp: TileProgram, bc: BoundCall, feeds: dict[str, torch.Tensor],
-                            d_final: torch.Tensor | None):
+                            d_final: torch.Tensor | None, config: dict | None = None):
     """(cotangents by prologue value [B, T, H, *dims], the readout ``h`` [B, T, H, V] or
     None, the initial state's cotangent [N, H, *state]) from the prologue values ``feeds``
-    ([B|1, T|1, H|1, *dims], fp32, the readout's cotangent under ``d_h`` included)."""
+    ([B|1, T|1, H|1, *dims], fp32, the readout's cotangent under ``d_h`` included). The torch
+    renderer has no knobs (``config`` is ignored)."""
     C = tp.chunk
     pk = Packing(bc, C)
     sizes = {**bc.sizes}

@@ -12,6 +12,7 @@ class TritonBackend(Backend):
     kinds = ("recurrence", "tiled")
     auto_rank = 20
     devices = ("cuda", "cpu")   # CPU tensors run in Triton's interpreter
+    interpreted = ("cpu",)
     knob_defaults = runtime.DEFAULT_CONFIG
     knob_word = "Triton config key"
 
@@ -38,6 +39,9 @@ class TritonBackend(Backend):
             return lambda bc: runtime.run_triton_sequential(bc, pick(bc))
         run = runtime.run_triton_scan if form == "scan" else runtime.run_triton_chunked
         return lambda bc: run(tp, bc, pick(bc))
+
+    def default_adjoint_chunk(self, program, form):
+        return 16   # its gradient kernel holds the state and its cotangent: fewest spills
 
     def chunk_adjoint_kernel(self, device_type):
         from .chunk_adjoint import run_chunk_adjoint_triton

@@ -27,7 +27,8 @@ def adjoint_module(tp: TileProgram, bc: BoundCall, cfg: dict, has_dsf: bool):
 def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, torch.Tensor],
                              d_final: torch.Tensor | None, config: dict | None = None):
     """The kernel of ``shared.chunk_backward``: (cotangents by prologue value, h or None,
-    the initial state's cotangent)."""
+    the initial state's cotangent). The cotangents are in the call's dtype when it is 16-bit
+    (as FLA's backward writes its gradients), else fp32; the initial state's is fp32."""
     cfg = check_config(config)
     interpret = bc.device.type != "cuda"
     src, io = adjoint_module(tp, bc, cfg, d_final is not None)
@@ -41,8 +42,10 @@ def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, to
           for n in io.feeds]
     scs = [float(bc.scalars[n.attr("name")]) for n in io.scalars]
     res = list(tp.meta["grads"]) + (["h"] if tp.meta["h"] else [])
+    # the cotangents leave in the intermediates' dtype: a 16-bit call's, as its gradients
+    lowp = intermediate_dtype(bc, cfg)
     os = [torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (
-        p.output.dims if r == "h" else tp.prologue[r].dims)), device=bc.device)
+        p.output.dims if r == "h" else tp.prologue[r].dims)), device=bc.device, dtype=lowp)
         for r in res]
     N = bc.N
     state = (N, bc.H, *(bc.sizes[d] for d in p.state.dims))
@@ -53,6 +56,6 @@ def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, to
     if cu is not None and cu.device != bc.device:
         cu = cu.to(bc.device)
     _launch(mod, interpret, xs, fs, scs, os, s0, dsf, ds0, cu, N, chunk_count(bc, tp.chunk),
-            bc.T, intermediate_dtype(bc, cfg))
+            bc.T, lowp)
     grads = dict(zip(tp.meta["grads"], os))
     return grads, (os[-1] if tp.meta["h"] else None), ds0

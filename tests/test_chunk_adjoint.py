@@ -1,0 +1,165 @@
+"""The chunk-form backward (lowering/chunk_adjoint.py): the adjoint lowered as a tile program
+and run by the torch renderer (batched) and by Triton (its interpreter on CPU tensors),
+against autograd through the reference interpreter: every built-in with a chunk form, its
+variants and the tests' own declarations; odd lengths, chunk sizes, varlen with empty and
+length-1 segments, initial and final states, extreme decays, 16-bit inputs."""
+import pytest
+import torch
+
+import recurkit as rk
+from recurkit.lowering.analysis import analyze
+from recurkit.lowering.chunk_adjoint import lower_adjoint
+from recurkit.lowering.forms import LoweringError
+from recurkit.lowering.tile import verify_tile_program
+from test_adjoint import BUILTINS, CUSTOM, draw, gradients, state_shape
+
+CHUNKED = {n: d for n, d in {**BUILTINS, **CUSTOM}.items()
+           if any(f.startswith("chunk") for f in analyze(d.program).forms)}
+VARLEN = [0, 1, 33, 33, 100]   # lengths 1, 32, 0 and 67
+
+
+def err(got, want, scale=0.0):
+    """Max error relative to the largest entry, or to 1% of ``scale`` (the call's largest
+    gradient) where that is more: the log-gates' gradients are sums of terms of the other
+    gradients' size (q dq - k dk ...), so a gradient that is truly ~0 (decays near 0, a zero
+    state) comes out at fp32 rounding of those terms (measured: 1e-6 against terms of 5)."""
+    den = max(want.float().abs().max().item(), 1e-2 * scale, 1e-30)
+    return (got.float() - want.float()).abs().max().item() / den
+
+
+def check(decl, T=63, S0=True, cu=None, B=1, tol=1e-4, dtype=torch.float32, backend="torch",
+          chunk=None, **draw_kw):
+    xs = draw(decl, T, B=B, dtype=dtype, **draw_kw)
+    N = B if cu is None else len(cu) - 1
+    init = torch.randn(*state_shape(decl, N)) * 0.5 if S0 else None
+    op = rk.compile(decl, backend=backend, chunk=chunk, backward="chunk") \
+        if backend == "torch" else rk.compile(decl, backend=backend, chunk=chunk)
+    got = gradients(op, xs, init, cu)
+    want = gradients(rk.compile(decl, backend="reference"), xs, init, cu)
+    assert set(got) == set(want)
+    scale = max(w.float().abs().max().item() for w in want.values() if w is not None)
+    for n in want:
+        if want[n] is None:
+            continue
+        assert got[n] is not None and got[n].dtype == want[n].dtype, n
+        e = err(got[n], want[n], scale)
+        assert e < tol, (decl.name, n, e)
+
+
+@pytest.fixture
+def chunk_calls(monkeypatch):
+    """The programs the chunk-form backward ran for (proof that it, not the sequential
+    adjoint, made the gradients)."""
+    import recurkit.backends.shared.chunk_backward as cb
+    calls, orig = [], cb.chunk_backward
+
+    def spy(bc, tp, *a, **k):
+        calls.append(tp.name)
+        return orig(bc, tp, *a, **k)
+    monkeypatch.setattr(cb, "chunk_backward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(CHUNKED))
+def test_torch_chunk_backward_matches_autograd_through_the_reference(name, chunk_calls):
+    decl = CHUNKED[name]
+    check(decl, T=1, S0=False)
+    check(decl, T=63)
+    check(decl, T=100, cu=VARLEN)
+    assert chunk_calls == [decl.name + "_adjoint"] * 3
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+@pytest.mark.parametrize("name", ["gated_delta_rule", "gla", "kda"])
+def test_chunk_sizes_and_batches(name, chunk):
+    check(BUILTINS[name], T=100, B=2, chunk=chunk)
+
+
+@pytest.mark.parametrize("gate", [(-69.0, -60.0), (-1e-6, -1e-7)], ids=["decay~0", "decay~1"])
+@pytest.mark.parametrize("name", ["gated_delta_rule", "gla", "kda", "simple_gla"])
+def test_extreme_gates(name, gate):
+    check(BUILTINS[name], T=100, gate=gate)
+
+
+def test_a_long_sequence():
+    check(BUILTINS["gated_delta_rule"], T=1000, chunk=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["gated_delta_rule", "gla"])
+def test_half_inputs(name, dtype):
+    """16-bit inputs, fp32 math: equal to the reference's up to the dtype's rounding of the
+    gradients it returns."""
+    check(BUILTINS[name], T=40, dtype=dtype, tol=1e-2)
+
+
+def test_only_the_final_state_or_only_the_output_gets_a_gradient():
+    decl = BUILTINS["gla"]
+    op, ref = rk.compile(decl, backward="chunk"), rk.compile(decl, backend="reference")
+    xs = draw(decl, 30)
+    for pick in (0, 1):
+        got = []
+        for fn in (op, ref):
+            leaves = {n: x.clone().requires_grad_() for n, x in xs.items()}
+            out = fn(**leaves, output_final_state=True)
+            out[pick].square().sum().backward()
+            got.append([leaves[n].grad for n in leaves])
+        for g, w in zip(*got):
+            assert err(g, w) < 1e-4
+
+
+# --- Triton: the same program in the interpreter ------------------------------------------------
+@pytest.mark.parametrize("name", ["gated_delta_rule", "gla"])
+def test_triton_chunk_backward_in_the_interpreter(name, chunk_calls):
+    """backend="triton" on CPU tensors: forward and backward are Triton kernels (interpreted)."""
+    decl = BUILTINS[name]
+    check(decl, T=33, backend="triton", chunk=16, cu=None)
+    check(decl, T=40, backend="triton", chunk=16, cu=[0, 0, 1, 17, 40])
+    assert chunk_calls == [decl.name + "_adjoint"] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in CHUNKED if n not in ("gated_delta_rule", "gla")])
+def test_triton_chunk_backward_every_declaration(name):
+    check(CHUNKED[name], T=33, backend="triton", chunk=16)
+    check(CHUNKED[name], T=40, backend="triton", chunk=16, cu=[0, 0, 1, 17, 40])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gated_delta_rule", "kda"])
+def test_triton_chunk_backward_longer(name):
+    check(BUILTINS[name], T=100, backend="triton", chunk=32, cu=VARLEN)
+    check(BUILTINS[name], T=1, S0=False, backend="triton", chunk=16)
+
+
+# --- the program ------------------------------------------------------------------------------
+def test_the_backward_program_prints_and_verifies():
+    tp = lower_adjoint(BUILTINS["gated_delta_rule"], chunk=32)
+    verify_tile_program(tp)
+    text = str(tp)
+    assert text.startswith("tile program gated_delta_rule_adjoint: form chunk_wy, chunk 32")
+    assert "stage adjoint_pass (loop, grid N x H, sequential backwards over chunks, " \
+           "carries dS)" in text
+    assert [s.name for s in tp.stages] == ["prep", "state_pass", "adjoint_pass", "grads"]
+    assert set(tp.meta["grads"]) == {"read_q", "write_a0", "write_b0", "erase_u", "erase_r",
+                                     "log_gate_k"}
+    # no value of the backward is [K, V] per token: only per chunk (the states)
+    for st in tp.stages:
+        for op in st.ops:
+            assert not ({"i", "K", "V"} <= set(op.axes)), op
+
+
+def test_a_declaration_without_a_chunk_form_has_no_chunk_backward():
+    with pytest.raises(LoweringError, match="no chunk-form backward"):
+        lower_adjoint(BUILTINS["hgrn"])
+
+
+def test_opcheck_of_the_chunk_backward_op():
+    decl = BUILTINS["kda"]
+    op = rk.compile(decl, backward="chunk").torch_op
+    xs = draw(decl, 9)
+    S0 = torch.randn(*state_shape(decl, 1)) * 0.5
+    args = tuple(xs[n] for n in op.tensor_names) + (None,) * len(op.scalar_names) + (S0, None)
+    o, S = op.op(*args)
+    torch.library.opcheck(op.backward_op.default,
+                          (torch.randn_like(o), torch.randn_like(S), *args))
