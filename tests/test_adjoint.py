@@ -133,9 +133,11 @@ def test_torch_runner_equals_the_compiled_kernel(name):
         assert rel(a[n], b[n]) < 1e-5, n
 
 
-def test_only_the_final_state_or_only_the_output_gets_a_gradient():
-    decl = BUILTINS["gated_delta_rule"]
-    op, ref = rk.compile(decl), rk.compile(decl, backend="reference")
+@pytest.mark.parametrize("name,backward", [("gated_delta_rule", "auto"), ("gla", "chunk")])
+def test_only_the_final_state_or_only_the_output_gets_a_gradient(name, backward):
+    """The sequential adjoint (CPU's auto) and the chunk-form backward."""
+    decl = BUILTINS[name]
+    op, ref = rk.compile(decl, backward=backward), rk.compile(decl, backend="reference")
     xs = draw(decl, 30)
     for pick in (0, 1):
         got = []
