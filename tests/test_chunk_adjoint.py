@@ -153,3 +153,28 @@ def test_opcheck_of_the_chunk_backward_op():
     o, S = op.op(*args)
     torch.library.opcheck(op.backward_op.default,
                           (torch.randn_like(o), torch.randn_like(S), *args))
+
+
+@pytest.mark.parametrize("backend,mode,want", [
+    ("auto", "auto", "run_adjoint_tvm"), ("torch", "auto", "run_adjoint_tvm"),
+    ("tvm", "auto", "run_adjoint_tvm"), ("triton", "auto", "run_chunk_adjoint_triton"),
+    ("auto", "chunk", "run_chunk_adjoint_torch"), ("tvm", "chunk", "run_chunk_adjoint_torch"),
+    ("triton", "chunk", "run_chunk_adjoint_triton"), ("triton", "adjoint", "run_adjoint_tvm")])
+def test_which_backward_runs_on_the_cpu(backend, mode, want, monkeypatch):
+    """docs/torch.md's table, CPU column."""
+    import recurkit.backends.shared.adjoint as sa
+    import recurkit.backends.shared.chunk_backward as cb
+    ran = []
+
+    def spy(mod, name):
+        orig = getattr(mod, name)
+
+        def f(bc, x, go, gs, kernel, leaves):
+            ran.append(getattr(kernel, "func", kernel).__name__)
+            return orig(bc, x, go, gs, kernel, leaves)
+        monkeypatch.setattr(mod, name, f)
+    spy(cb, "chunk_backward")
+    spy(sa, "generated_backward")
+    decl = BUILTINS["gated_delta_rule"]
+    gradients(rk.compile(decl, backend=backend, backward=mode), draw(decl, 9), None)
+    assert ran == [want]

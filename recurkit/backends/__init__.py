@@ -89,9 +89,10 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
 
     - the chunk-form backward (``lowering.chunk_adjoint``, in the op's chunk form, else the
       declaration's first one) where the declaration has one, its decays are positive for the
-      call, and a backend offers its kernel there: with ``mode="chunk"`` on any device; with
-      "auto" on CUDA and for an op of a backend whose chunk kernel runs on the CPU
-      (backend="triton": Triton's interpreter), the op's backend first, else by rank;
+      call, and a backend offers its kernel there: the op's backend's where that backend
+      interprets on the device (backend="triton" on CPU tensors: Triton's interpreter), else
+      the first in rank order compiling for the device (Triton on CUDA, torch on CPU); with
+      ``mode="chunk"`` on any device, with "auto" off the CPU and in the interpreted case;
     - else the sequential adjoint: the compiled kernel of the first backend offering one for
       the tensors' device; elsewhere the torch step loop with ``mode="adjoint"`` (or
       "chunk"), or None (the op then recomputes through autograd) with "auto".
@@ -118,13 +119,16 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
     def chunk_kernel(device_type: str):
         if cform is None or mode == "adjoint":
             return None, None
-        order = ([own] if own is not None else []) + _by_rank()
+        # the op's backend where it interprets on this device (Triton on CPU: asked for by
+        # name), else the first in rank order that compiles for it; with "auto" on the CPU
+        # only the former (otherwise the compiled sequential adjoint, below, is faster)
+        mine = own is not None and device_type in own.interpreted
+        order = [own] if mine else [] if mode == "auto" and device_type == "cpu" else [
+            b for b in _by_rank() if device_type not in b.interpreted]
         for b in order:
             k = b.chunk_adjoint_kernel(device_type)
-            if k is None or (b is not own and device_type in b.interpreted):
+            if k is None:
                 continue
-            if mode == "auto" and device_type == "cpu" and b is not own:
-                return None, None   # CPU, auto: the compiled sequential adjoint (below)
             c = chunk if chunk and form == cform else b.default_adjoint_chunk(program, cform)
             if b is own and knobs:
                 k = functools.partial(k, config=knobs)
