@@ -103,11 +103,10 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
     from ..lowering.analysis import analyze
     from ..lowering.chunk_adjoint import lower_adjoint
     from ..lowering.forms import LoweringError
-    from .shared.adjoint import check_backward, generated_backward
-    from .shared.chunk_backward import chunk_backward
+    from .shared import adjoint as seq, chunk_backward as chunked   # looked up per call
     from .shared.host import decays_positive
     from .torch.backward import run_adjoint_torch
-    if check_backward(mode) == "autograd":
+    if seq.check_backward(mode) == "autograd":
         return None
     adj = derive_adjoint(program)
     forms = analyze(program).forms
@@ -144,14 +143,14 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
         bc = bind_call(program, (), {**kw, **leaves})
         kernel, tp = chunk_kernel(bc.device.type)
         if kernel is not None and tp is not None and decays_positive(tp, bc):
-            return chunk_backward(bc, tp, grad_o, grad_S, kernel, leaves)
+            return chunked.chunk_backward(bc, tp, grad_o, grad_S, kernel, leaves)
         kernel = next((k for k in (b.adjoint_kernel(bc.device.type) for b in _by_rank())
                        if k is not None), None)
         if kernel is None:
             if mode == "auto":
                 return None
             kernel = run_adjoint_torch
-        return generated_backward(bc, adj, grad_o, grad_S, kernel, leaves)
+        return seq.generated_backward(bc, adj, grad_o, grad_S, kernel, leaves)
     return run
 
 
