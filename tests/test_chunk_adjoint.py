@@ -74,7 +74,7 @@ SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 @pytest.mark.parametrize("name", ["gated_delta_rule", pytest.param("gla", marks=SLOW),
-                                  "kda"])
+                                  pytest.param("kda", marks=SLOW)])
 def test_chunk_sizes_and_batches(name, chunk):
     check(BUILTINS[name], T=100, B=2, chunk=chunk)
 
@@ -159,7 +159,8 @@ def test_opcheck_of_the_chunk_backward_op():
     ("auto", "auto", "run_adjoint_tvm"), ("torch", "auto", "run_adjoint_tvm"),
     ("tvm", "auto", "run_adjoint_tvm"), ("triton", "auto", "run_chunk_adjoint_triton"),
     ("auto", "chunk", "run_chunk_adjoint_torch"), ("tvm", "chunk", "run_chunk_adjoint_torch"),
-    ("triton", "chunk", "run_chunk_adjoint_triton"), ("triton", "adjoint", "run_adjoint_tvm")])
+    pytest.param("triton", "chunk", "run_chunk_adjoint_triton", marks=SLOW),
+    ("triton", "adjoint", "run_adjoint_tvm")])
 def test_which_backward_runs_on_the_cpu(backend, mode, want, monkeypatch):
     """docs/torch.md's table, CPU column."""
     import recurkit.backends.shared.adjoint as sa
