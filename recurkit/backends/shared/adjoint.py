@@ -19,8 +19,11 @@ from ...ir.interpret import evaluate
 from ...lowering.adjoint import AdjointStep
 
 
-def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``g`` summed over the axes where ``shape`` has size 1 (a broadcast value's gradient)."""
+def sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``g`` summed down to ``shape`` (a broadcast value's gradient): over trailing dims it
+    has beyond ``shape``, then over the axes where ``shape`` has size 1."""
+    while g.dim() > len(shape):
+        g = g.sum(-1)
     axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1)
     return g.sum(axes, keepdim=True) if axes else g
 
@@ -45,12 +48,12 @@ def generated_backward(bc: BoundCall, adj: AdjointStep, grad_o: torch.Tensor | N
         v = vals[id(f)]
         if d is not None and v.requires_grad:
             outs.append(v)
-            cots.append(_sum_to(d, v.shape))
+            cots.append(sum_to(d, v.shape))
     if adj.d_out is None and grad_o is not None:   # an output that never reads the state
         v = vals[id(p.output)]
         if v.requires_grad:
             outs.append(v)
-            cots.append(_sum_to(grad_o.float().expand(bc.B, bc.T, bc.H, *v.shape[3:]),
+            cots.append(sum_to(grad_o.float().expand(bc.B, bc.T, bc.H, *v.shape[3:]),
                                 v.shape))
     want = [(n, t) for n, t in leaves.items() if n != "initial_state" and t.requires_grad]
     got = torch.autograd.grad(outs, [t for _, t in want], cots, allow_unused=True) \

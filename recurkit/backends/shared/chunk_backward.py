@@ -17,15 +17,7 @@ from ...ir.bind import BoundCall
 from ...ir.interpret import evaluate
 from ...lowering.chunk_adjoint import D_H
 from ...lowering.tile import TileProgram
-
-
-def _fit(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``g`` summed down to ``shape`` (a broadcast value's gradient): over trailing dims it
-    has beyond ``shape``, then over the axes where ``shape`` has size 1."""
-    while g.dim() > len(shape):
-        g = g.sum(-1)
-    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1)
-    return g.sum(axes, keepdim=True) if axes else g
+from .adjoint import sum_to
 
 
 def chunk_backward(bc: BoundCall, tp: TileProgram, grad_o: torch.Tensor | None,
@@ -53,15 +45,15 @@ def chunk_backward(bc: BoundCall, tp: TileProgram, grad_o: torch.Tensor | None,
         v = vals[id(n)]
         if k in d_roles and v.requires_grad:
             outs.append(v)
-            cots.append(_fit(d_roles[k].float(), v.shape))
+            cots.append(sum_to(d_roles[k].float(), v.shape))
     if go is not None:
         if post is not None and post.requires_grad:
             outs.append(post)
-            cots.append(_fit(go * h.float(), post.shape))
+            cots.append(sum_to(go * h.float(), post.shape))
         c = vals[id(rec.out_const)] if rec.out_const is not None else None
         if c is not None and c.requires_grad:
             outs.append(c)
-            cots.append(_fit(go, c.shape))
+            cots.append(sum_to(go, c.shape))
     want = [(n, t) for n, t in leaves.items() if n != "initial_state" and t.requires_grad]
     got = torch.autograd.grad(outs, [t for _, t in want], cots, allow_unused=True) \
         if outs and want else [None] * len(want)

@@ -11,9 +11,10 @@ import torch
 from ...ir.bind import BoundCall
 from ...lowering.chunk_adjoint import D_H
 from ...lowering.tile import TileProgram
-from ..shared.host import chunk_count, per_token
+from ..shared.host import chunk_count
 from .chunk_module import chunk_source
-from .runtime import DTYPE_NAMES, _launch, check_config, intermediate_dtype, load_module
+from .runtime import (DTYPE_NAMES, _launch, check_config, chunk_inputs, intermediate_dtype,
+                      load_module)
 
 
 def adjoint_module(tp: TileProgram, bc: BoundCall, cfg: dict, has_dsf: bool):
@@ -34,13 +35,7 @@ def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, to
     src, io = adjoint_module(tp, bc, cfg, d_final is not None)
     mod = load_module(src, interpret)
     p = bc.program
-    xs = [bc.tensors[p.inputs[n.attr("index")].name].contiguous() for n in io.inputs]
-    host = [n for n in io.feeds if n.role != "d_out"]
-    vals = dict(zip(map(id, host), per_token(bc, host)))
-    shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
-    fs = [vals[id(n)] if id(n) in vals else feeds[D_H].float().expand(shape).contiguous()
-          for n in io.feeds]
-    scs = [float(bc.scalars[n.attr("name")]) for n in io.scalars]
+    xs, fs, scs = chunk_inputs(io, bc, feeds[D_H])
     res = list(tp.meta["grads"]) + (["h"] if tp.meta["h"] else [])
     # the cotangents leave in the intermediates' dtype: a 16-bit call's, as its gradients
     lowp = intermediate_dtype(bc, cfg)
