@@ -94,6 +94,12 @@ def _chain(st: Stage, name: str) -> list[TileOp] | None:
     return [op for op in st.ops if op.out in need]
 
 
+def _made_by_remat(st: Stage, src: Stage) -> set[str]:
+    """The values ``st`` makes by the same op as ``src`` does (copies of its values)."""
+    mine = {op.out: op for op in src.ops}
+    return {op.out for op in st.ops if op.out in mine and mine[op.out] == op}
+
+
 def rematerialize(tp: TileProgram) -> TileProgram:
     """Recompute in each later stage the values it reads from a chunk stage when they are
     cheap to make again from per-token values (see the module doc)."""
@@ -106,9 +112,12 @@ def rematerialize(tp: TileProgram) -> TileProgram:
         copies: list[tuple[int, int, TileOp]] = []   # (source stage, position, op)
         have = {op.out for op in st.ops}
         for name in stage_inputs(st, known):
-            src = max((k for k in range(x) if name in {op.out for op in stages[k].ops}),
-                      default=None)
-            if src is None or stages[src].kind != "chunk":
+            # made in a chunk stage (a loop stage making it too holds a copy of its own)
+            src = max((k for k in range(x) if stages[k].kind == "chunk" and
+                       name in {op.out for op in stages[k].ops}), default=None)
+            if src is None or any(name in {op.out for op in stages[k].ops} and
+                                  name not in _made_by_remat(stages[k], stages[src])
+                                  for k in range(src + 1, x)):
                 continue
             chain = _chain(stages[src], name)
             if chain is None:
