@@ -108,6 +108,12 @@ def test_triton_chunk_backward_in_the_interpreter(name, chunk_calls):
     assert chunk_calls == [decl.name + "_adjoint"] * 2
 
 
+def test_triton_renders_the_prologue_backward_with_parameters_and_post_scales():
+    """Per-head parameters (their per-token shares summed on the host), a softplus/sigmoid
+    prologue and an l2-norm, in the interpreted gradient kernel."""
+    check(CHUNKED["normalised_beta"], T=20, backend="triton", chunk=16)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in CHUNKED if n not in ("gated_delta_rule", "gla")])
 def test_triton_chunk_backward_every_declaration(name):
@@ -120,6 +126,52 @@ def test_triton_chunk_backward_every_declaration(name):
 def test_triton_chunk_backward_longer(name):
     check(BUILTINS[name], T=100, backend="triton", chunk=32, cu=VARLEN)
     check(BUILTINS[name], T=1, S0=False, backend="triton", chunk=16)
+
+
+# --- the prologue's backward --------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CHUNKED))
+def test_the_prologue_backward_is_ir_the_triton_kernel_renders(name):
+    """Every chunk-form declaration's prologue has a backward as IR (lowering.prologue_vjp)
+    for each floating input, and the Triton gradient kernel computes it (its module stores
+    the inputs' gradients, not the prologue values' cotangents), at fp32 and bf16."""
+    from recurkit.backends.triton.chunk_module import chunk_source
+    from recurkit.backends.triton.runtime import check_config
+    decl = CHUNKED[name]
+    tp = lower_adjoint(decl)
+    ivjp = tp.meta["input_vjp"]
+    assert ivjp is not None, tp.meta["input_vjp_reason"]
+    want = {s.name for s in decl.program.call_inputs if s.role in ("token", "param")}
+    assert set(ivjp) == want
+    for dt in ("fp32", "bf16"):
+        src, io = chunk_source(tp, {d: 8 for d in decl.program.dims}, 2, check_config(None),
+                               dtype=dt, has_dsf=True)
+        assert io.input_grads == list(ivjp)
+        grads = src[src.index("def grads_kernel"):]
+        assert all(f"tl.store(O{k} " in grads for k in range(len(ivjp)))
+
+
+@pytest.mark.parametrize("name", ["gated_delta_rule_l2norm", "normalised_beta",
+                                  "two_sided_gate", "simple_gla_g_gamma"])
+def test_the_prologue_backward_ir_equals_autograd_through_the_prologue(name):
+    """The host's two ways through the prologue (its backward IR evaluated; autograd, the
+    fallback where no IR exists) give the same gradients from the same kernel."""
+    from recurkit.backends.shared.chunk_backward import chunk_backward
+    from recurkit.backends.torch.chunk_adjoint import run_chunk_adjoint_torch
+    from recurkit.ir.bind import bind_call
+    decl = CHUNKED[name]
+    xs = draw(decl, 37, B=2)
+    leaves = {k: v.clone().requires_grad_() for k, v in xs.items()}
+    leaves["initial_state"] = (torch.randn(*state_shape(decl, 2)) * 0.5).requires_grad_()
+    bc = bind_call(decl.program, (), dict(leaves))
+    tp = lower_adjoint(decl, chunk=16)
+    go = torch.randn(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in decl.program.output.dims))
+    gs = torch.randn(leaves["initial_state"].shape)
+    by_ir = chunk_backward(bc, tp, go, gs, run_chunk_adjoint_torch, leaves)
+    tp.meta["input_vjp"] = None
+    by_autograd = chunk_backward(bc, tp, go, gs, run_chunk_adjoint_torch, leaves)
+    assert set(by_ir) == set(by_autograd) == set(leaves)
+    for n in by_ir:
+        assert err(by_ir[n], by_autograd[n]) < 1e-5, n
 
 
 # --- the program ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ..ir.node import F32, Node
 from ..ir.trace import as_program
 from .analysis import analyze
 from .forms import CHUNK_SIZES, LoweringError, _chunked, _Emit, default_chunk
+from .prologue_vjp import prologue_vjp
 from .tile import Stage, TileProgram, verify_tile_program
 
 #: the prologue value the backward reads besides the forward's: the readout's cotangent
@@ -241,10 +242,11 @@ def lower_adjoint(decl_or_program, form: str | None = None, chunk: int | None = 
         grads["log_gate_v"] = named(g.ir("add", rev(x), bnd), "d_log_gate_v")
     gs.outputs = tuple(grads.values()) + ((h,) if h else ())
     _export_reads([prep, sp, ap, gs])
+    ivjp, why = prologue_vjp(p, pro, grads, h, V)
     meta = {"reasons": list(rec.reasons), "recurrence": rec, "program": p, "kdim": K,
             "vdim": V, "state": S, "positive": rec.gate_positive, "adjoint": True,
             "grads": grads, "d_init": dS, "h": h, "out": gs.outputs[0],
-            "results": gs.outputs}
+            "results": gs.outputs, "input_vjp": ivjp, "input_vjp_reason": why}
     tp = TileProgram(p.name + "_adjoint", form, chunk, p.dims, pro, [prep, sp, ap, gs], meta)
     verify_tile_program(tp)
     return tp

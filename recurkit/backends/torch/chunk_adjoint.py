@@ -15,7 +15,8 @@ from .tile_ops import Val, exec_op
 def run_chunk_adjoint_torch(tp: TileProgram, bc: BoundCall, feeds: dict[str, torch.Tensor],
                             d_final: torch.Tensor | None, config: dict | None = None):
     """(cotangents by prologue value [B, T, H, *dims], the readout ``h`` [B, T, H, V] or
-    None, the initial state's cotangent [N, H, *state]) from the prologue values ``feeds``
+    None, the initial state's cotangent [N, H, *state], None: the host runs the prologue's
+    backward) from the prologue values ``feeds``
     ([B|1, T|1, H|1, *dims], fp32, the readout's cotangent under ``d_h`` included). The torch
     renderer has no knobs (``config`` is ignored)."""
     C = tp.chunk
@@ -63,4 +64,4 @@ def run_chunk_adjoint_torch(tp: TileProgram, bc: BoundCall, feeds: dict[str, tor
     grads = {k: tokens(v, tp.prologue[k].dims) for k, v in tp.meta["grads"].items()}
     h = tp.meta.get("h")
     return grads, (tokens(h, p.output.dims) if h else None), \
-        env[tp.meta["d_init"]].to(tuple(p.state.dims))
+        env[tp.meta["d_init"]].to(tuple(p.state.dims)), None

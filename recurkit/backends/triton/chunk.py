@@ -20,6 +20,7 @@ import re
 
 from ...lowering.tile import Stage, TileOp, TileProgram
 from .blocked import BlockedContractions
+from .position_loop import PositionLoops
 from .shift_invert import ShiftInvert
 from .prologue import ChunkIO, PrologueRender
 from .sequential import FLUSH, TRITON_BINARY, TRITON_UNARY, pow2
@@ -29,7 +30,7 @@ def _var(name: str) -> str:
     return "v_" + re.sub(r"\W", "_", name.replace("'", "p"))
 
 
-class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
+class _StageGen(BlockedContractions, PositionLoops, PrologueRender, ShiftInvert):
     def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int], H: int,
                  inputs: dict[str, tuple[str, ...]], cfg: dict, io: ChunkIO):
         self.st, self.tp, self.C, self.H, self.io = st, tp, tp.chunk, H, io
@@ -65,6 +66,8 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
         self.hoisted: set[str] = set()
         self.ptrs: dict[str, tuple[str, str]] = {}  # buffer input -> (pointer, lead offset)
         self.deferred: dict[str, str] = {}            # load op output -> the input it reads
+        self.late: list[tuple] = []   # (pointer, IR, dims): per-token values of the prologue's
+                                      # IR over the stage's values, stored once those exist
 
     # --- axes -------------------------------------------------------------------------------
     def size(self, a: str) -> int:
@@ -331,6 +334,8 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
                 self.ptrs[name] = (bufs[name], lead)
         groups = self.blocked_groups()
         done = {op.out for members in groups.values() for op, _ in members}
+        self.defs_all = {op.out: op for op in st.ops}
+        ploops, lazy = self.position_loops() if not loop else (set(), set())
         live = self.live(done, carried) if groups else {op.out for op in st.ops}
         # an output that only renames a value is stored as soon as that value exists, so
         # that it is not held in registers to the end of the kernel
@@ -339,7 +344,9 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
 
         def put(name: str) -> None:
             self.ensure([name], ind)
-            if name in results:
+            if name in results and results[name] is None:   # read by ``late`` alone
+                pass
+            elif name in results:
                 self.store_output(name, ind, *results[name])
             else:
                 self.store(name, bufs[name], lead, ind)
@@ -366,8 +373,10 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
                 self.blocked(groups[op.out], ind)
             if op.op == "load":   # read where first used
                 self.deferred[op.out] = op.attr("value")
-            elif op.op == "zeros":
+            elif op.op == "zeros" or op.out in lazy:
                 pass
+            elif op.out in ploops:
+                self.position_loop(op, lazy, ind)
             elif op.out not in done and op.out in live:
                 self.ensure(op.args, ind)
                 self.op(op, ind)
@@ -378,6 +387,10 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
                 if op.out == name and name not in stored:
                     put(name)
             store_ready()
+            self.store_late(ind)
+        if self.late:
+            raise RuntimeError(f"{st.name}: the values of the prologue's backward were never "
+                               "all made")
         if loop:
             self.var[carried], self.axes[carried] = v, sd
             if adjoint:   # the initial state's cotangent
@@ -388,6 +401,21 @@ class _StageGen(BlockedContractions, PrologueRender, ShiftInvert):
         head = ["", "", "@triton.jit",
                 f"def {st.name}_kernel({', '.join(params + ['NC', 'TT'])}):"]
         return "\n".join(head + L), params
+
+
+    def store_late(self, ind: int) -> None:
+        """Store each ``late`` value whose stage values all exist now (so that they need
+        not stay live to the end of the kernel)."""
+        from ...ir.node import toposort
+        if self.late and self.split:
+            raise RuntimeError(f"{self.st.name}: a split stage cannot store per-token sums")
+        for item in list(self.late):
+            ptr, n, od = item
+            leaves = [x.attr("name") for x in toposort([n])
+                      if x.op == "input" and x.role == "cotangent"]
+            if all(x in self.var for x in leaves):
+                self.store_output(self.node(n, ind), ind, ptr, od)
+                self.late.remove(item)
 
 
 FIXED = ("O", "S0", "SF", "DSF", "DS0", "CU")

@@ -27,21 +27,30 @@ def adjoint_module(tp: TileProgram, bc: BoundCall, cfg: dict, has_dsf: bool):
 
 def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, torch.Tensor],
                              d_final: torch.Tensor | None, config: dict | None = None):
-    """The kernel of ``shared.chunk_backward``: (cotangents by prologue value, h or None,
-    the initial state's cotangent). The cotangents are in the call's dtype when it is 16-bit
-    (as FLA's backward writes its gradients), else fp32; the initial state's is fp32."""
+    """The kernel of ``shared.chunk_backward``: (None, None, the initial state's cotangent,
+    the inputs' gradients) where the grads kernel renders the prologue's backward (each
+    token input's in its dtype and layout, a parameter's per-token shares in fp32), else
+    (cotangents by prologue value, h or None, the initial state's cotangent, None), the
+    cotangents in the call's dtype when it is 16-bit (as FLA's backward writes its
+    gradients), else fp32. The initial state's is fp32."""
     cfg = check_config(config)
     interpret = bc.device.type != "cuda"
     src, io = adjoint_module(tp, bc, cfg, d_final is not None)
     mod = load_module(src, interpret)
     p = bc.program
-    xs, fs, scs = chunk_inputs(io, bc, feeds[D_H])
+    xs, fs, scs = chunk_inputs(io, bc, feeds)
     res = list(tp.meta["grads"]) + (["h"] if tp.meta["h"] else [])
     # the cotangents leave in the intermediates' dtype: a 16-bit call's, as its gradients
     lowp = intermediate_dtype(bc, cfg)
-    os = [torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (
-        p.output.dims if r == "h" else tp.prologue[r].dims)), device=bc.device, dtype=lowp)
-        for r in res]
+    if io.input_grads is not None:   # the kernels ran the prologue's backward too
+        spec = {s.name: s for s in p.inputs}
+        os = [torch.empty(bc.tensors[x].shape, device=bc.device, dtype=bc.tensors[x].dtype)
+              if spec[x].role == "token" else torch.empty(
+                  bc.B, bc.T, *bc.tensors[x].shape, device=bc.device) for x in io.input_grads]
+    else:
+        os = [torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (
+            p.output.dims if r == "h" else tp.prologue[r].dims)), device=bc.device,
+            dtype=lowp) for r in res]
     N = bc.N
     state = (N, bc.H, *(bc.sizes[d] for d in p.state.dims))
     s0 = bc.initial_state.float().contiguous() if bc.initial_state is not None else None
@@ -52,5 +61,7 @@ def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, to
         cu = cu.to(bc.device)
     _launch(mod, interpret, xs, fs, scs, os, s0, dsf, ds0, cu, N, chunk_count(bc, tp.chunk),
             bc.T, lowp)
+    if io.input_grads is not None:
+        return None, None, ds0, dict(zip(io.input_grads, os))
     grads = dict(zip(tp.meta["grads"], os))
-    return grads, (os[-1] if tp.meta["h"] else None), ds0
+    return grads, (os[-1] if tp.meta["h"] else None), ds0, None

@@ -50,7 +50,13 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     opt = optimize(tp)
     io = ChunkIO(opt.meta["program"], opt.prologue)
     adjoint = bool(opt.meta.get("adjoint"))
-    if adjoint:   # every cotangent (and the readout h) into an fp32 [B, T, H, *dims] output
+    late: list = []
+    if adjoint:
+        io, late = _input_grads(opt, io)
+    if late:   # the prologue's backward in the grads kernel: the cotangents stay in registers
+        res = list(opt.meta["grads"].values()) + ([opt.meta["h"]] if opt.meta["h"] else [])
+        results = {v: None for v in res}
+    elif adjoint:   # every cotangent (and the readout h) into a [B, T, H, *dims] output
         res = list(opt.meta["grads"].items()) + ([("h", opt.meta["h"])] if opt.meta["h"]
                                                  else [])
         vdim = opt.meta["vdim"]
@@ -77,6 +83,8 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
         gen = _StageGen(st, opt, sizes, H, stage_inputs(st, known),
                         {**cfg, "_16bit": dtype in ("bf16", "fp16")}, io)
         gen.dot = dot
+        if late and st is opt.stages[-1]:
+            gen.late = list(late)
         src, params = gen.source(out_axes, known, bufs, results, flags)
         kernels.append(src)
         for name in st.outputs:
@@ -101,6 +109,25 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
               "    env = {}", *alloc, *calls, ""]
     cache[key] = (HEADER + "\n".join(kernels) + "\n".join(launch), io)
     return cache[key]
+
+
+def _input_grads(opt: TileProgram, io: ChunkIO) -> tuple[ChunkIO, list]:
+    """The ChunkIO that also renders the prologue's backward (``meta["input_vjp"]``), and its
+    stores: (pointer, IR, dims) per input gradient, pointers ``O0, O1, ...`` in
+    ``meta["input_vjp"]`` order (a token input's gradient in its own layout, a parameter's
+    per-token shares [tokens, H, *dims]); (``io``, []) where the IR needs what the kernels do
+    not compute (a reduction over the dim the kernels split, or no IR)."""
+    ivjp = opt.meta.get("input_vjp")
+    if not ivjp:
+        return io, []
+    p = opt.meta["program"]
+    full = ChunkIO(p, {**opt.prologue, **{f"@grad:{x}": n for x, n in ivjp.items()}})
+    plain = {id(n) for n in io.feeds}
+    if any(n.role != "d_out" and id(n) not in plain for n in full.feeds):
+        return io, []
+    dims = {s.name: tuple(s.dims) for s in p.inputs}
+    full.input_grads = list(ivjp)
+    return full, [(f"O{k}", n, dims[x]) for k, (x, n) in enumerate(ivjp.items())]
 
 
 def _arg(p: str, bufs: dict[str, str]) -> str:
@@ -138,9 +165,16 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
     cu = bc.cu_seqlens_tensor.element_size() if varlen and bc.cu_seqlens_tensor is not None \
         else 8
 
+    spec = {s.name: s for s in p.inputs}
+
     def item(ptr: str) -> int:
         if ptr[0] == "X" and ptr[1:].isdigit():
             return xs[int(ptr[1:])].element_size()
+        if ptr[0] == "O" and ptr[1:].isdigit() and io.input_grads is not None:
+            x = io.input_grads[int(ptr[1:])]   # an input's gradient (a parameter's: fp32)
+            return bc.tensors[x].element_size() if spec[x].role == "token" else 4
+        if ptr[0] == "O" and ptr[1:].isdigit() and tp.meta.get("adjoint"):
+            return lowp   # a prologue value's cotangent
         return {"L": lowp, "O": out}.get(ptr[0], cu if ptr == "CU" else 4)
 
     size = {**bc.sizes, "i": C, "j": C}

@@ -36,6 +36,8 @@ class ChunkIO:
         self.feeds: list[Node] = []     # evaluated on the host, [B, T, H, *dims] fp32
         self.scalars: list[Node] = []   # scalar inputs, kernel arguments
         self.kernels: list[dict] = []   # per kernel: what it loads, stores and multiplies
+        self.input_grads: list[str] | None = None   # inputs whose gradients a backward's
+                                                    # kernels store (O0, O1, ... in order)
         self.kind: dict[int, tuple[str, int]] = {}
         self.index: dict[int, int] = {}   # a stable name per node, for the generated source
         stops = {id(n) for n in toposort(list(self.values.values()))
@@ -53,6 +55,8 @@ class ChunkIO:
             elif n.op == "input" and n.role == "d_out":   # a cotangent, given by the host
                 self.kind[id(n)] = ("feed", len(self.feeds))
                 self.feeds.append(n)
+            elif n.op == "input" and n.role == "cotangent":   # a value of the stage
+                self.kind[id(n)] = ("tile", 0)
             elif n.op == "input" and n.role == "head":
                 self.kind[id(n)] = ("head", 0)
             elif self._in_kernel(n):
@@ -72,7 +76,7 @@ class ChunkIO:
         memo = {} if memo is None else memo
         if id(n) not in memo:
             k = self.kind.get(id(n), ("",))[0]
-            if k == "feed":
+            if k in ("feed", "tile"):
                 memo[id(n)] = True
             elif k == "input":
                 memo[id(n)] = n.role == "token"
@@ -120,6 +124,10 @@ class PrologueRender:
         if self.kctx and self.kctx[0] not in axes and self.hoist is not None:
             return self._hoisted(n)
         kind, k = self.io.kind[id(n)]
+        if kind == "tile":   # a value the stage computed (a backward's cotangent)
+            name = n.attr("name")
+            self.emit(key, axes, self.to(name, axes), ind)
+            return key
         if kind in ("input", "feed"):
             ptr = f"X{k}" if kind == "input" else f"F{k}"
             self.used.add(ptr)

@@ -169,16 +169,17 @@ def run_triton_scan(tp: TileProgram, bc: BoundCall, config: dict | None = None):
     return scan_result(bc, hs, sf)
 
 
-def chunk_inputs(io, bc: BoundCall, d_out: torch.Tensor | None = None):
+def chunk_inputs(io, bc: BoundCall, d_out=None):
     """(xs, fs, scs) for a chunk module's ``launch``: the call's tensors it reads (contiguous,
-    in their own dtype), the host-evaluated feeds (fp32 [B, T, H, *dims]; a backward's
-    ``d_out`` feed is the given cotangent) and the scalars."""
+    in their own dtype), the host-evaluated feeds (fp32 [B, T, H, *dims]) and the scalars.
+    A backward's feeds of role ``d_out`` (the readout's and the output's cotangents) are
+    ``d_out[name]``, [B, T, H, *dims] in their own dtype (the kernels convert)."""
     p = bc.program
     xs = [bc.tensors[p.inputs[n.attr("index")].name].contiguous() for n in io.inputs]
     host = [n for n in io.feeds if n.role != "d_out"]
     vals = dict(zip(map(id, host), per_token(bc, host)))
     shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
-    fs = [vals[id(n)] if id(n) in vals else d_out.float().expand(shape).contiguous()
+    fs = [vals[id(n)] if id(n) in vals else d_out[n.attr("name")].expand(shape).contiguous()
           for n in io.feeds]
     scs = [float(bc.scalars[n.attr("name")]) for n in io.scalars]
     return xs, fs, scs
