@@ -93,6 +93,8 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
       interprets on the device (backend="triton" on CPU tensors: Triton's interpreter), else
       the first in rank order compiling for the device (Triton on CUDA, torch on CPU); with
       ``mode="chunk"`` on any device, with "auto" off the CPU and in the interpreted case;
+    - likewise the scan form's backward (``shared.scan_backward``: the reverse scan) for a
+      declaration whose parallel form is the scan, by ``Backend.scan_adjoint_kernel``;
     - else the sequential adjoint: the compiled kernel of the first backend offering one for
       the tensors' device; elsewhere the torch step loop with ``mode="adjoint"`` (or
       "chunk"), or None (the op then recomputes through autograd) with "auto".
@@ -104,6 +106,7 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
     from ..lowering.chunk_adjoint import lower_adjoint
     from ..lowering.forms import LoweringError
     from .shared import adjoint as seq, chunk_backward as chunked   # looked up per call
+    from .shared import scan_backward as scanned
     from .shared.host import decays_positive
     from .torch.backward import run_adjoint_torch
     if seq.check_backward(mode) == "autograd":
@@ -114,17 +117,31 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
         (f for f in forms if f.startswith("chunk")), None)
     own = REGISTRY.get(backend) if backend else None
     lowered: dict[int, object] = {}
+    scan = cform is None and "scan" in forms and (form in (None, "scan"))
+
+    def order(device_type: str) -> list:
+        """The backends to ask for a parallel form's backward kernel: the op's where it
+        interprets on this device (Triton on CPU: asked for by name), else those compiling
+        for it in rank order; with "auto" on the CPU only the former (otherwise the compiled
+        sequential adjoint, below, is faster)."""
+        if mode == "adjoint":
+            return []
+        if own is not None and device_type in own.interpreted:
+            return [own]
+        return [] if mode == "auto" and device_type == "cpu" else [
+            b for b in _by_rank() if device_type not in b.interpreted]
+
+    def scan_kernel(device_type: str):
+        for b in order(device_type) if scan else []:
+            k = b.scan_adjoint_kernel(device_type)
+            if k is not None:
+                return functools.partial(k, config=knobs) if b is own and knobs else k
+        return None
 
     def chunk_kernel(device_type: str):
-        if cform is None or mode == "adjoint":
+        if cform is None:
             return None, None
-        # the op's backend where it interprets on this device (Triton on CPU: asked for by
-        # name), else the first in rank order that compiles for it; with "auto" on the CPU
-        # only the former (otherwise the compiled sequential adjoint, below, is faster)
-        mine = own is not None and device_type in own.interpreted
-        order = [own] if mine else [] if mode == "auto" and device_type == "cpu" else [
-            b for b in _by_rank() if device_type not in b.interpreted]
-        for b in order:
+        for b in order(device_type):
             k = b.chunk_adjoint_kernel(device_type)
             if k is None:
                 continue
@@ -144,6 +161,9 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
         kernel, tp = chunk_kernel(bc.device.type)
         if kernel is not None and tp is not None and decays_positive(tp, bc):
             return chunked.chunk_backward(bc, tp, grad_o, grad_S, kernel, leaves)
+        kernel = scan_kernel(bc.device.type)
+        if kernel is not None and len(program.state.dims) == 1:
+            return scanned.scan_backward(bc, grad_o, grad_S, kernel, leaves)
         kernel = next((k for k in (b.adjoint_kernel(bc.device.type) for b in _by_rank())
                        if k is not None), None)
         if kernel is None:

@@ -155,6 +155,11 @@ class Backend:
         ``shared.chunk_backward``) for tensors on ``device_type``, or None."""
         return None
 
+    def scan_adjoint_kernel(self, device_type: str) -> Callable | None:
+        """A kernel of the scan form's backward (the reverse scan; see
+        ``shared.scan_backward``) for tensors on ``device_type``, or None."""
+        return None
+
     # --- tuning -----------------------------------------------------------------------------
     def default_candidate(self, program, form: str | None = None, chunk: int | None = None
                           ) -> tuple[str, int | None, dict]:

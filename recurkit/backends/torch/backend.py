@@ -29,6 +29,10 @@ class TorchBackend(Backend):
         from .chunk_adjoint import run_chunk_adjoint_torch
         return run_chunk_adjoint_torch
 
+    def scan_adjoint_kernel(self, device_type):
+        from .scan_adjoint import run_scan_adjoint_torch
+        return run_scan_adjoint_torch
+
     def tiled_forward(self, plan, tc):
         if isinstance(plan, LutPlan):
             from .lut import run_lut_torch

@@ -47,6 +47,10 @@ class TritonBackend(Backend):
         from .chunk_adjoint import run_chunk_adjoint_triton
         return run_chunk_adjoint_triton   # CUDA, or Triton's interpreter for CPU tensors
 
+    def scan_adjoint_kernel(self, device_type):
+        from .scan_adjoint import run_scan_adjoint_triton
+        return run_scan_adjoint_triton
+
     def codegen(self, program, tp, sizes, H, knobs):
         return runtime.module_source(program, tp, sizes, H, knobs)
 
