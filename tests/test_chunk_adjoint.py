@@ -128,6 +128,35 @@ def test_triton_chunk_backward_longer(name):
     check(BUILTINS[name], T=1, S0=False, backend="triton", chunk=16)
 
 
+@pytest.mark.parametrize("name", ["gated_delta_rule", pytest.param("kda", marks=SLOW),
+                                  pytest.param("gla", marks=SLOW),
+                                  pytest.param("two_sided_gate", marks=SLOW)])
+def test_the_gradient_kernel_looping_over_blocks_of_v(name, monkeypatch):
+    """The gradient kernel's loop over blocks of V (state_loop.py; on by default for [K, V]
+    above 8192 entries), forced at a size the interpreter runs: V = 40 in blocks of 16 (the
+    last one partial), K = 20 (padded to 32)."""
+    from recurkit.backends.triton import chunk_module
+    from recurkit.backends.triton.chunk import _StageGen
+    from recurkit.backends.triton.runtime import check_config
+    from test_adjoint import gradients
+    monkeypatch.setattr(_StageGen, "STATE_LOOP_ELEMS", 0)
+    monkeypatch.setattr(_StageGen, "STATE_BLOCK_V", 16)
+    decl = CHUNKED[name]
+    sizes = {"K": 20, "V": 40, "D": 6}
+    src, _ = chunk_module.chunk_source(lower_adjoint(decl, chunk=16), sizes, 2,
+                                       check_config(None), dtype="fp32", has_dsf=True)
+    grads_src = src[src.index("def grads_kernel"):]
+    assert "for kb in range(0, 40, 16):" in grads_src
+    cu = [0, 0, 1, 17, 40]
+    xs = draw(decl, 40, sizes=sizes)
+    init = torch.randn(len(cu) - 1, 2, 20, 40) * 0.5
+    got = gradients(rk.compile(decl, backend="triton", chunk=16), xs, init, cu)
+    want = gradients(rk.compile(decl, backend="reference"), xs, init, cu)
+    scale = max(w.abs().max().item() for w in want.values() if w is not None)
+    for n in want:
+        assert err(got[n], want[n], scale) < 1e-4, n
+
+
 # --- the prologue's backward --------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(CHUNKED))
 def test_the_prologue_backward_is_ir_the_triton_kernel_renders(name):

@@ -21,6 +21,7 @@ import re
 from ...lowering.tile import Stage, TileOp, TileProgram
 from .blocked import BlockedContractions
 from .position_loop import PositionLoops
+from .state_loop import StateLoops
 from .shift_invert import ShiftInvert
 from .prologue import ChunkIO, PrologueRender
 from .sequential import FLUSH, TRITON_BINARY, TRITON_UNARY, pow2
@@ -30,7 +31,7 @@ def _var(name: str) -> str:
     return "v_" + re.sub(r"\W", "_", name.replace("'", "p"))
 
 
-class _StageGen(BlockedContractions, PositionLoops, PrologueRender, ShiftInvert):
+class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, ShiftInvert):
     def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int], H: int,
                  inputs: dict[str, tuple[str, ...]], cfg: dict, io: ChunkIO):
         self.st, self.tp, self.C, self.H, self.io = st, tp, tp.chunk, H, io
@@ -342,14 +343,14 @@ class _StageGen(BlockedContractions, PositionLoops, PrologueRender, ShiftInvert)
         alias = {op.out: op for op in st.ops if op.op in ("rename", "load")}
         stored: set[str] = set()
 
-        def put(name: str) -> None:
-            self.ensure([name], ind)
+        def put(name: str, at: int = ind) -> None:
+            self.ensure([name], at)
             if name in results and results[name] is None:   # read by ``late`` alone
                 pass
             elif name in results:
-                self.store_output(name, ind, *results[name])
+                self.store_output(name, at, *results[name])
             else:
-                self.store(name, bufs[name], lead, ind)
+                self.store(name, bufs[name], lead, at)
             out_axes[name] = self.axes[name]
             stored.add(name)
 
@@ -369,11 +370,13 @@ class _StageGen(BlockedContractions, PositionLoops, PrologueRender, ShiftInvert)
                     self.op(op, ind)
                 put(name)
         for op in st.ops:
-            if op.out in groups:
-                self.blocked(groups[op.out], ind)
             if op.op == "load":   # read where first used
                 self.deferred[op.out] = op.attr("value")
-            elif op.op == "zeros" or op.out in lazy:
+
+        def body(op: TileOp) -> None:
+            if op.out in groups:
+                self.blocked(groups[op.out], ind)
+            if op.op == "load" or op.op == "zeros" or op.out in lazy:
                 pass
             elif op.out in ploops:
                 self.position_loop(op, lazy, ind)
@@ -388,6 +391,20 @@ class _StageGen(BlockedContractions, PositionLoops, PrologueRender, ShiftInvert)
                     put(name)
             store_ready()
             self.store_late(ind)
+        plan = None if loop else self.state_loop_plan(groups, lazy)
+        if plan is None:
+            for op in st.ops:
+                body(op)
+        else:   # the state blocks a block of V at a time
+            before, within, after = plan
+            for op in before:
+                body(op)
+            self.state_loop(within, [n for n in outs if n not in stored], put, ind)
+            stored.update(n for n in outs if n in {op.out for op in within})
+            store_ready()
+            self.store_late(ind)
+            for op in after:
+                body(op)
         if self.late:
             raise RuntimeError(f"{st.name}: the values of the prologue's backward were never "
                                "all made")

@@ -1,0 +1,135 @@
+"""A chunk stage that reads [K, V] states per chunk (the backward's gradient stage: the state
+entering the chunk and the cotangent of the one leaving it), rendered with a loop over blocks
+of V, as FLA's backward kernels do: the state blocks are [K, BV] at a time instead of two
+[K, V] fp32 blocks at once (64 registers a thread each at K = V = 128, 8 warps), which spill.
+
+The stage's ops split three ways: those that neither carry V nor depend on what does (before
+the loop), those that carry V or contract over it (in the loop, once per block: a contraction
+over V adds its block's part into an accumulator; a value over V is stored, or read by the
+prologue's backward, within the block) and the rest (after the loop, from the accumulators).
+A stage whose ops do not split so (a value over V made from a sum over V, a value gate's
+[i, j, V] products, a reduction over V in the prologue's backward) keeps its straight-line
+form.
+"""
+from __future__ import annotations
+
+from ...ir.node import toposort
+from ...lowering.tile import TileOp
+
+REDUCE = ("sum", "max", "contract")
+
+
+class StateLoops:
+    """Mixin of the chunk stage generator (``chunk._StageGen``): uses its ``st``, ``tp``,
+    ``inputs``, ``size``, ``block``, ``split``, ``late``, ``kctx``, ``hoist``/``hoisted``,
+    ``var``/``axes``, ``ensure``, ``op``, ``emit``, ``full``, ``L``, ``n`` and
+    ``store_output``."""
+
+    STATE_LOOP_ELEMS = 8192   # [K, V] blocks above this many elements loop over V
+    STATE_BLOCK_V = 32
+
+    def state_loop_plan(self, groups, lazy) -> tuple[list, list, list] | None:
+        """(before, in the loop, after) op lists, or None where the stage keeps its form."""
+        sd = tuple(self.tp.meta["program"].state.dims)
+        if self.st.kind != "chunk" or not self.tp.meta.get("adjoint") or len(sd) != 2 or \
+                self.split or groups:
+            return None
+        V = sd[-1]
+        if self.block(sd[0]) * self.block(V) <= self.STATE_LOOP_ELEMS or \
+                self.size(V) <= self.STATE_BLOCK_V:
+            return None
+        if not any(set(sd) <= set(ax) for ax in self.inputs.values()):
+            return None
+        axes = {**self.inputs, **{op.out: tuple(op.axes) for op in self.st.ops}}
+        inner: set[str] = set()
+        for op in self.st.ops:
+            if op.op == "load":
+                continue
+            over = tuple(op.attr("over") or ())
+            has_v = lambda a: V in axes.get(a, ())   # noqa: E731
+            if V in op.axes or V in over or (op.op != "contract" and any(
+                    has_v(a) for a in op.args)):
+                inner.add(op.out)
+        reads_inner = set(inner)
+        before, within, after = [], [], []
+        for op in self.st.ops:
+            if op.op == "load" or op.op == "zeros":
+                continue
+            if op.out in inner:
+                if V not in op.axes and op.op != "contract":
+                    return None   # a reduction over V other than a contraction
+                if op.out in lazy:
+                    return None
+                for a in op.args:   # a block's value must not need a whole sum over V
+                    if a in inner and V not in axes.get(a, ()):
+                        return None
+                    if a in {o.out for o in after}:
+                        return None
+                within.append(op)
+            elif any(a in reads_inner for a in op.args):
+                reads_inner.add(op.out)
+                after.append(op)
+            else:
+                before.append(op)
+        if not within:
+            return None
+        for _, n, od in self.late:   # the prologue's backward: by its leaves' side
+            leaves = [x.attr("name") for x in toposort([n])
+                      if x.op == "input" and x.role == "cotangent"]
+            if any(x in inner and V in axes.get(x, ()) for x in leaves):
+                if V not in od or any(x.op in REDUCE and V in x.attr("over")
+                                      for x in toposort([n])):
+                    return None
+        return before, within, after
+
+    def state_loop(self, within: list[TileOp], outs: list[str], put, ind: int) -> None:
+        """``within`` once per block of V: contractions over V into accumulators, values
+        over V stored (``put``) or read by the prologue's backward within their block."""
+        V = self.tp.meta["program"].state.dims[-1]
+        bv = self.STATE_BLOCK_V
+        pad = "    " * ind
+        made = {op.out for op in within}
+        accs = {}
+        for op in within:
+            if V not in op.axes:
+                self.n += 1
+                accs[op.out] = f"acc_{self.n}"
+                self.L.append(f"{pad}{accs[op.out]} = {self.full(op.axes)}")
+        outside = [a for op in within for a in op.args
+                   if a not in made and V not in self._axes_of(a)]
+        self.ensure(outside, ind)   # read once, before the loop
+        saved = dict(self.var), dict(self.axes)
+        self.hoist, self.hoisted = (len(self.L), ind), set()
+        self.L.append(f"{pad}for kb in range(0, {self.size(V)}, {bv}):")
+        self.kctx = (V, bv)
+        for op in within:
+            self.ensure(op.args, ind + 1)
+            self.op(op, ind + 1)
+            if op.out in accs:
+                self.L.append(f"{pad}    {accs[op.out]} = {accs[op.out]} + "
+                              f"{self.to(op.out, tuple(op.axes))}")
+            elif op.out in outs:
+                put(op.out, ind + 1)
+            self._late_in_block(V, ind + 1)
+        self.kctx = None
+        kept = {x: (self.var[x], self.axes[x]) for x in self.hoisted}
+        self.var, self.axes = saved
+        self.var.update({x: v for x, (v, _) in kept.items()})
+        self.axes.update({x: a for x, (_, a) in kept.items()})
+        self.hoist = None
+        for op in within:
+            if op.out in accs:
+                self.var[op.out], self.axes[op.out] = accs[op.out], tuple(op.axes)
+
+    def _late_in_block(self, V: str, ind: int) -> None:
+        """Store the prologue's backward values over V whose leaves this block has made."""
+        for item in list(self.late):
+            ptr, n, od = item
+            if V not in od:
+                continue
+            leaves = [x.attr("name") for x in toposort([n])
+                      if x.op == "input" and x.role == "cotangent"]
+            if leaves and all(x in self.var for x in leaves) and \
+                    any(V in self.axes[x] for x in leaves):
+                self.store_output(self.node(n, ind), ind, ptr, od)
+                self.late.remove(item)
