@@ -14,7 +14,7 @@ from ...ir.bind import BoundCall
 from ...lowering.forms import lower
 from ..shared.host import scan_args
 from .runtime import _launch, check_config, load_module, warps
-from .sequential import HEADER, pow2, scan_source
+from .sequential import HEADER, pow2, scan_program_lines, scan_source
 
 
 def scan_adjoint_source(D: int, H: int, signed: bool, block: int = 256, num_warps: int = 4
@@ -23,12 +23,7 @@ def scan_adjoint_source(D: int, H: int, signed: bool, block: int = 256, num_warp
     sg_arg = ", SG" if signed else ""
     L = ["", "", "@triton.jit",
          f"def scan_adjoint_kernel(M{sg_arg}, DH, HS, S0, DSF, DA, DB, DS0, SEG, TT):",
-         "    pid = tl.program_id(0)", "    pv = tl.program_id(1)",
-         f"    n = pid // {H}", f"    h = pid % {H}",
-         "    row = tl.load(SEG + n * 3)", "    start = tl.load(SEG + n * 3 + 1)",
-         "    end = tl.load(SEG + n * 3 + 2)",
-         f"    o_D = pv * {B} + tl.arange(0, {B})", f"    m_D = o_D < {D}",
-         f"    sbase = (n * {H} + h).to(tl.int64) * {D}",
+         *scan_program_lines(D, H, B),
          "    lv = tl.load(DSF + sbase + o_D, mask=m_D, other=0.0)",
          "    s0 = tl.load(S0 + sbase + o_D, mask=m_D, other=0.0)",
          "    cv = lv * 0.0",

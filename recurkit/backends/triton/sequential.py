@@ -208,6 +208,17 @@ class SeqGen:
         return HEADER + "\n".join(L)
 
 
+def scan_program_lines(D: int, H: int, B: int) -> list[str]:
+    """A token-loop scan kernel's start: its (sequence, head) and block of B of the D state
+    entries, the sequence's row, start and end (SEG), the state's offset."""
+    return ["    pid = tl.program_id(0)", "    pv = tl.program_id(1)",
+            f"    n = pid // {H}", f"    h = pid % {H}",
+            "    row = tl.load(SEG + n * 3)", "    start = tl.load(SEG + n * 3 + 1)",
+            "    end = tl.load(SEG + n * 3 + 2)",
+            f"    o_D = pv * {B} + tl.arange(0, {B})", f"    m_D = o_D < {D}",
+            f"    sbase = (n * {H} + h).to(tl.int64) * {D}"]
+
+
 def scan_source(D: int, H: int, signed: bool, block: int = 256, num_warps: int = 4) -> str:
     """h_t = a_t h_(t-1) + b_t over the tokens, vectorised over the state: the kernel reads
     m_t = expm1(log|a_t|) and forms |a_t| h as h + m_t h, with the add compensated (Kahan),
@@ -216,12 +227,7 @@ def scan_source(D: int, H: int, signed: bool, block: int = 256, num_warps: int =
     sgn = "sg * " if signed else ""
     sg_arg = ", SG" if signed else ""
     L = ["", "", "@triton.jit", f"def scan_kernel(M{sg_arg}, BV, HS, S0, SF, SEG, TT):",
-         "    pid = tl.program_id(0)", "    pv = tl.program_id(1)",
-         f"    n = pid // {H}", f"    h = pid % {H}",
-         "    row = tl.load(SEG + n * 3)", "    start = tl.load(SEG + n * 3 + 1)",
-         "    end = tl.load(SEG + n * 3 + 2)",
-         f"    o_D = pv * {B} + tl.arange(0, {B})", f"    m_D = o_D < {D}",
-         f"    sbase = (n * {H} + h).to(tl.int64) * {D}",
+         *scan_program_lines(D, H, B),
          "    hv = tl.load(S0 + sbase + o_D, mask=m_D, other=0.0)",
          "    cv = hv * 0.0",
          "    for t in range(start, end):",
