@@ -8,8 +8,8 @@ H100 and H200.
                                      [--l2norm] [--backward]
 
 --backward counts the gradients of every input (from random cotangents of the output and the
-final state) after an uncounted forward: recurkit's chunk-form backward kernels with the host's
-prologue recompute and its autograd, FLA's backward kernels and torch ops.
+final state) after an uncounted forward: recurkit's chunk-form backward kernels (the prologue's
+backward in its gradient kernel) and the host's ops, FLA's backward kernels and torch ops.
 
 Counting: see ``recurkit.backends.triton.traffic`` (every masked-in global load and store of a
 kernel at its element size, tl.dot as 2 M N K, every torch op on tensors between kernels as a
@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import cpu_features, machine, save_results  # noqa: E402
 
 import recurkit as rk  # noqa: E402
+from recurkit.backends import REGISTRY  # noqa: E402
 from recurkit.backends.triton.traffic import DEVICES, count_traffic  # noqa: E402
 
 # FLA's entry point per op, called with the same positional inputs as recurkit's op
@@ -134,6 +135,29 @@ def backward_of(fn, kw: dict, T: int | None = None, positional: bool = False,
         [o, S], [v for v in leaves.values() if v.requires_grad], [do, dS], allow_unused=True)
 
 
+def modelled_traffic(op, kw: dict, backward: bool):
+    """The op's Triton kernels' traffic for the call ``kw`` (with an initial state and a
+    final state, or their cotangents) as the generator recorded it, not run: the backward's
+    kernels where ``backward`` (host ops: none where the prologue's backward is in the
+    kernel, which the script checks), else the forward's."""
+    from recurkit.backends.triton.chunk_module import chunk_source, model_traffic
+    from recurkit.backends.triton.runtime import check_config
+    from recurkit.ir.bind import bind_call
+    from recurkit.lowering.chunk_adjoint import lower_adjoint
+    p = op.program
+    q, v = kw["q"], kw["v"]
+    S0 = torch.zeros(q.shape[0], q.shape[2], q.shape[-1], v.shape[-1])
+    bc = bind_call(p, (), {**kw, "initial_state": S0, "output_final_state": True})
+    cfg = check_config(None)
+    if not backward:
+        return model_traffic(op.tile_program, bc, cfg)
+    tp = lower_adjoint(p, op.form, REGISTRY["triton"].default_adjoint_chunk(p, op.form))
+    _, io = chunk_source(tp, bc.sizes, bc.H, cfg, dtype="bf16", has_dsf=True)
+    if io.input_grads is None:
+        raise SystemExit(f"{p.name}: the prologue's backward is not in the kernel; count it")
+    return model_traffic(tp, bc, cfg)
+
+
 def count(fn, x):
     t0 = time.perf_counter()
     with count_traffic() as t:
@@ -179,6 +203,11 @@ def main() -> int:
     ap.add_argument("--l2norm", action="store_true",
                     help="q and k l2-normalised inside the op (FLA's use_qk_l2norm_in_kernel; "
                          "GDN and KDA); writes gpu_traffic_l2norm.json")
+    ap.add_argument("--model", default="",
+                    help="ops (comma-separated) whose recurkit side is modelled from what the "
+                         "generator emitted (chunk_module.model_traffic: the same loads, stores "
+                         "and dots, not interpreted; for shapes whose interpretation takes too "
+                         "long) instead of counted")
     args = ap.parse_args()
     B, T, H, K = args.B, args.T, args.H, args.D
     th = B * T * H
@@ -200,14 +229,20 @@ def main() -> int:
             decl = getattr(delta, f"{name}_l2_decl")
         op = rk.compile(decl, backend="triton")
         kw = dict(zip([s.name for s in op.program.call_inputs if s.role == "token"], x))
-        if args.backward:   # the custom op's backward, its implementation called directly
+        modelled = name in args.model.split(",")
+        if modelled:
+            t, sec = modelled_traffic(op, kw, args.backward), 0.0
+        elif args.backward:   # the custom op's backward, its implementation called directly
             backward_of(op, kw, T=8, inner=True)()   # (so that its torch ops are counted)
             t, sec = count(backward_of(op, kw, inner=True), x)
         else:
             op.forward(**{k: v[:, :8] for k, v in kw.items()})   # load the modules first
             t, sec = count(lambda *_: op.forward(**kw), x)
+        chunk = op.tile_program.chunk if not args.backward else \
+            REGISTRY["triton"].default_adjoint_chunk(op.program, op.form)
         res = {"recurkit": report(f"{name}: recurkit (backend='triton', form={op.form}, "
-                                  f"chunk={op.tile_program.chunk}; {sec:.0f} s to count)", t, th)}
+                                  f"chunk={chunk}; " + ("modelled, not counted)" if modelled
+                                                        else f"{sec:.0f} s to count)"), t, th)}
         mod, fn = FLA[name]
         try:
             with warnings.catch_warnings():
