@@ -13,9 +13,11 @@ from .sequential import pow2
 
 
 class BlockedContractions:
-    """Mixin of the stage generator (``_StageGen``): uses its ``st``, ``inputs``, ``ptrs``,
-    ``var``/``axes``/``defs``, ``L``, ``n``, ``kctx``, ``block``, ``size``, ``load``, ``op``,
-    ``to`` and ``split``."""
+    """Mixin of the stage generator (``_StageGen``), its contractions (``contract``: a
+    ``tl.dot`` of two matrices over one axis, else multiply and reduce; ``blocked``: the
+    loops over blocks of a channel): uses its ``dot``, ``note_dot``, ``emit``, ``st``,
+    ``inputs``, ``ptrs``, ``var``/``axes``/``defs``, ``L``, ``n``, ``kctx``, ``block``,
+    ``size``, ``load``, ``op``, ``to`` and ``split``."""
 
     KBLOCK_ELEMS = 4096   # elements of a blocked [i, j, K-block] value (32 registers at 4 warps)
     _K_SAFE = ("load", "rename", "ir", "cumsum", "shift", "last", "decay_ratio", "mask")
@@ -141,3 +143,29 @@ class BlockedContractions:
                 if op.op == "load":
                     live.add(op.attr("value"))
         return live
+
+    def contract(self, op: TileOp, ind: int) -> None:
+        x, y = op.args
+        over = tuple(op.attr("over"))
+        ax = tuple(op.axes)
+        hx, hy = self.axes[x], self.axes[y]
+        if len(hx) == 2 and len(hy) == 2 and len(over) == 1 and len(ax) == 2:
+            c = over[0]
+            m = next(a for a in hx if a != c)
+            n = next(a for a in hy if a != c)
+            if self.dot in ("bf16", "fp16"):   # 16-bit operands, fp32 accumulation
+                t = "tl.bfloat16" if self.dot == "bf16" else "tl.float16"
+                dot = f"tl.dot({self.to(x, (m, c))}.to({t}), {self.to(y, (c, n))}.to({t}))"
+            else:
+                dot = (f"tl.dot({self.to(x, (m, c))}, {self.to(y, (c, n))}, "
+                       f"input_precision=\"{self.dot}\")")
+            self.emit(op.out, (m, n), dot, ind)
+            self.note_dot(self.block(m), self.block(n), self.block(c), ind)
+            if (m, n) != ax:
+                self.emit(op.out, ax, self.to(op.out, ax), ind)
+            return
+        union = ax + over
+        prod = f"{self.to(x, union)} * {self.to(y, union)}"
+        for k in range(len(union) - 1, len(ax) - 1, -1):
+            prod = f"tl.reduce({prod}, {k}, _add)"
+        self.emit(op.out, ax, prod, ind)

@@ -259,32 +259,6 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         else:
             raise NotImplementedError(f"triton tile renderer: no rule for tile op {o!r}")
 
-    def contract(self, op: TileOp, ind: int) -> None:
-        x, y = op.args
-        over = tuple(op.attr("over"))
-        ax = tuple(op.axes)
-        hx, hy = self.axes[x], self.axes[y]
-        if len(hx) == 2 and len(hy) == 2 and len(over) == 1 and len(ax) == 2:
-            c = over[0]
-            m = next(a for a in hx if a != c)
-            n = next(a for a in hy if a != c)
-            if self.dot in ("bf16", "fp16"):   # 16-bit operands, fp32 accumulation
-                t = "tl.bfloat16" if self.dot == "bf16" else "tl.float16"
-                dot = f"tl.dot({self.to(x, (m, c))}.to({t}), {self.to(y, (c, n))}.to({t}))"
-            else:
-                dot = (f"tl.dot({self.to(x, (m, c))}, {self.to(y, (c, n))}, "
-                       f"input_precision=\"{self.dot}\")")
-            self.emit(op.out, (m, n), dot, ind)
-            self.note_dot(self.block(m), self.block(n), self.block(c), ind)
-            if (m, n) != ax:
-                self.emit(op.out, ax, self.to(op.out, ax), ind)
-            return
-        union = ax + over
-        prod = f"{self.to(x, union)} * {self.to(y, union)}"
-        for k in range(len(union) - 1, len(ax) - 1, -1):
-            prod = f"tl.reduce({prod}, {k}, _add)"
-        self.emit(op.out, ax, prod, ind)
-
     # --- the kernel -------------------------------------------------------------------------
     def source(self, out_axes: dict[str, tuple[str, ...]], known, bufs: dict[str, str],
                results: dict[str, tuple[str, tuple[str, ...]]], flags: dict
@@ -418,21 +392,6 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         head = ["", "", "@triton.jit",
                 f"def {st.name}_kernel({', '.join(params + ['NC', 'TT'])}):"]
         return "\n".join(head + L), params
-
-
-    def store_late(self, ind: int) -> None:
-        """Store each ``late`` value whose stage values all exist now (so that they need
-        not stay live to the end of the kernel)."""
-        from ...ir.node import toposort
-        if self.late and self.split:
-            raise RuntimeError(f"{self.st.name}: a split stage cannot store per-token sums")
-        for item in list(self.late):
-            ptr, n, od = item
-            leaves = [x.attr("name") for x in toposort([n])
-                      if x.op == "input" and x.role == "cotangent"]
-            if all(x in self.var for x in leaves):
-                self.store_output(self.node(n, ind), ind, ptr, od)
-                self.late.remove(item)
 
 
 FIXED = ("O", "S0", "SF", "DSF", "DS0", "CU")

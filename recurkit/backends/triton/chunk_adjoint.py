@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from ...ir.bind import BoundCall
-from ...lowering.chunk_adjoint import D_H
 from ...lowering.tile import TileProgram
 from ..shared.host import chunk_count
 from .chunk_module import chunk_source

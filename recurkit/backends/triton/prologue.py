@@ -257,3 +257,17 @@ class PrologueRender:
         self.note("w", ptr, want, ind, by_token=True)
         self.L.append("    " * ind + f"tl.store({ptr} + {off}, {x}.to({ptr}.dtype.element_ty)"
                       f"{', mask=' + m if m else ''})")
+
+    def store_late(self, ind: int) -> None:
+        """Store each ``late`` value whose stage values all exist now (so that they need
+        not stay live to the end of the kernel)."""
+        from ...ir.node import toposort
+        if self.late and self.split:
+            raise RuntimeError(f"{self.st.name}: a split stage cannot store per-token sums")
+        for item in list(self.late):
+            ptr, n, od = item
+            leaves = [x.attr("name") for x in toposort([n])
+                      if x.op == "input" and x.role == "cotangent"]
+            if all(x in self.var for x in leaves):
+                self.store_output(self.node(n, ind), ind, ptr, od)
+                self.late.remove(item)
