@@ -26,7 +26,9 @@ leaves the loss unchanged): with the in-chunk reverse cumulative sum ``rev``,
     dg_K = rev(q dq - sum a da - u du + r dr) - r dr + rowsum(dS * S_end)
     dg_V = rev(dz h - sum b db) + colsum(dS * S_end)
 
-(summed over K for a scalar gate; ``S_end`` the state leaving the chunk). What computed the
+(summed over K for a scalar gate; ``S_end`` the state leaving the chunk: its decayed ``S_in``
+term read, its write terms ``sum_i a * (dS b)`` taken from the products ``da`` and ``db``
+already hold, so no [K, V] product is rebuilt per chunk). What computed the
 feeds (the prologue) is differentiated by the host (``backends.shared.chunk_backward``).
 """
 from __future__ import annotations
@@ -173,24 +175,28 @@ def lower_adjoint(decl_or_program, form: str | None = None, chunk: int | None = 
         dq = add(dq, rows(XE, Ri, "i>=j", ld["erase_u"]))
     grads = {"read_q": named(dq, "d_read_q")}
     da, db = [], []
+    ta, tb = [], []   # the terms of da, db from the state leaving the chunk
     for m in range(nw):
         am, bm = ld[f"write_a{m}"], ld[f"write_b{m}"]
         x = cols(X[m], Ri, "i>=j", q)
         if wy:
             x = add(x, cols(XdE[m], Rs, "i>j", "erase_r"))
-        x = add(x, scaled(g.contract(scaled(bm, to_end_v), dSe, (V,)), to_end))
+        ta.append(scaled(g.contract(scaled(bm, to_end_v), dSe, (V,)), to_end))
+        x = add(x, ta[-1])
         da.append(named(x, f"d_write_a{m}"))
         Aa = g.ir("mul", f"A_a{m}", Rv) if Rv else f"A_a{m}"
         y = g.rename(g.contract(Aa, dz, ("i",)), frm="j", to="i")
         if wy:
             y = add(y, g.rename(g.contract(f"L_a{m}", F, ("i",)), frm="j", to="i"))
-        y = add(y, scaled(g.contract(scaled(am, to_end), dSe, (K,)), to_end_v))
+        tb.append(scaled(g.contract(scaled(am, to_end), dSe, (K,)), to_end_v))
+        y = add(y, tb[-1])
         db.append(named(y, f"d_write_b{m}"))
         grads[f"write_a{m}"], grads[f"write_b{m}"] = da[-1], db[-1]
     if wy:
         u, r = ld["erase_u"], ld["erase_r"]
         du = add(cols(XE, Ri, "i>=j", q), cols(XdEE, Rs, "i>j", r))
-        du = add(du, scaled(g.contract(E, dSe, (V,)), to_end))
+        EdS = g.contract(E, dSe, (V,))
+        du = add(du, scaled(EdS, to_end))
         Gx = "Gx" if "Gx" in g.axes else None
         dr = scaled(g.contract(F, Sin, (V,)), g.ir("exp", Gx) if Gx else None)
         for m in range(nw):
@@ -206,11 +212,31 @@ def lower_adjoint(decl_or_program, form: str | None = None, chunk: int | None = 
         if wy:
             h = add(h, g.contract("A_u", g.rename(E), ("j",)))
         h = named(h, "h")
-    if G or Gv:   # the state leaving the chunk, for the gates' boundary terms
-        S_end = scaled(scaled(Sin, "decay_end" if G else None), "decay_end_v" if Gv else None)
-        S_end = g.ir("add", S_end, val["W"])
+    def boundary(side: str, keep: tuple[str, ...]) -> str:
+        """sum(dS * S_end) over the state dims the gate does not keep, with the state leaving
+        the chunk S_end = D_end S_in + sum_m (a_m to_end)(b_m to_end_v)^T [+ u_end^T E]: its
+        write terms are sums over i of a_m * ta_m (K side) or b_m * tb_m (V side), of products
+        the gradients above already made, so no [K, V] product is rebuilt here."""
+        kept = K if side == "k" else V
+        over = (kept,) if kept not in keep else ()
+        over = tuple(d for d in sd if d != kept) + over
+        inner, outer = Sin, []
+        for f in ("decay_end" if G else None, "decay_end_v" if Gv else None):
+            if f is not None and set(g.axes[f]) & set(over):
+                inner = g.ir("mul", inner, f)
+            elif f is not None:
+                outer.append(f)
+        out = g.contract(dSe, inner, over)
+        for f in outer:
+            out = g.ir("mul", out, f)
+        ovi = ("i",) + (() if kept in keep else (kept,))
+        for m in range(nw):
+            w = (ld[f"write_a{m}"], ta[m]) if side == "k" else (ld[f"write_b{m}"], tb[m])
+            out = g.ir("add", out, g.contract(*w, ovi))
         if wy:
-            S_end = g.ir("add", S_end, g.contract(val["u_end"], E, ("i",)))
+            w = (val["u_end"], EdS) if side == "k" else (E, g.contract(val["u_end"], dSe, (K,)))
+            out = g.ir("add", out, g.contract(*w, ovi))
+        return out
 
     def dot(x: str, y: str, keep: tuple[str, ...], over: str) -> str:
         """x * y summed over ``over`` unless the gate keeps it."""
@@ -231,15 +257,13 @@ def lower_adjoint(decl_or_program, form: str | None = None, chunk: int | None = 
         d = rev(x)
         if wy:
             d = g.ir("sub", d, rdr)
-        bnd = g.contract(dSe, S_end, (V,) if K in gk else (K, V))
-        grads["log_gate_k"] = named(g.ir("add", d, bnd), "d_log_gate_k")
+        grads["log_gate_k"] = named(g.ir("add", d, boundary("k", gk)), "d_log_gate_k")
     if Gv:
         gv = g.axes[Gv][1:]
         x = dot(dz, h, gv, V)
         for m in range(nw):
             x = g.ir("sub", x, dot(ld[f"write_b{m}"], db[m], gv, V))
-        bnd = g.contract(dSe, S_end, (K,) if V in gv else (K, V))
-        grads["log_gate_v"] = named(g.ir("add", rev(x), bnd), "d_log_gate_v")
+        grads["log_gate_v"] = named(g.ir("add", rev(x), boundary("v", gv)), "d_log_gate_v")
     gs.outputs = tuple(grads.values()) + ((h,) if h else ())
     _export_reads([prep, sp, ap, gs])
     ivjp, why = prologue_vjp(p, pro, grads, h, V)

@@ -371,8 +371,18 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
                 body(op)
         else:   # the state blocks a block of V at a time
             before, within, after = plan
+            # what the loop does not read is made after it, so that it is not held in
+            # registers through the loop
+            need = {a for op in within for a in op.args}
+            for op in reversed(before):
+                if op.out in need:
+                    need.update(op.args)
+            rest = {op.out for op in before if op.out not in need} | {op.out for op in after}
+            after = self.low_pressure_order([op for op in st.ops if op.out in rest], lazy,
+                                            set(outs))
             for op in before:
-                body(op)
+                if op.out in need:
+                    body(op)
             self.state_loop(within, [n for n in outs if n not in stored], put, ind)
             stored.update(n for n in outs if n in {op.out for op in within})
             store_ready()

@@ -133,3 +133,42 @@ class StateLoops:
                     any(V in self.axes[x] for x in leaves):
                 self.store_output(self.node(n, ind), ind, ptr, od)
                 self.late.remove(item)
+
+    def low_pressure_order(self, ops: list[TileOp], lazy: set[str],
+                           keep: set[str]) -> list[TileOp]:
+        """``ops`` (in dependency order) reordered so fewer values are live at once: the
+        ready op that frees the most register bytes (its last reads) less the bytes it makes
+        goes first, ties in the given order. ``keep``: values read later than these ops (not
+        freed). A lazy op (formed inside the position loop that reads it) holds nothing."""
+        mine = {op.out for op in ops}
+        uses: dict[str, int] = {}
+        for op in ops:
+            for a in set(op.args):
+                uses[a] = uses.get(a, 0) + 1
+        axes = {**self.inputs, **{op.out: tuple(op.axes) for op in self.st.ops}}
+
+        def size(name: str) -> int:
+            n = 1
+            for a in axes.get(name, ()):
+                n *= self.block(a)
+            return n
+
+        def gain(op: TileOp) -> int:
+            made = 0 if op.out in lazy or op.op in ("rename", "load") else size(op.out)
+            freed = sum(size(a) for a in set(op.args)
+                        if uses.get(a) == 1 and a not in keep and a not in self.inputs)
+            return freed - made
+
+        done: set[str] = set()
+        left = list(ops)
+        out = []
+        while left:
+            ready = [op for op in left if all(a not in mine or a in done for a in op.args)]
+            best = max(ready, key=gain)   # max keeps the first of equals
+            out.append(best)
+            left.remove(best)
+            done.add(best.out)
+            for a in set(best.args):
+                uses[a] -= 1
+        return out
+
