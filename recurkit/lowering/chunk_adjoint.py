@@ -218,8 +218,7 @@ def lower_adjoint(decl_or_program, form: str | None = None, chunk: int | None = 
         write terms are sums over i of a_m * ta_m (K side) or b_m * tb_m (V side), of products
         the gradients above already made, so no [K, V] product is rebuilt here."""
         kept = K if side == "k" else V
-        over = (kept,) if kept not in keep else ()
-        over = tuple(d for d in sd if d != kept) + over
+        over = tuple(d for d in sd if d != kept) + (() if kept in keep else (kept,))
         inner, outer = Sin, []
         for f in ("decay_end" if G else None, "decay_end_v" if Gv else None):
             if f is not None and set(g.axes[f]) & set(over):

@@ -147,27 +147,27 @@ class _AdjGen(NestEmitter, _Gen):
             g_val, top=id(g_val) not in self.mat), value=g_val,
             target=lambda e: f"G[{self.idx(sd, e)}]")
         placed = self.schedule(items)
-        k = self.place_last(placed, g_item, id(adj.d_new))
-        if k == len(placed):
-            placed.append([g_item])
-        else:
-            placed[k].append(g_item)
+        self.place_last(placed, g_item, id(adj.d_new))
         lines = self.emit(placed, ind)
         self.slot_next = None
         return lines
 
-    def place_last(self, groups: list[list[_Item]], it: _Item, over: int) -> int:
-        """The nest for ``it``, which overwrites the value ``over`` (G) elementwise: the last
-        nest reading ``over`` when it runs over ``it``'s dims (every read there is at the
-        element being written, and ``it`` comes last in it) and has what ``it`` reads, else a
-        nest of its own after the others."""
+    def place_last(self, groups: list[list[_Item]], it: _Item, over: int) -> None:
+        """Put ``it``, which overwrites the value ``over`` (G) elementwise, last into the first
+        nest over its dims from the last one reading ``over`` on (a read there is at the
+        element being written) that comes after what ``it`` reads, else into a nest of its own
+        after the others."""
         last = max((k for k, g in enumerate(groups) if any(over in x.reads for x in g)),
-                   default=-1)
+                   default=0)
         made = {id(x.node): k + (x.red or groups[k][0].domain != it.domain)
                 for k, g in enumerate(groups) for x in g if x.node is not None}
-        need = max([last, 0] + [made[r] for r in it.reads if r in made])
-        return next((k for k in range(need, len(groups))
-                     if groups[k][0].domain == it.domain), len(groups))
+        need = max([last] + [made[r] for r in it.reads if r in made])
+        k = next((k for k in range(need, len(groups)) if groups[k][0].domain == it.domain),
+                 None)
+        if k is None:
+            groups.append([it])
+        else:
+            groups[k].append(it)
 
     def source(self) -> str:
         p, sz, adj, C = self.p, self.sizes, self.adj, self.chunk
