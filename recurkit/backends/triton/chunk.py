@@ -69,6 +69,7 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         self.deferred: dict[str, str] = {}            # load op output -> the input it reads
         self.late: list[tuple] = []   # (pointer, IR, dims): per-token values of the prologue's
                                       # IR over the stage's values, stored once those exist
+        self.reread = False   # reads from here on may repeat earlier ones (cache hits)
 
     # --- axes -------------------------------------------------------------------------------
     def size(self, a: str) -> int:
@@ -154,8 +155,10 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         """A load or store of a block over ``axes`` (all of each axis over the kernel's
         programs; a split axis' blocks together cover it once)."""
         copies = self.nsplit() if kind == "r" and self.split and self.split not in axes else 1
-        self.accesses.append((kind, ptr, tuple(a.rstrip("'") for a in axes),
-                              self.per_chunk(ind), by_token, copies))
+        rec = (kind, ptr, tuple(a.rstrip("'") for a in axes), self.per_chunk(ind), by_token,
+               copies)
+        if not (kind == "r" and self.reread and rec in self.accesses):
+            self.accesses.append(rec)
 
     def note_dot(self, M: int, N: int, K: int, ind: int) -> None:
         rep = -(-self.size(self.kctx[0]) // self.kctx[1]) if self.kctx else 1
@@ -370,25 +373,7 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
             for op in st.ops:
                 body(op)
         else:   # the state blocks a block of V at a time
-            before, within, after = plan
-            # what the loop does not read is made after it, so that it is not held in
-            # registers through the loop
-            need = {a for op in within for a in op.args}
-            for op in reversed(before):
-                if op.out in need:
-                    need.update(op.args)
-            rest = {op.out for op in before if op.out not in need} | {op.out for op in after}
-            after = self.low_pressure_order([op for op in st.ops if op.out in rest], lazy,
-                                            set(outs))
-            for op in before:
-                if op.out in need:
-                    body(op)
-            self.state_loop(within, [n for n in outs if n not in stored], put, ind)
-            stored.update(n for n in outs if n in {op.out for op in within})
-            store_ready()
-            self.store_late(ind)
-            for op in after:
-                body(op)
+            self.split_by_state_loop(plan, body, outs, stored, put, store_ready, lazy, ind)
         if self.late:
             raise RuntimeError(f"{st.name}: the values of the prologue's backward were never "
                                "all made")

@@ -13,10 +13,13 @@ form.
 """
 from __future__ import annotations
 
+import re
+
 from ...ir.node import toposort
 from ...lowering.tile import TileOp
 
 REDUCE = ("sum", "max", "contract")
+COSTLY = ("contract", "invert_unit_lower")   # kept live across the loop, never remade
 
 
 class StateLoops:
@@ -82,6 +85,34 @@ class StateLoops:
                     return None
         return before, within, after
 
+    def split_by_state_loop(self, plan, body, outs: list[str], stored: set[str], put,
+                            store_ready, lazy: set[str], ind: int) -> None:
+        """Emit a stage split by ``state_loop_plan``: what the loop reads, the loop, then the
+        rest (``body`` emits one op) in a low-pressure order. What the loop does not read is
+        made after it, and what it reads only through cheap values is made again after it,
+        so that neither is held in registers through the loop."""
+        before, within, after = plan
+        need = {a for op in within for a in op.args}
+        for op in reversed(before):
+            if op.out in need:
+                need.update(op.args)
+        rest = {op.out for op in before if op.out not in need} | {op.out for op in after}
+        pre, mark = [op for op in before if op.out in need], set(self.var)
+        for op in pre:
+            body(op)
+        at = len(self.L)
+        self.state_loop(within, [n for n in outs if n not in stored], put, ind)
+        at = next(k for k in range(at, len(self.L)) if "for kb in" in self.L[k])
+        ops = self.st.ops
+        rest |= {op.out for op in self.rematerialize(pre, mark, at,
+                                                     [op for op in ops if op.out in rest])}
+        after = self.low_pressure_order([op for op in ops if op.out in rest], lazy, set(outs))
+        stored.update(n for n in outs if n in {op.out for op in within})
+        store_ready()
+        self.store_late(ind)
+        for op in after:
+            body(op)
+
     def state_loop(self, within: list[TileOp], outs: list[str], put, ind: int) -> None:
         """``within`` once per block of V: contractions over V into accumulators, values
         over V stored (``put``) or read by the prologue's backward within their block."""
@@ -120,6 +151,37 @@ class StateLoops:
         for op in within:
             if op.out in accs:
                 self.var[op.out], self.axes[op.out] = accs[op.out], tuple(op.axes)
+
+    def rematerialize(self, made_before: list[TileOp], mark: set[str], loop_at: int,
+                      after: list[TileOp]) -> list[TileOp]:
+        """Forget the values made before the loop (``mark``: what ``var`` held before them;
+        ``loop_at``: the loop's first line) that the loop does not read, so that they are not
+        held in registers through it: stage inputs and prologue values are read or rendered
+        again where next used, cheap ops (no contraction) made again after the loop. Returns
+        those ops that ``after`` (or the prologue's backward) reads, to emit with it. Rereads
+        hit the cache: the traffic model does not count them again (``self.reread``)."""
+        body = "\n".join(self.L[loop_at:])
+        read = set(re.findall(r"\bv_\w+", body))
+        ops = {op.out: op for op in made_before}
+        stage = {op.out for op in self.st.ops}
+        gone = {k for k in set(self.var) - mark if self.var[k].startswith("v_") and
+                self.var[k] not in read and (ops[k].op not in COSTLY if k in ops else
+                                             k not in stage or k in self.deferred)}
+        # a value kept (costly, or read by the loop) stays; so do its aliases
+        kept_vars = {self.var[k] for k in self.var if k not in gone}
+        gone = {k for k in gone if self.var[k] not in kept_vars}
+        for k in gone:
+            del self.var[k]
+        want = {a for op in after for a in op.args}
+        want |= {x.attr("name") for _, n, _ in self.late for x in toposort([n])
+                 if x.op == "input"}
+        redo = []
+        for op in reversed(made_before):
+            if op.out in gone and op.out in want:
+                redo.append(op)
+                want.update(op.args)
+        self.reread = True
+        return redo[::-1]
 
     def _late_in_block(self, V: str, ind: int) -> None:
         """Store the prologue's backward values over V whose leaves this block has made."""
