@@ -16,7 +16,7 @@ from recurkit.lowering.adjoint import derive_adjoint
 from recurkit.ops import ALL
 from test_custom_recurrences import EXPECTED
 
-SIZES = {"K": 4, "V": 5, "D": 6}
+SIZES = {"K": 4, "V": 5, "D": 6, "R": 3}
 BUILTINS = {name: fn.decl for name, fn in ALL.items()}
 BUILTINS.update({f"{name}_{v}": d for name, fn in ALL.items() for v, d in fn.variants.items()})
 CUSTOM = {d.name: d for d in EXPECTED}

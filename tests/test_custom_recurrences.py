@@ -49,6 +49,19 @@ def signed_scan(h: rk.State["D"], x: rk.Token["D"], a: rk.Token["D"]):
 
 
 @rk.recurrence
+def gated_scan(h: rk.State["D"], x: rk.Token["D"], g: rk.Token[()]):
+    h = rk.exp(g) * h + x                          # one gate per token for the whole state
+    return h, h
+
+
+@rk.recurrence
+def rank_r_write(S: rk.State["K", "V"], q: rk.Token["K"], kt: rk.Token["K", "R"],
+                 vt: rk.Token["R", "V"], g: rk.Token[()]):
+    S = rk.exp(g) * S + kt @ vt                    # Mamba-3 MIMO: a rank-R write per token
+    return S, q @ S
+
+
+@rk.recurrence
 def nonlinear(h: rk.State["D"], x: rk.Token["D"]):
     h = rk.tanh(h + x)  # MARK-nonlinear
     return h, h
@@ -76,7 +89,7 @@ def line_of(marker):
 
 def draw(decl, T, seed=0, B=2, H=2, sizes=None, positive_d=True):
     gen = torch.Generator().manual_seed(seed)
-    sizes = sizes or {"K": 5, "V": 4, "D": 6}
+    sizes = sizes or {"K": 5, "V": 4, "D": 6, "R": 3}
     out = []
     for spec in decl.program.call_inputs:
         shape = ((B, T, H) if spec.role == "token" else (H,)) + tuple(sizes[d] for d in spec.dims)
@@ -99,6 +112,8 @@ EXPECTED = {
     two_sided_gate: ("diagonal", "chunk_gated"),
     normalised_beta: ("rank1", "chunk_wy"),
     signed_scan: ("elementwise", "scan"),
+    gated_scan: ("elementwise", "scan"),
+    rank_r_write: ("elementwise", "scan"),   # exact; the gated chunk form is still to come
     nonlinear: ("general", "sequential"),
     reads_old_state: ("general", "sequential"),
     raw_decay: ("diagonal", "chunk_gated"),
@@ -134,7 +149,7 @@ def test_sequential_reasons_point_at_the_users_line():
 def test_every_form_matches_reference(decl, T):
     x = draw(decl, T)
     state = decl.program.state
-    sizes = {"K": 5, "V": 4, "D": 6}
+    sizes = {"K": 5, "V": 4, "D": 6, "R": 3}
     S0 = torch.randn(2, 2, *(sizes[d] for d in state.dims)) * 0.5
     o_ref, S_ref = rk.compile(decl, backend="reference")(*x, initial_state=S0,
                                                           output_final_state=True)

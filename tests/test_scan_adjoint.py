@@ -2,7 +2,8 @@
 states' cotangents, in torch (the oracle) and Triton (its interpreter on CPU tensors), against
 autograd through the reference interpreter: every declaration with a scan form, odd lengths,
 varlen with empty and length-1 segments, initial and final states, signed multipliers, decays
-near 1, 16-bit inputs."""
+near 1, 16-bit inputs; gates over fewer dims than the state (one per token), states of two
+dims (a rank-R write)."""
 import pytest
 import torch
 
@@ -27,7 +28,7 @@ def scan_calls(monkeypatch):
 
 
 def test_the_scan_declarations_are_covered():
-    assert {"hgrn", "min_gru", "signed_scan"} <= set(SCANNED)
+    assert {"hgrn", "min_gru", "signed_scan", "gated_scan", "rank_r_write"} <= set(SCANNED)
 
 
 @pytest.mark.parametrize("name", list(SCANNED))
@@ -40,13 +41,14 @@ def test_torch_scan_backward_matches_autograd_through_the_reference(name, scan_c
     assert scan_calls == [decl.program.name] * 4
 
 
-@pytest.mark.parametrize("name", ["hgrn", "signed_scan"])
+@pytest.mark.parametrize("name", ["hgrn", "signed_scan", "rank_r_write"])
 def test_decays_near_one_and_half_inputs(name):
     check(SCANNED[name], T=100, gate=(-1e-6, -1e-7))
     check(SCANNED[name], T=40, dtype=torch.bfloat16, tol=1e-2)
 
 
-@pytest.mark.parametrize("name", ["hgrn", "signed_scan", "linear_attn_normalizer"])
+@pytest.mark.parametrize("name", ["hgrn", "signed_scan", "linear_attn_normalizer", "gated_scan",
+                                  "rank_r_write"])   # a matrix state: scanned as K * V entries
 def test_triton_scan_backward_in_the_interpreter(name, scan_calls):
     decl = SCANNED[name]
     check(decl, T=33, backend="triton")

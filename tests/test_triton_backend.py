@@ -145,7 +145,7 @@ def test_extreme_gates(name, gate):
 @pytest.mark.parametrize("decl", list(EXPECTED), ids=lambda d: d.name)
 def test_declarations_not_in_the_library(decl):
     x = draw(decl, 21)
-    sizes = {"K": 5, "V": 4, "D": 6}
+    sizes = {"K": 5, "V": 4, "D": 6, "R": 3}
     S0 = torch.randn(2, 2, *(sizes[d] for d in decl.program.state.dims)) * 0.5
     kw = dict(initial_state=S0, output_final_state=True)
     o_ref, S_ref = rk.compile(decl, backend="reference")(*x, **kw)

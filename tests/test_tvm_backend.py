@@ -71,8 +71,8 @@ def test_column_blocked_custom_recurrences(decl):
     two-sided gates, a normalised beta, an output reading the old state, a raw decay), their
     state updated in three 8-wide column blocks."""
     assert "for vb in T.serial(3):" in tvm_backend.sequential_source(
-        decl.program, {"K": 5, "V": 24}, 2, knobs={"block": 8})
-    x = draw(decl, 23, sizes={"K": 5, "V": 24, "D": 6})
+        decl.program, {"K": 5, "V": 24, "R": 3}, 2, knobs={"block": 8})
+    x = draw(decl, 23, sizes={"K": 5, "V": 24, "D": 6, "R": 3})
     o_ref, S_ref = rk.compile(decl, backend="reference")(*x, output_final_state=True)
     o, S = rk.compile(decl, backend="tvm", knobs={"block": 8})(*x, output_final_state=True)
     assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5

@@ -162,7 +162,7 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
         if kernel is not None and tp is not None and decays_positive(tp, bc):
             return chunked.chunk_backward(bc, tp, grad_o, grad_S, kernel, leaves)
         kernel = scan_kernel(bc.device.type)
-        if kernel is not None and len(program.state.dims) == 1:
+        if kernel is not None:
             return scanned.scan_backward(bc, grad_o, grad_S, kernel, leaves)
         kernel = next((k for k in (b.adjoint_kernel(bc.device.type) for b in _by_rank())
                        if k is not None), None)

@@ -99,12 +99,37 @@ def initial_state(bc: BoundCall, N: int) -> torch.Tensor:
 
 
 
+def on_dims(x: torch.Tensor, have, want) -> torch.Tensor:
+    """A value [B|1, T|1, H|1, *have] viewed over [B|1, T|1, H|1, *want] (``have`` among
+    ``want``, in any order): size 1 along the dims it does not vary over, ready to expand."""
+    have, want = tuple(have), tuple(want)
+    if any(d not in want for d in have):
+        raise ValueError(f"a value over {have} cannot be laid out over {want}")
+    order = [d for d in want if d in have]
+    if tuple(order) != have:
+        x = x.permute(0, 1, 2, *(3 + have.index(d) for d in order))
+    lead, sizes = list(x.shape[:3]), dict(zip(order, x.shape[3:]))
+    return x.reshape(lead + [sizes.get(d, 1) for d in want])
+
+
+def off_dims(x: torch.Tensor, have, want) -> torch.Tensor:
+    """The cotangent [B, T, H, *have] of a value over ``want`` (among ``have``) broadcast to
+    ``have`` (``on_dims``): summed over the others, the dims in ``want``'s order."""
+    have, want = tuple(have), tuple(want)
+    x = x.sum(tuple(3 + i for i, d in enumerate(have) if d not in want)) if \
+        set(have) - set(want) else x
+    kept = [d for d in have if d in want]
+    return x.permute(0, 1, 2, *(3 + kept.index(d) for d in want)) if kept != list(want) \
+        else x
+
+
 def per_token(bc: BoundCall, nodes, dims=None) -> list[torch.Tensor]:
     """Each node's value for every token as a contiguous fp32 [B, T, H, *dims] tensor
-    (``dims``: the node's own, unless given)."""
+    (``dims``: the node's own, unless given: a value over fewer of them is broadcast)."""
     vals = evaluate(bc, list(nodes)) if nodes else {}
-    return [vals[id(n)].expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (
-        n.dims if dims is None else dims))).contiguous() for n in nodes]
+    return [on_dims(vals[id(n)], n.dims, n.dims if dims is None else dims).expand(
+        bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (n.dims if dims is None else dims)))
+        .contiguous() for n in nodes]
 
 
 def token_loop_args(bc: BoundCall, nodes, dims=None):
@@ -119,19 +144,28 @@ def token_loop_args(bc: BoundCall, nodes, dims=None):
 
 def scan_args(tp: TileProgram, bc: BoundCall):
     """(m, sign or None, b, seg, s0, sf) for h_t = a_t h_(t-1) + b_t with m = expm1(log|a|):
-    the scan kernels form |a| h as h + m h (see tvm.chunk._scan_source)."""
+    the scan kernels form |a| h as h + m h (see tvm.chunk._scan_source). The recurrence is
+    elementwise, so a state of several dims runs as one of their product: m, sign, b are
+    [B, T, H, D] and s0, sf [N, H, D] (``scan_result`` restores the dims)."""
     p = bc.program
-    if len(p.state.dims) != 1:
-        raise NotImplementedError("scan kernels: vector states with one dim only")
     feeds, seg, s0, sf = token_loop_args(bc, tp.prologue.values(), p.state.dims)
-    pro = dict(zip(tp.prologue, feeds))
+    flat = lambda x: x.reshape(*x.shape[:3], -1)   # noqa: E731
+    pro = {k: flat(v) for k, v in zip(tp.prologue, feeds)}
     sg = torch.sign(pro["scan_sign"]) if "scan_sign" in pro else None
+    s0, sf = s0.reshape(*s0.shape[:2], -1), sf.reshape(*sf.shape[:2], -1)
     return torch.expm1(pro["scan_log_a"]), sg, pro["scan_b"], seg, s0, sf
 
 
+def state_shaped(bc: BoundCall, x: torch.Tensor) -> torch.Tensor:
+    """A [..., D] value of the scan kernels (``scan_args``) with the state's dims again."""
+    return x.reshape(*x.shape[:-1], *(bc.sizes[d] for d in bc.program.state.dims))
+
+
 def scan_result(bc: BoundCall, hs: torch.Tensor, sf: torch.Tensor):
-    """The declaration's output evaluated from the states h of every token."""
+    """The declaration's output evaluated from the states h of every token (both as the
+    scan kernels lay them out)."""
     p = bc.program
+    hs, sf = state_shaped(bc, hs), state_shaped(bc, sf)
     out = evaluate(bc, [p.output], {id(p.new_state): hs})[id(p.output)]
     o = out.expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
     return o.to(bc.out_dtype), (sf if bc.output_final_state else None)

@@ -21,6 +21,7 @@ from ...ir.bind import BoundCall
 from ...ir.interpret import evaluate
 from ...lowering.analysis import analyze
 from .adjoint import sum_to
+from .host import off_dims, on_dims
 
 
 def scan_backward(bc: BoundCall, grad_o: torch.Tensor | None, grad_S: torch.Tensor | None,
@@ -55,14 +56,14 @@ def scan_backward(bc: BoundCall, grad_o: torch.Tensor | None, grad_S: torch.Tens
     with torch.enable_grad():
         vals = evaluate(bc, [rec.scan_a, rec.scan_b])
     a, b = (vals[id(n)] for n in (rec.scan_a, rec.scan_b))
-    da, db, d_init = kernel(bc, a.detach().expand(shape).contiguous(),
-                            b.detach().expand(shape).contiguous(), dh_of,
+    full = lambda v, n: on_dims(v.detach(), n.dims, sd).expand(shape).contiguous()  # noqa: E731
+    da, db, d_init = kernel(bc, full(a, rec.scan_a), full(b, rec.scan_b), dh_of,
                             None if grad_S is None else grad_S.float())
     outs, cots = [], []
-    for v, c in ((a, da), (b, db)):
-        if v.requires_grad:
+    for v, n, c in ((a, rec.scan_a, da), (b, rec.scan_b, db)):
+        if v.requires_grad:   # summed over the state dims the value does not vary over
             outs.append(v)
-            cots.append(sum_to(c, v.shape))
+            cots.append(sum_to(off_dims(c, sd, n.dims), v.shape))
     names = list(want)
     got = torch.autograd.grad(outs, [want[n] for n in names], cots, allow_unused=True) \
         if outs and names else [None] * len(names)

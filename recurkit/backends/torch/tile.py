@@ -15,7 +15,7 @@ import torch
 from ...ir.bind import BoundCall
 from ...ir.interpret import evaluate, run_reference
 from ...lowering.tile import TileProgram
-from ..shared.host import Packing, decays_positive, initial_state, segments
+from ..shared.host import Packing, decays_positive, initial_state, on_dims, segments
 from .tile_ops import LoopPlan, Val, _flush, exec_op
 
 
@@ -167,10 +167,14 @@ def _scan(la: torch.Tensor, sg: torch.Tensor | None, b: torch.Tensor, dim: int) 
 
 def _run_scan(tp: TileProgram, bc: BoundCall, pro: dict[str, torch.Tensor]):
     p = bc.program
-    shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.state.dims))
-    la = pro["scan_log_a"].expand(shape).clone()
-    sg = torch.sign(pro["scan_sign"]).expand(shape).clone() if "scan_sign" in pro else None
-    b = pro["scan_b"].expand(shape).clone()
+    sd = p.state.dims
+    shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in sd))
+
+    def full(role: str) -> torch.Tensor:   # a value over fewer dims than the state's
+        return on_dims(pro[role], tp.prologue[role].dims, sd).expand(shape).clone()
+    la = full("scan_log_a")
+    sg = torch.sign(full("scan_sign")) if "scan_sign" in pro else None
+    b = full("scan_b")
     h0 = initial_state(bc, bc.N)
     segs = segments(bc)
     # each sequence starts from its initial state: fold a_t0 * h0 into b_t0 and cut the link

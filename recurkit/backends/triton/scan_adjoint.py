@@ -12,7 +12,7 @@ import torch
 
 from ...ir.bind import BoundCall
 from ...lowering.forms import lower
-from ..shared.host import scan_args
+from ..shared.host import scan_args, state_shaped
 from .runtime import _launch, check_config, load_module, warps
 from .sequential import HEADER, pow2, scan_program_lines, scan_source
 
@@ -71,10 +71,11 @@ def run_scan_adjoint_triton(bc: BoundCall, a: torch.Tensor, b: torch.Tensor, dh_
     fwd = load_module(scan_source(D, bc.H, sg is not None, num_warps=nw), interpret)
     hs = torch.empty_like(m)
     _launch(fwd, interpret, m, sg, bb, hs, s0, sf, seg, bc.T, seg.shape[0])
-    dh = dh_of(hs).float().contiguous()
+    dh = dh_of(state_shaped(bc, hs)).float().reshape(m.shape).contiguous()
     rev = load_module(scan_adjoint_source(D, bc.H, sg is not None, num_warps=nw), interpret)
     da, db = torch.empty_like(m), torch.empty_like(m)
     ds0 = torch.empty_like(s0)
-    dsf = d_final.contiguous() if d_final is not None else torch.zeros_like(s0)
+    dsf = d_final.reshape(s0.shape).contiguous() if d_final is not None else \
+        torch.zeros_like(s0)
     _launch(rev, interpret, m, sg, dh, hs, s0, dsf, da, db, ds0, seg, bc.T, seg.shape[0])
-    return da, db, ds0
+    return state_shaped(bc, da), state_shaped(bc, db), state_shaped(bc, ds0)
