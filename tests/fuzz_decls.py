@@ -1,0 +1,106 @@
+"""Random valid declarations for differential fuzzing (``test_fuzz.py``): a hypothesis strategy
+that writes the source of an ``@rk.recurrence`` from the vocabulary the analysis knows
+(scalar / per-key / per-value decays, rank-1 erases, outer-product and rank-R writes, gated
+readouts with skips, token-only prologues) and from what it does not (several erases, steps
+nonlinear in the state), and traces it. Inputs are drawn by name: ``g*`` log-decays, ``k*``
+unit keys, ``b*`` betas in (0, 1)."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+import recurkit as rk
+
+SIZES = {"K": 4, "V": 3, "D": 5, "R": 2}
+_COUNT = itertools.count()
+
+
+@st.composite
+def matrix_step(draw) -> str:
+    """The body of a [K, V]-state step; the inputs it reads are declared from their names."""
+    lines, out = [], []
+    decay = draw(st.sampled_from(["", "scalar", "key", "value", "both"]))
+    if decay in ("scalar",):
+        lines.append("S = rk.exp(g) * S")
+    elif decay == "key":
+        lines.append("S = rk.exp(gk) * S")
+    elif decay == "value":
+        lines.append("S = rk.exp(gv) * S")
+    elif decay == "both":
+        lines.append("S = rk.exp(gk) * (rk.exp(gv) * S)")
+    erases = draw(st.sampled_from([0, 0, 1, 1, 1, 2])) if decay in ("", "scalar", "key") else 0
+    if erases and draw(st.booleans()):
+        lines.append("k1 = rk.l2norm(k1)")   # a token-only prologue
+    for e in range(erases):   # a delta-rule update: erase along the key, write the new value
+        key = "k1" if e == 0 else "k2"
+        lines.append(f"S = S + rk.sigmoid(b{e + 1}) * rk.outer({key}, v{e + 1} - {key} @ S)")
+    writes = draw(st.integers(0 if erases else 1, 2))
+    for w in range(writes):
+        if w == 0 and draw(st.integers(0, 3)) == 0:
+            lines.append("S = S + kt @ vt")      # a rank-R write
+        else:
+            lines.append(f"S = S + rk.outer(ka{w}, va{w})")
+    read = "q @ S"
+    if draw(st.booleans()):
+        read = f"rk.silu(z) * ({read})"
+    if draw(st.booleans()):
+        read = f"{read} + va0" if writes else f"{read} + v1"
+    if draw(st.booleans()):
+        read = f"0.5 * ({read})"
+    out.append(read)
+    return "\n    ".join(lines + [f"return S, {out[0]}"])
+
+
+@st.composite
+def vector_step(draw) -> str:
+    """The body of a [D]-state step: elementwise (any gate sign), or nonlinear in the state."""
+    kind = draw(st.sampled_from(["scalar", "channel", "signed", "nonlinear"]))
+    body = {"scalar": "h = rk.exp(g) * h + x",
+            "channel": "h = rk.sigmoid(a) * h + (1.0 - rk.sigmoid(a)) * x",
+            "signed": "h = rk.tanh(a) * h + x",
+            "nonlinear": "h = rk.tanh(h * rk.sigmoid(a) + x)"}[kind]
+    read = draw(st.sampled_from(["h", "h * h", "rk.silu(x) * h"]))
+    return f"{body}\n    return h, {read}"
+
+
+DIMS = {"S": ("K", "V"), "h": ("D",), "q": ("K",), "k1": ("K",), "k2": ("K",), "g": (),
+        "gk": ("K",), "gv": ("V",), "b1": (), "b2": (), "v1": ("V",), "v2": ("V",),
+        "ka0": ("K",), "ka1": ("K",), "va0": ("V",), "va1": ("V",), "kt": ("K", "R"),
+        "vt": ("R", "V"), "z": ("V",), "x": ("D",), "a": ("D",)}
+
+
+def declaration(body: str):
+    """Trace the step ``body`` as a declaration reading every input it names."""
+    state = "S" if "return S" in body else "h"
+    names = [n for n in DIMS if n != state and _reads(body, n)]
+    ann = lambda n, kind: f"rk.{kind}[{', '.join(repr(d) for d in DIMS[n]) or '()'}]"  # noqa: E731
+    params = [f"{state}: {ann(state, 'State')}"] + [f"{n}: {ann(n, 'Token')}" for n in names]
+    name = f"fuzz_{next(_COUNT)}"
+    src = f"def {name}({', '.join(params)}):\n    {body}\n"
+    env = {"rk": rk}
+    exec(compile(src, f"<{name}>", "exec"), env)   # noqa: S102 - our own generated source
+    return rk.recurrence(env[name]), src
+
+
+def _reads(body: str, name: str) -> bool:
+    import re
+    return re.search(rf"\b{name}\b", body) is not None
+
+
+def inputs(decl, T: int, B: int = 1, H: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for spec in decl.program.call_inputs:
+        shape = (B, T, H) + tuple(SIZES[d] for d in spec.dims)
+        x = torch.randn(*shape, generator=gen)
+        if spec.name.startswith("g"):
+            x = -0.05 - 0.5 * torch.rand(*shape, generator=gen)
+        elif spec.name.startswith("k") and spec.dims == ("K",):
+            x = F.normalize(x, dim=-1)
+        elif spec.name in ("kt", "vt"):
+            x = x * 0.5
+        out[spec.name] = x
+    return out
