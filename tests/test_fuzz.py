@@ -1,7 +1,9 @@
 """Differential fuzzing: random declarations (``fuzz_decls``) on every backend and every exact
 form the analysis gives them, forward (output and final state, with an initial state, some
 calls varlen) and gradients of every input and of the initial state, against the reference
-interpreter (and autograd through it). A small budget runs by default; ``-m slow`` runs more."""
+interpreter (and autograd through it). A small budget runs by default (8 examples a test, 3
+for the Triton gradients, seeded); ``-m slow`` runs 60 more, and RECURKIT_FUZZ_EXAMPLES=n sets
+every budget to n (unseeded)."""
 import os
 
 import pytest
@@ -12,7 +14,7 @@ import recurkit as rk
 from fuzz_decls import SIZES, declaration, inputs, matrix_step, vector_step
 
 BUDGET = int(os.environ.get("RECURKIT_FUZZ_EXAMPLES", "0"))
-QUICK = settings(max_examples=BUDGET or 12, deadline=None, derandomize=not BUDGET,
+QUICK = settings(max_examples=BUDGET or 8, deadline=None, derandomize=not BUDGET,
                  suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=BUDGET or 60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -60,9 +62,13 @@ def check(body, T, varlen, seed, backends=("torch", "tvm", "triton"), grad=True)
     if not grad:
         return
     want = grads(rk.compile(decl, backend="reference"), xs, S0, cu)
-    modes = ["auto"] + (["chunk"] if any(f.startswith("chunk") for f in forms) else [])
-    for mode in modes:   # auto on CPU: the generated sequential adjoint (TVM)
-        got = grads(rk.compile(decl, backward=mode), xs, S0, cu)
+    ops = {"auto": rk.compile(decl)}   # on CPU: the generated sequential adjoint (TVM)
+    if any(f.startswith("chunk") for f in forms):
+        ops["chunk"] = rk.compile(decl, backward="chunk")   # the chunk-form backward, torch
+    if "triton" in backends:   # Triton's forward and backward, in the interpreter
+        ops["triton"] = rk.compile(decl, backend="triton")
+    for mode, op in ops.items():
+        got = grads(op, xs, S0, cu)
         for n, w in want.items():
             if w is None:
                 continue
@@ -80,6 +86,13 @@ def test_random_declarations_match_the_reference(body, T, varlen, seed):
 @given(body=steps, T=st.integers(1, 20), seed=st.integers(0, 99))
 def test_random_declarations_in_the_triton_interpreter(body, T, seed):
     check(body, T, False, seed, backends=("triton",), grad=False)
+
+
+@settings(max_examples=BUDGET or 3, deadline=None, derandomize=not BUDGET,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(body=steps, T=st.integers(1, 12), seed=st.integers(0, 99))
+def test_random_declarations_triton_gradients(body, T, seed):
+    check(body, T, False, seed, backends=("triton",))
 
 
 @pytest.mark.slow
