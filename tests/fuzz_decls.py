@@ -90,11 +90,17 @@ def _reads(body: str, name: str) -> bool:
     return re.search(rf"\b{name}\b", body) is not None
 
 
-def inputs(decl, T: int, B: int = 1, H: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+sizes = st.fixed_dictionaries({"K": st.integers(1, 9), "V": st.integers(1, 9),
+                               "D": st.integers(1, 9), "R": st.integers(1, 4)})
+
+
+def inputs(decl, T: int, B: int = 1, H: int = 2, seed: int = 0, sizes: dict | None = None
+           ) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
+    sizes = sizes or SIZES
     out = {}
     for spec in decl.program.call_inputs:
-        shape = (B, T, H) + tuple(SIZES[d] for d in spec.dims)
+        shape = (B, T, H) + tuple(sizes[d] for d in spec.dims)
         x = torch.randn(*shape, generator=gen)
         if spec.name.startswith("g"):
             x = -0.05 - 0.5 * torch.rand(*shape, generator=gen)

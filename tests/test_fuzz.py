@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import recurkit as rk
-from fuzz_decls import SIZES, declaration, inputs, matrix_step, vector_step
+from fuzz_decls import SIZES, declaration, inputs, matrix_step, sizes, vector_step
 
 BUDGET = int(os.environ.get("RECURKIT_FUZZ_EXAMPLES", "0"))
 QUICK = settings(max_examples=BUDGET or 8, deadline=None, derandomize=not BUDGET,
@@ -40,16 +40,17 @@ def grads(op, xs, S0, cu, seed=7):
     return {**{n: t.grad for n, t in leaves.items()}, "initial_state": s0.grad}
 
 
-def check(body, T, varlen, seed, backends=("torch", "tvm", "triton"), grad=True):
+def check(body, T, varlen, seed, backends=("torch", "tvm", "triton"), grad=True, dims=None):
     decl, src = declaration(body)
     forms = rk.analyze(decl).forms
-    xs = inputs(decl, T, seed=seed)
+    dims = dims or SIZES
+    xs = inputs(decl, T, seed=seed, sizes=dims)
     cu = None
     if varlen and T >= 3:   # an empty and a length-1 segment among them
         cu = torch.tensor([0, 0, 1, T // 2, T])
     N = 1 if cu is None else len(cu) - 1
     sd = decl.program.state.dims
-    S0 = torch.randn(N, 2, *(SIZES[d] for d in sd), generator=torch.Generator().manual_seed(
+    S0 = torch.randn(N, 2, *(dims[d] for d in sd), generator=torch.Generator().manual_seed(
         seed + 1)) * 0.5
     o_ref, S_ref = call(rk.compile(decl, backend="reference"), xs, S0, cu)
     for b in backends:
@@ -77,15 +78,16 @@ def check(body, T, varlen, seed, backends=("torch", "tvm", "triton"), grad=True)
 
 
 @QUICK
-@given(body=steps, T=st.integers(1, 40), varlen=st.booleans(), seed=st.integers(0, 99))
-def test_random_declarations_match_the_reference(body, T, varlen, seed):
-    check(body, T, varlen, seed, backends=("torch", "tvm"))
+@given(body=steps, T=st.integers(1, 40), varlen=st.booleans(), seed=st.integers(0, 99),
+       dims=sizes)
+def test_random_declarations_match_the_reference(body, T, varlen, seed, dims):
+    check(body, T, varlen, seed, backends=("torch", "tvm"), dims=dims)
 
 
 @QUICK
-@given(body=steps, T=st.integers(1, 20), seed=st.integers(0, 99))
-def test_random_declarations_in_the_triton_interpreter(body, T, seed):
-    check(body, T, False, seed, backends=("triton",), grad=False)
+@given(body=steps, T=st.integers(1, 20), seed=st.integers(0, 99), dims=sizes)
+def test_random_declarations_in_the_triton_interpreter(body, T, seed, dims):
+    check(body, T, False, seed, backends=("triton",), grad=False, dims=dims)
 
 
 @settings(max_examples=BUDGET or 3, deadline=None, derandomize=not BUDGET,
@@ -97,6 +99,7 @@ def test_random_declarations_triton_gradients(body, T, seed):
 
 @pytest.mark.slow
 @LONG
-@given(body=steps, T=st.integers(1, 100), varlen=st.booleans(), seed=st.integers(0, 999))
-def test_random_declarations_long(body, T, varlen, seed):
-    check(body, T, varlen, seed)
+@given(body=steps, T=st.integers(1, 100), varlen=st.booleans(), seed=st.integers(0, 999),
+       dims=sizes)
+def test_random_declarations_long(body, T, varlen, seed, dims):
+    check(body, T, varlen, seed, dims=dims)
