@@ -49,6 +49,14 @@ def signed_scan(h: rk.State["D"], x: rk.Token["D"], a: rk.Token["D"]):
 
 
 @rk.recurrence
+def trapezoid(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"], v: rk.Token["V"],
+              kp: rk.Token["K"], vp: rk.Token["V"], g: rk.Token[()], lam: rk.Token[()]):
+    a = rk.exp(g)   # Mamba-3's trapezoidal rule, the previous token's pair given as inputs
+    S = a * S + lam * rk.outer(k, v) + (1.0 - lam) * a * rk.outer(kp, vp)
+    return S, q @ S
+
+
+@rk.recurrence
 def gated_scan(h: rk.State["D"], x: rk.Token["D"], g: rk.Token[()]):
     h = rk.exp(g) * h + x                          # one gate per token for the whole state
     return h, h
@@ -112,6 +120,7 @@ EXPECTED = {
     two_sided_gate: ("diagonal", "chunk_gated"),
     normalised_beta: ("rank1", "chunk_wy"),
     signed_scan: ("elementwise", "scan"),
+    trapezoid: ("diagonal", "chunk_gated"),   # two writes
     gated_scan: ("elementwise", "scan"),
     rank_r_write: ("elementwise", "scan"),   # exact; the gated chunk form is still to come
     nonlinear: ("general", "sequential"),
