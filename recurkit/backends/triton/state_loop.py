@@ -25,8 +25,8 @@ COSTLY = ("contract", "invert_unit_lower")   # kept live across the loop, never 
 class StateLoops:
     """Mixin of the chunk stage generator (``chunk._StageGen``): uses its ``st``, ``tp``,
     ``inputs``, ``size``, ``block``, ``split``, ``late``, ``kctx``, ``hoist``/``hoisted``,
-    ``var``/``axes``, ``ensure``, ``op``, ``emit``, ``full``, ``L``, ``n`` and
-    ``store_output``."""
+    ``var``/``axes``, ``deferred``, ``reread``, ``ensure``, ``op``, ``emit``, ``full``, ``L``,
+    ``n``, ``store_output`` and ``store_late``."""
 
     STATE_LOOP_ELEMS = 8192   # [K, V] blocks above this many elements loop over V
     STATE_BLOCK_V = 32
