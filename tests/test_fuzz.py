@@ -68,13 +68,17 @@ def check(body, T, varlen, seed, backends=("torch", "tvm", "triton"), grad=True,
         ops["chunk"] = rk.compile(decl, backward="chunk")   # the chunk-form backward, torch
     if "triton" in backends and T <= 40:   # Triton's forward and backward, in the interpreter
         ops["triton"] = rk.compile(decl, backend="triton")
+    # errors relative to the largest gradient: one that is zero in exact arithmetic (a key
+    # normalised over a dim of size 1) is rounding noise in both
+    scale = max(w.abs().max().item() for w in want.values() if w is not None)
     for mode, op in ops.items():
         got = grads(op, xs, S0, cu)
         for n, w in want.items():
             if w is None:
                 continue
             assert got[n] is not None, (mode, n, src)
-            assert rel(got[n], w) < 1e-3, (mode, n, rel(got[n], w), src)
+            e = (got[n] - w).abs().max().item() / max(scale, 1e-6)
+            assert e < 1e-4, (mode, n, e, src)
 
 
 @QUICK
