@@ -27,6 +27,7 @@ from ...lowering.chunk_adjoint import D_H
 from ...lowering.prologue_vjp import D_O
 from ...lowering.tile import TileProgram
 from .adjoint import sum_to
+from .host import on_dims
 
 
 class _Feeds(Mapping):
@@ -120,21 +121,12 @@ def _input_grads_on_host(bc: BoundCall, tp: TileProgram, ivjp: dict, d_roles: di
     out = {}
     for name, n in ivjp.items():
         spec = next(s for s in p.inputs if s.name == name)
-        g = _declared(vals[id(n)], n.dims, spec.dims)
+        g = on_dims(vals[id(n)], n.dims, spec.dims)
         t = bc.tensors[name]
         full = (1, 1, *t.shape) if spec.role == "param" else t.shape
         g = sum_to(g, full) if any(a > b for a, b in zip(g.shape, full)) else g
         out[name] = g.expand(full).reshape(t.shape)
     return out
-
-
-def _declared(g: torch.Tensor, have: tuple[str, ...], declared: tuple[str, ...]
-              ) -> torch.Tensor:
-    """[.., .., .., *have] viewed in ``declared`` order (size 1 where ``have`` lacks a dim)."""
-    order = [d for d in declared if d in have]
-    g = g.permute(0, 1, 2, *(3 + have.index(d) for d in order))
-    return g.reshape(*g.shape[:3], *(g.shape[3 + order.index(d)] if d in order else 1
-                                     for d in declared))
 
 
 def _autograd(bc, tp, feeds: _Feeds, d_roles: dict, h, go, want: dict) -> dict:

@@ -127,9 +127,12 @@ def per_token(bc: BoundCall, nodes, dims=None) -> list[torch.Tensor]:
     """Each node's value for every token as a contiguous fp32 [B, T, H, *dims] tensor
     (``dims``: the node's own, unless given: a value over fewer of them is broadcast)."""
     vals = evaluate(bc, list(nodes)) if nodes else {}
-    return [on_dims(vals[id(n)], n.dims, n.dims if dims is None else dims).expand(
-        bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (n.dims if dims is None else dims)))
-        .contiguous() for n in nodes]
+    out = []
+    for n in nodes:
+        want = n.dims if dims is None else dims
+        out.append(on_dims(vals[id(n)], n.dims, want).expand(
+            bc.B, bc.T, bc.H, *(bc.sizes[d] for d in want)).contiguous())
+    return out
 
 
 def token_loop_args(bc: BoundCall, nodes, dims=None):
