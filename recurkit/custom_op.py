@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .backends.shared import checkpoints
 from .ir.bind import bind_call, signature_names
 
 _REGISTERED: dict[str, "TorchOp"] = {}
@@ -44,9 +45,11 @@ class TorchOp:
                ["Tensor? initial_state=None", "Tensor? cu_seqlens=None"]
         self.lib = torch.library.Library(ns, "FRAGMENT")
         self.lib.define(f"{name}({', '.join(args)}) -> (Tensor, Tensor)")
-        # the gradient of every tensor input, then of the initial state (empty when none)
+        # the gradient of every tensor input, then of the initial state (empty when none);
+        # the chunk checkpoints the forward saved, if it did (``shared.checkpoints``)
         self.lib.define(f"{name}_backward(Tensor? grad_out, Tensor? grad_final_state, "
-                        f"{', '.join(args)}) -> Tensor[]")
+                        f"{', '.join(args)}, Tensor? checkpoints=None, "
+                        f"int checkpoint_chunk=0) -> Tensor[]")
         self._fwd, self._grad_path, self._adjoint = kernel, grad_kernel, adjoint
         self.lib.impl(name, self._kernel, "CompositeExplicitAutograd")
         self.lib.impl(f"{name}_backward", self._backward_kernel, "CompositeExplicitAutograd")
@@ -100,7 +103,12 @@ class TorchOp:
         ctx.n_in = len(inputs)
         saved = [x if isinstance(x, torch.Tensor) else None for x in inputs]
         ctx.scalars = [None if isinstance(x, torch.Tensor) else x for x in inputs]
-        ctx.save_for_backward(*[x if x is not None else torch.empty(0) for x in saved])
+        ck = checkpoints.take()
+        if ck is not None and ck.program != self.program.content_hash():
+            ck = None
+        ctx.chunk = ck.chunk if ck is not None else 0
+        ctx.save_for_backward(*[x if x is not None else torch.empty(0) for x in saved],
+                              ck.states if ck is not None else torch.empty(0))
         ctx.is_tensor = [x is not None for x in saved]
 
     def _backward(self, ctx, grad_o, grad_S):
@@ -108,7 +116,9 @@ class TorchOp:
             return tuple(None for _ in self.arg_names)
         saved = ctx.saved_tensors
         args = [saved[i] if ctx.is_tensor[i] else ctx.scalars[i] for i in range(ctx.n_in)]
-        grads = self.backward_op(grad_o, grad_S, *args)
+        args += [None] * (len(self.arg_names) - len(args))
+        ck = saved[ctx.n_in] if ctx.chunk else None
+        grads = self.backward_op(grad_o, grad_S, *args, ck, ctx.chunk)
         by_name = dict(zip(self.tensor_names, grads))
         if self._kwargs(args).get("initial_state") is not None:
             by_name["initial_state"] = grads[-1]
@@ -117,10 +127,15 @@ class TorchOp:
     def _backward_kernel(self, grad_o, grad_S, *args):
         """The gradients, from the generated adjoint where it serves the call, else by
         recomputing the forward through the differentiable path under autograd."""
+        n = len(self.arg_names)
+        states, chunk = (list(args[n:]) + [None, 0])[:2]
+        args = args[:n]
+        ck = None if states is None or not chunk else checkpoints.Checkpoints(
+            self.program.content_hash(), int(chunk), states)
         with torch.inference_mode(False):   # AOT-compiled backwards run in inference mode
-            return self._gradients(grad_o, grad_S, self._kwargs(args))
+            return self._gradients(grad_o, grad_S, self._kwargs(args), ck)
 
-    def _gradients(self, grad_o, grad_S, kw: dict) -> list[torch.Tensor]:
+    def _gradients(self, grad_o, grad_S, kw: dict, ck=None) -> list[torch.Tensor]:
         names = self.tensor_names + ["initial_state"]
         # autograd (through the prologue, or the whole recompute) needs leaves that are not
         # inference tensors: those are copied
@@ -129,7 +144,7 @@ class TorchOp:
                   for n in names if kw.get(n) is not None}
         got = None
         if self._adjoint is not None:
-            got = self._adjoint(kw, leaves, grad_o, grad_S)
+            got = self._adjoint(kw, leaves, grad_o, grad_S, ck)
         if got is None:
             with torch.enable_grad():
                 o, S = self._grad_path(**{**kw, **leaves})
@@ -147,7 +162,7 @@ class TorchOp:
         return out
 
     def _fake_backward(self, grad_o, grad_S, *args):
-        kw = self._kwargs(args)
+        kw = self._kwargs(args[:len(self.arg_names)])
         init = kw.get("initial_state")
         first = kw[self.tensor_names[0]]
         return [torch.empty_like(kw[n]) for n in self.tensor_names] + [
@@ -162,7 +177,13 @@ class TorchOp:
         cu = given.get("cu_seqlens")
         if cu is not None and not isinstance(cu, torch.Tensor):   # a list of offsets
             given["cu_seqlens"] = torch.tensor(list(cu), dtype=torch.int64)
-        o, S = self.op(*[given.get(n) for n in self.arg_names])
+        call = [given.get(n) for n in self.arg_names]
+        if self._adjoint is not None and torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.requires_grad for x in call):
+            with checkpoints.recording():   # the forward may save the backward's checkpoints
+                o, S = self.op(*call)
+        else:
+            o, S = self.op(*call)
         return o, (S if want_final else None)
 
     def __repr__(self) -> str:

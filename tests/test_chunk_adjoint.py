@@ -250,9 +250,9 @@ def test_which_backward_runs_on_the_cpu(backend, mode, want, monkeypatch):
     def spy(mod, name):
         orig = getattr(mod, name)
 
-        def f(bc, x, go, gs, kernel, leaves):
+        def f(bc, x, go, gs, kernel, leaves, *rest):
             ran.append(getattr(kernel, "func", kernel).__name__)
-            return orig(bc, x, go, gs, kernel, leaves)
+            return orig(bc, x, go, gs, kernel, leaves, *rest)
         monkeypatch.setattr(mod, name, f)
     spy(cb, "chunk_backward")
     spy(sa, "generated_backward")

@@ -156,7 +156,7 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
             return k, lowered[c]
         return None, None
 
-    def run(kw: dict, leaves: dict, grad_o, grad_S):
+    def run(kw: dict, leaves: dict, grad_o, grad_S, checkpoints=None):
         bc = bind_call(program, (), {**kw, **leaves})
         kernel, tp = chunk_kernel(bc.device.type)
         if kernel is not None and tp is not None and decays_positive(tp, bc):
@@ -170,7 +170,9 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
             if mode == "auto":
                 return None
             kernel = run_adjoint_torch
-        return seq.generated_backward(bc, adj, grad_o, grad_S, kernel, leaves)
+        if kernel is run_adjoint_torch:   # the forward's checkpoints serve compiled kernels
+            checkpoints = None
+        return seq.generated_backward(bc, adj, grad_o, grad_S, kernel, leaves, checkpoints)
     return run
 
 

@@ -147,7 +147,8 @@ class Backend:
     # --- gradients --------------------------------------------------------------------------
     def adjoint_kernel(self, device_type: str) -> Callable | None:
         """A compiled kernel of the generated backward (see ``shared.adjoint``) for tensors
-        on ``device_type``, or None."""
+        on ``device_type``, or None. It takes a keyword ``checkpoints``: the chunk states
+        the op's forward saved (``shared.checkpoints``), which it may use or ignore."""
         return None
 
     def chunk_adjoint_kernel(self, device_type: str) -> Callable | None:

@@ -29,11 +29,12 @@ def sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def generated_backward(bc: BoundCall, adj: AdjointStep, grad_o: torch.Tensor | None,
-                       grad_S: torch.Tensor | None, kernel: Callable, leaves: dict
-                       ) -> dict[str, torch.Tensor | None]:
+                       grad_S: torch.Tensor | None, kernel: Callable, leaves: dict,
+                       checkpoints=None) -> dict[str, torch.Tensor | None]:
     """Gradients by input name (and "initial_state") of the call ``bc``, whose tensors
     ``leaves`` require grad. ``kernel(bc, adj, feeds, d_out, d_final)`` returns the feeds'
-    cotangents [B, T, H, *dims] (None where none flows) and the initial state's [N, H, ...]."""
+    cotangents [B, T, H, *dims] (None where none flows) and the initial state's [N, H, ...];
+    the forward's ``checkpoints`` (``shared.checkpoints``), if any, go to it as a keyword."""
     p = bc.program
     with torch.enable_grad():
         vals = evaluate(bc, list(adj.feeds) + ([] if adj.d_out is not None else [p.output]))
@@ -42,7 +43,8 @@ def generated_backward(bc: BoundCall, adj: AdjointStep, grad_o: torch.Tensor | N
     d_out = None
     if grad_o is not None and adj.d_out is not None:
         d_out = grad_o.float().expand(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
-    d_feeds, d_init = kernel(bc, adj, feeds, d_out, None if grad_S is None else grad_S.float())
+    d_feeds, d_init = kernel(bc, adj, feeds, d_out, None if grad_S is None else grad_S.float(),
+                             **({} if checkpoints is None else {"checkpoints": checkpoints}))
     outs, cots = [], []
     for f, d in zip(adj.feeds, d_feeds):
         v = vals[id(f)]

@@ -3,7 +3,8 @@
 It renders the adjoint step (``lowering/adjoint.py``) with the sequential kernel's expression
 machinery (``tvm.sequential._Gen``). Per (sequence, head), in parallel:
 
-  1. the forward, saving the state entering every chunk of ``chunk`` tokens (checkpoints);
+  1. the forward, saving the state entering every chunk of ``chunk`` tokens (checkpoints),
+     unless the op's forward saved them (``shared.checkpoints``);
   2. for each chunk, last first: the chunk's states recomputed from its checkpoint into a
      scratch of chunk + 1 states, then its tokens walked in reverse, each evaluating the
      adjoint step: it reads the old state (scratch slot j), the new one (slot j + 1), the
@@ -23,12 +24,15 @@ import torch
 from ...ir.bind import BoundCall
 from ...ir.node import Node, toposort
 from ...lowering.adjoint import AdjointStep
+from ..shared.checkpoints import Checkpoints
 from ..shared.host import initial_state, segments
-from .sequential import _Gen
+from .sequential import CHECKPOINT_CHUNK, _Gen
 from .nests import LANES, NestEmitter, _Item
 from .build import _LOCK, compile_source
 
-DEFAULT_CHUNK = 32   # tokens between checkpoints: the scratch (chunk + 1 states) stays in cache
+# tokens between checkpoints: the scratch (chunk + 1 states) stays in cache; the forward
+# kernel writes its checkpoints at the same spacing
+DEFAULT_CHUNK = CHECKPOINT_CHUNK
 INLINE_COST = 6      # a value used twice is stored when its inline expression has more ops
 
 
@@ -36,10 +40,11 @@ class _AdjGen(NestEmitter, _Gen):
     """TVMScript text of the backward kernel of one program at fixed dim sizes."""
 
     def __init__(self, adj: AdjointStep, sizes: dict[str, int], chunk: int = DEFAULT_CHUNK,
-                 knobs: dict | None = None):
+                 knobs: dict | None = None, given: bool = False):
         from .sequential import check_knobs
         p = adj.program
         self.p, self.adj, self.sizes, self.chunk = p, adj, dict(sizes), chunk
+        self.given = given                       # the checkpoints come from the forward
         self.knobs = check_knobs(knobs)
         self.tdim, self.tvar = None, "tt"
         self.state = next(n for n in p.nodes() if n.role == "state")
@@ -218,16 +223,16 @@ class _AdjGen(NestEmitter, _Gen):
                              "\"float32\")")
         e = self.env(sd)
         g = self.gidx(sd, e)
-        L += self.loops(sd, [f"SCR[n, h, 0, {g}] = S0[n, h, {g}]"], 2)
-        # 1. the forward, keeping the state entering each chunk
-        L.append(f"{pad}for c in T.serial(nck):")
         p3 = pad + "    "
-        L += self.loops(sd, [f"CK[n, h, c, {g}] = SCR[n, h, 0, {g}]"], 3)
-        L.append(f"{p3}nj: T.let = T.min({C}, nt - c * {C})")
-        L.append(f"{p3}for j in T.serial(nj):")
-        L.append(f"{p3}    tt: T.let = t0 + c * {C} + j")
-        L += self.forward_step(4, "j", "tt")
-        L += self.loops(sd, [f"SCR[n, h, 0, {g}] = SCR[n, h, nj, {g}]"], 3)
+        if not self.given:   # 1. the forward, keeping the state entering each chunk
+            L += self.loops(sd, [f"SCR[n, h, 0, {g}] = S0[n, h, {g}]"], 2)
+            L.append(f"{pad}for c in T.serial(nck):")
+            L += self.loops(sd, [f"CK[n, h, c, {g}] = SCR[n, h, 0, {g}]"], 3)
+            L.append(f"{p3}nj: T.let = T.min({C}, nt - c * {C})")
+            L.append(f"{p3}for j in T.serial(nj):")
+            L.append(f"{p3}    tt: T.let = t0 + c * {C} + j")
+            L += self.forward_step(4, "j", "tt")
+            L += self.loops(sd, [f"SCR[n, h, 0, {g}] = SCR[n, h, nj, {g}]"], 3)
         # 2. back through the chunks: recompute the chunk's states, then walk it in reverse
         L += self.loops(sd, [f"G[{self.idx(sd, e)}] = DSF[n, h, {g}]"], 2)
         L.append(f"{pad}for cr in T.serial(nck):")
@@ -247,24 +252,26 @@ class _AdjGen(NestEmitter, _Gen):
 
 
 def adjoint_source(adj: AdjointStep, sizes: dict[str, int], H: int,
-                   chunk: int = DEFAULT_CHUNK, knobs: dict | None = None) -> str:
-    """The TVMScript of the backward kernel (for reading and golden tests)."""
-    return _AdjGen(adj, {**sizes, "__H": H}, chunk, knobs).source()
+                   chunk: int = DEFAULT_CHUNK, knobs: dict | None = None,
+                   given: bool = False) -> str:
+    """The TVMScript of the backward kernel (for reading and golden tests); ``given``: the
+    checkpoints are an input (the op's forward wrote them), step 1 is skipped."""
+    return _AdjGen(adj, {**sizes, "__H": H}, chunk, knobs, given).source()
 
 
 _KERNELS: dict[tuple, Callable] = {}
 
 
 def _kernel(adj: AdjointStep, sizes: dict[str, int], H: int, chunk: int,
-            knobs: dict | None) -> Callable:
+            knobs: dict | None, given: bool) -> Callable:
     from .sequential import check_knobs
     knobs = check_knobs(knobs)
     key = (adj.program.content_hash(), tuple(sorted(sizes.items())), H, chunk,
-           torch.get_num_threads(), tuple(sorted(knobs.items())))
+           torch.get_num_threads(), tuple(sorted(knobs.items())), given)
     with _LOCK:
         hit = _KERNELS.get(key)
     if hit is None:
-        hit = compile_source(adjoint_source(adj, sizes, H, chunk, knobs))
+        hit = compile_source(adjoint_source(adj, sizes, H, chunk, knobs, given))
         with _LOCK:
             _KERNELS[key] = hit
     return hit
@@ -272,10 +279,11 @@ def _kernel(adj: AdjointStep, sizes: dict[str, int], H: int, chunk: int,
 
 def run_adjoint_tvm(bc: BoundCall, adj: AdjointStep, feeds: list[torch.Tensor],
                     d_out: torch.Tensor | None, d_final: torch.Tensor | None,
-                    chunk: int = DEFAULT_CHUNK, knobs: dict | None = None):
-    """The backward kernel (see ``shared.adjoint.generated_backward`` for the contract)."""
+                    chunk: int = DEFAULT_CHUNK, knobs: dict | None = None,
+                    checkpoints: Checkpoints | None = None):
+    """The backward kernel (see ``shared.adjoint.generated_backward`` for the contract);
+    ``checkpoints`` the op's forward saved, used where they are this call's at ``chunk``."""
     p = bc.program
-    fn = _kernel(adj, bc.sizes, bc.H, chunk, knobs)
     segs = segments(bc)
     seg = torch.tensor(segs, dtype=torch.int32)
     s0 = initial_state(bc, len(segs)).contiguous()
@@ -284,7 +292,12 @@ def run_adjoint_tvm(bc: BoundCall, adj: AdjointStep, feeds: list[torch.Tensor],
     longest = max([e - s for _, s, e in segs] + [1])
     sd = s0.shape[2:]
     scr = torch.empty(len(segs), bc.H, chunk + 1, *sd)
-    ck = torch.empty(len(segs), bc.H, -(-longest // chunk), *sd)
+    ck_shape = (len(segs), bc.H, -(-longest // chunk), *sd)
+    given = checkpoints is not None and checkpoints.program == p.content_hash() and \
+        checkpoints.chunk == chunk and tuple(checkpoints.states.shape) == ck_shape and \
+        checkpoints.states.dtype == torch.float32 and checkpoints.states.is_contiguous()
+    ck = checkpoints.states if given else torch.empty(ck_shape)
+    fn = _kernel(adj, bc.sizes, bc.H, chunk, knobs, given)
     args = [s0, dsf, ds0, seg, scr, ck]
     if adj.d_out is not None:
         args.append(d_out.contiguous() if d_out is not None else torch.zeros(

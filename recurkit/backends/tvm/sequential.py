@@ -16,12 +16,14 @@ import torch
 from ...ir.bind import BoundCall
 from ...ir.node import Node, depends_on_state
 from ..shared.config import merge_defaults
+from ..shared import checkpoints
 from ..shared.host import token_loop_args
 from .build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
                         cache_dir, compile_source, cuda_ptx, target)
 from .update import UpdatePass, _f  # noqa: F401 - _f: shared by the other generators
 
 # schedule knobs of the sequential kernel (the autotuner's space): see rk.compile(knobs=...)
+CHECKPOINT_CHUNK = 32   # tokens between the checkpoints the backward (tvm.adjoint) walks from
 DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this extent (0: never)
                  "unroll": 0,         # unroll loops of at most this extent (0: never)
                  "parallel": True,    # run (sequence, head) pairs on all threads
@@ -42,6 +44,8 @@ def check_knobs(knobs: dict | None) -> dict:
 
 class _Gen(UpdatePass):
     """TVMScript text for the sequential form of one program at fixed dim sizes."""
+
+    ck_chunk = 0   # > 0: the kernel also writes the state entering each chunk of this many
 
     UNARY = {"neg": "(-{0})", "exp": "T.exp({0})", "log": "T.log({0})",
              "sigmoid": "T.sigmoid({0})", "tanh": "T.tanh({0})", "sqrt": "T.sqrt({0})",
@@ -247,7 +251,8 @@ class _Gen(UpdatePass):
         sd = p.state.dims
         shape = lambda dims: ", ".join(str(sz[d]) for d in dims)  # noqa: E731
         args = ["o: T.handle", "s0: T.handle", "sf: T.handle", "seg: T.handle"] + [
-            f"f{i}: T.handle" for i in range(len(self.feeds))]
+            f"f{i}: T.handle" for i in range(len(self.feeds))] + (
+            ["ck: T.handle"] if self.ck_chunk else [])
         lines = ["@T.prim_func", f"def main({', '.join(args)}):",
                  '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
                  "    B = T.int32()", "    TT = T.int32()", "    NS = T.int32()"]
@@ -258,6 +263,9 @@ class _Gen(UpdatePass):
         lines.append(f"    S0 = T.match_buffer(s0, (NS, {H}, {shape(sd)}), \"float32\")")
         lines.append(f"    SF = T.match_buffer(sf, (NS, {H}, {shape(sd)}), \"float32\")")
         lines.append("    SEG = T.match_buffer(seg, (NS, 3), \"int32\")")
+        if self.ck_chunk:
+            lines += ["    NC = T.int32()", f"    CK = T.match_buffer(ck, (NS, {H}, NC, "
+                      f"{shape(sd)}), \"float32\")"]
         for i, f in enumerate(self.feeds):
             fd = f.dims
             lines.append(f"    F{i} = T.match_buffer(f{i}, (B, TT, {H}{', ' if fd else ''}"
@@ -300,6 +308,11 @@ class _Gen(UpdatePass):
         ind2 = ind + 1
         pad2 = "    " * ind2
         lines.append(f"{pad2}tt: T.let = SEG[n, 1] + t")
+        if self.ck_chunk:   # the state entering each chunk, for the backward
+            e = self.env(sd)
+            lines.append(f"{pad2}if t % {self.ck_chunk} == 0:")
+            lines += self.loops(sd, [f"CK[n, h, t // {self.ck_chunk}, {self.gidx(sd, e)}] = "
+                                     f"S[{self.idx(sd, e)}]"], ind2 + 1)
         if pre:
             lines.append(f"{pad2}tn: T.let = T.min(tt + 1, TT - 1)")
         for n in self.step:
@@ -345,9 +358,12 @@ def _descendants(nodes: list[Node], root: Node) -> set[int]:
 
 
 def sequential_source(p, sizes: dict[str, int], H: int, gpu: bool = False,
-                      knobs: dict | None = None) -> str:
-    """The TVMScript of the sequential kernel (for reading and golden tests)."""
-    return _Gen(p, {**sizes, "__H": H}, gpu, knobs).source()
+                      knobs: dict | None = None, checkpoints: int = 0) -> str:
+    """The TVMScript of the sequential kernel (for reading and golden tests); with
+    ``checkpoints``, it also writes the state entering every chunk of that many tokens."""
+    gen = _Gen(p, {**sizes, "__H": H}, gpu, knobs)
+    gen.ck_chunk = checkpoints
+    return gen.source()
 
 
 def cuda_source(p, sizes: dict[str, int], H: int, arch: str = "sm_90") -> str:
@@ -364,15 +380,16 @@ def cuda_source(p, sizes: dict[str, int], H: int, arch: str = "sm_90") -> str:
 _KERNELS: dict[tuple, tuple[Callable, _Gen]] = {}
 
 
-def _kernel(p, sizes: dict[str, int], H: int, knobs: dict | None = None
-            ) -> tuple[Callable, _Gen]:
+def _kernel(p, sizes: dict[str, int], H: int, knobs: dict | None = None,
+            checkpoints: int = 0) -> tuple[Callable, _Gen]:
     knobs = check_knobs(knobs)
     key = (p.content_hash(), tuple(sorted(sizes.items())), H, torch.get_num_threads(),
-           tuple(sorted(knobs.items())))
+           tuple(sorted(knobs.items())), checkpoints)
     with _LOCK:
         hit = _KERNELS.get(key)
     if hit is None:
         gen = _Gen(p, {**sizes, "__H": H}, knobs=knobs)
+        gen.ck_chunk = checkpoints
         hit = (compile_source(gen.source()), gen)
         with _LOCK:
             _KERNELS[key] = hit
@@ -382,8 +399,15 @@ def _kernel(p, sizes: dict[str, int], H: int, knobs: dict | None = None
 def run_tvm_sequential(bc: BoundCall, knobs: dict | None = None):
     """Run the sequential form of a stateful program as a compiled TVM kernel."""
     p = bc.program
-    fn, gen = _kernel(p, bc.sizes, bc.H, knobs)
+    C = CHECKPOINT_CHUNK if checkpoints.wanted() else 0
+    fn, gen = _kernel(p, bc.sizes, bc.H, knobs, C)
     feeds, segt, s0, sf = token_loop_args(bc, gen.feeds)
     o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))  # all written
-    fn(o, s0, sf, segt, *feeds)
+    ck = []
+    if C:   # the backward's checkpoints: [N, H, chunks of the longest sequence, *state]
+        longest = max([int(e - s) for s, e in segt[:, 1:].tolist()] + [1])
+        ck = [torch.empty(s0.shape[0], bc.H, -(-longest // C), *s0.shape[2:])]
+    fn(o, s0, sf, segt, *feeds, *ck)
+    if C:
+        checkpoints.offer(checkpoints.Checkpoints(p.content_hash(), C, ck[0]))
     return o.to(bc.out_dtype), (sf if bc.output_final_state else None)
