@@ -189,3 +189,18 @@ def test_opcheck_every_declaration_and_its_backward_op(name):
     o, S = op.op(*args)
     torch.library.opcheck(op.backward_op.default,
                           (torch.randn_like(o), torch.randn_like(S), *args))
+
+
+def test_the_backward_steps_reductions_are_factored():
+    """Gated DeltaNet's dbeta = sum_KV dS'' * k (v - k^T S), which reverse mode writes over
+    the whole state, becomes a sum over K of dk's sum over V (computed once), and the
+    scalars (beta, the gate, the scale) move out of the reductions."""
+    adj = derive_adjoint(ALL["gated_delta_rule"].decl.program)
+    red = [n for n in adj.nodes() if n.op in ("contract", "sum")]
+    full = [n for n in red if set(n.attr("over")) == {"K", "V"}]
+    assert len(full) == 1                      # only the gate's sum dS'' * S is over K and V
+    over_v = [n for n in red if n.attr("over") == ("V",)]
+    keys = {(tuple(sorted(id(a) for a in n.args)), n.attr("over")) for n in red}
+    assert len(keys) == len(red)               # no reduction computed twice
+    assert len(over_v) == 3                    # dk's two terms and dq's
+    assert not any(a.op == "mul" and not a.dims for n in red for a in n.args)   # no scalar inside

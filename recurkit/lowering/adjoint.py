@@ -147,6 +147,106 @@ def derive_adjoint(p: Program) -> AdjointStep:
             if ga is None or a.op == "const" or a.dtype != F32 or a.role in _NO_GRAD_ROLES:
                 continue
             cot[id(a)] = vj.add(cot.get(id(a)), ga)
-    return AdjointStep(p, tuple(feeds), frozenset(inlined), d_new, d_out, cot.get(id(state)),
-                       tuple(None if f.role in _NO_GRAD_ROLES else cot.get(id(f))
-                             for f in feeds))
+    d_feeds = [None if f.role in _NO_GRAD_ROLES else cot.get(id(f)) for f in feeds]
+    roots = _Factored(p, feed_ids).rebuild([cot.get(id(state))] + d_feeds)
+    return AdjointStep(p, tuple(feeds), frozenset(inlined), d_new, d_out, roots[0],
+                       tuple(roots[1:]))
+
+
+class _Factored:
+    """The backward step's reductions factored, and equal values made one node.
+
+    Reverse mode writes a feed's gradient as one reduction over the whole state of a product
+    (``dbeta = sum_KV dS' * (k (v - k^T S))``) and repeats the same reduction under
+    different scalars (``dk`` holds ``beta * sum_V dS' (v - k^T S)``). Here, per reduction of
+    a product over dims ``O``: the factors without any dim of ``O`` move out of it; a dim of
+    ``O`` that only some factors have is reduced first over those (``sum_KV a_K b_KV c_V =
+    sum_K a_K (sum_V b_KV c_V)``); and nodes equal in op, arguments (up to order, for
+    commutative ops), dims and attributes are one node, so the inner reduction above and the
+    one inside ``dk`` are computed once. The forward's nodes are kept as they are (backends
+    recognise the state and the new state by identity), and so are the feeds: a factor that
+    is a feed is read whole, never split into the prologue values it is made of."""
+
+    COMMUTATIVE = ("add", "mul", "maximum", "minimum", "contract")
+
+    def __init__(self, p: Program, leaves: set[int]):
+        self.p, self.leaves = p, leaves   # leaves: the feeds, read whole (never split)
+        self.memo: dict[tuple, Node] = {}
+        self.seq: dict[int, int] = {}     # node id -> a stable number (for argument order)
+        self.done: dict[int, Node] = {}
+        for n in p.nodes():               # the forward's nodes stand for themselves
+            self.done[id(n)] = self._intern(n)
+
+    def _key(self, n: Node) -> tuple:
+        args = [self.seq[id(a)] for a in n.args]
+        if n.op in self.COMMUTATIVE:
+            args = sorted(args)
+        return (n.op, tuple(args), n.dims, n.dtype, n.attrs)
+
+    def _intern(self, n: Node) -> Node:
+        if n.op == "input" or any(id(a) not in self.seq for a in n.args):
+            self.seq.setdefault(id(n), len(self.seq))
+            return n
+        hit = self.memo.setdefault(self._key(n), n)
+        self.seq.setdefault(id(hit), len(self.seq))
+        return hit
+
+    def make(self, op: str, args: tuple[Node, ...], dims, attrs=()) -> Node:
+        return self._intern(Node(op, args, self.p.canonical(dims), F32, attrs))
+
+    def product(self, fs: list[Node]) -> Node:
+        out = fs[0]
+        for f in fs[1:]:
+            out = self.make("mul", (out, f), set(out.dims) | set(f.dims))
+        return out
+
+    def factors(self, n: Node) -> list[Node]:
+        if n.op == "mul" and n.dtype == F32 and id(n) not in self.leaves:
+            return self.factors(n.args[0]) + self.factors(n.args[1])
+        return [n]
+
+    def reduce(self, fs: list[Node], over: set[str]) -> Node:
+        """sum over ``over`` of the product of ``fs``, staged and with constants taken out."""
+        outer = [f for f in fs if not set(f.dims) & over]
+        inner = [f for f in fs if set(f.dims) & over]
+        over = set(over)
+        while inner and over:
+            d = next((d for d in reversed(self.p.canonical(over))
+                      if any(d not in f.dims for f in inner)), None)
+            if d is None or len(over) == 1:   # every factor has every dim left: one reduction
+                d, stage = None, over
+            else:
+                stage = {d}
+            have = [f for f in inner if set(f.dims) & stage]
+            rest = [f for f in inner if not set(f.dims) & stage]
+            dims = set().union(*(f.dims for f in have)) - stage
+            r = self.make("sum", (self.product(have),), dims,
+                          (("over", self.p.canonical(stage)),)) if len(have) == 1 else \
+                self.make("contract", (have[0], self.product(have[1:])), dims,
+                          (("over", self.p.canonical(stage)),))
+            inner, over = rest + [r], over - stage
+            if d is None:
+                break
+        return self.product(outer + inner)
+
+    def node(self, n: Node) -> Node:
+        hit = self.done.get(id(n))
+        if hit is not None:
+            return hit
+        args = tuple(self.node(a) for a in n.args)
+        if n.op in ("contract", "sum") and n.dtype == F32:
+            fs = [f for a in args for f in self.factors(a)]
+            out = self.reduce(fs, set(n.attr("over")))
+        elif all(a is b for a, b in zip(args, n.args)):
+            out = self._intern(n)
+        else:
+            out = self._intern(Node(n.op, args, n.dims, n.dtype, n.attrs, n.loc))
+        self.done[id(n)] = out
+        return out
+
+    def rebuild(self, roots: list[Node | None]) -> list[Node | None]:
+        for r in roots:   # deep steps: children first, without recursion limits
+            if r is not None:
+                for n in toposort([r]):
+                    self.node(n)
+        return [None if r is None else self.node(r) for r in roots]
