@@ -4,9 +4,11 @@ under autograd vs flash-linear-attention's naive chunk code under autograd, in o
     pip install --no-deps fla-core einops   # FLA's reference code (optional)
     python benchmarks/gdn_train_cpu.py [--T 4096] [--repeats 5]
 
-Bar (issue 7): at least 3x faster than FLA's naive chunk code under autograd. The exported op
+Bars: at least 3x (issue 7) and 6x (issue 23) faster than FLA's naive chunk code under
+autograd. The exported op
 runs the TVM forward kernel; its backward is the generated adjoint (the backward step derived
-from the declaration, walked back in time from checkpoints by one compiled TVM kernel), or,
+from the declaration, walked back in time by one compiled TVM kernel from the chunk
+checkpoints the forward kernel saved), or,
 with backward="autograd", the forward recomputed with the torch backend under autograd.
 """
 from __future__ import annotations
@@ -69,8 +71,10 @@ def main() -> int:
                   for a, b in zip(g_ours, g_fla))
         ratio = times["FLA naive_chunk_gated_delta_rule under autograd"] / ours
         print(f"\nmax relative gradient difference to FLA: {err:.1e}")
-        print(f"bar (>= 3x faster than FLA naive under autograd): {ratio:.2f}x -> "
-              f"{'met' if ratio >= 3 else 'MISSED by %.2fx' % (3 / ratio)}")
+        for bar, issue in ((3, 7), (6, 23)):
+            print(f"bar of issue {issue} (>= {bar}x faster than FLA naive under autograd): "
+                  f"{ratio:.2f}x -> "
+                  f"{'met' if ratio >= bar else 'MISSED by %.2fx' % (bar / ratio)}")
     save_results("gdn_train_cpu", {"shape": {"B": 1, "T": T, "H": H, "K": K, "V": K},
                                    "dtype": "float32",
                                    "ms": {n: t * 1e3 for n, t in times.items()}})
