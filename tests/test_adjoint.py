@@ -204,3 +204,90 @@ def test_the_backward_steps_reductions_are_factored():
     assert len(keys) == len(red)               # no reduction computed twice
     assert len(over_v) == 3                    # dk's two terms and dq's
     assert not any(a.op == "mul" and not a.dims for n in red for a in n.args)   # no scalar inside
+
+
+@rk.recurrence
+def value_erase(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"], v: rk.Token["V"],
+                w: rk.Token["V"]):
+    """An erase on the value side: each column reads the sum S w over all columns."""
+    S = S - 0.5 * rk.outer(S @ w, w) + rk.outer(k, v)
+    return S, q @ S
+
+
+def test_column_kinds_of_the_gated_delta_rules_adjoint():
+    """Gated DeltaNet acts on the key side: its columns (V) separate, every sum over them
+    (dq, dk, dbeta, dg) is a sum of the blocks' shares, dv a column value; its rows (K) do
+    not (k^T S sums them into what each column's update reads). A value-side erase
+    separates along K only."""
+    from recurkit.lowering.columns import column_kinds
+    p = ALL["gated_delta_rule"].decl.program
+    adj = derive_adjoint(p)
+    stop = {id(f) for f in adj.feeds}
+    leaves = {id(n): "col" for n in (adj.d_new, p.new_state,
+                                     next(n for n in p.nodes() if n.role == "state"))}
+    leaves[id(adj.d_out)] = "col"
+    kinds = column_kinds([p.new_state] + adj.roots(), "V", leaves, stop)
+    assert kinds is not None
+    names = {id(f): f.attr("name") or "" for f in adj.feeds}
+    got = {names.get(id(f), ""): kinds[id(d)] for f, d in zip(adj.feeds, adj.d_feeds)
+           if d is not None and f.op == "input"}
+    assert got == {"k": "part", "v": "col", "q": "part", "beta": "part"}, got
+    assert kinds[id(adj.d_state)] == "col"
+    assert column_kinds([p.new_state] + adj.roots(), "K", leaves, stop) is None
+    assert column_kinds([value_erase.program.new_state], "V") is None
+    assert column_kinds([value_erase.program.new_state], "K") is not None
+
+
+BLOCKED = {"K": 4, "V": 6, "D": 6, "R": 3}
+
+
+WIDE = ["gated_delta_rule", "gla", "kda", "dplr_delta_rule", "hgrn", "gated_scan",
+        "reads_old_state", "value_erase"]
+LAYOUTS = {"blocks of 3": (8, BLOCKED, 3),   # narrower than a vector: no lanes
+           "blocks of 8, 8 lanes": (8, {**BLOCKED, "V": 16, "D": 16}, 8),
+           "blocks of 16, 16 lanes": (16, {**BLOCKED, "V": 32, "D": 32}, 16)}
+
+
+@pytest.mark.parametrize("name,layout", [(n, "blocks of 3") for n in list(BUILTINS) +
+                                         list(CUSTOM) + ["value_erase"]] +
+                         [(n, lay) for n in WIDE for lay in list(LAYOUTS)[1:]])
+def test_the_walk_in_column_blocks(name, layout, monkeypatch):
+    """The compiled backward walking the state's last dim in blocks (each block the whole
+    sequence, sums over the columns added up block by block) equals the torch step runner;
+    declarations that do not separate along it walk the whole state."""
+    from recurkit.backends.tvm import adjoint as tvm_adjoint
+    lanes, sizes, block = LAYOUTS[layout]
+    monkeypatch.setattr(tvm_adjoint, "vector_lanes", lambda: lanes)
+    decl = BUILTINS.get(name) or CUSTOM.get(name) or value_erase
+    p = decl.program
+    adj = derive_adjoint(p)
+    sd = p.state.dims
+    gen = tvm_adjoint._AdjGen(adj, {**sizes, "__H": 2}, 16, None, False, block)
+    separable = name != "value_erase" and sd and sizes[sd[-1]] > block and \
+        sizes[sd[-1]] % block == 0
+    assert (gen.L is not None) == bool(separable), name
+    if gen.L is not None:
+        assert f"for vb in T.serial({sizes[sd[-1]] // block}):" in gen.source()
+    xs = {n: x.requires_grad_() for n, x in draw(decl, 45, sizes=sizes).items()}
+    S0 = torch.randn(N := 3, 2, *(sizes[d] for d in sd)).requires_grad_()
+    cu = torch.tensor([0, 7, 7, 45])
+    bc = bind_call(p, (), {**xs, "initial_state": S0, "cu_seqlens": cu})
+    o, S = rk.compile(decl, backend="reference")(**xs, initial_state=S0, cu_seqlens=cu,
+                                                  output_final_state=True)
+    go, gS = torch.randn_like(o), torch.randn_like(S)
+    leaves = {**xs, "initial_state": S0}
+    a = generated_backward(bc, adj, go, gS, functools.partial(run_adjoint_torch, checkpoint=8),
+                           leaves)
+    b = generated_backward(bc, adj, go, gS, functools.partial(run_adjoint_tvm, chunk=16,
+                                                              block=block), leaves)
+    # the same kernel again (cached) for another derivation of the declaration
+    c = generated_backward(bc, derive_adjoint(p), go, gS, functools.partial(
+        run_adjoint_tvm, chunk=16, block=block), leaves)
+    assert N == len(cu) - 1 and set(a) == set(b) == set(c)
+    for n in a:
+        assert rel(b[n], a[n]) < 1e-5, n
+        assert torch.equal(b[n], c[n]), n
+
+
+def test_value_erase_gradients_match_the_reference():
+    check(value_erase, T=40)

@@ -18,9 +18,9 @@ def used(monkeypatch):
     seen = []
     orig = tvm_adjoint._kernel
 
-    def kernel(adj, sizes, H, chunk, knobs, given):
+    def kernel(adj, sizes, H, chunk, knobs, given, *rest):
         seen.append(given)
-        return orig(adj, sizes, H, chunk, knobs, given)
+        return orig(adj, sizes, H, chunk, knobs, given, *rest)
     monkeypatch.setattr(tvm_adjoint, "_kernel", kernel)
     return seen
 

@@ -28,6 +28,28 @@ def target():
                               "fast-math-contract": True})   # a*b+c as one FMA
 
 
+def vector_lanes() -> int:
+    """fp32 lanes of the host's widest vector register that generated kernels use: 16 with
+    AVX-512 (fewer instructions per element: the walk of the backward is bound by them),
+    else 8 (AVX2; also the fallback where the features cannot be read)."""
+    global _LANES
+    if _LANES is None:
+        flags: set[str] = set()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+        except OSError:
+            pass
+        _LANES = 16 if "avx512f" in flags else 8
+    return _LANES
+
+
+_LANES: int | None = None
+
+
 def _threads() -> None:
     """TVM's runtime reads these once, when its thread pool starts: use as many threads as
     torch, unpinned (pinned workers contend with torch's OpenMP threads on the same cores)."""

@@ -3,7 +3,7 @@
 ``NestEmitter`` is the part of a kernel generator that places stored values (reductions and
 values used more than once) and outputs into loop nests, fuses items over the same dims into
 one nest once everything they read is computed, and emits the nests: reductions along the
-innermost dim keep several vector partial sums (``LANES`` lanes each) so consecutive updates do
+innermost dim keep several vector partial sums (``lanes`` lanes each) so consecutive updates do
 not wait on each other, loads that do not vary along the innermost dim are bound once at the
 outermost loop they vary with. The host generator (``tvm.adjoint._AdjGen``) supplies the
 names, the stored set (``mat``), the sizes and the expression rendering (``tvm.sequential._Gen``).
@@ -16,13 +16,13 @@ from typing import Callable
 from ...ir.node import Node
 from .sequential import _f
 
-LANES = 8            # fp32 lanes of a vector register: reductions along the innermost dim
+LANES = 8            # fp32 lanes of an AVX2 vector register: the emitter's default ``lanes``
 
 
 @dataclass(eq=False)
 class _Item:
     """One thing a loop nest computes: a stored value (``red``: a reduction) or, with a
-    ``target``, an output written from ``value``."""
+    ``target``, an output written from ``value`` (``add``: added to what it holds)."""
 
     node: Node | None
     red: bool
@@ -31,10 +31,13 @@ class _Item:
     value: Node | None = None
     target: Callable | None = None
     writes: int | None = None
+    add: bool = False
 
 
 class NestEmitter:
     """Scheduling and emission of loop nests (a mixin: see the module docstring)."""
+
+    lanes = LANES   # fp32 lanes of a vector register: reductions along the innermost dim
 
     def schedule(self, items: list["_Item"]) -> list[list["_Item"]]:
         """Items (in dependency order) placed into loop nests: each item goes to the first
@@ -67,7 +70,7 @@ class NestEmitter:
             dom = grp[0].domain
             inner = dom[-1] if dom else None
             lane_red = [it for it in grp if it.red and inner in it.node.attr("over")]
-            split = bool(lane_red) and self.sizes[inner] % LANES == 0
+            split = bool(lane_red) and self.sizes[inner] % self.lanes == 0
             pre: list[str] = []    # per row of the nest: row-local accumulators reset ...
             post: list[str] = []   # ... and folded into the row's value
             for it in grp:   # reduction targets start at the identity
@@ -95,7 +98,7 @@ class NestEmitter:
                                                  f"{init}"], ind)
             e = self.env(dom)
             if split:
-                e[inner] = f"((o_{inner} * {self.width(inner) // LANES} + i_u) * {LANES} + i_lane)"
+                e[inner] = f"((o_{inner} * {self.width(inner) // self.lanes} + i_u) * {self.lanes} + i_lane)"
             body: list[str] = []
             self.lets = (dom, [])
             for it in grp:
@@ -131,8 +134,8 @@ class NestEmitter:
                 w = self.width(d)
                 out += [pad + x for x in pre]
                 out += [f"{pad}for o_{d} in T.serial({self.sizes[d] // w}):",
-                        f"{pad}    for i_u in T.unroll({w // LANES}):",
-                        f"{pad}        for i_lane in T.vectorized({LANES}):"]
+                        f"{pad}    for i_u in T.unroll({w // self.lanes}):",
+                        f"{pad}        for i_lane in T.vectorized({self.lanes}):"]
                 return out + [pad + "            " + b for b in body] + [pad + x for x in post]
             kind = "T.vectorized" if vector and k == len(dims) - 1 and \
                 self.sizes[d] <= self.knobs["vectorize"] else "T.serial"
@@ -147,21 +150,22 @@ class NestEmitter:
         over = n.attr("over") or ()
         dom = self.p.canonical(set(n.dims) | set(over))
         return bool(n.dims) and len(over) == 1 and dom[-1] == over[0] and \
-            self.sizes[over[0]] % LANES == 0
+            self.sizes[over[0]] % self.lanes == 0
 
     def width(self, d: str) -> int:
         """Partial sums kept per row of a reduction along ``d`` (the innermost dim): a few
         vectors, used in turn, so consecutive updates do not wait on each other."""
         for u in (4, 2, 1):
-            if self.sizes[d] % (u * LANES) == 0:
-                return u * LANES
-        return LANES  # pragma: no cover - callers check the size divides by LANES
+            if self.sizes[d] % (u * self.lanes) == 0:
+                return u * self.lanes
+        return self.lanes  # pragma: no cover - callers check the size divides by lanes
 
     def item_code(self, it: "_Item", e: dict[str, str], lanes: bool) -> str:
         n = it.node
         if it.target is not None:          # an output
             val = _f(0.0) if it.value is None else self.expr(it.value, e)
-            return f"{it.target(e)} = {val}"
+            tgt = it.target(e)
+            return f"{tgt} = {tgt} + {val}" if it.add else f"{tgt} = {val}"
         if not it.red:
             return f"{self.names[id(n)]}[{self.idx(n.dims, e)}] = {self.expr_inline(n, e)}"
         if n.op == "contract":
@@ -169,10 +173,10 @@ class NestEmitter:
         else:
             val = self.expr(n.args[0], e)
         if lanes and self.row_local(n):
-            tgt = f"{self.names[id(n)]}_acc[i_u * {LANES} + i_lane]"
+            tgt = f"{self.names[id(n)]}_acc[i_u * {self.lanes} + i_lane]"
         elif lanes:
             tgt = (f"{self.names[id(n)]}_acc[{self.gidx(n.dims, e)}{', ' if n.dims else ''}"
-                   f"i_u * {LANES} + i_lane]")
+                   f"i_u * {self.lanes} + i_lane]")
         else:
             tgt = f"{self.names[id(n)]}[{self.idx(n.dims, e)}]"
         if n.op == "max":
