@@ -34,11 +34,13 @@ from .build import _LOCK, compile_source, vector_lanes
 # tokens between checkpoints: the scratch (chunk + 1 states) stays in cache; the forward
 # kernel writes its checkpoints at the same spacing
 DEFAULT_CHUNK = CHECKPOINT_CHUNK
-# columns of the state walked at a time, in vector registers, where the step separates
-# along its last dim (``lowering.columns``): sums over the rows (k^T dS, k^T S) accumulate
-# one vector per ``lanes`` columns, and two such sums of 8 registers each leave room in a
-# 16-register (AVX2) or 32-register (AVX-512) file
-BLOCK_REGISTERS = 8
+# columns of the state walked at a time where the step separates along its last dim
+# (``lowering.columns``), in vectors: sums over the rows (k^T dS, k^T S) accumulate one
+# register per vector of columns, and two such sums of a quarter of the register file each
+# (4 of AVX2's 16, 8 of AVX-512's 32) leave room for the rest. Measured (GDN, K = V = 128,
+# one thread): AVX-512 the whole state (128 columns) at 16 lanes, 0.98x of 64; AVX2 code
+# 32 columns at 8 lanes, 1.0x of the whole state and 0.86x of 64
+BLOCK_REGISTERS = {8: 4, 16: 8}
 INLINE_COST = 6      # a value used twice is stored when its inline expression has more ops
 
 
@@ -51,7 +53,7 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
         from .sequential import check_knobs
         p = adj.program
         self.lanes = lanes or vector_lanes()
-        block = BLOCK_REGISTERS * self.lanes if block is None else block
+        block = BLOCK_REGISTERS.get(self.lanes, 4) * self.lanes if block is None else block
         self.p, self.adj, self.sizes, self.chunk = p, adj, dict(sizes), chunk
         self.full = dict(sizes)                  # the dims' sizes (``sizes``: a block's)
         self.given = given                       # the checkpoints come from the forward
