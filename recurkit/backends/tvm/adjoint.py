@@ -24,6 +24,7 @@ import torch
 from ...ir.bind import BoundCall
 from ...ir.node import BINARY, UNARY, Node, toposort
 from ...lowering.adjoint import AdjointStep
+from ..shared import buffers
 from ..shared.checkpoints import Checkpoints
 from ..shared.host import initial_state, segments
 from .sequential import CHECKPOINT_CHUNK, _Gen
@@ -346,9 +347,9 @@ def run_adjoint_tvm(bc: BoundCall, adj: AdjointStep, feeds: list[torch.Tensor],
     given = checkpoints is not None and checkpoints.program == p.content_hash() and \
         checkpoints.chunk == chunk and tuple(checkpoints.states.shape) == ck_shape and \
         checkpoints.states.dtype == torch.float32 and checkpoints.states.is_contiguous()
-    ck = checkpoints.states if given else torch.empty(ck_shape)
+    ck = checkpoints.states if given else buffers.empty(ck_shape)
     fn, gen = _kernel(adj, bc.sizes, bc.H, chunk, knobs, given, block)
-    scr = torch.empty(len(segs), bc.H, chunk + 1, *gen.block_shape(sd))
+    scr = buffers.empty((len(segs), bc.H, chunk + 1, *gen.block_shape(sd)))
     args = [s0, dsf, ds0, seg, scr, ck]
     if adj.d_out is not None:
         args.append(d_out.contiguous() if d_out is not None else torch.zeros(

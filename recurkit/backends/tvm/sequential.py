@@ -16,7 +16,7 @@ import torch
 from ...ir.bind import BoundCall
 from ...ir.node import Node, depends_on_state
 from ..shared.config import merge_defaults
-from ..shared import checkpoints
+from ..shared import buffers, checkpoints
 from ..shared.host import token_loop_args
 from .build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
                         cache_dir, compile_source, cuda_ptx, target)
@@ -406,7 +406,7 @@ def run_tvm_sequential(bc: BoundCall, knobs: dict | None = None):
     ck = []
     if C:   # the backward's checkpoints: [N, H, chunks of the longest sequence, *state]
         longest = max([int(e - s) for s, e in segt[:, 1:].tolist()] + [1])
-        ck = [torch.empty(s0.shape[0], bc.H, -(-longest // C), *s0.shape[2:])]
+        ck = [buffers.empty((s0.shape[0], bc.H, -(-longest // C), *s0.shape[2:]))]
     fn(o, s0, sf, segt, *feeds, *ck)
     if C:
         checkpoints.offer(checkpoints.Checkpoints(p.content_hash(), C, ck[0]))
