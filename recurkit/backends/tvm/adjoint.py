@@ -125,6 +125,14 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
         for i, n in enumerate(toposort(list(every.values()))):
             self.names.setdefault(id(n), f"N{i}")
         self.L, self.kinds = self._column_blocks(block)
+        # stored values of the forward step smaller than the state that the backward step
+        # reads too (k^T S, v - k^T S): kept per token of the chunk when it is recomputed
+        bwd_ids = {id(n) for n in self.bwd}
+        kept = {id(n) for n in self.fwd if id(n) in self.mat and id(n) in bwd_ids and
+                n is not p.new_state and not set(self.state.dims) <= set(n.dims)}
+        read = {id(a) for n in self.bwd if id(n) not in kept for a in n.args} | {
+            id(d) for d in adj.roots()}
+        self.kept = {i: every[i] for i in kept if i in read}
 
     # --- scheduling: stored values and outputs, fused into loop nests ------------------------
     def reads(self, n: Node, top: bool = True) -> set[int]:
@@ -158,6 +166,9 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
         if n is self.adj.d_out:
             lead = f"row, {self.tvar}, h" + (", " if n.dims else "")
             return self.hoist(f"DOUT[{lead}{self.gidx(n.dims, env)}]", n.dims)
+        if id(n) in self.kept and self.slot_next is not None:   # in the walk: as kept
+            return self.hoist(f"{self.names[id(n)]}_c[{self.slot}, {self.idx(n.dims, env)}]",
+                              n.dims)
         if id(n) in self.mat:
             return self.hoist(super().expr(n, env), n.dims)
         if n.op != "const" and not self.dep.get(id(n), True) and id(n) not in self.free_inline:
@@ -170,12 +181,17 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
         sd = self.state.dims
         out = _Item(None, False, sd, self.reads(self.p.new_state), value=self.p.new_state,
                     target=lambda e: f"SCR[n, h, {j} + 1, {self.lidx(sd, e)}]")
-        return self.emit(self.schedule(self.items(self.fwd) + [out]), ind)
+        lines = self.emit(self.schedule(self.items(self.fwd) + [out]), ind)
+        for n in self.kept.values():   # kept for the walk back through this token
+            e = self.env(n.dims)
+            nm, ix = self.names[id(n)], self.idx(n.dims, e)
+            lines += self.loops(n.dims, [f"{nm}_c[{j}, {ix}] = {nm}[{ix}]"], ind)
+        return lines
 
     def backward_step(self, ind: int, j: str, tt: str) -> list[str]:
         self.slot, self.slot_next, self.tvar = j, f"{j} + 1", tt
         adj = self.adj
-        items = self.items(self.bwd)
+        items = self.items([n for n in self.bwd if id(n) not in self.kept])
         for i, d in enumerate(adj.d_feeds):
             if d is None:
                 continue
@@ -256,6 +272,9 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
             if id(n) in self.mat and n is not self.over_g:
                 L.append(f"{pad}{self.names[id(n)]} = T.alloc_buffer(("
                          f"{self.local_shape(n.dims)},), \"float32\")")
+                if id(n) in self.kept:
+                    L.append(f"{pad}{self.names[id(n)]}_c = T.alloc_buffer(({C}, "
+                             f"{self.local_shape(n.dims)},), \"float32\")")
                 over = n.attr("over") or ()
                 dom = self.p.canonical(set(n.dims) | set(over))
                 if dom and dom[-1] in over and self.sizes[dom[-1]] % self.lanes == 0:
