@@ -13,7 +13,14 @@ machinery (``tvm.sequential._Gen``). Per (sequence, head), in parallel:
      feed's cotangent for the token;
   3. ``G``, now the cotangent of the initial state, is written out.
 
-Memory beyond the inputs: one checkpoint per chunk and the scratch, per (sequence, head).
+The recompute accumulates each token's contractions of the state while the token before it
+writes its state, and keeps the small values the walk reads again (``tvm.recompute``); the
+walk writes ``dS' + q do^T`` over ``G`` where only it reads ``dS'``, makes values with fewer
+dims than their readers once per step, and, for states whose last dim separates, runs in
+column blocks of it (``tvm.columns``). Vectors are the host's width (``build.vector_lanes``).
+
+Memory beyond the inputs: one checkpoint per chunk and the scratch, per (sequence, head),
+both from ``shared.buffers`` (reused across calls).
 """
 from __future__ import annotations
 
@@ -30,22 +37,22 @@ from ..shared.host import initial_state, segments
 from .sequential import CHECKPOINT_CHUNK, _Gen
 from .columns import ColumnBlocks
 from .nests import NestEmitter, _Item
+from .recompute import Recompute
 from .build import _LOCK, compile_source, vector_lanes
 
 # tokens between checkpoints: the scratch (chunk + 1 states) stays in cache; the forward
 # kernel writes its checkpoints at the same spacing
 DEFAULT_CHUNK = CHECKPOINT_CHUNK
 # columns of the state walked at a time where the step separates along its last dim
-# (``lowering.columns``), in vectors: sums over the rows (k^T dS, k^T S) accumulate one
-# register per vector of columns, and two such sums of a quarter of the register file each
-# (4 of AVX2's 16, 8 of AVX-512's 32) leave room for the rest. Measured (GDN, K = V = 128,
-# one thread): AVX-512 the whole state (128 columns) at 16 lanes, 0.98x of 64; AVX2 code
-# 32 columns at 8 lanes, 1.0x of the whole state and 0.86x of 64
-BLOCK_REGISTERS = {8: 4, 16: 8}
+# (``lowering.columns``): wider states walk in blocks of this many columns. Measured (GDN,
+# K = V = 128, one thread, 2026-12-03, AMD EPYC AVX-512): the whole state beat blocks of
+# 32 and 64 columns both in AVX-512 code (16 lanes) and in AVX2 code (znver3 target, 8
+# lanes: 0.9x the time of 32-column blocks)
+BLOCK_COLUMNS = 128
 INLINE_COST = 6      # a value used twice is stored when its inline expression has more ops
 
 
-class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
+class _AdjGen(ColumnBlocks, Recompute, NestEmitter, _Gen):
     """TVMScript text of the backward kernel of one program at fixed dim sizes."""
 
     def __init__(self, adj: AdjointStep, sizes: dict[str, int], chunk: int = DEFAULT_CHUNK,
@@ -54,7 +61,7 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
         from .sequential import check_knobs
         p = adj.program
         self.lanes = lanes or vector_lanes()
-        block = BLOCK_REGISTERS.get(self.lanes, 4) * self.lanes if block is None else block
+        block = BLOCK_COLUMNS if block is None else block
         self.p, self.adj, self.sizes, self.chunk = p, adj, dict(sizes), chunk
         self.full = dict(sizes)                  # the dims' sizes (``sizes``: a block's)
         self.given = given                       # the checkpoints come from the forward
@@ -125,14 +132,7 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
         for i, n in enumerate(toposort(list(every.values()))):
             self.names.setdefault(id(n), f"N{i}")
         self.L, self.kinds = self._column_blocks(block)
-        # stored values of the forward step smaller than the state that the backward step
-        # reads too (k^T S, v - k^T S): kept per token of the chunk when it is recomputed
-        bwd_ids = {id(n) for n in self.bwd}
-        kept = {id(n) for n in self.fwd if id(n) in self.mat and id(n) in bwd_ids and
-                n is not p.new_state and not set(self.state.dims) <= set(n.dims)}
-        read = {id(a) for n in self.bwd if id(n) not in kept for a in n.args} | {
-            id(d) for d in adj.roots()}
-        self.kept = {i: every[i] for i in kept if i in read}
+        self._plan_recompute(every, feed_ids)
 
     # --- scheduling: stored values and outputs, fused into loop nests ------------------------
     def reads(self, n: Node, top: bool = True) -> set[int]:
@@ -175,23 +175,10 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
             return self.hoist(super().expr(n, self.genv(env)), n.dims)   # a feed: a whole buffer
         return super().expr(n, env)
 
-    def forward_step(self, ind: int, j: str, tt: str) -> list[str]:
-        """SCR[slot j + 1] = the new state from SCR[slot j], for token tt."""
-        self.slot, self.slot_next, self.tvar = j, None, tt
-        sd = self.state.dims
-        out = _Item(None, False, sd, self.reads(self.p.new_state), value=self.p.new_state,
-                    target=lambda e: f"SCR[n, h, {j} + 1, {self.lidx(sd, e)}]")
-        lines = self.emit(self.schedule(self.items(self.fwd) + [out]), ind)
-        for n in self.kept.values():   # kept for the walk back through this token
-            e = self.env(n.dims)
-            nm, ix = self.names[id(n)], self.idx(n.dims, e)
-            lines += self.loops(n.dims, [f"{nm}_c[{j}, {ix}] = {nm}[{ix}]"], ind)
-        return lines
-
     def backward_step(self, ind: int, j: str, tt: str) -> list[str]:
         self.slot, self.slot_next, self.tvar = j, f"{j} + 1", tt
         adj = self.adj
-        items = self.items([n for n in self.bwd if id(n) not in self.kept])
+        items = self.items(self.walk)
         for i, d in enumerate(adj.d_feeds):
             if d is None:
                 continue
@@ -275,6 +262,9 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
                 if id(n) in self.kept:
                     L.append(f"{pad}{self.names[id(n)]}_c = T.alloc_buffer(({C}, "
                              f"{self.local_shape(n.dims)},), \"float32\")")
+                if n in self.pre:
+                    L.append(f"{pad}{self.names[id(n)]}_next = T.alloc_buffer(("
+                             f"{self.local_shape(n.dims)},), \"float32\")")
                 over = n.attr("over") or ()
                 dom = self.p.canonical(set(n.dims) | set(over))
                 if dom and dom[-1] in over and self.sizes[dom[-1]] % self.lanes == 0:
@@ -294,6 +284,9 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
             L.append(f"{pad}for c in T.serial(nck):")
             L += self.loops(sd, [f"CK[n, h, c, {g}] = SCR[n, h, 0, {s}]"], b + 1)
             L.append(f"{p3}nj: T.let = T.min({C}, nt - c * {C})")
+            if self.pre:
+                L.append(f"{p3}tt0: T.let = T.min(t0 + c * {C}, TT - 1)")
+                L += self.forward_first(b + 1, "0", "tt0")
             L.append(f"{p3}for j in T.serial(nj):")
             L.append(f"{p3}    tt: T.let = t0 + c * {C} + j")
             L += self.forward_step(b + 2, "j", "tt")
@@ -304,6 +297,9 @@ class _AdjGen(ColumnBlocks, NestEmitter, _Gen):
         L.append(f"{p3}cb: T.let = nck - 1 - cr")
         L.append(f"{p3}njb: T.let = T.min({C}, nt - cb * {C})")
         L += self.loops(sd, [f"SCR[n, h, 0, {s}] = CK[n, h, cb, {g}]"], b + 1)
+        if self.pre:
+            L.append(f"{p3}tf0: T.let = T.min(t0 + cb * {C}, TT - 1)")
+            L += self.forward_first(b + 1, "0", "tf0")
         L.append(f"{p3}for jf in T.serial(njb):")
         L.append(f"{p3}    tf: T.let = t0 + cb * {C} + jf")
         L += self.forward_step(b + 2, "jf", "tf")
@@ -323,7 +319,7 @@ def adjoint_source(adj: AdjointStep, sizes: dict[str, int], H: int,
     """The TVMScript of the backward kernel (for reading and golden tests); ``given``: the
     checkpoints are an input (the op's forward wrote them), step 1 is skipped; ``block``:
     the columns walked at a time where the step separates (0: the whole state; default
-    ``BLOCK_REGISTERS`` vectors); ``lanes``: fp32 lanes of a vector (default: the host's)."""
+    ``BLOCK_COLUMNS``); ``lanes``: fp32 lanes of a vector (default: the host's)."""
     return _AdjGen(adj, {**sizes, "__H": H}, chunk, knobs, given, block, lanes).source()
 
 
@@ -353,7 +349,7 @@ def run_adjoint_tvm(bc: BoundCall, adj: AdjointStep, feeds: list[torch.Tensor],
     """The backward kernel (see ``shared.adjoint.generated_backward`` for the contract);
     ``checkpoints`` the op's forward saved, used where they are this call's at ``chunk``;
     ``block``: the columns of the state walked at a time where the step separates (default:
-    ``BLOCK_REGISTERS`` vectors)."""
+    ``BLOCK_COLUMNS``)."""
     p = bc.program
     segs = segments(bc)
     seg = torch.tensor(segs, dtype=torch.int32)

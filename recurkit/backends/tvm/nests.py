@@ -21,8 +21,9 @@ LANES = 8            # fp32 lanes of an AVX2 vector register: the emitter's defa
 
 @dataclass(eq=False)
 class _Item:
-    """One thing a loop nest computes: a stored value (``red``: a reduction) or, with a
-    ``target``, an output written from ``value`` (``add``: added to what it holds)."""
+    """One thing a loop nest computes: a stored value (``red``: a reduction), with a
+    ``target`` an output written from ``value`` (``add``: added to what it holds), or with
+    ``render`` a statement of its own."""
 
     node: Node | None
     red: bool
@@ -32,6 +33,7 @@ class _Item:
     target: Callable | None = None
     writes: int | None = None
     add: bool = False
+    render: Callable | None = None     # the item's statement, given the nest's index env
 
 
 class NestEmitter:
@@ -162,6 +164,8 @@ class NestEmitter:
 
     def item_code(self, it: "_Item", e: dict[str, str], lanes: bool) -> str:
         n = it.node
+        if it.render is not None:
+            return it.render(e)
         if it.target is not None:          # an output
             val = _f(0.0) if it.value is None else self.expr(it.value, e)
             tgt = it.target(e)
