@@ -90,7 +90,15 @@ class PrologueRender:
     stores the program's output, in token addressing. Uses the generator's ``io``, ``sizes``,
     ``var``/``axes``, ``emit``, ``ar``, ``block``, ``size``, ``to``, ``strided``,
     ``dim_masks``, ``full``, ``note``, ``kctx``, ``hoist``, ``split`` and ``used`` (the
-    kernel arguments read)."""
+    kernel arguments read).
+
+    ``relaid``: token addresses and masks are rendered in a second, equivalent form (a scalar
+    row plus 32-bit offsets within the chunk; ``tok0 + i < eos``). A stage split by a loop
+    over blocks of V (``state_loop``) renders what follows the loop so: the compiler cannot
+    then merge those addresses and masks with the ones made before the loop, which would
+    keep them live (in registers) through it."""
+
+    relaid = False
 
     def dims_of(self, n: Node) -> tuple[str, ...]:
         """The dims of an input in its tensor's memory order (declared order)."""
@@ -98,14 +106,20 @@ class PrologueRender:
 
     def valid(self, axes: tuple[str, ...]) -> str | None:
         """Lanes of a block over ``axes`` that hold a real token and real dim entries."""
-        ms = [f"({self.ar('i', axes)} < rem)"] if "i" in axes else []
+        i = self.ar('i', axes) if "i" in axes else None
+        ms = [] if i is None else [f"(tok0 + {i} < eos)" if self.relaid else f"({i} < rem)"]
         return " & ".join(ms + self.dim_masks(axes, skip=("i",))) or None
 
     def token_offset(self, axes: tuple[str, ...], numel: int) -> str:
         """Offsets of a block over ``axes`` (i first, then dims in memory order) into a
         [tokens, H, *dims] tensor."""
-        row = f"((tok0 + {self.ar('i', axes)}) * {self.H} + h) * {numel}"
-        return row if len(axes) == 1 else f"{row} + {self.strided(axes[1:], axes)[0]}"
+        i, row = self.ar('i', axes), self.H * numel
+        within = "" if len(axes) == 1 else f" + {self.strided(axes[1:], axes)[0]}"
+        if self.relaid and self.block("i") * row < 2 ** 31:
+            # the chunk's first row (a scalar) plus 32-bit offsets within the chunk
+            head = f"(tok0 * {self.H} + h) * {numel}" if numel != 1 else f"(tok0 * {self.H} + h)"
+            return f"{head} + ({i} * {row}{within})"
+        return f"((tok0 + {i}) * {self.H} + h) * {numel}{within}"
 
     def _key(self, n: Node, axes: tuple[str, ...]) -> str:
         k = self.kctx[0] if self.kctx and self.kctx[0] in axes else ""

@@ -38,6 +38,8 @@ class ShiftInvert:
         if len(rest) == 1 and self.block(rest[0]) < 16:   # too narrow for tl.dot
             self.emit(op.out, (axis, *rest), f"tl.reduce({sh}[:, :, None] * {xv}[None, :, :], "
                       "1, _add)", ind)
+        elif len(rest) == 1 and self.relaid:
+            self.shift_rows(op.out, x, axis, rest, ind)
         elif len(rest) == 1:
             self.emit(op.out, (axis, *rest), f"tl.dot({sh}, {xv}, input_precision=\"ieee\")",
                       ind)
@@ -53,6 +55,21 @@ class ShiftInvert:
             self.note_dot(C, flat, C, ind)
         if tuple(op.axes) != (axis, *rest):
             self.emit(op.out, tuple(op.axes), self.to(op.out, tuple(op.axes)), ind)
+
+    def shift_rows(self, out: str, x: str, axis: str, rest: tuple[str, ...], ind: int) -> None:
+        """The shift of a [C, K] block one row at a time: row r of x (a masked sum, exact)
+        into row r + 1 of the result. Used after a gradient stage's loop over blocks of V
+        (``relaid``), where the stage holds the most values: the 0/1 product's FMA operands
+        (a [C, C] and a [C, K] block per thread's rows and columns, ~100 registers a thread at
+        C = 16, K = 128, 8 warps) are what overflowed the registers there. Same numbers."""
+        C, pad = self.size(axis), "    " * ind
+        rows = f"tl.arange(0, {self.block(axis)})[:, None]"
+        self.emit(out, (axis, *rest), self.full((axis, *rest)), ind)
+        v = self.var[out]
+        self.L += [f"{pad}for sr in range(0, {C - 1}):",
+                   f"{pad}    srow = tl.reduce(tl.where({rows} == sr, "
+                   f"{self.to(x, (axis, *rest))}, 0.0), 0, _add)",
+                   f"{pad}    {v} = tl.where({rows} == sr + 1, srow[None, :], {v})"]
 
     def invert(self, op: TileOp, ind: int) -> None:
         """(I - L)^-1 by forward substitution, one row per iteration: row r is e_r plus

@@ -102,6 +102,7 @@ class StateLoops:
             body(op)
         at = len(self.L)
         self.state_loop(within, [n for n in outs if n not in stored], put, ind)
+        self.relaid = True   # addresses and masks after the loop: made again, not kept
         at = next(k for k in range(at, len(self.L)) if "for kb in" in self.L[k])
         ops = self.st.ops
         rest |= {op.out for op in self.rematerialize(pre, mark, at,
