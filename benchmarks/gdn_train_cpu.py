@@ -2,7 +2,11 @@
 under autograd vs flash-linear-attention's naive chunk code under autograd, in one run.
 
     pip install --no-deps fla-core einops   # FLA's reference code (optional)
-    python benchmarks/gdn_train_cpu.py [--T 4096] [--repeats 5]
+    python benchmarks/gdn_train_cpu.py [--T 4096] [--repeats 5] [--mcpu znver3]
+
+``--mcpu`` compiles recurkit's TVM kernels for another CPU of the family (sets
+$RECURKIT_TVM_MCPU): ``znver3`` or ``haswell`` measures the AVX2 code on an AVX-512 machine,
+against FLA in the same run.
 
 Bars: at least 3x (issue 7) and 6x (issue 23) faster than FLA's naive chunk code under
 autograd. The exported op
@@ -33,11 +37,16 @@ CHUNK = "recurkit rk.export, backward='chunk' (TVM fwd, chunk-form bwd in torch)
 def main() -> int:
     ap = argparse.ArgumentParser()
     add_shape_args(ap, repeats=5)
+    ap.add_argument("--mcpu", default=None, help="LLVM CPU to compile recurkit's kernels for")
     args = ap.parse_args()
+    if args.mcpu:
+        os.environ["RECURKIT_TVM_MCPU"] = args.mcpu
     T, H, K = args.T, args.H, args.D
     base = gdn_inputs(1, T, H, K)
     print(f"machine: {machine()}")
     print(f"vector features: {' '.join(cpu_features())}")
+    from recurkit.backends.tvm.build import target, vector_lanes
+    print(f"recurkit's TVM kernels for: {target().attrs['mcpu']} ({vector_lanes()} fp32 lanes)")
     print(f"Gated DeltaNet forward + backward, B=1 T={T} H={H} K=V={K}, fp32\n")
 
     def step(fn):
@@ -75,9 +84,10 @@ def main() -> int:
             print(f"bar of issue {issue} (>= {bar}x faster than FLA naive under autograd): "
                   f"{ratio:.2f}x -> "
                   f"{'met' if ratio >= bar else 'MISSED by %.2fx' % (bar / ratio)}")
-    save_results("gdn_train_cpu", {"shape": {"B": 1, "T": T, "H": H, "K": K, "V": K},
-                                   "dtype": "float32",
-                                   "ms": {n: t * 1e3 for n, t in times.items()}})
+    name = "gdn_train_cpu" + (f"_{args.mcpu}" if args.mcpu else "")
+    save_results(name, {"shape": {"B": 1, "T": T, "H": H, "K": K, "V": K}, "dtype": "float32",
+                        "mcpu": target().attrs["mcpu"], "lanes": vector_lanes(),
+                        "ms": {n: t * 1e3 for n, t in times.items()}})
     return 0
 
 

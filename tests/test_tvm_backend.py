@@ -403,3 +403,20 @@ def test_kernels_take_views_at_any_offset(name, form):
     o3, S3 = rk.compile(decl, backend="reference")(*xr, initial_state=s0, output_final_state=True)
     (o3.square().sum() + S3.sum()).backward()
     assert all(rel(a.grad, b.grad) < 1e-4 for a, b in zip(xs, xr))
+
+
+def test_target_cpu_from_the_environment(monkeypatch):
+    """$RECURKIT_TVM_MCPU names the CPU kernels are compiled for (AVX2 code on an AVX-512
+    machine, to measure the fallback); vectors follow its features; a name LLVM does not
+    know is refused, naming the variable."""
+    import platform
+    from recurkit.backends.tvm.build import target, vector_lanes
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 CPU names")
+    monkeypatch.setenv("RECURKIT_TVM_MCPU", "haswell")
+    assert target().attrs["mcpu"] == "haswell" and vector_lanes() == 8
+    monkeypatch.setenv("RECURKIT_TVM_MCPU", "skylake-avx512")
+    assert vector_lanes() == 16
+    monkeypatch.setenv("RECURKIT_TVM_MCPU", "no-such-cpu")
+    with pytest.raises(ValueError, match="RECURKIT_TVM_MCPU='no-such-cpu'"):
+        target()

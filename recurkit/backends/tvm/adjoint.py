@@ -331,7 +331,7 @@ def _kernel(adj: AdjointStep, sizes: dict[str, int], H: int, chunk: int,
     from .sequential import check_knobs
     knobs = check_knobs(knobs)
     key = (adj.program.content_hash(), tuple(sorted(sizes.items())), H, chunk,
-           torch.get_num_threads(), tuple(sorted(knobs.items())), given, block)
+           torch.get_num_threads(), tuple(sorted(knobs.items())), given, block, vector_lanes())
     with _LOCK:
         hit = _KERNELS.get(key)
     if hit is None:

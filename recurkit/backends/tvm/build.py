@@ -21,33 +21,32 @@ _LOCK = threading.Lock()
 
 
 def target():
+    """The LLVM target kernels are compiled for: the host's CPU, or the one named by
+    $RECURKIT_TVM_MCPU (an LLVM CPU name such as "znver3" or "haswell": code for an older CPU
+    of the family, e.g. to measure the AVX2 code on an AVX-512 machine)."""
     _threads()
     import tvm
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                              "num-cores": max(1, torch.get_num_threads()),
-                              "fast-math-contract": True})   # a*b+c as one FMA
+    mcpu = os.environ.get("RECURKIT_TVM_MCPU") or tvm.target.codegen.llvm_get_system_cpu()
+    tgt = tvm.target.Target({"kind": "llvm", "mcpu": mcpu,
+                             "num-cores": max(1, torch.get_num_threads()),
+                             "fast-math-contract": True})   # a*b+c as one FMA
+    if os.environ.get("RECURKIT_TVM_MCPU") and not tvm.target.codegen.llvm_is_valid_cpu(
+            mcpu, tvm.target.codegen.llvm_get_system_triple()):
+        raise ValueError(f"RECURKIT_TVM_MCPU={mcpu!r} is not a CPU LLVM knows (e.g. znver3, "
+                         "haswell, skylake-avx512)")
+    return tgt
 
 
 def vector_lanes() -> int:
-    """fp32 lanes of the host's widest vector register that generated kernels use: 16 with
-    AVX-512 (fewer instructions per element: the walk of the backward is bound by them),
-    else 8 (AVX2; also the fallback where the features cannot be read)."""
-    global _LANES
-    if _LANES is None:
-        flags: set[str] = set()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        break
-        except OSError:
-            pass
-        _LANES = 16 if "avx512f" in flags else 8
-    return _LANES
-
-
-_LANES: int | None = None
+    """fp32 lanes of the widest vector register of the target (``target()``) that generated
+    kernels use: 16 with AVX-512 (fewer instructions per element: the walk of the backward
+    is bound by them), else 8 (AVX2, and where the features cannot be read)."""
+    import tvm
+    try:
+        wide = bool(tvm.target.codegen.target_has_features("avx512f", target()))
+    except Exception:  # noqa: BLE001 - unknown features: the narrower vectors work anywhere
+        wide = False
+    return 16 if wide else 8
 
 
 def _threads() -> None:
