@@ -42,11 +42,17 @@ def vector_lanes() -> int:
     kernels use: 16 with AVX-512 (fewer instructions per element: the walk of the backward
     is bound by them), else 8 (AVX2, and where the features cannot be read)."""
     import tvm
-    try:
-        wide = bool(tvm.target.codegen.target_has_features("avx512f", target()))
-    except Exception:  # noqa: BLE001 - unknown features: the narrower vectors work anywhere
-        wide = False
-    return 16 if wide else 8
+    key = os.environ.get("RECURKIT_TVM_MCPU", "")
+    if key not in _LANES:
+        try:
+            wide = bool(tvm.target.codegen.target_has_features("avx512f", target()))
+        except Exception:  # noqa: BLE001 - unknown features: narrower vectors work anywhere
+            wide = False
+        _LANES[key] = 16 if wide else 8
+    return _LANES[key]
+
+
+_LANES: dict[str, int] = {}   # by $RECURKIT_TVM_MCPU
 
 
 def _threads() -> None:
