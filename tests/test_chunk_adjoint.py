@@ -145,7 +145,7 @@ def test_the_gradient_kernel_looping_over_blocks_of_v(name, monkeypatch):
     src, _ = chunk_module.chunk_source(lower_adjoint(decl, chunk=16), sizes, 2,
                                        check_config(None), dtype="fp32", has_dsf=True)
     grads_src = src[src.index("def grads_kernel"):]
-    assert "for kb in range(0, 40, 16):" in grads_src
+    assert "for kb in tl.range(0, 40, 16, num_stages=1):" in grads_src
     cu = [0, 0, 1, 17, 40]
     xs = draw(decl, 40, sizes=sizes)
     init = torch.randn(len(cu) - 1, 2, 20, 40) * 0.5

@@ -124,6 +124,9 @@ class BlockedContractions:
             prod = f"tl.reduce({self.to(x, union)} * {self.to(y, union)}, {len(union) - 1}, _add)"
             self.L.append(f"{pad}    {accs[op.out]} = {accs[op.out]} + {prod}")
         self.kctx = None
+        # token addresses and masks after the loop: made again, not kept (PrologueRender);
+        # kept, 16-byte aligned pointers made GLA's forward prep kernel spill at 64 registers
+        self.relaid = True
         kept = {x: (self.var[x], self.axes[x]) for x in self.hoisted}
         self.var, self.axes = saved
         for x, (v, a) in kept.items():

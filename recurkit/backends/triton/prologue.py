@@ -94,7 +94,8 @@ class PrologueRender:
 
     ``relaid``: token addresses and masks are rendered in a second, equivalent form (a scalar
     row plus 32-bit offsets within the chunk; ``tok0 + i < eos``). A stage split by a loop
-    over blocks of V (``state_loop``) renders what follows the loop so: the compiler cannot
+    over blocks of V (``state_loop``), or with a blocked contraction's loop over K
+    (``blocked``), renders what follows the loop so: the compiler cannot
     then merge those addresses and masks with the ones made before the loop, which would
     keep them live (in registers) through it."""
 

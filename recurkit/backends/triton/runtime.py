@@ -241,13 +241,37 @@ def _param_type(name: str, io: str = "fp32") -> str:
     return "*fp32"
 
 
+ALIGNED_INTS = ("NC", "TT")   # integer arguments a typical call passes as multiples of 16
+
+
+def divisibility_attrs(fn, signature: dict, ints=ALIGNED_INTS) -> dict:
+    """The ``attrs`` Triton's JIT gives a call of ``fn`` whose tensors are 16-byte aligned:
+    ``tt.divisibility = 16`` on every pointer argument (Triton 3.6-3.9 ``specialize_impl``
+    with ``align=True``: ``data_ptr() % 16 == 0``, true of every tensor torch allocates) and
+    on the integer arguments named in ``ints`` (the JIT adds it to an int argument whose
+    value is a multiple of 16)."""
+    return {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+            if a in signature and (signature[a].startswith("*")
+                                   or (a in ints and signature[a] in ("i32", "i64")))}
+
+
 def aot_compile(src: str, arch: str = "sm_90", config: dict | None = None,
-                io: str = "fp32") -> list[dict]:
+                io: str = "fp32", aligned: bool = True) -> list[dict]:
     """Compile every kernel of a generated module for ``arch`` with no GPU, its inputs,
     output and low-precision intermediates in ``io``. Returns, per kernel: name, shared memory
     bytes, for CUDA registers and spill bytes (read from the cubin with the cuobjdump bundled
     with Triton; None where it cannot be read) and whether the SASS has tensor-core
-    instructions (``mma``: HGMMA / HMMA counts; None where it cannot be read)."""
+    instructions (``mma``: HGMMA / HMMA counts; None where it cannot be read).
+
+    ``aligned`` (default) compiles what Triton's JIT compiles for a typical call: every
+    pointer argument 16-byte aligned (torch's allocations are) and the sequence length
+    ``TT`` and chunk count ``NC`` multiples of 16 (a typical training or benchmark length,
+    a power of two of 1024 tokens or more, at chunk 16-64: T = 4096, chunk 32 gives
+    NC = 128), each with ``tt.divisibility = 16`` as the JIT's ``specialize_impl`` gives
+    them. The JIT would also make an int argument equal to 1 a constant; no generated kernel
+    takes such an argument (its ints are lengths and counts). ``aligned=False`` compiles
+    with no attributes (the JIT's code for unaligned pointers and lengths that are not
+    multiples of 16, e.g. a varlen batch)."""
     import triton
     from triton.backends.compiler import GPUTarget
     if arch not in TARGETS:
@@ -258,8 +282,9 @@ def aot_compile(src: str, arch: str = "sm_90", config: dict | None = None,
     for name in sorted(n for n in vars(mod) if n.endswith("_kernel")):
         fn = getattr(mod, name)
         sig = {a: _param_type(a, io) for a in fn.arg_names}
+        attrs = divisibility_attrs(fn, sig) if aligned else {}
         loop = name in ("recurrent_kernel", "scan_kernel")
-        k = triton.compile(triton.compiler.ASTSource(fn, sig, {}), target=GPUTarget(
+        k = triton.compile(triton.compiler.ASTSource(fn, sig, {}, attrs), target=GPUTarget(
             *TARGETS[arch]), options={"num_warps": warps(cfg, not loop),
                                       "num_stages": 1 if loop else cfg["num_stages"]})
         rec = {"kernel": name, "arch": arch, "shared": k.metadata.shared,
@@ -271,15 +296,19 @@ def aot_compile(src: str, arch: str = "sm_90", config: dict | None = None,
 
 
 def aot_compile_kernel(fn, signature: dict, constants: dict, arch: str = "sm_90",
-                       num_warps: int = 4) -> dict:
+                       num_warps: int = 4, aligned: bool = True) -> dict:
     """Compile one @triton.jit function of a loaded module for ``arch`` with no GPU; the
     report is as ``aot_compile``'s. ``signature`` maps every argument to a Triton type
-    ("*fp32", "i32", "constexpr", ...), ``constants`` the constexpr ones to values."""
+    ("*fp32", "i32", "constexpr", ...), ``constants`` the constexpr ones to values.
+    ``aligned`` (default): every pointer argument 16-byte aligned, as the JIT compiles for
+    torch tensors; integer arguments get no attribute (their typical values are the
+    caller's to know). ``aligned=False``: no attributes."""
     import triton
     from triton.backends.compiler import GPUTarget
     if arch not in TARGETS:
         raise ValueError(f"unknown target {arch!r}; choose one of {', '.join(TARGETS)}")
-    k = triton.compile(triton.compiler.ASTSource(fn, signature, constants),
+    attrs = divisibility_attrs(fn, signature, ints=()) if aligned else {}
+    k = triton.compile(triton.compiler.ASTSource(fn, signature, constants, attrs),
                        target=GPUTarget(*TARGETS[arch]), options={"num_warps": num_warps})
     rec = {"kernel": fn.__name__, "arch": arch, "shared": k.metadata.shared,
            "registers": None, "spill_bytes": None}

@@ -38,7 +38,7 @@ class ShiftInvert:
         if len(rest) == 1 and self.block(rest[0]) < 16:   # too narrow for tl.dot
             self.emit(op.out, (axis, *rest), f"tl.reduce({sh}[:, :, None] * {xv}[None, :, :], "
                       "1, _add)", ind)
-        elif len(rest) == 1 and self.relaid:
+        elif len(rest) == 1 and self.after_state_loop:
             self.shift_rows(op.out, x, axis, rest, ind)
         elif len(rest) == 1:
             self.emit(op.out, (axis, *rest), f"tl.dot({sh}, {xv}, input_precision=\"ieee\")",
@@ -59,9 +59,10 @@ class ShiftInvert:
     def shift_rows(self, out: str, x: str, axis: str, rest: tuple[str, ...], ind: int) -> None:
         """The shift of a [C, K] block one row at a time: row r of x (a masked sum, exact)
         into row r + 1 of the result. Used after a gradient stage's loop over blocks of V
-        (``relaid``), where the stage holds the most values: the 0/1 product's FMA operands
-        (a [C, C] and a [C, K] block per thread's rows and columns, ~100 registers a thread at
-        C = 16, K = 128, 8 warps) are what overflowed the registers there. Same numbers."""
+        (``after_state_loop``), where the stage holds the most values: the 0/1 product's FMA
+        operands (a [C, C] and a [C, K] block per thread's rows and columns, ~100 registers a
+        thread at C = 16, K = 128, 8 warps) are what overflowed the registers there. Same
+        numbers."""
         C, pad = self.size(axis), "    " * ind
         rows = f"tl.arange(0, {self.block(axis)})[:, None]"
         self.emit(out, (axis, *rest), self.full((axis, *rest)), ind)

@@ -28,6 +28,7 @@ class StateLoops:
     ``var``/``axes``, ``deferred``, ``reread``, ``ensure``, ``op``, ``emit``, ``full``, ``L``,
     ``n``, ``store_output`` and ``store_late``."""
 
+    after_state_loop = False   # set once a stage's loop over V is emitted (shift_invert)
     STATE_LOOP_ELEMS = 8192   # [K, V] blocks above this many elements loop over V
     STATE_BLOCK_V = 32
 
@@ -103,6 +104,7 @@ class StateLoops:
         at = len(self.L)
         self.state_loop(within, [n for n in outs if n not in stored], put, ind)
         self.relaid = True   # addresses and masks after the loop: made again, not kept
+        self.after_state_loop = True
         at = next(k for k in range(at, len(self.L)) if "for kb in" in self.L[k])
         ops = self.st.ops
         rest |= {op.out for op in self.rematerialize(pre, mark, at,
@@ -132,7 +134,11 @@ class StateLoops:
         self.ensure(outside, ind)   # read once, before the loop
         saved = dict(self.var), dict(self.axes)
         self.hoist, self.hoisted = (len(self.L), ind), set()
-        self.L.append(f"{pad}for kb in range(0, {self.size(V)}, {bv}):")
+        # not software-pipelined (num_stages=1): with 16-byte aligned pointers (what the JIT
+        # compiles for torch tensors) every block the loop reads becomes an async copy a stage
+        # ahead, and the copies' addresses plus ptxas unrolling the pipelined loop overflowed
+        # the registers (sm_90: GDN fp32 8 B, KDA bf16 96 B of spills); unpipelined, 0 B
+        self.L.append(f"{pad}for kb in tl.range(0, {self.size(V)}, {bv}, num_stages=1):")
         self.kctx = (V, bv)
         for op in within:
             self.ensure(op.args, ind + 1)
