@@ -115,22 +115,32 @@ def test_half_inputs(name, dtype):
 @pytest.mark.parametrize("name", ["gated_delta_rule", "hgrn", "dplr_delta_rule"])
 def test_torch_runner_equals_the_compiled_kernel(name):
     """The torch step runner (the path off the CPU) and the TVM kernel walk the same adjoint."""
-    decl = BUILTINS[name]
+    a, b, _ = runner_and_kernel(BUILTINS[name])
+    for n in a:
+        assert rel(a[n], b[n]) < 1e-5, n
+
+
+def runner_and_kernel(decl, sizes=SIZES, **kernel_kw):
+    """The gradients of a varlen call (lengths 7, 0, 38) from the torch step runner, from the
+    TVM kernel (``kernel_kw``: its options) and from the kernel again (cached) for another
+    derivation of the declaration's adjoint."""
     p = decl.program
     adj = derive_adjoint(p)
-    xs = {n: x.requires_grad_() for n, x in draw(decl, 45).items()}
-    S0 = torch.randn(*state_shape(decl, 3)).requires_grad_()
+    xs = {n: x.requires_grad_() for n, x in draw(decl, 45, sizes=sizes).items()}
+    S0 = torch.randn(3, 2, *(sizes[d] for d in p.state.dims)).requires_grad_()
     cu = torch.tensor([0, 7, 7, 45])
     bc = bind_call(p, (), {**xs, "initial_state": S0, "cu_seqlens": cu})
     o, S = rk.compile(decl, backend="reference")(**xs, initial_state=S0, cu_seqlens=cu,
                                                   output_final_state=True)
     go, gS = torch.randn_like(o), torch.randn_like(S)
     leaves = {**xs, "initial_state": S0}
+    kernel = functools.partial(run_adjoint_tvm, chunk=16, **kernel_kw)
     a = generated_backward(bc, adj, go, gS, functools.partial(run_adjoint_torch, checkpoint=8),
                            leaves)
-    b = generated_backward(bc, adj, go, gS, functools.partial(run_adjoint_tvm, chunk=16), leaves)
-    for n in a:
-        assert rel(a[n], b[n]) < 1e-5, n
+    b = generated_backward(bc, adj, go, gS, kernel, leaves)
+    c = generated_backward(bc, derive_adjoint(p), go, gS, kernel, leaves)
+    assert set(a) == set(b) == set(c) == set(leaves)
+    return a, b, c
 
 
 @pytest.mark.parametrize("name,backward", [("gated_delta_rule", "auto"), ("gla", "chunk")])
@@ -268,25 +278,10 @@ def test_the_walk_in_column_blocks(name, layout, monkeypatch):
     assert (gen.L is not None) == bool(separable), name
     if gen.L is not None:
         assert f"for vb in T.serial({sizes[sd[-1]] // block}):" in gen.source()
-    xs = {n: x.requires_grad_() for n, x in draw(decl, 45, sizes=sizes).items()}
-    S0 = torch.randn(N := 3, 2, *(sizes[d] for d in sd)).requires_grad_()
-    cu = torch.tensor([0, 7, 7, 45])
-    bc = bind_call(p, (), {**xs, "initial_state": S0, "cu_seqlens": cu})
-    o, S = rk.compile(decl, backend="reference")(**xs, initial_state=S0, cu_seqlens=cu,
-                                                  output_final_state=True)
-    go, gS = torch.randn_like(o), torch.randn_like(S)
-    leaves = {**xs, "initial_state": S0}
-    a = generated_backward(bc, adj, go, gS, functools.partial(run_adjoint_torch, checkpoint=8),
-                           leaves)
-    b = generated_backward(bc, adj, go, gS, functools.partial(run_adjoint_tvm, chunk=16,
-                                                              block=block), leaves)
-    # the same kernel again (cached) for another derivation of the declaration
-    c = generated_backward(bc, derive_adjoint(p), go, gS, functools.partial(
-        run_adjoint_tvm, chunk=16, block=block), leaves)
-    assert N == len(cu) - 1 and set(a) == set(b) == set(c)
+    a, b, c = runner_and_kernel(decl, sizes, block=block)
     for n in a:
         assert rel(b[n], a[n]) < 1e-5, n
-        assert torch.equal(b[n], c[n]), n
+        assert torch.equal(b[n], c[n]), n   # the cached kernel, another derivation
 
 
 def test_value_erase_gradients_match_the_reference():
