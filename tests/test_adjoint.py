@@ -248,18 +248,28 @@ def test_column_kinds_of_the_gated_delta_rules_adjoint():
     assert column_kinds([value_erase.program.new_state], "K") is not None
 
 
+@rk.recurrence
+def projected(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"], v: rk.Token["V"],
+              x: rk.Token["V", "D", "R"]):
+    """A readout through a per-token [V, D, R] map: the adjoint sums over D and R at each
+    column (partial sums kept per lane across two dims, in the kernel's own buffers)."""
+    S = S + rk.outer(k, v)
+    return S, (q @ S) @ x
+
+
 BLOCKED = {"K": 4, "V": 6, "D": 6, "R": 3}
 
 
 WIDE = ["gated_delta_rule", "gla", "kda", "dplr_delta_rule", "hgrn", "gated_scan",
-        "reads_old_state", "value_erase"]
+        "reads_old_state", "value_erase", "projected"]
 LAYOUTS = {"blocks of 3": (8, BLOCKED, 3),   # narrower than a vector: no lanes
-           "blocks of 8, 8 lanes": (8, {**BLOCKED, "V": 16, "D": 16}, 8),
-           "blocks of 16, 16 lanes": (16, {**BLOCKED, "V": 32, "D": 32}, 16)}
+           "blocks of 8, 8 lanes": (8, {**BLOCKED, "V": 16, "D": 16, "R": 16}, 8),
+           "blocks of 16, 16 lanes": (16, {**BLOCKED, "V": 32, "D": 32, "R": 16}, 16)}
+EXTRA = {"value_erase": value_erase, "projected": projected}
 
 
 @pytest.mark.parametrize("name,layout", [(n, "blocks of 3") for n in list(BUILTINS) +
-                                         list(CUSTOM) + ["value_erase"]] +
+                                         list(CUSTOM) + list(EXTRA)] +
                          [(n, lay) for n in WIDE for lay in list(LAYOUTS)[1:]])
 def test_the_walk_in_column_blocks(name, layout, monkeypatch):
     """The compiled backward walking the state's last dim in blocks (each block the whole
@@ -268,7 +278,7 @@ def test_the_walk_in_column_blocks(name, layout, monkeypatch):
     from recurkit.backends.tvm import adjoint as tvm_adjoint
     lanes, sizes, block = LAYOUTS[layout]
     monkeypatch.setattr(tvm_adjoint, "vector_lanes", lambda: lanes)
-    decl = BUILTINS.get(name) or CUSTOM.get(name) or value_erase
+    decl = BUILTINS.get(name) or CUSTOM.get(name) or EXTRA[name]
     p = decl.program
     adj = derive_adjoint(p)
     sd = p.state.dims

@@ -95,3 +95,39 @@ def test_training_steps_reuse_checkpoints_and_gradients_hold(monkeypatch):
         gc.collect()
         kept.append(len(buffers._BUFS))
     assert kept[0] >= 2 and kept[0] == kept[-1], kept   # checkpoints and scratch, reused
+
+
+def test_the_limit_holds_when_a_request_is_served_from_the_pool(monkeypatch):
+    monkeypatch.setattr(buffers, "KEEP_BYTES", 5 * MB)
+    monkeypatch.setattr(buffers, "MIN_BYTES", 0)
+    bufs = [buffers.empty((MB,)) for _ in range(3)]    # three 4 MB buffers, then all idle
+    del bufs
+    gc.collect()
+    again = buffers.empty((MB,))                      # served by one; idle beyond 5 MB goes
+    assert buffers.kept() == (4 * MB, 4 * MB)
+    del again
+
+
+def test_fp32_cpu_tensors_whatever_the_defaults_and_mode():
+    """The kernels read fp32 CPU memory: a float64 default dtype changes nothing, and a
+    buffer first made under inference mode can later be saved for a backward."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for n in (16, MB):                            # torch.empty path and the pool's
+            t = buffers.empty((n,))
+            assert t.dtype == torch.float32 and t.device.type == "cpu"
+        del t
+    finally:
+        torch.set_default_dtype(prev)
+    gc.collect()
+    buffers.release()
+    with torch.inference_mode():
+        t = buffers.empty((MB,))
+        p = t.data_ptr()
+    del t
+    gc.collect()
+    x = torch.ones(3, requires_grad=True)
+    ck = buffers.empty((MB,))
+    assert ck.data_ptr() == p and not ck.is_inference()
+    (x[:1] * ck[:1]).sum().backward()                # saves the view: refused if inference

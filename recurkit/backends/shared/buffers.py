@@ -11,8 +11,8 @@ return it to the system (glibc maps anything over 32 MB afresh on every call).
 ``empty(shape)`` hands out a view of a kept buffer that nothing else uses (its storage is
 referenced by the pool's own tensor alone), else of a new one; a buffer is free again once
 every tensor viewing it is gone (saved for a backward, it stays taken until autograd frees
-the graph). Buffers no longer in use are kept up to ``KEEP_BYTES`` in all (the largest
-dropped first); ``release()`` drops them all. Where torch does not expose the storage's use
+the graph). Buffers no longer in use are kept up to ``KEEP_BYTES`` in all (checked at each
+request, the largest dropped first); ``release()`` drops them all. Where torch does not expose the storage's use
 count, ``empty`` is ``torch.empty``.
 """
 from __future__ import annotations
@@ -60,14 +60,16 @@ def empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     for s in shape:
         n *= int(s)
     if not _ENABLED or dtype != torch.float32 or n * 4 < MIN_BYTES:
-        return torch.empty(*shape, dtype=dtype)
-    with _LOCK:
+        return torch.empty(*shape, dtype=dtype, device="cpu")
+    with _LOCK, torch.inference_mode(False):   # a normal tensor, whatever the caller's mode
         idle = [b for b in _BUFS if _free(b)]
         fit = [b for b in idle if n <= b.numel() <= 2 * n]
         if fit:
-            return min(fit, key=torch.Tensor.numel)[:n].view(*shape)
+            b = min(fit, key=torch.Tensor.numel)
+            _trim([x for x in idle if x is not b], keep=KEEP_BYTES)
+            return b[:n].view(*shape)
         _trim(idle, keep=KEEP_BYTES - 4 * n)
-        b = torch.empty(n)
+        b = torch.empty(n, dtype=torch.float32, device="cpu")
         _BUFS.append(b)
         return b[:n].view(*shape)
 

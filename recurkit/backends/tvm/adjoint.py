@@ -24,6 +24,7 @@ both from ``shared.buffers`` (reused across calls).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -331,7 +332,8 @@ def _kernel(adj: AdjointStep, sizes: dict[str, int], H: int, chunk: int,
     from .sequential import check_knobs
     knobs = check_knobs(knobs)
     key = (adj.program.content_hash(), tuple(sorted(sizes.items())), H, chunk,
-           torch.get_num_threads(), tuple(sorted(knobs.items())), given, block, vector_lanes())
+           torch.get_num_threads(), tuple(sorted(knobs.items())), given, block, vector_lanes(),
+           os.environ.get("RECURKIT_TVM_MCPU"))
     with _LOCK:
         hit = _KERNELS.get(key)
     if hit is None:

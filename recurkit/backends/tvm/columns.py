@@ -35,8 +35,7 @@ class ColumnBlocks:
         L = sd[-1]
         if self.full[L] <= block or self.full[L] % block:
             return None, {}
-        leaves = {id(self.state): "col", id(self.adj.d_new): "col",
-                  id(self.p.new_state): "col"}
+        leaves = {id(self.state): "col", id(self.adj.d_new): "col"}
         if self.adj.d_out is not None:
             leaves[id(self.adj.d_out)] = "col" if L in self.adj.d_out.dims else "inv"
         roots = [self.p.new_state] + self.adj.roots()
@@ -72,5 +71,5 @@ class ColumnBlocks:
         return super().gidx(dims, self.genv(env))
 
     def lidx(self, dims, env: dict[str, str]) -> str:
-        """Index into a per-block buffer (the scratch)."""
+        """Index into a per-block buffer (the scratch, partial sums): from zero."""
         return super().gidx(dims, env)

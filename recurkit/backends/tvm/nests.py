@@ -89,7 +89,7 @@ class NestEmitter:
                                 f"{_fold(terms, n.op)}")
                 elif split and inner in n.attr("over"):
                     e = self.env(n.dims)
-                    lead = self.gidx(n.dims, e) + (", " if n.dims else "")
+                    lead = self.lidx(n.dims, e) + (", " if n.dims else "")
                     lines += self.loops(n.dims, [f"for i_w in T.vectorized("
                                                  f"{self.width(inner)}):", f"    "
                                                  f"{self.names[id(n)]}_acc[{lead}i_w] = {init}"],
@@ -114,7 +114,7 @@ class NestEmitter:
                     continue
                 en = self.env(n.dims)
                 acc = f"{self.names[id(n)]}_acc"
-                lead = self.gidx(n.dims, en) + (", " if n.dims else "")
+                lead = self.lidx(n.dims, en) + (", " if n.dims else "")
                 terms = [f"{acc}[{lead}{i}]" for i in range(self.width(inner))]
                 val = terms[0]
                 for t in terms[1:]:
@@ -145,6 +145,12 @@ class NestEmitter:
             pad += "    "
             out += [f"{pad}{name}: T.let = {text}" for lv, name, text in lets if lv == k + 1]
         return out + [pad + b for b in body]
+
+    def lidx(self, dims, env: dict[str, str]) -> str:
+        """Index into the kernel's own buffers over ``dims`` (the partial sums' ``_acc``);
+        a host whose whole buffers are indexed at an offset (``tvm.columns``) overrides
+        ``gidx``, not this."""
+        return self.gidx(dims, env)
 
     def row_local(self, n: Node) -> bool:
         """A reduction along the innermost dim only, keeping the outer ones: its partial
@@ -179,7 +185,7 @@ class NestEmitter:
         if lanes and self.row_local(n):
             tgt = f"{self.names[id(n)]}_acc[i_u * {self.lanes} + i_lane]"
         elif lanes:
-            tgt = (f"{self.names[id(n)]}_acc[{self.gidx(n.dims, e)}{', ' if n.dims else ''}"
+            tgt = (f"{self.names[id(n)]}_acc[{self.lidx(n.dims, e)}{', ' if n.dims else ''}"
                    f"i_u * {self.lanes} + i_lane]")
         else:
             tgt = f"{self.names[id(n)]}[{self.idx(n.dims, e)}]"

@@ -9,6 +9,7 @@ Kernels are specialised to the dim sizes and cached by (IR hash, sizes, target).
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -384,7 +385,7 @@ def _kernel(p, sizes: dict[str, int], H: int, knobs: dict | None = None,
             checkpoints: int = 0) -> tuple[Callable, _Gen]:
     knobs = check_knobs(knobs)
     key = (p.content_hash(), tuple(sorted(sizes.items())), H, torch.get_num_threads(),
-           tuple(sorted(knobs.items())), checkpoints)
+           tuple(sorted(knobs.items())), checkpoints, os.environ.get("RECURKIT_TVM_MCPU"))
     with _LOCK:
         hit = _KERNELS.get(key)
     if hit is None:
