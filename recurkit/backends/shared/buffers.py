@@ -12,8 +12,8 @@ return it to the system (glibc maps anything over 32 MB afresh on every call).
 referenced by the pool's own tensor alone), else of a new one; a buffer is free again once
 every tensor viewing it is gone (saved for a backward, it stays taken until autograd frees
 the graph). Buffers no longer in use are kept up to ``KEEP_BYTES`` in all (checked at each
-request, the largest dropped first); ``release()`` drops them all. Where torch does not expose the storage's use
-count, ``empty`` is ``torch.empty``.
+request, the largest dropped first); ``release()`` drops them all. Where torch does not
+expose the storage's use count, ``empty`` is ``torch.empty``.
 """
 from __future__ import annotations
 

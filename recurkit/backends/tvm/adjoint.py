@@ -332,8 +332,8 @@ def _kernel(adj: AdjointStep, sizes: dict[str, int], H: int, chunk: int,
     from .sequential import check_knobs
     knobs = check_knobs(knobs)
     key = (adj.program.content_hash(), tuple(sorted(sizes.items())), H, chunk,
-           torch.get_num_threads(), tuple(sorted(knobs.items())), given, block, vector_lanes(),
-           os.environ.get("RECURKIT_TVM_MCPU"))
+           torch.get_num_threads(), tuple(sorted(knobs.items())), given, block,
+           os.environ.get("RECURKIT_TVM_MCPU"))   # the target, and so the vectors' width
     with _LOCK:
         hit = _KERNELS.get(key)
     if hit is None:
