@@ -69,7 +69,7 @@ class CompiledOp:
                                      f"{backend!r} takes none")
                 self.knobs = b.check_knobs(knobs)
             self.form, self.tile_program = b.prepare(program, form, chunk)
-            self._run = b.runner(self.form, self.tile_program, self.knobs)
+            self._run = b.run_fn(self.form, self.tile_program, self.knobs)
         self.__name__ = program.name
         self.__doc__ = (f"{program.name}({', '.join(signature_names(program))}) "
                         f"[backend={backend}, form={self.form}]")
@@ -148,7 +148,7 @@ class CompiledOp:
                 form, tp = self.form, self.tile_program   # lowered at compile time
             else:
                 form, tp = b.prepare(self.program, *self._asked)
-            run = self._auto_runs[b.name] = b.runner(form, tp, None)
+            run = self._auto_runs[b.name] = b.run_fn(form, tp, None)
         return run
 
     def _tuned_runner(self, bc):
@@ -280,4 +280,8 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
     if p.new_state is None:
         raise ValueError(f"{p.name} is stateless: nothing to generate")
     op = CompiledOp(p, backend, form, chunk, knobs)
-    return b.codegen(p, op.tile_program, sizes, H, op.knobs)
+    tp = op.tile_program
+    if tp is not None and tp.meta.get("expansion") is not None:   # sub-steps: the
+        p = tp.meta["expansion"].program                           # expanded declaration's
+        sizes = {d: v for d, v in sizes.items() if d in p.dims}
+    return b.codegen(p, tp, sizes, H, op.knobs)

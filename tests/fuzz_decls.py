@@ -1,6 +1,7 @@
 """Random valid declarations for differential fuzzing (``test_fuzz.py``): a hypothesis strategy
 that writes the source of an ``@rk.recurrence`` from the vocabulary the analysis knows
-(scalar / per-key / per-value decays, rank-1 erases, outer-product and rank-R writes, gated
+(scalar / per-key / per-value decays, rank-1 erases along either dim, up to three per
+step, outer-product and rank-R writes, gated
 readouts with skips, token-only prologues) and from what it does not (several erases, steps
 nonlinear in the state), and traces it. Inputs are drawn by name: ``g*`` log-decays, ``k*``
 unit keys, ``b*`` betas in (0, 1)."""
@@ -31,18 +32,28 @@ def matrix_step(draw) -> str:
         lines.append("S = rk.exp(gv) * S")
     elif decay == "both":
         lines.append("S = rk.exp(gk) * (rk.exp(gv) * S)")
-    erases = draw(st.sampled_from([0, 0, 1, 1, 1, 2])) if decay in ("", "scalar", "key") else 0
+    erases = draw(st.sampled_from([0, 0, 1, 1, 1, 2, 2, 3])) if decay in ("", "scalar", "key") \
+        else 0
     if erases and draw(st.booleans()):
         lines.append("k1 = rk.l2norm(k1)")   # a token-only prologue
     for e in range(erases):   # a delta-rule update: erase along the key, write the new value
-        key = "k1" if e == 0 else "k2"
-        lines.append(f"S = S + rk.sigmoid(b{e + 1}) * rk.outer({key}, v{e + 1} - {key} @ S)")
+        key = ("k1", "k2", "k1")[e]
+        if e == 2 and draw(st.booleans()):   # an erase along another key than the write's
+            lines.append("S = S - 0.5 * rk.outer(k2, k2 @ S) + rk.outer(k1, v1)")
+        else:
+            lines.append(f"S = S + rk.sigmoid(b{e + 1}) * rk.outer({key}, v{e + 1} - {key} @ S)")
+        if e == 0 and erases > 1 and draw(st.integers(0, 3)) == 0:
+            lines.append("S = S + kt @ vt")      # a rank-R write between the updates
     writes = draw(st.integers(0 if erases else 1, 2))
     for w in range(writes):
         if w == 0 and draw(st.integers(0, 3)) == 0:
             lines.append("S = S + kt @ vt")      # a rank-R write
         else:
-            lines.append(f"S = S + rk.outer(ka{w}, va{w})")
+            lines.append(f"S = S {draw(st.sampled_from('+-'))} rk.outer(ka{w}, va{w})")
+    if draw(st.integers(0, 5)) == 0 and decay in ("", "scalar", "key") and not erases:
+        # an erase along the value dim, read along it too (the transposed delta rule)
+        lines.append("S = S - rk.sigmoid(b1) * rk.outer(S @ w, w)")
+        return "\n    ".join(lines + ["return S, S @ p"])
     read = "q @ S"
     if draw(st.booleans()):
         read = f"rk.silu(z) * ({read})"
@@ -67,7 +78,7 @@ def vector_step(draw) -> str:
 
 
 DIMS = {"S": ("K", "V"), "h": ("D",), "q": ("K",), "k1": ("K",), "k2": ("K",), "g": (),
-        "gk": ("K",), "gv": ("V",), "b1": (), "b2": (), "v1": ("V",), "v2": ("V",),
+        "gk": ("K",), "gv": ("V",), "b1": (), "b2": (), "b3": (), "v1": ("V",), "v3": ("V",), "w": ("V",), "p": ("V",), "v2": ("V",),
         "ka0": ("K",), "ka1": ("K",), "va0": ("V",), "va1": ("V",), "kt": ("K", "R"),
         "vt": ("R", "V"), "z": ("V",), "x": ("D",), "a": ("D",)}
 
@@ -104,7 +115,7 @@ def inputs(decl, T: int, B: int = 1, H: int = 2, seed: int = 0, sizes: dict | No
         x = torch.randn(*shape, generator=gen)
         if spec.name.startswith("g"):
             x = -0.05 - 0.5 * torch.rand(*shape, generator=gen)
-        elif spec.name.startswith("k") and spec.dims == ("K",):
+        elif (spec.name.startswith("k") and spec.dims == ("K",)) or spec.name == "w":
             x = F.normalize(x, dim=-1)
         elif spec.name in ("kt", "vt"):
             x = x * 0.5

@@ -28,12 +28,12 @@ def err(got, want, scale=0.0):
 
 
 def check(decl, T=63, S0=True, cu=None, B=1, tol=1e-4, dtype=torch.float32, backend="torch",
-          chunk=None, **draw_kw):
+          chunk=None, form=None, **draw_kw):
     xs = draw(decl, T, B=B, dtype=dtype, **draw_kw)
     N = B if cu is None else len(cu) - 1
     init = torch.randn(*state_shape(decl, N)) * 0.5 if S0 else None
-    op = rk.compile(decl, backend=backend, chunk=chunk, backward="chunk") \
-        if backend == "torch" else rk.compile(decl, backend=backend, chunk=chunk)
+    op = rk.compile(decl, backend=backend, form=form, chunk=chunk, backward="chunk") \
+        if backend == "torch" else rk.compile(decl, backend=backend, form=form, chunk=chunk)
     got = gradients(op, xs, init, cu)
     want = gradients(rk.compile(decl, backend="reference"), xs, init, cu)
     assert set(got) == set(want)

@@ -122,7 +122,7 @@ EXPECTED = {
     signed_scan: ("elementwise", "scan"),
     trapezoid: ("diagonal", "chunk_gated"),   # two writes
     gated_scan: ("elementwise", "scan"),
-    rank_r_write: ("elementwise", "scan"),   # exact; the gated chunk form is still to come
+    rank_r_write: ("diagonal", "chunk_gated"),   # as R sub-steps a token; the scan is exact too
     nonlinear: ("general", "sequential"),
     reads_old_state: ("general", "sequential"),
     raw_decay: ("diagonal", "chunk_gated"),

@@ -34,23 +34,23 @@ def test_the_scan_declarations_are_covered():
 @pytest.mark.parametrize("name", list(SCANNED))
 def test_torch_scan_backward_matches_autograd_through_the_reference(name, scan_calls):
     decl = SCANNED[name]
-    check(decl, T=1, S0=False)
-    check(decl, T=63)
-    check(decl, T=100, cu=VARLEN)
-    check(decl, T=40, B=2)
+    check(decl, T=1, S0=False, form="scan")
+    check(decl, T=63, form="scan")
+    check(decl, T=100, cu=VARLEN, form="scan")
+    check(decl, T=40, B=2, form="scan")
     assert scan_calls == [decl.program.name] * 4
 
 
 @pytest.mark.parametrize("name", ["hgrn", "signed_scan", "rank_r_write"])
 def test_decays_near_one_and_half_inputs(name):
-    check(SCANNED[name], T=100, gate=(-1e-6, -1e-7))
-    check(SCANNED[name], T=40, dtype=torch.bfloat16, tol=1e-2)
+    check(SCANNED[name], T=100, gate=(-1e-6, -1e-7), form="scan")
+    check(SCANNED[name], T=40, dtype=torch.bfloat16, tol=1e-2, form="scan")
 
 
 @pytest.mark.parametrize("name", ["hgrn", "signed_scan", "linear_attn_normalizer", "gated_scan",
                                   "rank_r_write"])   # a matrix state: scanned as K * V entries
 def test_triton_scan_backward_in_the_interpreter(name, scan_calls):
     decl = SCANNED[name]
-    check(decl, T=33, backend="triton")
-    check(decl, T=40, backend="triton", cu=[0, 0, 1, 17, 40])
+    check(decl, T=33, backend="triton", form="scan")
+    check(decl, T=40, backend="triton", cu=[0, 0, 1, 17, 40], form="scan")
     assert scan_calls == [decl.program.name] * 2

@@ -62,7 +62,7 @@ def build_bound(program, cand: Candidate):
         return getattr(importlib.import_module(mod), fn)(program, cand)
     b = backends.get(cand.backend)
     form, tp = b.prepare(program, cand.form, cand.chunk)
-    return b.runner(form, tp, cand.knob_dict or None)
+    return b.run_fn(form, tp, cand.knob_dict or None)
 
 
 def _rel(a, b) -> float:

@@ -111,9 +111,15 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
     from .torch.backward import run_adjoint_torch
     if seq.check_backward(mode) == "autograd":
         return None
+    rec = analyze(program)
+    if rec.expansion is not None and form not in ("sequential", "scan"):
+        # sub-steps: the expanded declaration's backward, chained to the inputs
+        from .shared.substeps import expanded_adjoint
+        inner = adjoint_runner(rec.expansion.program, mode, form, chunk, backend, knobs)
+        return None if inner is None else expanded_adjoint(inner, rec.expansion)
     adj = derive_adjoint(program)
-    forms = analyze(program).forms
-    cform = form if form in ("chunk_gated", "chunk_wy") else next(
+    forms = rec.forms
+    cform = form if form in ("chunk_gated", "chunk_wy") else None if form == "scan" else next(
         (f for f in forms if f.startswith("chunk")), None)
     own = REGISTRY.get(backend) if backend else None
     lowered: dict[int, object] = {}

@@ -103,6 +103,18 @@ class Backend:
         """run(bound call) -> (output, final state) for ``form`` (``tp`` from ``prepare``)."""
         raise NotImplementedError(f"backend '{self.name}' runs no recurrences")
 
+    def run_fn(self, form: str, tp: TileProgram | None, knobs: dict | None
+               ) -> Callable[[BoundCall], tuple]:
+        """``runner``, for calls of the declaration ``prepare`` was given: where its tile
+        program is an expanded declaration's (sub-steps, ``lowering.substeps``), the call
+        is expanded around the runner. What the layers above call."""
+        run = self.runner(form, tp, knobs)
+        ex = tp.meta.get("expansion") if tp is not None else None
+        if ex is None:
+            return run
+        from .shared.substeps import expanded_runner
+        return expanded_runner(run, ex)
+
     # --- generated source -------------------------------------------------------------------
     def codegen(self, program, tp: TileProgram | None, sizes: dict[str, int], H: int,
                 knobs: dict | None) -> str:

@@ -38,7 +38,8 @@ class Recurrence:
     erase_r: Node | None = None       # r [K]
     erase_scale: Node | None = None   # c with u = c * a_0 (one write), when provable
     writes: list[tuple[Node, Node]] = field(default_factory=list)   # (a [K], b [V])
-    read_q: Node | None = None        # q [K]
+    read_q: Node | None = None        # q [K] (read_across: [V])
+    read_across: bool = False         # the readout contracts V, the erase runs along K
     read_post: Node | None = None     # post, dims within the output's
     out_const: Node | None = None     # the state-free part of the output
     # elementwise state
@@ -46,6 +47,9 @@ class Recurrence:
     scan_b: Node | None = None
     scan_log_a: Node | None = None    # log|a|, computed from the gate's own log where known
     scan_sign: Node | None = None     # a itself when its sign is not known to be positive
+    # a step of several updates (erases, rank-R writes): the chunk forms run its sub-steps,
+    # several per token (``lowering.substeps``); the role fields above are then unset
+    expansion: object | None = None
 
     def prologue(self) -> dict[str, Node]:
         """Every state-free value the parallel forms read per token, by role."""
@@ -75,7 +79,13 @@ def analyze(decl) -> Recurrence:
     if len(p.state.dims) == 1 and _elementwise(trans, state):
         return _elementwise_form(p, b, state, trans)
     rec = _matrix_form(p, b, state, trans)
-    if rec.forms == ("sequential",) and _elementwise(trans, state):
+    if rec.expansion is not None and _elementwise(trans, state):
+        scan = _elementwise_form(p, b, state, trans)   # rank-R writes: the scan is exact too
+        if scan is not None and "scan" in scan.forms:
+            rec.forms = (rec.forms[0], "scan", "sequential")
+            rec.scan_a, rec.scan_b = scan.scan_a, scan.scan_b
+            rec.scan_log_a, rec.scan_sign = scan.scan_log_a, scan.scan_sign
+    elif rec.forms == ("sequential",) and _elementwise(trans, state):
         scan = _elementwise_form(p, b, state, trans)
         if "scan" in scan.forms:
             scan.reasons = rec.reasons + scan.reasons
@@ -174,54 +184,99 @@ def _matrix_form(p: Program, b: Builder, state: Node, trans: Affine) -> Recurren
         q, post = b.mul(q, post), None
     rec = Recurrence(p, "diagonal", (), reasons, kdim=kdim, vdim=vdim, read_q=q,
                      read_post=post, out_const=out.const)
-    # decay: the terms without contraction
-    d = None
-    rank1 = []
-    for t in trans.terms:
-        if not t.over:
-            if t.post is not None:
-                return _sequential(rec, "a decay term broadcasts the state over a new dim")
-            d = b.add(d, t.inner if t.inner is not None else b.const(1.0))
-        else:
-            rank1.append(t)
-    if d is None:
-        return _sequential(rec, "the state is not carried over (no decay term)")
-    split = _split_decay(b, d, kdim, vdim)
-    if split is None:
-        return _sequential(rec, "the decay is not a product of per-K and per-V gates")
-    (lk, dk, pos_k), (lv, dv, pos_v) = split
-    rec.log_gate_k, rec.log_gate_v, rec.decay_k, rec.decay_v = lk, lv, dk, dv
-    rec.gate_positive = pos_k and pos_v
+    up = _update(b, trans, kdim, vdim)
+    if isinstance(up, str) and up.startswith("the rank-1 term erases along"):
+        alt = _update(b, trans, vdim, kdim)   # the erase along the other dim: the WY form
+        if not isinstance(alt, str):          # with the readout across it (S q, over V)
+            up, kdim, vdim = alt, vdim, kdim
+            rec.kdim, rec.vdim, rec.read_across = kdim, vdim, True
+    if isinstance(up, str) or len(up.erases) > 1 or up.rank_writes:
+        # several updates in one step: sub-steps of the chunk forms, where the step splits
+        why = up if isinstance(up, str) else (
+            f"{len(up.erases)} rank-1 terms; the WY form handles one" if len(up.erases) > 1
+            else "a rank-R write (a contraction of a [K, R] and an [R, V] value)")
+        from .substeps import split   # it builds on this module
+        ex = split(p, b, state, rec)
+        if isinstance(ex, str) or ex is None:
+            return _sequential(rec, why if isinstance(up, str) or ex is None else
+                               f"{why}; as sub-steps: {ex}")
+        rec.expansion = ex
+        rec.kind = "rank1" if ex.erases else "diagonal"
+        rec.forms = ("chunk_wy" if ex.erases else "chunk_gated", "sequential")
+        rec.reasons.append(f"runs as {ex.describe()} per token ({why})")
+        return rec
+    rec.log_gate_k, rec.log_gate_v = up.log_gate_k, up.log_gate_v
+    rec.decay_k, rec.decay_v = up.decay_k, up.decay_v
+    rec.gate_positive = up.gate_positive
     if not rec.gate_positive:
         reasons.append("the decay is not provably positive; the chunk forms check it at run "
                        "time and fall back to sequential")
-    # writes
-    writes = _outer_sum(b, trans.const, kdim, vdim)
-    if writes is None:
-        return _sequential(rec, "the write term is not a sum of outer products k v^T")
-    rec.writes = writes
-    # rank-1 erase
-    if not rank1:
+    rec.writes = up.writes
+    if not up.erases:
         rec.forms = ("chunk_gated", "sequential")
         return rec
     rec.kind = "rank1"
-    if len(rank1) > 1:
-        return _sequential(rec, f"{len(rank1)} rank-1 terms; the WY form handles one")
-    t = rank1[0]
-    if t.over != (kdim,) or t.post is None or set(t.post.dims) != {kdim} \
-            or t.read is None or set(t.read.dims) != {kdim}:
-        return _sequential(rec, "the rank-1 term does not erase along the key dim "
-                                f"({kdim}): expected u (r^T S) with u, r over {kdim}")
-    if t.inner is not None and vdim in t.inner.dims:
-        return _sequential(rec, "the rank-1 term reads a value-side gated state")
-    if rec.log_gate_v is not None:
-        return _sequential(rec, "value-side decay together with a rank-1 erase")
-    rec.erase_u = t.post
-    rec.erase_r = b.mul(t.read, t.inner)
+    rec.erase_u, rec.erase_r = up.erases[0]
     if len(rec.writes) == 1:
         rec.erase_scale = _scalar_ratio(b, rec.erase_u, rec.writes[0][0])
     rec.forms = ("chunk_wy", "sequential")
     return rec
+
+
+@dataclass
+class Update:
+    """One step of the chunk forms' shape, ``S' = D S + sum u (r^T S) + sum a b^T`` (plus
+    rank-R writes ``A B`` contracted over a dim R), before it is checked to be one step."""
+    log_gate_k: Node | None = None
+    log_gate_v: Node | None = None
+    decay_k: Node | None = None
+    decay_v: Node | None = None
+    gate_positive: bool = True
+    erases: list[tuple[Node, Node]] = field(default_factory=list)       # (u [K], r [K])
+    writes: list[tuple[Node, Node]] = field(default_factory=list)       # (a [K], b [V])
+    rank_writes: list[tuple[Node, Node, str]] = field(default_factory=list)  # (A, B, R)
+
+
+def _update(b: Builder, trans: Affine, kdim: str, vdim: str) -> Update | str:
+    """The transition ``trans`` as an ``Update``, or why it is not of that shape."""
+    d = None
+    rank1 = []
+    for t in trans.terms:   # decay: the terms without contraction
+        if not t.over:
+            if t.post is not None:
+                return "a decay term broadcasts the state over a new dim"
+            d = b.add(d, t.inner if t.inner is not None else b.const(1.0))
+        else:
+            rank1.append(t)
+    if d is None:
+        return "the state is not carried over (no decay term)"
+    split = _split_decay(b, d, kdim, vdim)
+    if split is None:
+        return "the decay is not a product of per-K and per-V gates"
+    (lk, dk, pos_k), (lv, dv, pos_v) = split
+    up = Update(lk, lv, dk, dv, pos_k and pos_v)
+    writes = _outer_sum(b, trans.const, kdim, vdim)
+    if writes is None:
+        return "the write term is not a sum of outer products k v^T (or of rank-R " \
+               "contractions kt @ vt)"
+    up.writes = [w for w in writes if len(w) == 2]
+    up.rank_writes = [w for w in writes if len(w) == 3]
+    for t in rank1:
+        if t.over == (vdim,) and t.post is not None and set(t.post.dims) == {vdim} and \
+                t.read is not None and set(t.read.dims) == {vdim}:
+            return (f"the rank-1 term erases along {vdim} but the readout contracts {kdim}: "
+                    "the WY form needs the erase and the readout along one dim (a readout "
+                    f"over {vdim}, e.g. S @ p, takes it)")
+        if t.over != (kdim,) or t.post is None or set(t.post.dims) != {kdim} \
+                or t.read is None or set(t.read.dims) != {kdim}:
+            return ("the rank-1 term does not erase along the key dim "
+                    f"({kdim}): expected u (r^T S) with u, r over {kdim}")
+        if t.inner is not None and vdim in t.inner.dims:
+            return "the rank-1 term reads a value-side gated state"
+        up.erases.append((t.post, b.mul(t.read, t.inner)))
+    if up.erases and lv is not None:
+        return "value-side decay together with a rank-1 erase"
+    return up
 
 
 def _scalar_ratio(b: Builder, u: Node, a: Node) -> Node | None:
@@ -309,19 +364,30 @@ def _split_decay(b: Builder, d: Node, kdim: str, vdim: str):
 
 
 def _outer_sum(b: Builder, c: Node | None, kdim: str, vdim: str):
-    """c as sum_j a_j b_j^T with a_j over K and b_j over V, or None."""
+    """c as sum_j a_j b_j^T with a_j over K and b_j over V, plus rank-R terms (A_j, B_j, R)
+    for contractions A_j B_j over a dim R with A_j over (K, R), B_j over (R, V); or None."""
     if c is None:
         return []
     pairs = []
     for sign, s in summands(c):
-        fk, fv = [], []
+        fk, fv, mixed = [], [], []
         for f in factors(s):
             if vdim not in f.dims:
                 fk.append(f)
             elif kdim not in f.dims:
                 fv.append(f)
             else:
+                mixed.append(f)
+        rank = None
+        if mixed:
+            m = mixed[0]
+            if len(mixed) > 1 or m.op != "contract" or len(m.attr("over")) != 1:
                 return None
+            R = m.attr("over")[0]
+            x, y = m.args if vdim not in m.args[0].dims else m.args[::-1]
+            if vdim in x.dims or kdim in y.dims or R in set().union(*(f.dims for f in fk + fv)):
+                return None
+            fk, fv, rank = fk + [x], fv + [y], R
         a = fk[0] if fk else b.const(1.0)
         for f in fk[1:]:
             a = b.mul(a, f)
@@ -330,5 +396,5 @@ def _outer_sum(b: Builder, c: Node | None, kdim: str, vdim: str):
         bb = fv[0] if fv else b.const(1.0)
         for f in fv[1:]:
             bb = b.mul(bb, f)
-        pairs.append((a, bb))
+        pairs.append((a, bb) if rank is None else (a, bb, rank))
     return pairs

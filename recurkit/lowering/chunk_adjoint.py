@@ -60,6 +60,12 @@ def lower_adjoint(decl_or_program, form: str | None = None, chunk: int | None = 
         why = "; ".join(rec.reasons) or f"it is a {rec.kind} recurrence"
         raise LoweringError(f"{p.name}: no chunk-form backward (exact forms: "
                             f"{', '.join(rec.forms)}): {why}")
+    if rec.read_across:
+        raise LoweringError(f"{p.name}: no chunk-form backward for a readout across the "
+                            "erase (S q over V); the sequential adjoint serves it")
+    if rec.expansion is not None:
+        raise LoweringError(f"{p.name} runs as sub-steps: its chunk-form backward is its "
+                            f"expanded declaration's ({rec.expansion.program.name})")
     chunk = chunk or default_chunk(rec)
     if chunk not in CHUNK_SIZES:
         raise LoweringError(f"chunk size {chunk} is not one of {CHUNK_SIZES}")

@@ -59,7 +59,10 @@ class _Emit:
 
 
 def default_chunk(rec: Recurrence) -> int:
-    """64, or 16 with per-channel gates, whose [C, C, K] decay ratios grow with C^2."""
+    """64, or 16 with per-channel gates, whose [C, C, K] decay ratios grow with C^2 (for a
+    step of sub-steps: its expanded declaration's)."""
+    if rec.expansion is not None:
+        return default_chunk(analyze(rec.expansion.program))
     gates = (rec.log_gate_k, rec.log_gate_v)
     return 16 if any(g is not None and g.dims for g in gates) else DEFAULT_CHUNK
 
@@ -77,6 +80,12 @@ def lower(decl_or_program, form: str | None = None, chunk: int | None = None) ->
                             f"{', '.join(rec.forms)}): {why}")
     if form in ("chunk_gated", "chunk_wy") and chunk not in CHUNK_SIZES:
         raise LoweringError(f"chunk size {chunk} is not one of {CHUNK_SIZES}")
+    if rec.expansion is not None and form in ("chunk_gated", "chunk_wy"):
+        # several updates per step: the expanded declaration, n sub-steps per token
+        tp = lower(rec.expansion.program, form, chunk)
+        tp.meta["expansion"] = rec.expansion
+        tp.meta["reasons"] = list(rec.reasons)
+        return tp
     if form == "sequential":
         tp = _sequential(p, rec)
     elif form == "scan":
@@ -125,8 +134,10 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int,
     K, V = rec.kdim, rec.vdim
     pro = rec.prologue()
     for name, v in pro.items():
-        need = K if name in ("read_q", "erase_u", "erase_r") or name.startswith("write_a") \
+        need = K if name in ("erase_u", "erase_r") or name.startswith("write_a") \
             else V if name.startswith("write_b") else None
+        if name == "read_q":
+            need = V if rec.read_across else K
         if need and need not in v.dims:
             raise LoweringError(f"{p.name}: {name} does not vary along {need}; use the "
                                 "sequential form")
@@ -172,9 +183,17 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int,
     to_end = e.ir("exp", e.ir("sub", Gl, G)) if G else None
     qg = e.ir("mul", q, e.ir("exp", G), out="q_decayed") if G else q
     decay_end = e.ir("exp", Gl, out="decay_end") if Gl else None
+    across = rec.read_across   # o = S q over V: the outputs read across the erase (below)
+    if across:
+        qg = None
+        out_decay = e.ir("exp", G, out="out_decay") if G else None
+        keep = tuple(x for x in (Ri, out_decay) if x)
     if prop:
-        _wy_proportional(e, ld, G, Gx_of(e, G), attn, to_end)
-        prep.outputs = tuple(x for x in ("Yc", "bZ", "a_end", qg, decay_end, "A_a") if x)
+        _wy_proportional(e, ld, G, Gx_of(e, G), attn, to_end, read=not across)
+        prep.outputs = tuple(x for x in ("Yc", "bZ", "a_end", qg, decay_end,
+                                         None if across else "A_a") if x)
+        if across:
+            prep.outputs += keep
         sp = Stage("state_pass", "loop", ("N", "H"), over="chunks", carried=(S,))
         s = _Emit(sp, {v: e.axes[v] for v in prep.outputs})
         s("zeros", (), p.state.dims, out=S, init="initial_state")
@@ -185,8 +204,11 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int,
         sp.outputs = ("S_in", "nu", S)
         ost = Stage("output", "chunk", ("N", "H", "chunks"))
         o = _Emit(ost, {**e.axes, **s.axes})
-        out = o.ir("add", o.contract(qg, "S_in", (K,)),
-                   o.contract("A_a", o.rename(nu), ("j",)))
+        if across:
+            out = _read_across(o, rec, Ri, out_decay, [(nu, "write_a0")])
+        else:
+            out = o.ir("add", o.contract(qg, "S_in", (K,)),
+                       o.contract("A_a", o.rename(nu), ("j",)))
         return _finish(p, rec, form, chunk, pro, [prep, sp, ost], o, out)
 
     Rv = e("decay_ratio", (Gv, e.rename(Gv)), ("i", "j", *e.axes[Gv][1:]), mask="i>=j") \
@@ -195,16 +217,19 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int,
     W = AkB = None
     for m in range(len(rec.writes)):   # the writes a b^T: intra-chunk outputs and state input
         a, b = ld[f"write_a{m}"], ld[f"write_b{m}"]
-        Ak = attn(q, e.rename(a), Ri, "i>=j", out=f"A_a{m}")
-        bj = e.rename(b)
-        akb = e.contract(Ak, e.ir("mul", bj, Rv) if Rv else bj, ("j",),
-                         out="o_intra" if len(rec.writes) == 1 else None)
-        AkB = akb if AkB is None else e.ir("add", AkB, akb)
+        if not across:
+            Ak = attn(q, e.rename(a), Ri, "i>=j", out=f"A_a{m}")
+            bj = e.rename(b)
+            akb = e.contract(Ak, e.ir("mul", bj, Rv) if Rv else bj, ("j",),
+                             out="o_intra" if len(rec.writes) == 1 else None)
+            AkB = akb if AkB is None else e.ir("add", AkB, akb)
         w = e.contract(e.ir("mul", a, to_end) if to_end else a,
                        e.ir("mul", b, to_end_v) if to_end_v else b, ("i",),
                        out="W" if len(rec.writes) == 1 else None)
         W = w if W is None else e.ir("add", W, w)
-    outs = {"W": W, "AkB": AkB, "qg": qg}
+    outs = {"W": W} if across else {"W": W, "AkB": AkB, "qg": qg}
+    if across:
+        outs.update({x: x for x in keep})
     if decay_end:
         outs["decay_end"] = decay_end
     if Gvl:
@@ -225,8 +250,10 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int,
             lab = e.contract(La, e.rename(ld[f"write_b{m}"]), ("j",))
             LaB = lab if LaB is None else e.ir("add", LaB, lab)
         Z = e.contract(Tinv, e.rename(LaB), ("j",), out="Z")
-        outs.update(Y=Y, Z=Z, Au=attn(q, uj, Ri, "i>=j", out="A_u"),
-                    u_end=e.ir("mul", u, to_end, out="u_end") if to_end else u)
+        outs.update(Y=Y, Z=Z)
+        if not across:
+            outs["Au"] = attn(q, uj, Ri, "i>=j", out="A_u")
+        outs["u_end"] = e.ir("mul", u, to_end, out="u_end") if to_end else u
     prep.outputs = tuple(outs.values())
 
     # --- stage 2: the state pass, sequential over chunks ----------------------------------
@@ -249,6 +276,12 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int,
     # --- stage 3: the outputs, per chunk ------------------------------------------------------
     ost = Stage("output", "chunk", ("N", "H", "chunks"))
     o = _Emit(ost, {**e.axes, **s.axes})
+    if across:
+        pieces = [(f"write_b{m}", f"write_a{m}") for m in range(len(rec.writes))]
+        out = _read_across(o, rec, Ri, out_decay, pieces + ([("E", "erase_u")] if wy else []))
+        tp = _finish(p, rec, form, chunk, pro, [prep, sp, ost], o, out)
+        tp.meta["values"] = dict(outs)
+        return tp
     out = o.ir("add", o.contract(qg, "S_in", (K,)) if not Gvl else o.ir(
         "mul", o.contract(qg, "S_in", (K,)), outs["out_gate_v"]), outs["AkB"])
     if wy:
@@ -258,6 +291,29 @@ def _chunked(p: Program, rec: Recurrence, form: str, chunk: int,
     return tp
 
 
+def _read_across(o: _Emit, rec: Recurrence, R: str | None, decay: str | None,
+                 pieces: list[tuple[str, str]]) -> str:
+    """The outputs o_i = S_i q_i (q over V) of a chunk whose state is S_i = D_i S_in +
+    sum_(j <= i) D_i D_j^-1 x_j y_j^T for the pairs (x, y) = (side [j, K], row [j, V]) of
+    ``pieces`` (named values: the writes, the erase reads E with the erase vectors, the
+    pseudo-values): D_i (S_in q_i) + sum_j R_ij x_j (y_j . q_i). ``R``: the decay ratios
+    [i, j] or [i, j, K] (None: the causal mask); ``decay``: exp(G_i)."""
+    K, V = rec.kdim, rec.vdim
+    q = o("load", (), ("i", V), out="q_across", value="read_q")
+    out = o.contract(q, "S_in", (V,))
+    if decay is not None:
+        out = o.ir("mul", out, decay)
+    def fetch(name: str, dim: str) -> str:   # a prologue value is loaded where it is read
+        if name in rec.prologue():
+            return o("load", (), ("i", dim), out=f"{name}_across", value=name)
+        return name
+    for row, side in pieces:
+        m = o.contract(q, o.rename(fetch(row, V)), (V,))
+        m = o.ir("mul", m, R) if R is not None else o("mask", (m,), ("i", "j"), mask="i>=j")
+        out = o.ir("add", out, o.contract(m, o.rename(fetch(side, K)), ("j",)))
+    return out
+
+
 def Gx_of(e: _Emit, G: str | None) -> str | None:
     """The exclusive cumulative gate (shifted, so G_x[i] is exactly G[i-1])."""
     if G is None:
@@ -265,7 +321,7 @@ def Gx_of(e: _Emit, G: str | None) -> str | None:
     return "Gx" if "Gx" in e.axes else e("shift", (G,), e.axes[G], out="Gx", axis="i")
 
 
-def _wy_proportional(e: _Emit, ld, G, Gx, attn, to_end) -> None:
+def _wy_proportional(e: _Emit, ld, G, Gx, attn, to_end, read: bool = True) -> None:
     """Prep of the WY form when the erase direction is c times the write key (delta rules).
     The pseudo-values nu = b + c E, with (I - L_a diag(c)) E = (r exp(Gx)) S + L_a B, are
     nu = M B + M (c r exp(Gx)) S for M = (I - diag(c) L_a)^-1: since diag(c) (I - L_a
@@ -276,7 +332,8 @@ def _wy_proportional(e: _Emit, ld, G, Gx, attn, to_end) -> None:
     # exp(Gx_i - G_j) for i > j is R_incl[i-1, j]: a shift of its rows, no second exp
     Rx = e("shift", (Ri,), e.axes[Ri], out="R_strict", axis="i") if G else None
     aj = e.rename(a)
-    attn(q, aj, Ri, "i>=j", out="A_a")
+    if read:   # the outputs' q_i . a_j (not with the readout across, forms._read_across)
+        attn(q, aj, Ri, "i>=j", out="A_a")
     La = attn(r, aj, Rx, "i>j", out="L_a")
     c = ld["erase_scale"]
     Lc = e.ir("mul", La, c, out="L_c")                  # diag(c) L_a: rows scaled

@@ -127,10 +127,10 @@ class LinearForms:
         op, args = n.op, n.args
         if op in ("add", "sub"):
             a, c = self.form(args[0]), self.form(args[1])
-            if op == "sub":
-                c = self.scale(c, self.b.const(-1.0))
-            return Affine(a.terms + c.terms, self.b.add(a.const, c.const) if op == "add"
-                          else self._sub_const(a.const, c.const))
+            if op == "sub":   # negated terms; the constant is subtracted as it was
+                return Affine(a.terms + self.scale(Affine(c.terms), self.b.const(-1.0)).terms,
+                              self._sub_const(a.const, c.const))
+            return Affine(a.terms + c.terms, self.b.add(a.const, c.const))
         if op == "neg":
             return self.scale(self.form(args[0]), self.b.const(-1.0))
         if op == "mul":
