@@ -77,7 +77,7 @@ class CompiledOp:
     def __call__(self, *args, **kwargs):
         """Stateful declarations run through this op's torch custom op (see ``torch_op``), so
         that autograd and ``torch.compile`` see one opaque op; stateless ones run directly."""
-        bc = bind_call(self.program, args, kwargs)
+        bc = bind_call(self.program, args, kwargs, repeat=self.program.new_state is None)
         if self.backend != AUTO and not self._backend.runs_on(bc.device.type):
             raise _device_error(self._backend, bc.device)
         if self.program.new_state is None:

@@ -91,7 +91,9 @@ class TorchOp:
             first = first if first is not None else x
             lead = 3 if spec.role == "token" else 1
             sizes.update(zip(spec.dims, x.shape[lead:]))
-        B, T, H = first.shape[:3]
+        B, T = first.shape[:2]
+        H = max(kw[s.name].shape[2 if s.role == "token" else 0] for s in p.call_inputs
+                if s.role in ("token", "param"))   # grouped heads: the most any input has
         cu = kw.get("cu_seqlens")
         N = cu.shape[0] - 1 if cu is not None else B
         o = first.new_empty((B, T, H, *(sizes[d] for d in p.output.dims)))
@@ -170,7 +172,8 @@ class TorchOp:
 
     # --- calling it -------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        bc = bind_call(self.program, args, dict(kwargs))   # errors name the argument
+        # checked here, errors naming the argument (grouped inputs are not repeated for it)
+        bc = bind_call(self.program, args, dict(kwargs), repeat=False)
         want_final = bc.output_final_state
         given = dict(zip(signature_names(self.program), args))
         given.update(kwargs)

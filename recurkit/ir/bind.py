@@ -34,6 +34,9 @@ class BoundCall:
     out_dtype: torch.dtype
     device: torch.device
     cu_seqlens_tensor: torch.Tensor | None = field(default=None, repr=False)
+    # grouped heads (FLA's GVA): inputs given with H / G heads, each serving G consecutive
+    # heads, by name -> G; ``tensors`` holds them repeated to H heads
+    groups: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def N(self) -> int:
@@ -61,8 +64,9 @@ def match_args(op: str, names: list[str], args: tuple, kwargs: dict) -> dict[str
     return given
 
 
-def bind_call(program: Program, args: tuple, kwargs: dict) -> BoundCall:
-    """Match ``args``/``kwargs`` to the declaration and check every tensor."""
+def bind_call(program: Program, args: tuple, kwargs: dict, repeat: bool = True) -> BoundCall:
+    """Match ``args``/``kwargs`` to the declaration and check every tensor. ``repeat=False``:
+    grouped inputs stay as given (a call checked, not run)."""
     op = program.name
     given = match_args(op, signature_names(program), args, kwargs)
     sizes: dict[str, int] = {}
@@ -70,6 +74,7 @@ def bind_call(program: Program, args: tuple, kwargs: dict) -> BoundCall:
     lead: dict[str, int] = {}
     device = out_dtype = None
     tensors: dict[str, torch.Tensor] = {}
+    heads: dict[str, tuple[int, int, str]] = {}   # name -> (heads, axis, layout)
 
     def bind(dim: str, size: int, arg: str, spec_layout: str, axis: int) -> None:
         if dim in sizes and sizes[dim] != size:
@@ -98,7 +103,9 @@ def bind_call(program: Program, args: tuple, kwargs: dict) -> BoundCall:
             raise CallError(f"argument '{spec.name}': expected device {device} (the device of "
                             f"'{program.call_inputs[0].name}'), got {x.device}")
         for axis, (d, n) in enumerate(zip((*leads, *spec.dims), x.shape)):
-            if d in ("B", "T", "H"):
+            if d == "H":   # heads may be grouped: checked below, once all are known
+                heads[spec.name] = (n, axis, spec.layout())
+            elif d in ("B", "T"):
                 if d in lead and lead[d] != n:
                     raise CallError(f"argument '{spec.name}': {d} (axis {axis} of "
                                     f"{spec.layout()}) is {n}, but {where[d]} has {d} = "
@@ -110,7 +117,11 @@ def bind_call(program: Program, args: tuple, kwargs: dict) -> BoundCall:
         tensors[spec.name] = x
     if device is None:
         raise CallError(f"{op}() has no tensor inputs to take sizes from")
-    B, T, H = lead.get("B", 1), lead.get("T", 1), lead["H"]
+    groups = _head_groups(heads)
+    for name, g in groups.items() if repeat else ():
+        tensors[name] = tensors[name].repeat_interleave(g, dim=heads[name][1])
+    B, T = lead.get("B", 1), lead.get("T", 1)
+    H = max(n for n, _, _ in heads.values())
     if "T" in lead and T == 0:
         raise CallError(f"argument '{where['T'][1:-1]}': the sequence is empty (T = 0)")
     if any(n == 0 for n in sizes.values()):
@@ -147,7 +158,25 @@ def bind_call(program: Program, args: tuple, kwargs: dict) -> BoundCall:
     if ofs and state is None:
         raise CallError(f"argument 'output_final_state': {op} is stateless")
     return BoundCall(program, tensors, scalars, sizes, B, T, H, init, ofs, cu_list, out_dtype,
-                     device, cu if cu is not None else None)
+                     device, cu if cu is not None else None, groups)
+
+
+def _head_groups(heads: dict[str, tuple[int, int, str]]) -> dict[str, int]:
+    """Inputs with fewer heads than the most any input has, by name -> G (their heads times
+    G is that most): each serves G consecutive heads, as FLA's grouped value heads (GVA)."""
+    top, H = "", 0
+    for name, (n, _, _) in heads.items():
+        if n > H:
+            top, H = name, n
+    out = {}
+    for name, (n, axis, layout) in heads.items():
+        if n != H:
+            if H % n:
+                raise CallError(f"argument '{name}': H (axis {axis} of {layout}) is {n}, which "
+                                f"does not divide the {H} heads of '{top}' (grouped heads "
+                                f"serve H / {n} consecutive heads each)")
+            out[name] = H // n
+    return out
 
 
 def _check_tensor(name: str, x: Any, layout: str) -> None:
@@ -194,3 +223,16 @@ def _check_cu_seqlens(cu: Any, B: int, T: int) -> list[int]:
     if vals[-1] != T:
         raise CallError(f"argument 'cu_seqlens': must end at T = {T}, got {vals[-1]}")
     return vals
+
+
+def fold_groups(bc: BoundCall, name: str, g: torch.Tensor | None) -> torch.Tensor | None:
+    """A gradient of input ``name`` over the call's H heads, summed back to the heads it was
+    given with (grouped heads, ``BoundCall.groups``)."""
+    G = bc.groups.get(name)
+    if not G or g is None:
+        return g
+    spec = next(s for s in bc.program.call_inputs if s.name == name)
+    ax = 2 if spec.role == "token" else 0
+    if g.shape[ax] != bc.H:
+        return g
+    return g.reshape(*g.shape[:ax], bc.H // G, G, *g.shape[ax + 1:]).sum(ax + 1)

@@ -60,25 +60,32 @@ class _Mixer(nn.Module):
     op_name = ""
 
     def __init__(self, d_model: int, num_heads: int = 4, head_dim: int | None = None,
-                 use_short_conv: bool = True, conv_size: int = 4, norm_eps: float = 1e-5):
+                 use_short_conv: bool = True, conv_size: int = 4, norm_eps: float = 1e-5,
+                 num_v_heads: int | None = None):
         super().__init__()
         if head_dim is None:
             if d_model % num_heads:
                 raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; "
                                  "pass head_dim")
             head_dim = d_model // num_heads
-        self.d_model, self.H, self.D = d_model, num_heads, head_dim
-        inner = num_heads * head_dim
+        num_v_heads = num_v_heads or num_heads
+        if num_v_heads % num_heads:
+            raise ValueError(f"num_v_heads={num_v_heads} is not a multiple of num_heads="
+                             f"{num_heads} (each q/k head serves num_v_heads / num_heads "
+                             "value heads)")
+        # grouped value heads (GVA): q, k have H heads; v, the gates and the output HV
+        self.d_model, self.H, self.HV, self.D = d_model, num_heads, num_v_heads, head_dim
+        inner, inner_v = num_heads * head_dim, num_v_heads * head_dim
         self.q_proj = nn.Linear(d_model, inner, bias=False)
         self.k_proj = nn.Linear(d_model, inner, bias=False)
-        self.v_proj = nn.Linear(d_model, inner, bias=False)
+        self.v_proj = nn.Linear(d_model, inner_v, bias=False)
         self.use_short_conv = use_short_conv
         if use_short_conv:
-            self.q_conv, self.k_conv, self.v_conv = (ShortConv(inner, conv_size)
-                                                     for _ in range(3))
-        self.g_proj = nn.Linear(d_model, inner, bias=False)
+            self.q_conv, self.k_conv, self.v_conv = (ShortConv(c, conv_size)
+                                                     for c in (inner, inner, inner_v))
+        self.g_proj = nn.Linear(d_model, inner_v, bias=False)
         self.o_norm = GatedRMSNorm(head_dim, norm_eps)
-        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self.o_proj = nn.Linear(inner_v, d_model, bias=False)
         self.op = _op(self.op_name)
 
     def qkv(self, x):
@@ -86,12 +93,12 @@ class _Mixer(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             q, k, v = self.q_conv(q), self.k_conv(k), self.v_conv(v)
-        return (t.reshape(B, T, self.H, self.D) for t in (q, k, v))
+        return (t.reshape(B, T, -1, self.D) for t in (q, k, v))
 
     def finish(self, o, x):
         B, T, _ = x.shape
-        gate = self.g_proj(x).reshape(B, T, self.H, self.D)
-        return self.o_proj(self.o_norm(o, gate).reshape(B, T, self.H * self.D))
+        gate = self.g_proj(x).reshape(B, T, self.HV, self.D)
+        return self.o_proj(self.o_norm(o, gate).reshape(B, T, self.HV * self.D))
 
 
 class GatedDeltaNet(_Mixer):
@@ -102,10 +109,11 @@ class GatedDeltaNet(_Mixer):
 
     def __init__(self, d_model: int, num_heads: int = 4, head_dim: int | None = None, **kw):
         super().__init__(d_model, num_heads, head_dim, **kw)
-        self.a_proj = nn.Linear(d_model, num_heads, bias=False)
-        self.b_proj = nn.Linear(d_model, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
-        self.dt_bias = nn.Parameter(_dt_bias(num_heads))
+        HV = self.HV
+        self.a_proj = nn.Linear(d_model, HV, bias=False)
+        self.b_proj = nn.Linear(d_model, HV, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(HV).uniform_(1, 16)))
+        self.dt_bias = nn.Parameter(_dt_bias(HV))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)
@@ -126,12 +134,12 @@ class GLA(_Mixer):
                  gate_low_rank: int = 16, use_short_conv: bool = False, **kw):
         super().__init__(d_model, num_heads, head_dim, use_short_conv=use_short_conv, **kw)
         self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank, bias=False),
-                                     nn.Linear(gate_low_rank, num_heads * self.D))
+                                     nn.Linear(gate_low_rank, self.HV * self.D))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
-        gk = F.logsigmoid(self.gk_proj(x)).reshape(B, T, self.H, self.D) / 16
+        gk = F.logsigmoid(self.gk_proj(x)).reshape(B, T, self.HV, self.D) / 16
         o, _ = self.op(q, k, v, gk)
         return self.finish(o, x)
 
@@ -146,17 +154,18 @@ class KDA(_Mixer):
                  gate_low_rank: int | None = None, **kw):
         super().__init__(d_model, num_heads, head_dim, **kw)
         r = gate_low_rank or self.D
+        HV = self.HV
         self.f_proj = nn.Sequential(nn.Linear(d_model, r, bias=False),
-                                    nn.Linear(r, num_heads * self.D, bias=False))
-        self.b_proj = nn.Linear(d_model, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(1, 16)))
-        self.dt_bias = nn.Parameter(_dt_bias(num_heads * self.D))
+                                    nn.Linear(r, HV * self.D, bias=False))
+        self.b_proj = nn.Linear(d_model, HV, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(HV).uniform_(1, 16)))
+        self.dt_bias = nn.Parameter(_dt_bias(HV * self.D))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        f = F.softplus(self.f_proj(x) + self.dt_bias).reshape(B, T, self.H, self.D)
+        f = F.softplus(self.f_proj(x) + self.dt_bias).reshape(B, T, self.HV, self.D)
         g = -self.A_log.exp()[:, None] * f
         beta = torch.sigmoid(self.b_proj(x))
         o, _ = self.op(q, k, v, g, beta)

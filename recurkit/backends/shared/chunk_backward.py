@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ...ir.bind import BoundCall
+from ...ir.bind import BoundCall, fold_groups
 from ...ir.interpret import evaluate
 from ...ir.node import toposort
 from ...lowering.chunk_adjoint import D_H
@@ -87,6 +87,7 @@ def chunk_backward(bc: BoundCall, tp: TileProgram, grad_o: torch.Tensor | None,
         got = _input_grads_on_host(bc, tp, ivjp, d_roles, h, d_o)
     else:
         got = _autograd(bc, tp, feeds, d_roles, h, go, want)
+    got = {n: fold_groups(bc, n, g) for n, g in got.items()}   # grouped heads: summed
     res = {n: (None if got.get(n) is None else got[n].detach().to(t.dtype).contiguous())
            for n, t in want.items()}
     if "initial_state" in leaves:

@@ -116,9 +116,17 @@ def expanded_adjoint(inner, ex):
         if want and src_leaves:
             gs = torch.autograd.grad([feeds[k] for k in want], [leaves[k] for k in src_leaves],
                                      [got[k] for k in want], allow_unused=True)
-            res.update({k: (None if g is None else g.to(leaves[k].dtype))
-                        for k, g in zip(src_leaves, gs)})
+            res.update({k: _own(g, leaves[k].dtype) for k, g in zip(src_leaves, gs)})
         if "initial_state" in leaves:
-            res["initial_state"] = got.get("initial_state")
+            res["initial_state"] = _own(got.get("initial_state"), leaves["initial_state"].dtype)
         return res
     return run
+
+
+def _own(g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A gradient as a tensor of its own: contiguous, at the start of its storage (autograd
+    through the interleaving hands back views of a larger buffer)."""
+    if g is None:
+        return None
+    g = g.to(dtype).contiguous()
+    return g.clone() if g.storage_offset() else g
