@@ -105,13 +105,22 @@ sizes = st.fixed_dictionaries({"K": st.integers(1, 9), "V": st.integers(1, 9),
                                "D": st.integers(1, 9), "R": st.integers(1, 4)})
 
 
-def inputs(decl, T: int, B: int = 1, H: int = 2, seed: int = 0, sizes: dict | None = None
-           ) -> dict[str, torch.Tensor]:
+KEY_SIDE = ("q", "k1", "k2", "ka0", "ka1", "kt")
+
+
+def inputs(decl, T: int, B: int = 1, H: int = 2, seed: int = 0, sizes: dict | None = None,
+           grouped: bool = False) -> dict[str, torch.Tensor]:
+    """``grouped``: the key-side inputs with H / 2 heads (grouped heads, as FLA's GVA), where
+    some other input keeps H."""
     gen = torch.Generator().manual_seed(seed)
     sizes = sizes or SIZES
+    names = [s.name for s in decl.program.call_inputs]
+    grouped = grouped and H % 2 == 0 and any(n not in KEY_SIDE for n in names) and \
+        any(n in KEY_SIDE for n in names)
     out = {}
     for spec in decl.program.call_inputs:
-        shape = (B, T, H) + tuple(sizes[d] for d in spec.dims)
+        h = H // 2 if grouped and spec.name in KEY_SIDE else H
+        shape = (B, T, h) + tuple(sizes[d] for d in spec.dims)
         x = torch.randn(*shape, generator=gen)
         if spec.name.startswith("g"):
             x = -0.05 - 0.5 * torch.rand(*shape, generator=gen)

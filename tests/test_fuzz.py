@@ -2,8 +2,10 @@
 form the analysis gives them, forward (output and final state, with an initial state, some
 calls varlen) and gradients of every input and of the initial state, against the reference
 interpreter (and autograd through it). A small budget runs by default (8 examples a test, 3
-for the Triton gradients, seeded); ``-m slow`` runs 60 more, and RECURKIT_FUZZ_EXAMPLES=n sets
-every budget to n (unseeded)."""
+for the Triton gradients, seeded); ``-m slow`` runs 2,000 more on torch and TVM and 200 in
+Triton's interpreter (forward and gradients), and RECURKIT_FUZZ_EXAMPLES=n sets every budget
+to n (unseeded). Hypothesis prints a failing example (its step's source, length, seed, dims)
+and the assertion the declaration's source; ``print_blob`` gives the line that replays it."""
 import os
 
 import pytest
@@ -15,8 +17,8 @@ from fuzz_decls import SIZES, declaration, inputs, matrix_step, sizes, vector_st
 
 BUDGET = int(os.environ.get("RECURKIT_FUZZ_EXAMPLES", "0"))
 QUICK = settings(max_examples=BUDGET or 8, deadline=None, derandomize=not BUDGET,
-                 suppress_health_check=[HealthCheck.too_slow])
-LONG = settings(max_examples=BUDGET or 60, deadline=None,
+                 print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+LONG = settings(max_examples=BUDGET or 2000, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow])
 steps = st.one_of(matrix_step(), matrix_step(), vector_step())
 
@@ -40,11 +42,12 @@ def grads(op, xs, S0, cu, seed=7):
     return {**{n: t.grad for n, t in leaves.items()}, "initial_state": s0.grad}
 
 
-def check(body, T, varlen, seed, backends=("torch", "tvm", "triton"), grad=True, dims=None):
+def check(body, T, varlen, seed, backends=("torch", "tvm", "triton"), grad=True, dims=None,
+          grouped=False):
     decl, src = declaration(body)
     forms = rk.analyze(decl).forms
     dims = dims or SIZES
-    xs = inputs(decl, T, seed=seed, sizes=dims)
+    xs = inputs(decl, T, seed=seed, sizes=dims, grouped=grouped)
     cu = None
     if varlen and T >= 3:   # an empty and a length-1 segment among them
         cu = torch.tensor([0, 0, 1, T // 2, T])
@@ -83,9 +86,9 @@ def check(body, T, varlen, seed, backends=("torch", "tvm", "triton"), grad=True,
 
 @QUICK
 @given(body=steps, T=st.integers(1, 40), varlen=st.booleans(), seed=st.integers(0, 99),
-       dims=sizes)
-def test_random_declarations_match_the_reference(body, T, varlen, seed, dims):
-    check(body, T, varlen, seed, backends=("torch", "tvm"), dims=dims)
+       dims=sizes, grouped=st.booleans())
+def test_random_declarations_match_the_reference(body, T, varlen, seed, dims, grouped):
+    check(body, T, varlen, seed, backends=("torch", "tvm"), dims=dims, grouped=grouped)
 
 
 @QUICK
@@ -104,6 +107,16 @@ def test_random_declarations_triton_gradients(body, T, seed):
 @pytest.mark.slow
 @LONG
 @given(body=steps, T=st.integers(1, 100), varlen=st.booleans(), seed=st.integers(0, 999),
-       dims=sizes)
-def test_random_declarations_long(body, T, varlen, seed, dims):
-    check(body, T, varlen, seed, dims=dims)
+       dims=sizes, grouped=st.booleans())
+def test_random_declarations_long(body, T, varlen, seed, dims, grouped):
+    check(body, T, varlen, seed, backends=("torch", "tvm"), dims=dims, grouped=grouped)
+
+
+@pytest.mark.slow
+@settings(max_examples=BUDGET or 200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(body=steps, T=st.integers(1, 24), varlen=st.booleans(), seed=st.integers(0, 999),
+       dims=sizes, grouped=st.booleans())
+def test_random_declarations_long_in_the_triton_interpreter(body, T, varlen, seed, dims,
+                                                              grouped):
+    check(body, T, varlen, seed, backends=("triton",), dims=dims, grouped=grouped)
