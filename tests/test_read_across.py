@@ -82,7 +82,8 @@ def test_the_analysis_reads_across_the_erase():
 
 LENGTHS = [(b, T, v) for b in ("torch", "tvm", "triton")
            for T, v in ([(1, False), (63, False), (100, True)] if b != "triton"
-                        else [(1, False), (21, True)])]
+                        else [(1, False), (21, True)])] + [
+    pytest.param("triton", T, v, marks=pytest.mark.slow) for T, v in ((63, False), (100, True))]
 
 
 @pytest.mark.parametrize("name", sorted(DECLS))

@@ -198,8 +198,7 @@ def _matrix_form(p: Program, b: Builder, state: Node, trans: Affine) -> Recurren
         from .substeps import split   # it builds on this module
         ex = split(p, b, state, rec)
         if isinstance(ex, str) or ex is None:
-            return _sequential(rec, why if isinstance(up, str) or ex is None else
-                               f"{why}; as sub-steps: {ex}")
+            return _sequential(rec, why if ex is None else f"{why}; as sub-steps: {ex}")
         rec.expansion = ex
         rec.kind = "rank1" if ex.erases else "diagonal"
         rec.forms = ("chunk_wy" if ex.erases else "chunk_gated", "sequential")

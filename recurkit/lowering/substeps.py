@@ -27,7 +27,7 @@ from ..ir import dsl
 from ..ir.node import Node, toposort
 from ..ir.program import Program
 from ..ir.trace import trace
-from .analysis import Recurrence, Update, _reaches, _scalar_ratio, _update
+from .analysis import Recurrence, Update, _reaches, _scalar_ratio, _update, analyze
 from .linear import Builder, LinearForms, Nonlinear
 
 
@@ -97,7 +97,7 @@ def split(p: Program, b: Builder, state: Node, rec: Recurrence) -> Expansion | s
             i = j
             break
         else:
-            return why
+            return why if len(chain) > 2 else None   # no cut: the step's own reason says it
     steps: list[SubStep] = []
     for up in runs:
         roles = {k: v for k, v in (("log_gate_k", up.log_gate_k),
@@ -114,7 +114,12 @@ def split(p: Program, b: Builder, state: Node, rec: Recurrence) -> Expansion | s
         steps += rest
     if len(steps) < 2 and not any(s.along for s in steps):
         return None
-    return _expansion(p, b, rec, steps)
+    ex = _expansion(p, b, rec, steps)
+    want = "chunk_wy" if ex.erases else "chunk_gated"
+    got = analyze(ex.program)   # the sub-steps' roles together must be one form's update
+    if want not in got.forms:
+        return f"the sub-steps as one update: {got.reasons[-1].split('; as sub-steps')[0]}"
+    return ex
 
 
 def _expansion(p: Program, b: Builder, rec: Recurrence, steps: list[SubStep]) -> Expansion:
