@@ -113,7 +113,7 @@ def test_random_declarations_long(body, T, varlen, seed, dims, grouped):
 
 
 @pytest.mark.slow
-@settings(max_examples=BUDGET or 200, deadline=None,
+@settings(max_examples=BUDGET or 200, deadline=None, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(body=steps, T=st.integers(1, 24), varlen=st.booleans(), seed=st.integers(0, 999),
        dims=sizes, grouped=st.booleans())

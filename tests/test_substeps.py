@@ -123,31 +123,46 @@ def test_a_step_that_does_not_split_stays_sequential_with_its_reason():
         rk.lower(tangled, form="chunk_wy")
 
 
-# Triton's interpreter runs chunk kernels slowly: there a short varlen call (9 tokens, 3 or 4
-# sub-steps each) crosses chunks
-LENGTHS = [(b, T, v) for b in ("torch", "tvm", "triton")
-           for T, v in ([(1, False), (63, False), (100, True)] if b != "triton"
-                        else [(1, False), (9, True)])] + [
-    pytest.param("triton", T, v, marks=pytest.mark.slow) for T, v in ((63, False), (100, True))]
+def lengths(short: int) -> list:
+    """(backend, T, varlen) cases: T = 1, 63, 100 (varlen); in Triton's interpreter, whose
+    chunk kernels run slowly, T = 1 and a ``short`` varlen call that crosses chunks, the
+    long ones under -m slow."""
+    return [(b, T, v) for b in ("torch", "tvm", "triton")
+            for T, v in ([(1, False), (63, False), (100, True)] if b != "triton"
+                         else [(1, False), (short, True)])] + [
+        pytest.param("triton", T, v, marks=pytest.mark.slow)
+        for T, v in ((63, False), (100, True))]
+
+
+def forward_matches(decl, backend, form, T, varlen, draw, sizes):
+    """The op's output and final state against the reference (initial state given; varlen
+    with an empty and a length-1 segment): (inputs, initial state, cu_seqlens)."""
+    cu = torch.tensor([0, 0, 1, T // 2, T]) if varlen else None
+    xs = draw(decl, 1 if varlen else 2, T)
+    S0 = 0.5 * torch.randn(4 if varlen else 2, 2, sizes["K"], sizes["V"])
+    want = call(rk.compile(decl, backend="reference"), xs, S0, cu)
+    got = call(rk.compile(decl, backend=backend, form=form, chunk=16), xs, S0, cu)
+    assert rel(got[0], want[0]) < 1e-5 and rel(got[1], want[1]) < 1e-5
+    return xs, S0, cu
 
 
 @pytest.mark.parametrize("name", sorted(DECLS))
-@pytest.mark.parametrize("backend,T,varlen", LENGTHS)
+@pytest.mark.parametrize("backend,T,varlen", lengths(9))   # 9 tokens: 27-36 sub-steps
 def test_sub_steps_match_the_reference(name, backend, T, varlen):
     decl = DECLS[name]
-    cu = torch.tensor([0, 0, 1, T // 2, T]) if varlen else None
-    xs = inputs(decl, 1 if varlen else 2, T)
-    S0 = 0.5 * torch.randn(4 if varlen else 2, 2, SIZES["K"], SIZES["V"])
-    want = call(rk.compile(decl, backend="reference"), xs, S0, cu)
     form = rk.analyze(decl).forms[0]
-    op = rk.compile(decl, backend=backend, form=form, chunk=16)
-    got = call(op, xs, S0, cu)
-    assert rel(got[0], want[0]) < 1e-5 and rel(got[1], want[1]) < 1e-5
-    if T > 63 and backend != "torch":
-        return   # gradients: below at T <= 63 on every backend, and at T = 100 on torch
+    xs, S0, cu = forward_matches(decl, backend, form, T, varlen, inputs, SIZES)
+    if T <= 63 or backend == "torch":
+        gradients_match(decl, backend, form, xs, S0, cu,
+                        ("auto", "chunk") if backend != "triton" else ("auto",))
+
+
+def gradients_match(decl, backend, form, xs, S0, cu, modes=("auto", "chunk")):
+    """Every input's and the initial state's gradient, for each backward mode, against
+    autograd through the reference (relative to the largest)."""
     g_want = grads(rk.compile(decl, backend="reference"), xs, S0, cu)
     scale = max(w.abs().max().item() for w in g_want.values())
-    for bw in (("auto", "chunk") if backend != "triton" else ("auto",)):
+    for bw in modes:
         g = grads(rk.compile(decl, backend=backend, form=form, chunk=16, backward=bw),
                   xs, S0, cu)
         for n, w in g_want.items():
@@ -227,3 +242,21 @@ def test_sub_steps_whose_roles_are_not_one_update_stay_sequential():
     want = call(rk.compile(gate_then_erase, backend="reference"), xs, None, None)
     got = call(rk.compile(gate_then_erase, backend="torch"), xs, None, None)
     assert rel(got[0], want[0]) < 1e-5 and rel(got[1], want[1]) < 1e-5
+
+
+@rk.recurrence
+def unequal_scales(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"],
+                   v: rk.Token["V"], b1: rk.Token[()], b2: rk.Token[()]):
+    S = S + b2 * rk.outer(k, v) - b1 * rk.outer(k, k @ S)   # erase and write scaled apart
+    return S, q @ S
+
+
+def test_a_write_scale_of_zero_is_not_divided_by():
+    """Found in review: the erase taken as c times the write key with c = b1 / b2 made NaN
+    where b2 = 0; the general WY form serves such steps."""
+    xs = inputs(unequal_scales, 2, 30)
+    xs["b2"][:, 5] = 0.0
+    assert rk.analyze(unequal_scales).erase_scale is None
+    want = call(rk.compile(unequal_scales, backend="reference"), xs, None, None)
+    got = call(rk.compile(unequal_scales, backend="torch", chunk=16), xs, None, None)
+    assert torch.isfinite(got[0]).all() and rel(got[0], want[0]) < 1e-5

@@ -280,7 +280,8 @@ def _update(b: Builder, trans: Affine, kdim: str, vdim: str) -> Update | str:
 
 def _scalar_ratio(b: Builder, u: Node, a: Node) -> Node | None:
     """c with u = c * a when u and a have the same non-scalar factors (the delta rule's
-    erase and write share their key), else None."""
+    erase and write share their key) and c needs no division by a value of the write's,
+    else None."""
     fu, fa = factors(u), factors(a)
     vec_u = sorted((f for f in fu if f.dims), key=id)
     vec_a = sorted((f for f in fa if f.dims), key=id)
@@ -293,6 +294,8 @@ def _scalar_ratio(b: Builder, u: Node, a: Node) -> Node | None:
         if same is not None:
             num.remove(same)
             den.remove(f)
+    if any(f.op != "const" or f.attr("value") == 0 for f in den):
+        return None   # c would divide by the write's own scale, which may be 0 at a token
     c = b.const(1.0)
     for f in num:
         c = b.mul(c, f) if not (c.op == "const" and c.attr("value") == 1.0) else f

@@ -12,7 +12,7 @@ chunk forms, but it is a short sequence of them. ``split`` finds that sequence i
   the run's own update (writes do not read the state, so they may come in any order).
 
 The expanded declaration (``Expansion.program``) is that one update with every coefficient a
-token input (``gate_k``, ``erase_r``, ``write_a0``, ...) and the original readout on the
+token input (``log_gate_k``, ``erase_r``, ``write_a0``, ...) and the original readout on the
 last sub-step of each token; its chunk forms are exact for the sequence of sub-steps, so
 every backend runs it unchanged. The host side (``backends.shared.substeps``) evaluates the
 coefficients from the call's inputs, interleaves them (``T * n`` tokens; neutral values where

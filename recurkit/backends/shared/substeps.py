@@ -16,11 +16,8 @@ from ...ir.interpret import evaluate
 from .host import on_dims
 
 
-def expand_call(bc: BoundCall, ex, leaves: dict | None = None) -> tuple[BoundCall, int]:
-    """(the expanded call, sub-steps per token). ``leaves``: tensors to evaluate from
-    instead of the call's own (by input name)."""
-    if leaves:
-        bc = _with(bc, leaves)
+def expand_call(bc: BoundCall, ex) -> tuple[BoundCall, int]:
+    """(the expanded call, sub-steps per token); its inputs are fp32."""
     n = ex.count(bc.sizes)
     nodes = [v for s in ex.steps for r in (s.roles, s.first) for v in r.values()]
     vals = evaluate(bc, nodes + list(ex.readout.values()))
@@ -36,7 +33,7 @@ def expand_call(bc: BoundCall, ex, leaves: dict | None = None) -> tuple[BoundCal
             return v.expand(*lead, bc.H, *(bc.sizes[d] for d in want))
 
         def zeros(k):
-            return torch.zeros(*lead, k, bc.H, *size, device=bc.device)
+            return torch.zeros(*lead, k, bc.H, *size, dtype=torch.float32, device=bc.device)
 
         if spec.name in ex.readout:   # the last sub-step's
             v = full(ex.readout[spec.name]).unsqueeze(2)
@@ -63,13 +60,6 @@ def expand_call(bc: BoundCall, ex, leaves: dict | None = None) -> tuple[BoundCal
     return bind_call(ex.program, (), {**tensors, "initial_state": bc.initial_state,
                                       "output_final_state": bc.output_final_state,
                                       "cu_seqlens": cu}), n
-
-
-def _with(bc: BoundCall, leaves: dict) -> BoundCall:
-    from dataclasses import replace
-    tensors = {k: leaves.get(k, v) for k, v in bc.tensors.items()}
-    return replace(bc, tensors=tensors, initial_state=leaves.get("initial_state",
-                                                                 bc.initial_state))
 
 
 def last_of(bc: BoundCall, o: torch.Tensor, n: int) -> torch.Tensor:

@@ -108,6 +108,10 @@ class TritonBackend(Backend):
         from .chunk_module import model_traffic
         dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         B, T, H, sizes = shape["B"], shape["T"], shape["H"], shape["sizes"]
+        tp = lower(program, form, chunk or runtime.default_chunk(program))
+        ex = tp.meta.get("expansion")
+        if ex is not None:   # sub-steps: the expanded declaration's T * n fp32 tokens
+            program, T, dt = ex.program, T * ex.count(sizes), torch.float32
         xs = {}
         for spec in program.call_inputs:   # shapes and dtypes only: nothing is computed
             if spec.role == "scalar":
@@ -117,7 +121,6 @@ class TritonBackend(Backend):
                 xs[spec.name] = torch.empty(*lead, *(sizes[d] for d in spec.dims),
                                             dtype=dt, device="meta")
         bc = bind_call(program, (), {**xs, "output_final_state": True})
-        tp = lower(program, form, chunk or runtime.default_chunk(program))
         return model_traffic(tp, bc, runtime.check_config(knobs)).roofline(device)
 
     def static_check(self, program, form, chunk, knobs, sizes, H, arch, dtype="float32"):
@@ -130,6 +133,8 @@ class TritonBackend(Backend):
         dtype = runtime.DTYPE_NAMES.get(getattr(torch, dtype), "fp32")
         try:
             tp = None if form == "sequential" else lower(program, form, chunk)
+            if tp is not None and tp.meta.get("expansion") is not None:
+                dtype = "fp32"   # sub-steps: the expanded call's inputs are fp32
             src = runtime.module_source(program, tp, sizes, H, cfg, dtype)
             report = runtime.aot_compile(src, arch, cfg, io=dtype)
         except Exception as e:  # noqa: BLE001 - a candidate that does not compile is dropped
