@@ -6,8 +6,10 @@
     h' = a * h + b                                (elementwise state)
 
 with every coefficient a state-free IR node (the prologue, hoisted out of the time loop), the
-readout ``o = post * (q^T S') + c``, and the forms that are exact for it. When only the
-sequential form applies, ``reasons`` says why, pointing at the user's line.
+readout ``o = post * (q^T S') + c`` (``read_across``: ``o = post * (S' q) + c`` with q over
+V, the erase along K), and the forms that are exact for it. A step of several such updates
+in a row, or with a rank-R write, is described by ``expansion`` (``lowering.substeps``). When
+only the sequential form applies, ``reasons`` says why, pointing at the user's line.
 """
 from __future__ import annotations
 
