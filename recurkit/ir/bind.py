@@ -117,11 +117,10 @@ def bind_call(program: Program, args: tuple, kwargs: dict, repeat: bool = True) 
         tensors[spec.name] = x
     if device is None:
         raise CallError(f"{op}() has no tensor inputs to take sizes from")
-    groups = _head_groups(heads)
+    H, groups = _head_groups(heads)
     for name, g in groups.items() if repeat else ():
         tensors[name] = tensors[name].repeat_interleave(g, dim=heads[name][1])
     B, T = lead.get("B", 1), lead.get("T", 1)
-    H = max(n for n, _, _ in heads.values())
     if "T" in lead and T == 0:
         raise CallError(f"argument '{where['T'][1:-1]}': the sequence is empty (T = 0)")
     if any(n == 0 for n in sizes.values()):
@@ -161,9 +160,9 @@ def bind_call(program: Program, args: tuple, kwargs: dict, repeat: bool = True) 
                      device, cu if cu is not None else None, groups)
 
 
-def _head_groups(heads: dict[str, tuple[int, int, str]]) -> dict[str, int]:
-    """Inputs with fewer heads than the most any input has, by name -> G (their heads times
-    G is that most): each serves G consecutive heads, as FLA's grouped value heads (GVA)."""
+def _head_groups(heads: dict[str, tuple[int, int, str]]) -> tuple[int, dict[str, int]]:
+    """(H, the most heads any input has; the inputs with fewer, by name -> G, their heads
+    times G being H): each serves G consecutive heads, as FLA's grouped value heads (GVA)."""
     top, H = "", 0
     for name, (n, _, _) in heads.items():
         if n > H:
@@ -176,7 +175,7 @@ def _head_groups(heads: dict[str, tuple[int, int, str]]) -> dict[str, int]:
                                 f"does not divide the {H} heads of '{top}' (grouped heads "
                                 f"serve H / {n} consecutive heads each)")
             out[name] = H // n
-    return out
+    return H, out
 
 
 def _check_tensor(name: str, x: Any, layout: str) -> None:

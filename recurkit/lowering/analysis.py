@@ -20,6 +20,9 @@ from ..ir.program import Program
 from .linear import Affine, Builder, LinearForms, Nonlinear, factors, summands
 
 FORMS = ("chunk_gated", "chunk_wy", "scan", "sequential")
+# how ``_update`` begins its reason when the erase runs along the dim the readout does not
+# contract (``_matrix_form`` then tries the roles the other way round: ``read_across``)
+ERASES_ACROSS = "the rank-1 term erases along"
 
 
 @dataclass
@@ -187,7 +190,7 @@ def _matrix_form(p: Program, b: Builder, state: Node, trans: Affine) -> Recurren
     rec = Recurrence(p, "diagonal", (), reasons, kdim=kdim, vdim=vdim, read_q=q,
                      read_post=post, out_const=out.const)
     up = _update(b, trans, kdim, vdim)
-    if isinstance(up, str) and up.startswith("the rank-1 term erases along"):
+    if isinstance(up, str) and up.startswith(ERASES_ACROSS):
         alt = _update(b, trans, vdim, kdim)   # the erase along the other dim: the WY form
         if not isinstance(alt, str):          # with the readout across it (S q, over V)
             up, kdim, vdim = alt, vdim, kdim
@@ -265,7 +268,7 @@ def _update(b: Builder, trans: Affine, kdim: str, vdim: str) -> Update | str:
     for t in rank1:
         if t.over == (vdim,) and t.post is not None and set(t.post.dims) == {vdim} and \
                 t.read is not None and set(t.read.dims) == {vdim}:
-            return (f"the rank-1 term erases along {vdim} but the readout contracts {kdim}: "
+            return (f"{ERASES_ACROSS} {vdim} but the readout contracts {kdim}: "
                     "the WY form needs the erase and the readout along one dim (a readout "
                     f"over {vdim}, e.g. S @ p, takes it)")
         if t.over != (kdim,) or t.post is None or set(t.post.dims) != {kdim} \

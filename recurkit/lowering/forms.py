@@ -303,8 +303,10 @@ def _read_across(o: _Emit, rec: Recurrence, R: str | None, decay: str | None,
     out = o.contract(q, "S_in", (V,))
     if decay is not None:
         out = o.ir("mul", out, decay)
+    pro = rec.prologue()
+
     def fetch(name: str, dim: str) -> str:   # a prologue value is loaded where it is read
-        if name in rec.prologue():
+        if name in pro:
             return o("load", (), ("i", dim), out=f"{name}_across", value=name)
         return name
     for row, side in pieces:

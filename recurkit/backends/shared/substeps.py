@@ -36,8 +36,7 @@ def expand_call(bc: BoundCall, ex) -> tuple[BoundCall, int]:
             return torch.zeros(*lead, k, bc.H, *size, dtype=torch.float32, device=bc.device)
 
         if spec.name in ex.readout:   # the last sub-step's
-            v = full(ex.readout[spec.name]).unsqueeze(2)
-            tensors[spec.name] = torch.cat([zeros(n - 1), v], 2) if n > 1 else v
+            tensors[spec.name] = placed(full(ex.readout[spec.name]), n, last=True)
             continue
         blocks = []
         for s in ex.steps:
@@ -48,8 +47,7 @@ def expand_call(bc: BoundCall, ex) -> tuple[BoundCall, int]:
             elif node is not None:
                 blocks.append(full(node).unsqueeze(2).expand(*lead, k, bc.H, *size))
             elif spec.name in s.first:
-                v = full(s.first[spec.name]).unsqueeze(2)
-                blocks.append(torch.cat([v, zeros(k - 1)], 2) if k > 1 else v)
+                blocks.append(placed(full(s.first[spec.name]), k, last=False))
             else:
                 blocks.append(zeros(k))
         tensors[spec.name] = torch.cat(blocks, 2) if len(blocks) > 1 else blocks[0]
@@ -60,6 +58,16 @@ def expand_call(bc: BoundCall, ex) -> tuple[BoundCall, int]:
     return bind_call(ex.program, (), {**tensors, "initial_state": bc.initial_state,
                                       "output_final_state": bc.output_final_state,
                                       "cu_seqlens": cu}), n
+
+
+def placed(v: torch.Tensor, k: int, last: bool) -> torch.Tensor:
+    """``v`` [B, T, H, ...] as the last (or first) of k places per token, zeros in the
+    others: [B, T, k, H, ...]."""
+    v = v.unsqueeze(2)
+    if k == 1:
+        return v
+    z = v.new_zeros(*v.shape[:2], k - 1, *v.shape[3:])
+    return torch.cat([z, v] if last else [v, z], 2)
 
 
 def last_of(bc: BoundCall, o: torch.Tensor, n: int) -> torch.Tensor:
@@ -90,13 +98,8 @@ def expanded_adjoint(inner, ex):
             free["initial_state"] = leaves["initial_state"]
         kw2 = {"output_final_state": True, "cu_seqlens": bc2.cu_seqlens_tensor
                if bc2.cu_seqlens is not None else None}
-        kw2 = {k: v for k, v in kw.items() if k in ("output_final_state",)} | kw2
-        go = None
-        if grad_o is not None:
-            g = grad_o.reshape(src.B, src.T, 1, *grad_o.shape[2:])
-            go = torch.cat([torch.zeros_like(g).expand(-1, -1, n - 1, *g.shape[3:]), g], 2) \
-                if n > 1 else g
-            go = go.reshape(src.B, src.T * n, *grad_o.shape[2:])
+        go = None if grad_o is None else placed(grad_o, n, last=True).reshape(
+            src.B, src.T * n, *grad_o.shape[2:])
         got = inner(kw2, free, go, grad_S, None)
         if got is None:
             return None
