@@ -20,7 +20,7 @@ from .lowering.forms import LoweringError, lower
 from .ir import (Bits, CallError, DeclarationError, DimExpr, Index, Param, Program, Recurrence, Row,
                  Scalar, State, Tiled, Token, Weight, dim, recurrence, tiled)
 from .ir.dsl import (contract, dot, exp, gather, head, l2norm, log, max, maximum, minimum, outer, relu,
-                     rsqrt, sigmoid, silu, softplus, sqrt, sum, tanh, where)
+                     pairs, rotate, rsqrt, sigmoid, silu, softplus, sqrt, sum, tanh, where)
 from . import ops  # noqa: E402  (ops use the names above)
 from . import nn  # noqa: E402,F401  (layers use the ops)
 
@@ -32,4 +32,5 @@ __all__ = ["CompiledOp", "codegen", "compile", "export", "analyze", "lower", "Lo
            "Row", "Weight", "Index", "Bits", "Tiled", "tiled", "gather",
            "dot", "exp", "head", "l2norm", "log", "max", "maximum", "minimum", "outer", "relu",
            "rsqrt", "sigmoid", "silu", "softplus", "sqrt", "sum", "tanh", "where", "ops",
+           "rotate", "pairs",
            "nn", "__version__"]

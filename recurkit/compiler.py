@@ -281,6 +281,9 @@ def codegen(decl, backend: str = "triton", *, form: str | None = None,
         raise ValueError(f"{p.name} is stateless: nothing to generate")
     op = CompiledOp(p, backend, form, chunk, knobs)
     tp = op.tile_program
+    from .backends.shared.rotation import frame_of
+    if frame_of(p) is not None:   # a rotating state: its rotation-free declaration's kernels
+        p = frame_of(p).program
     if tp is not None and tp.meta.get("expansion") is not None:   # sub-steps: the
         p = tp.meta["expansion"].program                           # expanded declaration's
         sizes = {d: v for d, v in sizes.items() if d in p.dims}

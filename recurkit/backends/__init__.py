@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+from ..ir.node import PAIRED
 from .base import Backend
 from .reference import BACKEND as _reference
 from .torch import BACKEND as _torch
@@ -112,6 +113,16 @@ def adjoint_runner(program, mode: str = "auto", form: str | None = None,
     if seq.check_backward(mode) == "autograd":
         return None
     rec = analyze(program)
+    if rec.frame is not None:
+        # a rotating state: the rotation-free declaration's backward, chained to the inputs
+        # through the turns (an output turned back needs the forward's: autograd)
+        from .shared.rotation import framed_adjoint
+        if rec.frame.out_level is not None:
+            return None
+        inner = adjoint_runner(rec.frame.program, mode, form, chunk, backend, knobs)
+        return None if inner is None else framed_adjoint(inner, rec.frame)
+    if any(n.op in PAIRED for n in program.nodes()):
+        return None   # rotations run sequentially: no adjoint rule for them; autograd
     if rec.expansion is not None and form not in ("sequential", "scan"):
         # sub-steps: the expanded declaration's backward, chained to the inputs
         from .shared.substeps import expanded_adjoint

@@ -88,6 +88,10 @@ class Backend:
         if program.new_state is None and not self.stateless:
             raise ValueError(f"backend '{self.name}' compiles stateful declarations; "
                              f"{program.name} is stateless")
+        from .shared.rotation import frame_of
+        fr = frame_of(program) if program.new_state is not None else None
+        if fr is not None:   # what the kernels run: the rotation-free declaration
+            program = fr.program
         form = form or self.default_form(program)
         if self.forms and form not in self.forms:
             raise ValueError(f"backend '{self.name}' runs the forms "
@@ -107,13 +111,20 @@ class Backend:
                ) -> Callable[[BoundCall], tuple]:
         """``runner``, for calls of the declaration ``prepare`` was given: where its tile
         program is an expanded declaration's (sub-steps, ``lowering.substeps``), the call
-        is expanded around the runner. What the layers above call."""
+        is expanded around the runner; a call of a declaration that rotates its state
+        (``lowering.rotation``) runs as its rotation-free declaration's. What the layers above
+        call."""
+        from .shared.rotation import frame_of, framed_runner
         run = self.runner(form, tp, knobs)
         ex = tp.meta.get("expansion") if tp is not None else None
-        if ex is None:
-            return run
-        from .shared.substeps import expanded_runner
-        return expanded_runner(run, ex)
+        if ex is not None:
+            from .shared.substeps import expanded_runner
+            run = expanded_runner(run, ex)
+
+        def go(bc: BoundCall):   # a rotating state: the rotation-free declaration's call
+            fr = frame_of(bc.program)
+            return run(bc) if fr is None else framed_runner(run, fr)(bc)
+        return go
 
     # --- generated source -------------------------------------------------------------------
     def codegen(self, program, tp: TileProgram | None, sizes: dict[str, int], H: int,

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .errors import CallError
+from .node import PAIRED
 from .program import InputSpec, Program
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -126,6 +127,7 @@ def bind_call(program: Program, args: tuple, kwargs: dict, repeat: bool = True) 
     if any(n == 0 for n in sizes.values()):
         d = next(k for k, n in sizes.items() if n == 0)
         raise CallError(f"dim {d} bound by {where[d]} is 0; every dim needs size >= 1")
+    _check_pairs(program, sizes, where)
 
     scalars = {}
     for spec in program.call_inputs:
@@ -158,6 +160,23 @@ def bind_call(program: Program, args: tuple, kwargs: dict, repeat: bool = True) 
         raise CallError(f"argument 'output_final_state': {op} is stateless")
     return BoundCall(program, tensors, scalars, sizes, B, T, H, init, ofs, cu_list, out_dtype,
                      device, cu if cu is not None else None, groups)
+
+
+def _check_pairs(program: Program, sizes: dict[str, int], where: dict[str, str]) -> None:
+    """A dim rotated in pairs (rk.rotate, rk.pairs) is even, and the angles' pair dim is
+    half of it."""
+    for n in program.nodes():
+        if n.op not in PAIRED or n.attr("dim") not in sizes:
+            continue
+        d, pair = n.attr("dim"), n.attr("pair")
+        line = f" (rk.{n.op} at {n.loc})" if n.loc else f" (rk.{n.op})"
+        if sizes[d] % 2:
+            raise CallError(f"argument {where[d]}: dim {d} = {sizes[d]} is rotated in pairs"
+                            f"{line}, so it must be even")
+        if pair is not None and pair in sizes and sizes[pair] * 2 != sizes[d]:
+            raise CallError(f"argument {where[pair]}: dim {pair} = {sizes[pair]} numbers the "
+                            f"pairs of {d} = {sizes[d]} (bound by {where[d]}){line}: expected "
+                            f"{pair} = {sizes[d] // 2}")
 
 
 def _head_groups(heads: dict[str, tuple[int, int, str]]) -> tuple[int, dict[str, int]]:

@@ -331,6 +331,48 @@ def l2norm(x, dim=None, eps: float = 1e-6):
     return s * rsqrt(sum(s * s, dim) + eps)
 
 
+def rotate(x, angle, dim: str | None = None, layout: str = "interleaved"):
+    """``x`` with each pair of entries along ``dim`` rotated by ``angle`` (radians), as
+    complex numbers ``x[a] + i x[b]`` multiplied by ``exp(i angle)``:
+    ``(x[a], x[b]) -> (cos * x[a] - sin * x[b], sin * x[a] + cos * x[b])``.
+
+    Pairs are ``(2i, 2i + 1)`` with ``layout="interleaved"`` (``torch.view_as_complex``),
+    ``(i, i + K/2)`` with ``"halves"`` (the rotate-half RoPE). ``angle`` is one angle for every
+    pair (a number, or a value without ``dim``) or one per pair: a value over a dim of its own
+    of size ``K / 2`` (say ``theta: rk.Token["P"]``). ``dim`` may be left out when x has one
+    dim. On the state, a rotation makes a complex-diagonal transition (Mamba-3, GateLoop); the
+    chunk forms then run in the rotating frame (see docs/lowering.md).
+    """
+    s = _need_sym("rotate", x, angle)
+    t = s._tracer
+    if not isinstance(x, Sym):
+        raise t.error("rk.rotate: the rotated value must be a traced value")
+    if dim is None:
+        if len(x.dims) != 1:
+            raise t.error(f"rk.rotate of a value with dims {list(x.dims)} needs dim=",
+                          "say which dim is rotated in pairs, e.g. rk.rotate(S, theta, 'K')")
+        dim = x.dims[0]
+    a = t.lift(angle, "rk.rotate")
+    extra = [d for d in a.dims if d not in x.dims]
+    if len(extra) > 1:
+        raise t.error(f"rk.rotate: the angle has dims {list(a.dims)}, of which "
+                      f"{extra} are not the value's; at most one (the pairs' dim) may be",
+                      f"give one angle per pair along {dim}, over one dim of size {dim} / 2")
+    attrs = (("dim", dim), ("pair", extra[0] if extra else None), ("layout", layout))
+    return Sym(t.make("rotate", (x._node, a), attrs), t)
+
+
+def pairs(x, pair: str, dim: str, layout: str = "interleaved"):
+    """``x`` over the pairs' dim ``pair`` (size K/2) as a value over ``dim`` (size K), each
+    entry given to both dims of its pair (``layout`` as in ``rk.rotate``): a per-pair decay,
+    which commutes with a rotation of the pairs (GateLoop's complex gates are
+    ``rk.exp(rk.pairs(log_r, "P", "K")) * rk.rotate(S, theta, "K")``)."""
+    s = _need_sym("pairs", x)
+    t = s._tracer
+    return Sym(t.make("pairs", (s._node,), (("dim", dim), ("pair", pair), ("layout", layout))),
+               t)
+
+
 def head() -> Sym:
     """The head index h = 0..H-1 as a per-head scalar (e.g. RetNet's gamma_h)."""
     t = current_tracer("rk.head()")
@@ -343,4 +385,4 @@ def head() -> Sym:
 
 __all__ = ["State", "Token", "Param", "Scalar", "Row", "Weight", "Index", "Bits", "Sym", "gather", "exp", "log", "sigmoid", "softplus",
            "silu", "tanh", "sqrt", "rsqrt", "relu", "maximum", "minimum", "where", "contract",
-           "dot", "outer", "sum", "max", "l2norm", "head", "BOOL"]
+           "dot", "outer", "sum", "max", "l2norm", "head", "rotate", "pairs", "BOOL"]

@@ -57,7 +57,63 @@ def apply_node(n: Node, vals: list[torch.Tensor], nb: int) -> torch.Tensor:
         (a,) = n.args
         axes = tuple(nb + a.dims.index(d) for d in n.attr("over"))
         return vals[0].sum(axes) if n.op == "sum" else vals[0].amax(axes)
+    if n.op == "rotate":
+        (x, a) = n.args
+        return rotate_pairs(vals[0], x.dims, vals[1], a.dims, n.attr("dim"), n.attr("pair"),
+                            n.attr("layout"), nb)
+    if n.op == "pairs":
+        return spread_pairs(vals[0], n.args[0].dims, n.dims, n.attr("pair"), n.attr("dim"),
+                            n.attr("layout"), nb)
     raise NotImplementedError(f"reference interpreter has no rule for op '{n.op}'")
+
+
+def _split_pairs(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two members of each pair along x's last axis."""
+    if layout == "interleaved":
+        return x[..., 0::2], x[..., 1::2]
+    h = x.shape[-1] // 2
+    return x[..., :h], x[..., h:]
+
+
+def _join_pairs(a: torch.Tensor, b: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "interleaved":
+        return torch.stack([a, b], -1).flatten(-2)
+    return torch.cat([a, b], -1)
+
+
+def _lay_out(v: torch.Tensor, have: tuple[str, ...], want: tuple[str, ...], nb: int
+             ) -> torch.Tensor:
+    """``v`` (``nb`` batch axes, then ``have``) on the axes ``want`` (any order; size 1 where
+    it lacks the dim; ``have`` within ``want``)."""
+    perm = list(range(nb)) + [nb + have.index(d) for d in want if d in have]
+    v = v.permute(perm)
+    return v.reshape(*v.shape[:nb], *[v.shape[nb + [d for d in want if d in have].index(d)]
+                                      if d in have else 1 for d in want])
+
+
+def rotate_pairs(x: torch.Tensor, dims: tuple[str, ...], angle: torch.Tensor,
+                 angle_dims: tuple[str, ...], dim: str, pair: str | None, layout: str,
+                 nb: int) -> torch.Tensor:
+    """``rk.rotate``: x (``nb`` batch axes, then ``dims``) with its pairs along ``dim``
+    rotated by ``angle`` (batch axes, then ``angle_dims``: x's and at most ``pair``). Computed
+    in the angle's dtype."""
+    k = dims.index(dim)
+    xm = x.movedim(nb + k, -1)
+    rest = tuple(d for d in dims if d != dim)
+    t = _lay_out(angle, angle_dims, rest + (pair or "_one",), nb)
+    c, s = torch.cos(t), torch.sin(t)
+    a, b = _split_pairs(xm.to(t.dtype), layout)
+    return _join_pairs(c * a - s * b, s * a + c * b, layout).movedim(-1, nb + k)
+
+
+def spread_pairs(x: torch.Tensor, have: tuple[str, ...], want: tuple[str, ...], pair: str,
+                 dim: str, layout: str, nb: int) -> torch.Tensor:
+    """``rk.pairs``: x's entries along ``pair`` given to both dims of each pair along
+    ``dim``; the result laid out ``want``."""
+    xm = x.movedim(nb + have.index(pair), -1)
+    y = xm.repeat_interleave(2, -1) if layout == "interleaved" else torch.cat([xm, xm], -1)
+    order = tuple(d for d in have if d != pair) + (dim,)
+    return y.permute(*range(nb), *[nb + order.index(d) for d in want])
 
 
 def _to_canonical(x: torch.Tensor, declared: tuple[str, ...], canon: tuple[str, ...],

@@ -29,10 +29,15 @@ UNARY = ("neg", "exp", "log", "sigmoid", "softplus", "silu", "tanh", "sqrt", "rs
 BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
 COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
 REDUCE = ("sum", "max")
+# rotations of pairs along a dim (``rk.rotate``) and a value given to both dims of each pair
+# (``rk.pairs``); LAYOUTS: which entries pair up, (2i, 2i + 1) or (i, i + K/2)
+PAIRED = ("rotate", "pairs")
+LAYOUTS = ("interleaved", "halves")
 
 # op -> number of arguments (None: see the op's own rule)
 ARITY: dict[str, int] = {
-    "input": 0, "const": 0, "where": 3, "contract": 2, "gather": 2, **{o: 1 for o in UNARY},
+    "input": 0, "const": 0, "where": 3, "contract": 2, "gather": 2, "rotate": 2, "pairs": 1,
+    **{o: 1 for o in UNARY},
     **{o: 2 for o in BINARY}, **{o: 2 for o in COMPARE}, **{o: 1 for o in REDUCE},
 }
 
@@ -47,6 +52,9 @@ class Node:
       contract: over (the contracted dims)
       sum/max:  over (the reduced dims)
       gather:   dim (the dim of args[0] that args[1], an index value, selects along)
+      rotate:   dim (rotated in pairs), pair (the angle's dim over the pairs, or None: one
+                angle for every pair), layout; args (value, angle)
+      pairs:    dim, pair, layout: args[0] along ``pair`` given to both dims of each pair
     Equality is identity; structural identity is the program's content hash.
     """
 
@@ -114,6 +122,6 @@ def expr_text(n: Node, max_depth: int = 6, depth: int = 0) -> str:
     if depth > max_depth:
         return "..."
     extra = (f"[{', '.join(n.attr('over'))}]" if n.op in ("contract", "sum", "max") else
-             f"[{n.attr('dim')}]" if n.op == "gather" else "")
+             f"[{n.attr('dim')}]" if n.op in ("gather", "rotate", "pairs") else "")
     args = ", ".join(expr_text(a, max_depth, depth + 1) for a in n.args)
     return f"{n.op}{extra}({args})"

@@ -140,8 +140,10 @@ def format_program(p: Program) -> str:
         extra = ""
         if n.op in ("contract", "sum", "max"):
             extra = f"[{', '.join(n.attr('over'))}]"
-        elif n.op == "gather":
+        elif n.op in ("gather", "rotate"):
             extra = f"[{n.attr('dim')}]"
+        elif n.op == "pairs":
+            extra = f"[{n.attr('pair')}->{n.attr('dim')}]"
         ty = _fmt_dims(n.dims) + ("" if n.dtype == "f32" else f" {n.dtype}")
         text = f"  %{i}: {ty} = {n.op}{extra}({args})"
         rendered.append((text, n.loc))
@@ -166,7 +168,7 @@ def _encode(p: Program, keep_names: bool) -> dict:
                 continue
             if k == "over":
                 v = [rename[d] for d in v]
-            elif k == "dim":
+            elif k == "dim" or (k == "pair" and v is not None):
                 v = rename[v]
             out.append([k, v])
         return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .node import ARITY, BINARY, BOOL, COMPARE, F32, INDEX, REDUCE, UNARY
+from .node import ARITY, BINARY, BOOL, COMPARE, F32, INDEX, LAYOUTS, REDUCE, UNARY
 
 
 class TypeRule(Exception):
@@ -53,6 +53,8 @@ def infer(op: str, args: Sequence[tuple[tuple[str, ...], str]], attrs: dict,
                            "the result takes the indices' dims in place of the gathered dim, "
                            "so they must be new dims")
         return _canon(set(rest) | set(di), order), F32
+    if op in ("rotate", "pairs"):
+        return _paired(op, args, attrs, order)
     if op in UNARY:
         (d, t), = args
         _need_float(op, t)
@@ -99,6 +101,39 @@ def infer(op: str, args: Sequence[tuple[tuple[str, ...], str]], attrs: dict,
     if op in ("input", "const"):
         raise TypeRule(f"'{op}' nodes are typed by the program, not by a rule")
     raise TypeRule(f"no typing rule for op '{op}'")  # pragma: no cover - table and rules agree
+
+
+def _paired(op: str, args, attrs: dict, order) -> tuple[tuple[str, ...], str]:
+    """rk.rotate(x, angle): x's dims, x carrying the rotated dim and the angle at most the
+    pair dim besides x's; rk.pairs(x): x's dims with the pair dim replaced by the paired one."""
+    dim, pair, layout = attrs.get("dim"), attrs.get("pair"), attrs.get("layout")
+    if layout not in LAYOUTS:
+        raise TypeRule(f"rk.{op}: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    for a in args:
+        _need_float(op, a[1])
+    if dim not in order or (pair is not None and pair not in order):
+        raise TypeRule(f"rk.{op}: undeclared dim '{dim if dim not in order else pair}'")
+    if pair == dim:
+        raise TypeRule(f"rk.{op}: the pair dim and the paired dim are both '{dim}'",
+                       "declare the angles over a dim of their own, of size K / 2")
+    dx = args[0][0]
+    if op == "pairs":
+        if pair not in dx or dim in dx:
+            raise TypeRule(f"rk.pairs: the value has dims {_show(dx)}; it needs the pair dim "
+                           f"'{pair}' and not the paired dim '{dim}'")
+        return _canon((set(dx) - {pair}) | {dim}, order), F32
+    da = args[1][0]
+    if dim not in dx:
+        raise TypeRule(f"rk.rotate along '{dim}', but the value has dims {_show(dx)}")
+    if dim in da:
+        raise TypeRule(f"rk.rotate: the angle has the rotated dim '{dim}'",
+                       f"give one angle per pair: a dim of its own of size {dim} / 2")
+    extra = [d for d in da if d not in dx and d != pair]
+    if extra or (pair is not None and pair in dx):
+        raise TypeRule(f"rk.rotate: the angle has dims {_show(da)}; besides the value's "
+                       f"{_show(dx)} it may carry only the pair dim" +
+                       (f" '{pair}'" if pair else ""))
+    return dx, F32
 
 
 def _need_float(op: str, dtype: str) -> None:

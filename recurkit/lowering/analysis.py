@@ -13,10 +13,11 @@ only the sequential form applies, ``reasons`` says why, pointing at the user's l
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..ir.node import Node, toposort
 from ..ir.program import Program
+from .rotation import frame, has_rotation
 from .linear import Affine, Builder, LinearForms, Nonlinear, factors, summands
 
 FORMS = ("chunk_gated", "chunk_wy", "scan", "sequential")
@@ -55,6 +56,9 @@ class Recurrence:
     # a step of several updates (erases, rank-R writes): the chunk forms run its sub-steps,
     # several per token (``lowering.substeps``); the role fields above are then unset
     expansion: object | None = None
+    # a step that rotates its state (``rk.rotate``): every form runs the rotation-free
+    # declaration of this frame (``lowering.rotation``); the role fields are then its
+    frame: object | None = None
 
     def prologue(self) -> dict[str, Node]:
         """Every state-free value the parallel forms read per token, by role."""
@@ -75,6 +79,12 @@ def analyze(decl) -> Recurrence:
     p = decl if isinstance(decl, Program) else _program(decl)
     if p.new_state is None:
         return Recurrence(p, "stateless", ("sequential",))
+    if has_rotation(p):
+        fr = frame(p)
+        if isinstance(fr, str):
+            return Recurrence(p, "general", ("sequential",), [fr])
+        rec = analyze(fr.program)
+        return replace(rec, program=p, frame=fr, reasons=[fr.describe()] + rec.reasons)
     b = Builder(p)
     state = next(n for n in p.nodes() if n.role == "state")
     try:

@@ -61,8 +61,8 @@ class _Emit:
 def default_chunk(rec: Recurrence) -> int:
     """64, or 16 with per-channel gates, whose [C, C, K] decay ratios grow with C^2 (for a
     step of sub-steps: its expanded declaration's)."""
-    if rec.expansion is not None:
-        return default_chunk(analyze(rec.expansion.program))
+    if rec.frame is not None or rec.expansion is not None:
+        return default_chunk(analyze((rec.frame or rec.expansion).program))
     gates = (rec.log_gate_k, rec.log_gate_v)
     return 16 if any(g is not None and g.dims for g in gates) else DEFAULT_CHUNK
 
@@ -80,6 +80,11 @@ def lower(decl_or_program, form: str | None = None, chunk: int | None = None) ->
                             f"{', '.join(rec.forms)}): {why}")
     if form in ("chunk_gated", "chunk_wy") and chunk not in CHUNK_SIZES:
         raise LoweringError(f"chunk size {chunk} is not one of {CHUNK_SIZES}")
+    if rec.frame is not None:   # a rotating state: its rotation-free declaration, every form
+        tp = lower(rec.frame.program, form, chunk)
+        tp.meta["frame"] = rec.frame
+        tp.meta["reasons"] = list(rec.reasons)
+        return tp
     if rec.expansion is not None and form in ("chunk_gated", "chunk_wy"):
         # several updates per step: the expanded declaration, n sub-steps per token
         tp = lower(rec.expansion.program, form, chunk)

@@ -29,6 +29,9 @@ class ReferenceBackend(Backend):
     def runner(self, form, tp, knobs):
         return run_reference
 
+    def run_fn(self, form, tp, knobs):
+        return run_reference   # the step itself, rotations and sub-steps as declared
+
     # tiled declarations: the torch backend's evaluation of the declaration's expressions
     def tiled_forward(self, plan, tc):
         return _torch.tiled_forward(plan, tc)

@@ -109,6 +109,8 @@ class TritonBackend(Backend):
         dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         B, T, H, sizes = shape["B"], shape["T"], shape["H"], shape["sizes"]
         tp = lower(program, form, chunk or runtime.default_chunk(program))
+        if tp.meta.get("frame") is not None:   # a rotating state: the rotation-free call
+            program = tp.meta["frame"].program
         ex = tp.meta.get("expansion")
         if ex is not None:   # sub-steps: the expanded declaration's T * n fp32 tokens
             program, T, dt = ex.program, T * ex.count(sizes), torch.float32
@@ -133,6 +135,9 @@ class TritonBackend(Backend):
         dtype = runtime.DTYPE_NAMES.get(getattr(torch, dtype), "fp32")
         try:
             tp = None if form == "sequential" else lower(program, form, chunk)
+            from ..shared.rotation import frame_of
+            if frame_of(program) is not None:   # a rotating state: the rotation-free kernels
+                program = frame_of(program).program
             if tp is not None and tp.meta.get("expansion") is not None:
                 dtype = "fp32"   # sub-steps: the expanded call's inputs are fp32
             src = runtime.module_source(program, tp, sizes, H, cfg, dtype)

@@ -85,6 +85,10 @@ class SeqGen:
         last = p.state.dims[-1] if p.state.dims else None
         reduced = {d for n in nodes if self.dep[id(n)] and n.op in ("contract", "sum", "max")
                    for d in n.attr("over")}
+        # a rotation reads each lane's partner: its dim stays whole in one program
+        reduced |= {n.attr("dim") for n in nodes if self.dep[id(n)] and n.op == "rotate"}
+        # a rotation's angle is loaded at each lane of the rotated dim (its pair's)
+        angles = {id(n.args[1]) for n in nodes if self.dep[id(n)] and n.op == "rotate"}
         self.split = last if last is not None and last not in reduced else None
         self.block = {d: pow2(self.sizes[d]) for d in self.dims}
         if self.split:
@@ -96,7 +100,7 @@ class SeqGen:
             if n.role == "state" or n.op == "const":
                 continue
             elementwise = n.op in UNARY or n.op in BINARY or n.op in COMPARE or n.op == "where"
-            if self.dep[id(n)] or elementwise:
+            if self.dep[id(n)] or (elementwise and id(n) not in angles):
                 self.body.append(n)
             else:
                 self.feeds.append(n)
@@ -160,11 +164,58 @@ class SeqGen:
             return f"tl.where({a[0]}, {a[1]}, {a[2]})"
         if n.op == "contract":
             return self.reduce(f"({a[0]} * {a[1]})", n.attr("over"), "_add", "0.0")
+        if n.op == "rotate":
+            return self.rotate(n, a[0])
+        if n.op == "pairs":
+            raise NotImplementedError("triton sequential kernel: rk.pairs of a state value "
+                                      "(backend='tvm' or 'torch' runs it)")
         if n.op == "sum":
             return self.reduce(a[0], n.attr("over"), "_add", "0.0")
         if n.op == "max":
             return self.reduce(a[0], n.attr("over"), "_max", 'float("-inf")')
         raise NotImplementedError(f"triton backend: no rule for op {n.op!r}")
+
+    def pair_of(self, n: Node) -> tuple[str, str, str]:
+        """(each lane's pair, its partner lane, whether it is the pair's first) along the
+        rotated dim of ``n``."""
+        K, half = n.attr("dim"), self.sizes[n.attr("dim")] // 2
+        if n.attr("layout") == "interleaved":
+            return f"(o_{K} // 2)", f"(o_{K} ^ 1)", f"(o_{K} % 2 == 0)"
+        return (f"(o_{K} % {half})", f"((o_{K} + {half}) % {2 * half})",
+                f"(o_{K} < {half})")
+
+    def rotate(self, n: Node, x: str) -> str:
+        """rk.rotate: ``cos * x -+ sin * x[partner]``, the partner gathered along the dim."""
+        K = n.attr("dim")
+        shape = ", ".join(str(self.block[d]) if d in n.dims else "1" for d in self.dims)
+        _, partner, first = self.pair_of(n)
+        t = f"a{self.name[id(n)]}"
+        xp = f"tl.gather({x}, tl.broadcast_to({partner}, ({shape},)), {self.dims.index(K)})"
+        return (f"(tl.cos({t}) * {x} + tl.where({first}, -1.0, 1.0) * tl.sin({t}) * "
+                f"{xp})")
+
+    def angle_loads(self) -> list[str]:
+        """Each rotation's angle per lane of its dim: the feed read at the lane's pair."""
+        out = []
+        for n in self.body:
+            if n.op != "rotate":
+                continue
+            a, K, pair = n.args[1], n.attr("dim"), n.attr("pair")
+            if a.op == "const":
+                out.append(f"        a{self.name[id(n)]} = {lit(a.attr('value'))}")
+                continue
+            at = self.pair_of(n)[0]
+            terms, stride = [], 1
+            for d in reversed(a.dims):
+                terms.append(f"{at if d == pair else f'o_{d}'} * {stride}")
+                stride *= self.sizes[d]
+            off = " + ".join(terms) if terms else "0"
+            m = self.mask(tuple(d for d in a.dims if d != pair) + (K,))
+            mk = f", mask={m}, other=0.0" if m else ""
+            f = self.feeds.index(a)
+            out.append(f"        a{self.name[id(n)]} = tl.load(F{f} + base * {stride} + "
+                       f"{off}{mk})")
+        return out
 
     def source(self, num_warps: int = 4) -> str:
         p, H = self.p, self.H
@@ -189,6 +240,7 @@ class SeqGen:
             mk = f", mask={m}, other=0.0" if m else ""
             L.append(f"        f{i} = tl.load(F{i} + base * {self.numel(f.dims)} + "
                      f"{self.off(f.dims)}{mk})")
+        L += self.angle_loads()
         for n in self.body:
             L.append(f"        {self.name[id(n)]} = {self.compute(n)}")
         om = self.mask(od)

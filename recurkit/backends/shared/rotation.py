@@ -1,0 +1,135 @@
+"""The host side of the rotating frame (``lowering.rotation``): a call of a declaration that
+rotates its state, as a call of its rotation-free declaration, and back.
+
+Per segment (a batch row, or a ``cu_seqlens`` sequence) the step's angles are summed in
+float64 into ``Theta_t`` (inclusive) and its last ``Theta_T``; a value the frame turns is
+rotated by minus its level, ``Theta_{t-1} - Theta_T`` plus the angles between the step's start
+and it; the initial state by ``Theta_T``; the output (where it carries the rotated dim) back
+by its level. The final state needs no turn. The angles and turns are torch ops, so autograd
+reaches the inputs through them; rotations are computed in float64, whatever the length.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ...ir.bind import BoundCall, bind_call
+from ...ir.interpret import evaluate, rotate_pairs
+from .host import on_dims
+from .substeps import _own
+
+_FRAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def frame_of(program):
+    """The rotating frame of ``program`` (None: it rotates nothing, or its rotations run
+    sequentially, where ``analyze`` says why)."""
+    if program not in _FRAMES:
+        from ...lowering.analysis import analyze
+        _FRAMES[program] = getattr(analyze(program), "frame", None)
+    return _FRAMES[program]
+
+
+def framed_call(bc: BoundCall, fr) -> tuple[BoundCall, torch.Tensor | None]:
+    """(the rotation-free declaration's call, the output's turn angle [B, T, H, P|1] or None)."""
+    nodes = [n for n, _ in fr.hoisted.values()]
+    angle_nodes = [a for a, _ in fr.total]
+    for _, lev in fr.hoisted.values():
+        angle_nodes += [a for a, _ in lev.terms]
+    if fr.out_level is not None:
+        angle_nodes += [a for a, _ in fr.out_level.terms]
+    vals = evaluate(bc, nodes + angle_nodes)
+    P = bc.sizes[fr.pair] if fr.pair else 1
+    lead = (bc.B, bc.T, bc.H)
+    pd = (fr.pair,) if fr.pair else ()
+
+    def angle(terms) -> torch.Tensor:
+        out = torch.zeros(*lead, P, dtype=torch.float64, device=bc.device)
+        for a, c in terms:
+            v = on_dims(vals[id(a)], a.dims, pd).double()
+            out = out + c * (v if fr.pair else v.unsqueeze(-1))
+        return out
+
+    base = end = None
+    if fr.rotates_state:
+        step = angle(fr.total)
+        csum = torch.cat([step.new_zeros(bc.B, 1, bc.H, P), step.cumsum(1)], 1)  # [B, T+1]
+        if bc.cu_seqlens is None:
+            end = csum[:, -1]                                  # [B, H, P]
+            base = csum[:, :-1] - end.unsqueeze(1)             # Theta_{t-1} - Theta_T
+        else:
+            cu = bc.cu_seqlens
+            starts = torch.tensor(cu[:-1], device=bc.device)
+            ends = torch.tensor(cu[1:], device=bc.device)
+            end = (csum[0, ends] - csum[0, starts])            # [N, H, P]
+            seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=bc.device),
+                                          ends - starts)
+            base = (csum[:, :-1] - csum[:, starts[seg]] - end[seg].unsqueeze(0))
+
+    def level(lev) -> torch.Tensor:
+        a = angle(lev.terms)
+        return a + base if lev.anchored and base is not None else a
+
+    tensors = dict(bc.tensors)
+    for name, (n, lev) in fr.hoisted.items():
+        v = vals[id(n)].expand(*lead, *(bc.sizes[d] for d in n.dims))
+        if fr.dim in n.dims and not lev.zero:
+            v = rotate_pairs(v, n.dims, -level(lev), pd or ("_one",), fr.dim, fr.pair,
+                             fr.layout, 3)
+        tensors[name] = v.float()
+    init = bc.initial_state
+    if init is not None and end is not None and fr.dim in fr.source.state.dims:
+        init = rotate_pairs(init, fr.source.state.dims, end, pd or ("_one",), fr.dim,
+                            fr.pair, fr.layout, 2).float()
+    turn = level(fr.out_level) if fr.out_level is not None else None
+    kw = {**tensors, **bc.scalars, "initial_state": init,
+          "output_final_state": bc.output_final_state, "cu_seqlens": bc.cu_seqlens_tensor
+          if bc.cu_seqlens is not None else None}
+    return bind_call(fr.program, (), kw), turn
+
+
+def turned_output(bc: BoundCall, fr, o: torch.Tensor, turn: torch.Tensor | None):
+    if turn is None:
+        return o
+    dims = fr.source.output.dims
+    pd = (fr.pair,) if fr.pair else ("_one",)
+    return rotate_pairs(o, dims, turn, pd, fr.dim, fr.pair, fr.layout, 3).to(o.dtype)
+
+
+def framed_runner(run, fr):
+    """``run`` (a runner of the rotation-free declaration) as a runner of the source's calls."""
+    def go(bc: BoundCall):
+        bc2, turn = framed_call(bc, fr)
+        o, S = run(bc2)
+        return turned_output(bc, fr, o, turn).to(bc.out_dtype), S
+    return go
+
+
+def framed_adjoint(inner, fr):
+    """The generated backward of the rotation-free declaration (``inner``) as the source's:
+    its gradients carried to the inputs by autograd through the turns. Only for a frame whose
+    output is not turned (the turn's angle gradient needs the forward's output)."""
+    def run(kw: dict, leaves: dict, grad_o, grad_S, checkpoints=None):
+        src = bind_call(fr.source, (), {**kw, **leaves})
+        with torch.enable_grad():
+            bc2, _ = framed_call(src, fr)
+        feeds = dict(bc2.tensors)
+        if bc2.initial_state is not None:
+            feeds["initial_state"] = bc2.initial_state
+        free = {k: v.detach().requires_grad_(v.requires_grad) for k, v in feeds.items()}
+        kw2 = {**bc2.scalars, "output_final_state": True,
+               "cu_seqlens": bc2.cu_seqlens_tensor if bc2.cu_seqlens is not None else None}
+        got = inner(kw2, free, grad_o, grad_S, None)
+        if got is None:
+            return None
+        want = [k for k, v in feeds.items() if v.requires_grad and got.get(k) is not None]
+        names = [k for k, v in leaves.items() if v.requires_grad]
+        res = {k: None for k in names}
+        if want and names:
+            gs = torch.autograd.grad([feeds[k] for k in want], [leaves[k] for k in names],
+                                     [got[k] for k in want], allow_unused=True)
+            res.update({k: _own(g, leaves[k].dtype) for k, g in zip(names, gs)})
+        return res
+    return run
+
