@@ -3,7 +3,8 @@ that writes the source of an ``@rk.recurrence`` from the vocabulary the analysis
 (scalar / per-key / per-value decays, rank-1 erases along either dim, up to three per
 step, outer-product and rank-R writes, gated
 readouts with skips, token-only prologues) and from what it does not (several erases, steps
-nonlinear in the state), and traces it. Inputs are drawn by name: ``g*`` log-decays, ``k*``
+nonlinear in the state; rotations of the state along either dim, anywhere in the step,
+a per-pair gate, RoPE on the query), and traces it. Inputs are drawn by name: ``g*`` log-decays, ``k*``
 unit keys, ``b*`` betas in (0, 1)."""
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 import recurkit as rk
 
 SIZES = {"K": 4, "V": 3, "D": 5, "R": 2}
+PAIRS = {"P": "K", "Q": "V", "E": "D"}   # the angles' pair dims: half the rotated dim
 _COUNT = itertools.count()
 
 
@@ -32,6 +34,9 @@ def matrix_step(draw) -> str:
         lines.append("S = rk.exp(gv) * S")
     elif decay == "both":
         lines.append("S = rk.exp(gk) * (rk.exp(gv) * S)")
+    layout = draw(st.sampled_from(["interleaved", "halves"]))
+    if decay == "" and draw(st.integers(0, 5)) == 0:   # a complex gate per pair (GateLoop)
+        lines.append(f"S = rk.exp(rk.pairs(gp, 'P', 'K', layout={layout!r})) * S")
     erases = draw(st.sampled_from([0, 0, 1, 1, 1, 2, 2, 3])) if decay in ("", "scalar", "key") \
         else 0
     if erases and draw(st.booleans()):
@@ -50,11 +55,15 @@ def matrix_step(draw) -> str:
             lines.append("S = S + kt @ vt")      # a rank-R write
         else:
             lines.append(f"S = S {draw(st.sampled_from('+-'))} rk.outer(ka{w}, va{w})")
+    if draw(st.integers(0, 3)) == 0:   # a rotation of the state, anywhere in the step
+        turn = draw(st.sampled_from([f"rk.rotate(S, th, 'K', layout={layout!r})",
+                                     "rk.rotate(S, ts, 'K')", "rk.rotate(S, tq, 'V')"]))
+        lines.insert(draw(st.integers(0, len(lines))), f"S = {turn}")
     if draw(st.integers(0, 5)) == 0 and decay in ("", "scalar", "key") and not erases:
         # an erase along the value dim, read along it too (the transposed delta rule)
         lines.append("S = S - rk.sigmoid(b1) * rk.outer(S @ w, w)")
         return "\n    ".join(lines + ["return S, S @ p"])
-    read = "q @ S"
+    read = "q @ S" if draw(st.integers(0, 5)) else "rk.rotate(q, th, 'K') @ S"   # RoPE
     if draw(st.booleans()):
         read = f"rk.silu(z) * ({read})"
     if draw(st.booleans()):
@@ -68,8 +77,9 @@ def matrix_step(draw) -> str:
 @st.composite
 def vector_step(draw) -> str:
     """The body of a [D]-state step: elementwise (any gate sign), or nonlinear in the state."""
-    kind = draw(st.sampled_from(["scalar", "channel", "signed", "nonlinear"]))
-    body = {"scalar": "h = rk.exp(g) * h + x",
+    kind = draw(st.sampled_from(["scalar", "channel", "signed", "nonlinear", "complex"]))
+    body = {"complex": "h = rk.exp(g) * rk.rotate(h, te) + x",   # a complex diagonal state
+            "scalar": "h = rk.exp(g) * h + x",
             "channel": "h = rk.sigmoid(a) * h + (1.0 - rk.sigmoid(a)) * x",
             "signed": "h = rk.tanh(a) * h + x",
             "nonlinear": "h = rk.tanh(h * rk.sigmoid(a) + x)"}[kind]
@@ -80,7 +90,8 @@ def vector_step(draw) -> str:
 DIMS = {"S": ("K", "V"), "h": ("D",), "q": ("K",), "k1": ("K",), "k2": ("K",), "g": (),
         "gk": ("K",), "gv": ("V",), "b1": (), "b2": (), "b3": (), "v1": ("V",), "v3": ("V",), "w": ("V",), "p": ("V",), "v2": ("V",),
         "ka0": ("K",), "ka1": ("K",), "va0": ("V",), "va1": ("V",), "kt": ("K", "R"),
-        "vt": ("R", "V"), "z": ("V",), "x": ("D",), "a": ("D",)}
+        "vt": ("R", "V"), "z": ("V",), "x": ("D",), "a": ("D",),
+        "gp": ("P",), "th": ("P",), "ts": (), "tq": ("Q",), "te": ("E",)}
 
 
 def declaration(body: str):
@@ -106,6 +117,17 @@ sizes = st.fixed_dictionaries({"K": st.integers(1, 9), "V": st.integers(1, 9),
 
 
 KEY_SIDE = ("q", "k1", "k2", "ka0", "ka1", "kt")
+
+
+def paired(decl, sizes: dict) -> dict:
+    """``sizes`` with every dim the declaration rotates in pairs even, and its pair dim half."""
+    out = dict(sizes)
+    used = {n.attr("dim") for n in decl.program.nodes() if n.op in ("rotate", "pairs")}
+    for pair, d in PAIRS.items():
+        if d in used:
+            out[d] = 2 * max(1, (out[d] + 1) // 2)
+        out[pair] = out[d] // 2 if out[d] > 1 else 1
+    return out
 
 
 def inputs(decl, T: int, B: int = 1, H: int = 2, seed: int = 0, sizes: dict | None = None,

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import recurkit as rk
-from fuzz_decls import SIZES, declaration, inputs, matrix_step, sizes, vector_step
+from fuzz_decls import SIZES, declaration, inputs, matrix_step, paired, sizes, vector_step
 
 BUDGET = int(os.environ.get("RECURKIT_FUZZ_EXAMPLES", "0"))
 QUICK = settings(max_examples=BUDGET or 8, deadline=None, derandomize=not BUDGET,
@@ -46,7 +46,7 @@ def check(body, T, varlen, seed, backends=("torch", "tvm", "triton"), grad=True,
           grouped=False):
     decl, src = declaration(body)
     forms = rk.analyze(decl).forms
-    dims = dims or SIZES
+    dims = paired(decl, dims or SIZES)
     xs = inputs(decl, T, seed=seed, sizes=dims, grouped=grouped)
     cu = None
     if varlen and T >= 3:   # an empty and a length-1 segment among them

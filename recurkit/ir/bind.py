@@ -5,6 +5,7 @@ Every refusal is a CallError that names the argument, what was expected and what
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,53 @@ from .program import InputSpec, Program
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CALL_OPTIONS = ("initial_state", "output_final_state", "cu_seqlens")
+
+
+class HeadTensors(Mapping):
+    """A call's tensors by input name, where inputs with grouped heads (FLA's GVA) read as
+    repeated to the call's H heads, repeated on first read: a kernel that indexes the head
+    group itself (``given``, ``groups``) never copies them."""
+
+    def __init__(self, given: dict[str, torch.Tensor], groups: dict[str, int],
+                 axes: dict[str, int]):
+        self.given, self.groups, self.axes = given, groups, axes
+        self._full: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        G = self.groups.get(name)
+        if not G:
+            return self.given[name]
+        if name not in self._full:
+            self._full[name] = self.given[name].repeat_interleave(G, dim=self.axes[name])
+        return self._full[name]
+
+    def __iter__(self):
+        return iter(self.given)
+
+    def __len__(self) -> int:
+        return len(self.given)
+
+    def shape(self, name: str) -> torch.Size:
+        """The shape of input ``name`` at H heads, without repeating it."""
+        s = list(self.given[name].shape)
+        if self.groups.get(name):
+            s[self.axes[name]] *= self.groups[name]
+        return torch.Size(s)
+
+
+def full_shape(bc: "BoundCall", name: str) -> torch.Size:
+    """The shape of the call's input ``name`` at H heads (grouped inputs not repeated)."""
+    t = bc.tensors
+    return t.shape(name) if isinstance(t, HeadTensors) else t[name].shape
+
+
+def as_given(bc: "BoundCall", name: str) -> tuple[torch.Tensor, int]:
+    """(input ``name`` as the call gave it, the heads each of its heads serves): 1 unless
+    grouped and not yet repeated."""
+    t = bc.tensors
+    if isinstance(t, HeadTensors) and t.groups.get(name):
+        return t.given[name], t.groups[name]
+    return t[name], 1
 
 
 @dataclass
@@ -36,7 +84,7 @@ class BoundCall:
     device: torch.device
     cu_seqlens_tensor: torch.Tensor | None = field(default=None, repr=False)
     # grouped heads (FLA's GVA): inputs given with H / G heads, each serving G consecutive
-    # heads, by name -> G; ``tensors`` holds them repeated to H heads
+    # heads, by name -> G; ``tensors`` reads them repeated to H heads (``HeadTensors``)
     groups: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
@@ -66,8 +114,9 @@ def match_args(op: str, names: list[str], args: tuple, kwargs: dict) -> dict[str
 
 
 def bind_call(program: Program, args: tuple, kwargs: dict, repeat: bool = True) -> BoundCall:
-    """Match ``args``/``kwargs`` to the declaration and check every tensor. ``repeat=False``:
-    grouped inputs stay as given (a call checked, not run)."""
+    """Match ``args``/``kwargs`` to the declaration and check every tensor. Grouped inputs
+    read as repeated to H heads (``HeadTensors``); ``repeat=False``: they stay as given (a
+    call checked, not run)."""
     op = program.name
     given = match_args(op, signature_names(program), args, kwargs)
     sizes: dict[str, int] = {}
@@ -119,8 +168,8 @@ def bind_call(program: Program, args: tuple, kwargs: dict, repeat: bool = True) 
     if device is None:
         raise CallError(f"{op}() has no tensor inputs to take sizes from")
     H, groups = _head_groups(heads)
-    for name, g in groups.items() if repeat else ():
-        tensors[name] = tensors[name].repeat_interleave(g, dim=heads[name][1])
+    if repeat and groups:
+        tensors = HeadTensors(tensors, groups, {n: heads[n][1] for n in groups})
     B, T = lead.get("B", 1), lead.get("T", 1)
     if "T" in lead and T == 0:
         raise CallError(f"argument '{where['T'][1:-1]}': the sequence is empty (T = 0)")

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from ...ir.bind import BoundCall, fold_groups
+from ...ir.bind import BoundCall, fold_groups, full_shape
 from ...ir.interpret import evaluate
 from ...ir.node import toposort
 from ...lowering.chunk_adjoint import D_H
@@ -97,10 +97,10 @@ def chunk_backward(bc: BoundCall, tp: TileProgram, grad_o: torch.Tensor | None,
 
 def _fit_input(bc: BoundCall, name: str, g: torch.Tensor) -> torch.Tensor:
     """A kernel's gradient of input ``name``: a parameter's per-token shares summed."""
-    t = bc.tensors[name]
-    if g.shape == t.shape:
+    shape = full_shape(bc, name)   # at H heads (a grouped input is not repeated for it)
+    if g.shape == shape:
         return g
-    return sum_to(g.float(), (1, 1, *t.shape)).reshape(t.shape)
+    return sum_to(g.float(), (1, 1, *shape)).reshape(shape)
 
 
 def _input_grads_on_host(bc: BoundCall, tp: TileProgram, ivjp: dict, d_roles: dict,

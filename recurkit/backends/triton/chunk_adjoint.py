@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ...ir.bind import BoundCall
+from ...ir.bind import BoundCall, as_given, full_shape
 from ...lowering.tile import TileProgram
 from ..shared.host import chunk_count
 from .chunk_module import chunk_source
-from .runtime import (DTYPE_NAMES, _launch, check_config, chunk_inputs, intermediate_dtype,
-                      load_module)
+from .runtime import (DTYPE_NAMES, _launch, call_groups, check_config, chunk_inputs,
+                      intermediate_dtype, load_module)
 
 
 def adjoint_module(tp: TileProgram, bc: BoundCall, cfg: dict, has_dsf: bool):
@@ -21,7 +21,7 @@ def adjoint_module(tp: TileProgram, bc: BoundCall, cfg: dict, has_dsf: bool):
     return chunk_source(tp, bc.sizes, bc.H, cfg, bc.cu_seqlens is not None,
                         bc.initial_state is not None, False,
                         DTYPE_NAMES.get(bc.out_dtype, "fp32"), bc.device.type != "cuda",
-                        has_dsf=has_dsf)
+                        has_dsf=has_dsf, groups=call_groups(bc))
 
 
 def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, torch.Tensor],
@@ -43,9 +43,10 @@ def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, to
     lowp = intermediate_dtype(bc, cfg)
     if io.input_grads is not None:   # the kernels ran the prologue's backward too
         spec = {s.name: s for s in p.inputs}
-        os = [torch.empty(bc.tensors[x].shape, device=bc.device, dtype=bc.tensors[x].dtype)
+        # at H heads, a grouped input's too (summed over its group by ``fold_groups``)
+        os = [torch.empty(full_shape(bc, x), device=bc.device, dtype=as_given(bc, x)[0].dtype)
               if spec[x].role == "token" else torch.empty(
-                  bc.B, bc.T, *bc.tensors[x].shape, device=bc.device) for x in io.input_grads]
+                  bc.B, bc.T, *full_shape(bc, x), device=bc.device) for x in io.input_grads]
     else:
         os = [torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in (
             p.output.dims if r == "h" else tp.prologue[r].dims)), device=bc.device,

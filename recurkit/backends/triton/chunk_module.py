@@ -24,8 +24,8 @@ def _gate_only(tp: TileProgram) -> set[str]:
 
 def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
                  varlen: bool = False, has_s0: bool = True, has_sf: bool = True,
-                 dtype: str = "fp32", interpret: bool = False, has_dsf: bool = False
-                 ) -> tuple[str, ChunkIO]:
+                 dtype: str = "fp32", interpret: bool = False, has_dsf: bool = False,
+                 groups: tuple[tuple[int, int], ...] = ()) -> tuple[str, ChunkIO]:
     """The module for a chunk-form tile program (optimized by ``lowering.fuse`` first), and
     what its ``launch`` reads from a call. ``launch(xs, fs, scs, o, s0, sf, cu, N, NC, TT,
     lowp)`` takes the inputs, host feeds and scalars of the ``ChunkIO``, the output
@@ -41,10 +41,12 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     [B, T, H, *dims] cotangent of each prologue value in ``meta["grads"]`` order (then the
     readout h where ``meta["h"]``), ``dsf`` the final state's cotangent (``has_dsf``; else
     None), ``ds0`` the initial state's, written; the readout's cotangent is the feed of the
-    ``d_out`` node."""
+    ``d_out`` node. ``groups``: (input index, G) of inputs given with H / G heads (FLA's
+    GVA), read at head h // G (``call_groups``).
+    """
     cache = tp.meta.setdefault("_triton_chunk", {})
     key = (tuple(sorted(sizes.items())), H, tuple(sorted(cfg.items())), varlen, has_s0,
-           has_sf, dtype, interpret, has_dsf)
+           has_sf, dtype, interpret, has_dsf, groups)
     if key in cache:
         return cache[key]
     opt = optimize(tp)
@@ -53,6 +55,7 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     late: list = []
     if adjoint:
         io, late = _input_grads(opt, io)
+    io.groups = dict(groups)
     if late:   # the prologue's backward in the grads kernel: the cotangents stay in registers
         res = list(opt.meta["grads"].values()) + ([opt.meta["h"]] if opt.meta["h"] else [])
         results = {v: None for v in res}
@@ -151,15 +154,17 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
     included. Returns a ``traffic.Traffic``."""
     import torch
 
-    from .runtime import DTYPE_NAMES, intermediate_dtype
+    from ...ir.bind import as_given
+    from .runtime import DTYPE_NAMES, call_groups, intermediate_dtype
     from .traffic import Launch, Traffic
     varlen = bc.cu_seqlens is not None
     N, C, H = bc.N, tp.chunk, bc.H
     NC, tokens = chunk_count(bc, C), bc.B * bc.T   # varlen: B = 1 and cu_seqlens covers T
     _, io = chunk_source(tp, bc.sizes, H, cfg, varlen, bc.initial_state is not None,
-                         bc.output_final_state, DTYPE_NAMES.get(bc.out_dtype, "fp32"))
+                         bc.output_final_state, DTYPE_NAMES.get(bc.out_dtype, "fp32"),
+                         groups=call_groups(bc))
     p = bc.program
-    xs = [bc.tensors[p.inputs[n.attr("index")].name] for n in io.inputs]
+    xs = [as_given(bc, p.inputs[n.attr("index")].name)[0] for n in io.inputs]
     lowp = torch.empty((), dtype=intermediate_dtype(bc, cfg)).element_size()
     out = torch.empty((), dtype=bc.out_dtype).element_size()
     cu = bc.cu_seqlens_tensor.element_size() if varlen and bc.cu_seqlens_tensor is not None \
@@ -172,7 +177,7 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
             return xs[int(ptr[1:])].element_size()
         if ptr[0] == "O" and ptr[1:].isdigit() and io.input_grads is not None:
             x = io.input_grads[int(ptr[1:])]   # an input's gradient (a parameter's: fp32)
-            return bc.tensors[x].element_size() if spec[x].role == "token" else 4
+            return as_given(bc, x)[0].element_size() if spec[x].role == "token" else 4
         if ptr[0] == "O" and ptr[1:].isdigit() and tp.meta.get("adjoint"):
             return lowp   # a prologue value's cotangent
         return {"L": lowp, "O": out}.get(ptr[0], cu if ptr == "CU" else 4)

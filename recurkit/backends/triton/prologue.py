@@ -38,6 +38,8 @@ class ChunkIO:
         self.kernels: list[dict] = []   # per kernel: what it loads, stores and multiplies
         self.input_grads: list[str] | None = None   # inputs whose gradients a backward's
                                                     # kernels store (O0, O1, ... in order)
+        # grouped heads: input index -> G, inputs read at head h // G (``chunk_source``)
+        self.groups: dict[int, int] = {}
         self.kind: dict[int, tuple[str, int]] = {}
         self.index: dict[int, int] = {}   # a stable name per node, for the generated source
         stops = {id(n) for n in toposort(list(self.values.values()))
@@ -111,16 +113,18 @@ class PrologueRender:
         ms = [] if i is None else [f"(tok0 + {i} < eos)" if self.relaid else f"({i} < rem)"]
         return " & ".join(ms + self.dim_masks(axes, skip=("i",))) or None
 
-    def token_offset(self, axes: tuple[str, ...], numel: int) -> str:
+    def token_offset(self, axes: tuple[str, ...], numel: int, G: int = 1) -> str:
         """Offsets of a block over ``axes`` (i first, then dims in memory order) into a
-        [tokens, H, *dims] tensor."""
-        i, row = self.ar('i', axes), self.H * numel
+        [tokens, H, *dims] tensor (with ``G`` > 1: [tokens, H / G, *dims], head h reading
+        its group's, h // G: grouped heads read without a copy)."""
+        H, hd = (self.H, "h") if G == 1 else (self.H // G, f"(h // {G})")
+        i, row = self.ar('i', axes), H * numel
         within = "" if len(axes) == 1 else f" + {self.strided(axes[1:], axes)[0]}"
         if self.relaid and self.block("i") * row < 2 ** 31:
             # the chunk's first row (a scalar) plus 32-bit offsets within the chunk
-            head = f"(tok0 * {self.H} + h) * {numel}" if numel != 1 else f"(tok0 * {self.H} + h)"
+            head = f"(tok0 * {H} + {hd}) * {numel}" if numel != 1 else f"(tok0 * {H} + {hd})"
             return f"{head} + ({i} * {row}{within})"
-        return f"((tok0 + {i}) * {self.H} + h) * {numel}{within}"
+        return f"((tok0 + {i}) * {H} + {hd}) * {numel}{within}"
 
     def _key(self, n: Node, axes: tuple[str, ...]) -> str:
         k = self.kctx[0] if self.kctx and self.kctx[0] in axes else ""
@@ -148,10 +152,12 @@ class PrologueRender:
             self.used.add(ptr)
             dims = axes[1:] if "i" in axes else axes
             within, numel = self.strided(dims, axes)
+            G = self.io.groups.get(n.attr("index"), 1) if kind == "input" else 1
             if "i" in axes:
-                off = self.token_offset(axes, numel)
-            else:   # a per-head parameter [H, *dims]
-                off = f"h * {numel}" + (f" + {within}" if dims else "")
+                off = self.token_offset(axes, numel, G)
+            else:   # a per-head parameter [H, *dims] (grouped: [H / G, *dims])
+                off = f"{'h' if G == 1 else f'(h // {G})'} * {numel}" + (
+                    f" + {within}" if dims else "")
             m = self.valid(axes)
             mk = f", mask={m}, other=0.0" if m else ""
             self.note("r", ptr, axes, ind, by_token="i" in axes)

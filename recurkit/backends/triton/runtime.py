@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from ...ir.bind import BoundCall
+from ...ir.bind import BoundCall, as_given
 from ...lowering.analysis import analyze
 from ...lowering.forms import default_chunk as lowering_default_chunk
 from ...lowering.tile import TileProgram
@@ -169,13 +169,21 @@ def run_triton_scan(tp: TileProgram, bc: BoundCall, config: dict | None = None):
     return scan_result(bc, hs, sf)
 
 
+def call_groups(bc: BoundCall) -> tuple[tuple[int, int], ...]:
+    """(input index, G) of the call's inputs given with H / G heads (FLA's GVA), which the
+    chunk kernels read at head h // G instead of repeated."""
+    return tuple((i, g) for i, s in enumerate(bc.program.inputs) if s.role in ("token", "param")
+                 for g in [as_given(bc, s.name)[1]] if g > 1)
+
+
 def chunk_inputs(io, bc: BoundCall, d_out=None):
     """(xs, fs, scs) for a chunk module's ``launch``: the call's tensors it reads (contiguous,
     in their own dtype), the host-evaluated feeds (fp32 [B, T, H, *dims]) and the scalars.
     A backward's feeds of role ``d_out`` (the readout's and the output's cotangents) are
     ``d_out[name]``, [B, T, H, *dims] in their own dtype (the kernels convert)."""
     p = bc.program
-    xs = [bc.tensors[p.inputs[n.attr("index")].name].contiguous() for n in io.inputs]
+    xs = [(as_given(bc, p.inputs[n.attr("index")].name)[0] if n.attr("index") in io.groups
+           else bc.tensors[p.inputs[n.attr("index")].name]).contiguous() for n in io.inputs]
     host = [n for n in io.feeds if n.role != "d_out"]
     vals = dict(zip(map(id, host), per_token(bc, host)))
     shape = (bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))
@@ -202,7 +210,8 @@ def run_triton_chunked(tp: TileProgram, bc: BoundCall, config: dict | None = Non
     varlen, has_s0 = bc.cu_seqlens is not None, bc.initial_state is not None
     interpret = bc.device.type != "cuda"
     src, io = chunk_source(tp, bc.sizes, bc.H, cfg, varlen, has_s0, bc.output_final_state,
-                           DTYPE_NAMES.get(bc.out_dtype, "fp32"), interpret)
+                           DTYPE_NAMES.get(bc.out_dtype, "fp32"), interpret,
+                           groups=call_groups(bc))
     mod = load_module(src, interpret)
     xs, fs, scs = chunk_inputs(io, bc)
     N, nc = bc.N, chunk_count(bc, tp.chunk)

@@ -21,6 +21,7 @@ from ..shared import buffers, checkpoints
 from ..shared.host import token_loop_args
 from .build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
                         cache_dir, compile_source, cuda_ptx, target)
+from .pairs import paired_expr
 from .update import UpdatePass, _f  # noqa: F401 - _f: shared by the other generators
 
 # schedule knobs of the sequential kernel (the autotuner's space): see rk.compile(knobs=...)
@@ -189,7 +190,7 @@ class _Gen(UpdatePass):
                 bool(f.dims) and f.dims[-1] == inner and inner != self.tdim, len(f.dims)))
             return self._chain(fs, env)
         if n.op in ("rotate", "pairs"):
-            return self._paired(n, env)
+            return paired_expr(self, n, env)
         a = [self.expr(x, env) for x in n.args]
         if n.op in self.UNARY:
             return self.UNARY[n.op].format(*a)
@@ -198,26 +199,6 @@ class _Gen(UpdatePass):
         if n.op == "where":
             return f"T.if_then_else({a[0]}, {a[1]}, {a[2]})"
         raise NotImplementedError(f"tvm backend: op {n.op} cannot be inlined")
-
-    def _paired(self, n: Node, env: dict[str, str]) -> str:
-        """rk.rotate: ``cos * x[k] -+ sin * x[partner of k]``, the angle read at k's pair;
-        rk.pairs: x read at k's pair."""
-        K, pair, half = n.attr("dim"), n.attr("pair"), self.sizes[n.attr("dim")] // 2
-        if K == self.tdim:
-            raise NotImplementedError(f"tvm gpu kernel: rk.{n.op} along {K}, the dim spread "
-                                      "over threads, reads across threads")
-        i = env[K]
-        inter = n.attr("layout") == "interleaved"
-        at = f"({i} // 2)" if inter else f"({i} % {half})"
-        if n.op == "pairs":
-            return self.expr(n.args[0], {**{d: v for d, v in env.items() if d != K}, pair: at})
-        x, ang = n.args
-        partner = f"({i} + 1 - 2 * ({i} % 2))" if inter else f"(({i} + {half}) % {2 * half})"
-        first = f"({i} % 2 == 0)" if inter else f"({i} < {half})"
-        t = self.expr(ang, {**env, pair: at} if pair else env)
-        return (f"(T.cos({t}) * {self.expr(x, env)} + T.if_then_else({first}, "
-                f"T.float32(-1), T.float32(1)) * T.sin({t}) * "
-                f"{self.expr(x, {**env, K: partner})})")
 
     def loops(self, dims, body: list[str], ind: int, vector_last: bool = True) -> list[str]:
         out, pad = [], "    " * ind
