@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 import recurkit as rk
 from cases import CASES, call_op, matrix_inputs
+from recurkit.backends.triton.chunk_module import chunk_source
+from recurkit.backends.triton.runtime import check_config
 from recurkit.ir import CallError
 
 B, T, H, G, K, V = 2, 37, 2, 3, 8, 6
@@ -133,3 +135,33 @@ def test_layers_with_grouped_value_heads(layer):
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with pytest.raises(ValueError, match="num_v_heads=3 is not a multiple"):
         getattr(rk.nn, layer)(32, num_heads=2, head_dim=8, num_v_heads=3)
+
+
+@pytest.mark.parametrize("decl", [rk.ops.gated_delta_rule.decl, rk.ops.gla.decl])
+def test_the_triton_chunk_kernels_read_grouped_heads_without_a_copy(decl, monkeypatch):
+    """Forward and chunk backward in Triton's interpreter: q and k are never repeated (the
+    kernels read head h // G) and everything matches the reference."""
+    name = "gated_delta_rule" if decl is rk.ops.gated_delta_rule.decl else "gla"
+    xs = grouped(name, T=21)
+    S0 = 0.5 * torch.randn(B, HV, K, V)
+    ref = rk.compile(decl, backend="reference")
+    want = gradients(lambda a, s: ref(*a, initial_state=s, output_final_state=True), xs, S0)
+    op = rk.compile(decl, backend="triton", form=rk.analyze(decl).forms[0], chunk=16,
+                    backward="chunk")
+    seen = []
+    real = torch.Tensor.repeat_interleave
+
+    def spy(self, *a, **kw):
+        seen.append(tuple(self.shape))
+        return real(self, *a, **kw)
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", spy)
+    got = gradients(lambda a, s: op(*a, initial_state=s, output_final_state=True), xs, S0)
+    monkeypatch.undo()
+    assert not [s for s in seen if s[2] == H], seen   # no H-head input was repeated
+    scale = max(w.abs().max().item() for w in want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and (g - w).abs().max().item() / scale < 1e-4
+    tp = rk.lower(decl, chunk=16)   # q and k (inputs 1 and 2) read at their group's head
+    src, _ = chunk_source(tp, {"K": K, "V": V}, HV, check_config(None),
+                          groups=((1, G), (2, G)))
+    assert f"(h // {G})" in src

@@ -267,3 +267,16 @@ def test_codegen_and_the_custom_op():
     S0 = state0(rot_gdn, 2).requires_grad_()
     args = tuple(xs[s.name].requires_grad_() for s in rot_gdn.program.call_inputs)
     torch.library.opcheck(op.torch_op.op.default, (*args, S0, None))
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "gfx942"])
+def test_the_triton_kernels_compile_ahead_of_time(arch):
+    """The sequential kernel that gathers each lane's partner (no frame) and the chunk
+    kernels of a turned delta rule compile with no spills, within shared memory."""
+    from recurkit.backends.triton import runtime
+    sizes = {"K": 128, "V": 128, "P": 64}
+    for decl, form in ((rot_per_key, "sequential"), (rot_gdn, "chunk_wy")):
+        src = rk.codegen(decl, "triton", form=form, sizes=sizes, H=16)
+        for r in runtime.aot_compile(src, arch):
+            assert 0 <= r["shared"] <= runtime.SHARED_LIMIT[arch], r
+            assert not r["spill_bytes"], (decl.program.name, r)

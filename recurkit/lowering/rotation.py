@@ -19,6 +19,7 @@ says why the frame does not hold; the host side is ``backends/shared/rotation.py
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 from ..ir.node import BINARY, COMPARE, F32, PAIRED, UNARY, Node, depends_on_state
@@ -111,13 +112,19 @@ def has_rotation(p: Program) -> bool:
     return any(n.op in PAIRED for n in p.nodes())
 
 
+_FRAMES: "weakref.WeakKeyDictionary[Program, Frame | str]" = weakref.WeakKeyDictionary()
+
+
 def frame(p: Program) -> Frame | str:
     """The rotating frame of ``p`` (which has ``rk.rotate`` or ``rk.pairs`` somewhere), or
-    why its rotations do not commute with the rest of the step."""
-    try:
-        return _frame(p)
-    except _Refused as e:
-        return f"the rotation does not commute with the step: {e}"
+    why its rotations do not commute with the rest of the step. One per program (its
+    rotation-free declaration is then one object, for the caches keyed by it)."""
+    if p not in _FRAMES:
+        try:
+            _FRAMES[p] = _frame(p)
+        except _Refused as e:
+            _FRAMES[p] = f"the rotation does not commute with the step: {e}"
+    return _FRAMES[p]
 
 
 def _frame(p: Program) -> Frame:

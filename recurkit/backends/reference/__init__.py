@@ -30,7 +30,7 @@ class ReferenceBackend(Backend):
         return run_reference
 
     def run_fn(self, form, tp, knobs):
-        return run_reference   # the step itself, rotations and sub-steps as declared
+        return self.runner(form, tp, knobs)   # the step itself, rotations as declared
 
     # tiled declarations: the torch backend's evaluation of the declaration's expressions
     def tiled_forward(self, plan, tc):

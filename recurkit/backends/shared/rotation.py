@@ -10,25 +10,21 @@ reaches the inputs through them; rotations are computed in float64, whatever the
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ...ir.bind import BoundCall, bind_call
 from ...ir.interpret import evaluate, rotate_pairs
+from ...lowering.rotation import frame, has_rotation
 from .host import on_dims
 from .substeps import _own
-
-_FRAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
 
 def frame_of(program):
     """The rotating frame of ``program`` (None: it rotates nothing, or its rotations run
     sequentially, where ``analyze`` says why)."""
-    if program not in _FRAMES:
-        from ...lowering.analysis import analyze
-        _FRAMES[program] = getattr(analyze(program), "frame", None)
-    return _FRAMES[program]
+    if program.new_state is None or not has_rotation(program):
+        return None
+    fr = frame(program)
+    return None if isinstance(fr, str) else fr
 
 
 def framed_call(bc: BoundCall, fr) -> tuple[BoundCall, torch.Tensor | None]:

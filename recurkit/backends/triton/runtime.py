@@ -127,7 +127,9 @@ def _launch(mod: ModuleType, interpret: bool, *args) -> None:
 
 
 def sequential_gen(p, sizes: dict[str, int], H: int, config: dict | None = None) -> SeqGen:
-    return SeqGen(p, sizes, H, check_config(config)["block_v"] or 64)
+    # a rotation holds each state block twice (its lanes' partners): half as many columns
+    turns = any(n.op == "rotate" for n in p.nodes())
+    return SeqGen(p, sizes, H, check_config(config)["block_v"] or (32 if turns else 64))
 
 
 def module_source(program, tp: TileProgram | None, sizes: dict[str, int], H: int,
