@@ -97,12 +97,19 @@ def rotate_pairs(x: torch.Tensor, dims: tuple[str, ...], angle: torch.Tensor,
     """``rk.rotate``: x (``nb`` batch axes, then ``dims``) with its pairs along ``dim``
     rotated by ``angle`` (batch axes, then ``angle_dims``: x's and at most ``pair``). Computed
     in the angle's dtype."""
+    return turn_pairs(x, dims, torch.cos(angle), torch.sin(angle), angle_dims, dim, pair,
+                      layout, nb)
+
+
+def turn_pairs(x: torch.Tensor, dims: tuple[str, ...], c: torch.Tensor, s: torch.Tensor,
+               cs_dims: tuple[str, ...], dim: str, pair: str | None, layout: str,
+               nb: int) -> torch.Tensor:
+    """``rotate_pairs`` by the angle whose cosine and sine are ``c`` and ``s``."""
     k = dims.index(dim)
     xm = x.movedim(nb + k, -1)
-    rest = tuple(d for d in dims if d != dim)
-    t = _lay_out(angle, angle_dims, rest + (pair or "_one",), nb)
-    c, s = torch.cos(t), torch.sin(t)
-    a, b = _split_pairs(xm.to(t.dtype), layout)
+    want = tuple(d for d in dims if d != dim) + (pair or "_one",)
+    c, s = _lay_out(c, cs_dims, want, nb), _lay_out(s, cs_dims, want, nb)
+    a, b = _split_pairs(xm.to(c.dtype), layout)
     return _join_pairs(c * a - s * b, s * a + c * b, layout).movedim(-1, nb + k)
 
 

@@ -6,14 +6,17 @@ float64 into ``Theta_t`` (inclusive) and its last ``Theta_T``; a value the frame
 rotated by minus its level, ``Theta_{t-1} - Theta_T`` plus the angles between the step's start
 and it; the initial state by ``Theta_T``; the output (where it carries the rotated dim) back
 by its level. The final state needs no turn. The angles and turns are torch ops, so autograd
-reaches the inputs through them; rotations are computed in float64, whatever the length.
+reaches the inputs through them; the angles are summed in float64 and reduced to [-pi, pi)
+before their fp32 cosines, so the turns keep fp32 accuracy whatever the length.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ...ir.bind import BoundCall, bind_call
-from ...ir.interpret import evaluate, rotate_pairs
+from ...ir.interpret import evaluate, rotate_pairs, turn_pairs
 from ...lowering.rotation import frame, has_rotation
 from .host import on_dims
 from .substeps import _own
@@ -27,8 +30,9 @@ def frame_of(program):
     return None if isinstance(fr, str) else fr
 
 
-def framed_call(bc: BoundCall, fr) -> tuple[BoundCall, torch.Tensor | None]:
-    """(the rotation-free declaration's call, the output's turn angle [B, T, H, P|1] or None)."""
+def framed_call(bc: BoundCall, fr) -> tuple[BoundCall, tuple | None]:
+    """(the rotation-free declaration's call, the cosine and sine [B, T, H, P|1] of the
+    output's turn, or None)."""
     nodes = [n for n, _ in fr.hoisted.values()]
     angle_nodes = [a for a, _ in fr.total]
     for _, lev in fr.hoisted.values():
@@ -67,18 +71,31 @@ def framed_call(bc: BoundCall, fr) -> tuple[BoundCall, torch.Tensor | None]:
         a = angle(lev.terms)
         return a + base if lev.anchored and base is not None else a
 
+    trig: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(lev, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``sign`` times the level, in fp32 from the float64 angle reduced
+        to [-pi, pi) (so a cumulative angle of any size keeps fp32 accuracy)."""
+        key = (lev.anchored, tuple((id(a), c) for a, c in lev.terms), sign)
+        if key not in trig:
+            t = torch.remainder(sign * level(lev) + math.pi, 2 * math.pi) - math.pi
+            t = t.float()
+            trig[key] = torch.cos(t), torch.sin(t)
+        return trig[key]
+
     tensors = dict(bc.tensors)
+    cs_dims = pd or ("_one",)
     for name, (n, lev) in fr.hoisted.items():
         v = vals[id(n)].expand(*lead, *(bc.sizes[d] for d in n.dims))
         if fr.dim in n.dims and not lev.zero:
-            v = rotate_pairs(v, n.dims, -level(lev), pd or ("_one",), fr.dim, fr.pair,
-                             fr.layout, 3)
+            v = turn_pairs(v, n.dims, *cos_sin(lev, -1.0), cs_dims, fr.dim, fr.pair,
+                           fr.layout, 3)
         tensors[name] = v.float()
     init = bc.initial_state
     if init is not None and end is not None and fr.dim in fr.source.state.dims:
-        init = rotate_pairs(init, fr.source.state.dims, end, pd or ("_one",), fr.dim,
-                            fr.pair, fr.layout, 2).float()
-    turn = level(fr.out_level) if fr.out_level is not None else None
+        init = rotate_pairs(init, fr.source.state.dims, end, cs_dims, fr.dim, fr.pair,
+                            fr.layout, 2).float()
+    turn = cos_sin(fr.out_level, 1.0) if fr.out_level is not None else None
     kw = {**tensors, **bc.scalars, "initial_state": init,
           "output_final_state": bc.output_final_state, "cu_seqlens": bc.cu_seqlens_tensor
           if bc.cu_seqlens is not None else None}
@@ -90,7 +107,7 @@ def turned_output(bc: BoundCall, fr, o: torch.Tensor, turn: torch.Tensor | None)
         return o
     dims = fr.source.output.dims
     pd = (fr.pair,) if fr.pair else ("_one",)
-    return rotate_pairs(o, dims, turn, pd, fr.dim, fr.pair, fr.layout, 3).to(o.dtype)
+    return turn_pairs(o, dims, *turn, pd, fr.dim, fr.pair, fr.layout, 3).to(o.dtype)
 
 
 def framed_runner(run, fr):
