@@ -76,7 +76,12 @@ class CompiledOp:
 
     def __call__(self, *args, **kwargs):
         """Stateful declarations run through this op's torch custom op (see ``torch_op``), so
-        that autograd and ``torch.compile`` see one opaque op; stateless ones run directly."""
+        that autograd and ``torch.compile`` see one opaque op; stateless ones run directly.
+        ``cp_group``: the sequence split along T over a process group's ranks (``context``)."""
+        group = kwargs.pop("cp_group", None)
+        if group is not None:
+            from .context import run_context_parallel
+            return run_context_parallel(self, args, kwargs, group)
         bc = bind_call(self.program, args, kwargs, repeat=self.program.new_state is None)
         if self.backend != AUTO and not self._backend.runs_on(bc.device.type):
             raise _device_error(self._backend, bc.device)

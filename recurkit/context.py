@@ -1,0 +1,252 @@
+"""Context parallelism: ``op(..., cp_group=group)`` runs one sequence split along T over the
+ranks of a ``torch.distributed`` process group, exactly.
+
+A linear recurrence over a segment is an affine map of the state entering it,
+``S_out = P(S_in) + S_loc``: ``S_loc`` the segment's final state from a zero state, and ``P``
+the product of its transitions, whose shape the analysis gives:
+
+- gated forms: ``P(S) = a_K * S * a_V``, the segment's summed log-gates exponentiated;
+- WY forms: ``P(S) = M S * a_V``, ``M`` [K, K] the product of ``D + u r^T``: the final state of
+  the *transition declaration* (``S' = D S + u (r^T S)`` over a [K, K] state) from ``I``;
+- scans: ``P(h) = a * h``, the product of the coefficients.
+
+Each rank runs its slice from a zero state (``S_loc``) and computes its maps; one all-gather
+(``torch.distributed.nn``, so autograd runs it backwards) brings every rank's states and
+maps; every rank composes them in rank order (fp32) into the state entering each of its
+segments and every sequence's final state, and reruns its slice from those. Gradients flow
+through the same graph: each rank's inputs get their whole gradient; an input every rank
+holds whole (``initial_state``, a per-head ``rk.Param``) gets each rank's share, to be summed
+as DDP / FSDP (or the user) sum parameters' gradients.
+
+Per call the all-gather moves, per rank, ``N_r x H x (|S| + |P|)`` fp32 values: the state
+and a map per segment (``|P|``: K + V for gated forms, K * K + V for WY forms, |S| for scans).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+import weakref
+
+import torch
+
+from .ir import dsl
+from .ir.bind import CallError, bind_call, match_args, signature_names
+from .backends.shared.host import on_dims
+from .ir.interpret import evaluate
+from .ir.trace import trace
+from .lowering.analysis import analyze
+
+_TRANSITIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def supported(rec) -> str | None:
+    """Why context parallelism does not run ``rec`` (None: it does)."""
+    if rec.frame is not None or rec.expansion is not None or rec.read_across:
+        what = ("a rotating state" if rec.frame is not None else "sub-steps"
+                if rec.expansion is not None else "an erase read across")
+        return f"its parallel form runs {what}, which context parallelism does not yet join"
+    if not any(f in rec.forms for f in ("chunk_gated", "chunk_wy", "scan")):
+        why = "; ".join(rec.reasons) or "it is not linear in the state"
+        return f"it runs only sequentially ({why}): a segment is no affine map to join"
+    return None
+
+
+def run_context_parallel(op, args: tuple, kwargs: dict, group):
+    """``op(*args, **kwargs)`` over ``group``'s ranks, each holding its slice along T."""
+    import torch.distributed as dist
+    p = op.program
+    rec = analyze(p)
+    why = supported(rec)
+    if why is not None:
+        raise ValueError(f"cp_group: {p.name} cannot run context parallel: {why}")
+    given = match_args(p.name, signature_names(p), args, kwargs)
+    xs = {s.name: given[s.name] for s in p.call_inputs if s.name in given}
+    init, cu = given.get("initial_state"), given.get("cu_seqlens")
+    want_final = given.get("output_final_state", False)
+    first = next(v for v in xs.values() if isinstance(v, torch.Tensor))
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    T_r = _length(p, xs)
+    lens = [torch.zeros(1, dtype=torch.int64, device=first.device) for _ in range(world)]
+    dist.all_gather(lens, torch.tensor([T_r], device=first.device), group=group)
+    lens = [int(x.item()) for x in lens]
+    t0 = sum(lens[:rank])
+    pieces, local_cu, N = _pieces(cu, t0, T_r, sum(lens), first)
+    bc = bind_call(p, (), {**xs, "cu_seqlens": local_cu})   # checks the slice
+    _, S_loc = op(**xs, output_final_state=True, cu_seqlens=local_cu)
+    maps = _maps(op, rec, bc, len(pieces), local_cu)
+    # one all-gather of every rank's segments: their states and maps, padded to the most
+    import torch.distributed.nn.functional as dnn
+    counts = [None] * world
+    dist.all_gather_object(counts, [n for n in pieces], group=group)
+    most = max(len(c) for c in counts)
+    sent = [S_loc] + maps
+    packed = torch.cat([_pad(t.float().reshape(len(pieces), -1), most) for t in sent], 1)
+    with warnings.catch_warnings():   # the autograd all-gather; its successor is private
+        warnings.simplefilter("ignore", FutureWarning)
+        got = dnn.all_gather(packed, group=group)
+    widths = [math.prod(t.shape[1:]) for t in sent]
+    state_shape = tuple(S_loc.shape[1:])
+    # compose in rank order: the state entering each segment, each sequence's final state
+    H = state_shape[0]
+    zero = torch.zeros(state_shape, dtype=torch.float32, device=first.device)
+    cur = {n: (init[n].float() if init is not None else zero) for n in range(N)}
+    entering = []
+    for r in range(world):
+        for j, n in enumerate(counts[r]):
+            parts = torch.split(got[r][j], widths)
+            S_in = cur[n]
+            if r == rank:
+                entering.append(S_in)
+            S_l = parts[0].reshape(state_shape)
+            m = [x.reshape(t.shape[1:]) for x, t in zip(parts[1:], maps)]
+            cur[n] = _apply(rec, p, m, S_in, H) + S_l
+    enter = torch.stack(entering) if entering else None
+    o, _ = op(**xs, initial_state=enter, output_final_state=False, cu_seqlens=local_cu)
+    final = torch.stack([cur[n] for n in range(N)]) if want_final else None
+    return o, final
+
+
+def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x if x.shape[0] == rows else torch.cat(
+        [x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
+
+
+def _length(p, xs) -> int:
+    for s in p.call_inputs:
+        if s.role == "token" and isinstance(xs.get(s.name), torch.Tensor):
+            return xs[s.name].shape[1]
+    raise CallError(f"cp_group: {p.name} has no token input to take the slice's length from")
+
+
+def _pieces(cu, t0: int, T_r: int, T: int, like: torch.Tensor):
+    """(the global sequence of each of this rank's segments, the slice's cu_seqlens or None,
+    the number of sequences)."""
+    if T_r < 1:
+        raise CallError("cp_group: every rank's slice needs at least one token")
+    if cu is None:
+        B = like.shape[0]
+        return list(range(B)), None, B
+    if not isinstance(cu, torch.Tensor):
+        raise CallError("argument 'cu_seqlens': expected a 1-D int tensor of the whole "
+                        "sequence's offsets (the same on every rank)")
+    offs = [int(c) for c in cu.tolist()]
+    if offs[-1] != T:
+        raise CallError(f"argument 'cu_seqlens': with cp_group the offsets are the whole "
+                        f"sequence's, ending at the ranks' total T = {T}, got {offs[-1]}")
+    cuts = sorted({0, T_r} | {c - t0 for c in offs if t0 < c < t0 + T_r})
+    seq = []
+    for a in cuts[:-1]:
+        t = t0 + a
+        seq.append(max(n for n in range(len(offs) - 1) if offs[n] <= t < offs[n + 1]))
+    return seq, torch.tensor(cuts, dtype=torch.int64), len(offs) - 1
+
+
+def _segment_sum(v: torch.Tensor, bc, count: int, cu) -> torch.Tensor:
+    """A per-token value [B|1, T|1, H|1, *dims] summed over each segment, in float64:
+    [segments, H, *dims]."""
+    shape = (bc.B, bc.T, bc.H, *v.shape[3:])
+    v = v.double().expand(*shape[:3], *v.shape[3:])
+    if cu is None:
+        return v.sum(1)
+    ids = torch.repeat_interleave(torch.arange(count, device=v.device),
+                                  (cu[1:] - cu[:-1]).to(v.device))
+    return torch.zeros(count, *v.shape[2:], dtype=v.dtype, device=v.device).index_add(
+        0, ids, v[0])
+
+
+def _gate(rec, bc, count, cu, log_node, decay_node):
+    """exp of a gate's log summed over each segment (times the sign of its product where the
+    gate is not proven positive): [segments, H, *dims], or None."""
+    if log_node is None and decay_node is None:
+        return None
+    if rec.gate_positive or decay_node is None:
+        return torch.exp(_segment_sum(evaluate(bc, [log_node])[id(log_node)], bc, count,
+                                      cu)).float()
+    d = evaluate(bc, [decay_node])[id(decay_node)]
+    mag = torch.exp(_segment_sum(torch.log(d.abs()), bc, count, cu))
+    neg = _segment_sum((d < 0).double(), bc, count, cu)
+    return (mag * (1 - 2 * torch.remainder(neg, 2))).float()
+
+
+def _maps(op, rec, bc, count: int, cu) -> list[torch.Tensor]:
+    """Each segment's map, as tensors [segments, ...]: (a_K, a_V) for gated forms (ones where
+    a side has no gate), (M, a_V) for WY forms, (a,) for scans."""
+    H = bc.H
+    if "chunk_gated" not in rec.forms and "chunk_wy" not in rec.forms:   # the scan
+        sd = bc.program.state.dims
+        nodes = [n for n in (rec.scan_log_a, rec.scan_sign) if n is not None]
+        vals = evaluate(bc, nodes)
+        la, sg = (on_dims(vals[id(n)], n.dims, sd) if n is not None else None
+                  for n in (rec.scan_log_a, rec.scan_sign))
+        a = torch.exp(_segment_sum(la, bc, count, cu))
+        if sg is not None:
+            a = a * (1 - 2 * torch.remainder(_segment_sum((sg < 0).double(), bc, count, cu),
+                                             2))
+        return [a.float().expand(count, H, *(bc.sizes[d] for d in sd))]
+    K, V = bc.sizes[rec.kdim], bc.sizes[rec.vdim]
+    ones = torch.ones(count, H, 1, device=bc.device)
+
+    def side(t, n):
+        if t is None:
+            return ones.expand(count, H, n)
+        return t.reshape(count, H, -1).expand(count, H, n)
+    a_v = side(_gate(rec, bc, count, cu, rec.log_gate_v, rec.decay_v), V)
+    if rec.erase_u is None:
+        return [side(_gate(rec, bc, count, cu, rec.log_gate_k, rec.decay_k), K), a_v]
+    tr = _transition(op, rec)
+    g = rec.log_gate_k if rec.gate_positive else rec.decay_k
+    feeds = {"d": g, "u": rec.erase_u, "r": rec.erase_r}
+    vals = evaluate(bc, [n for n in feeds.values() if n is not None])
+    kw = {}
+    for name, n in feeds.items():
+        if n is None:   # no K-side gate: log 0 (or a decay of 1)
+            kw[name] = torch.full((bc.B, bc.T, H), 0.0 if rec.gate_positive else 1.0,
+                                  device=bc.device)
+            continue
+        v = vals[id(n)]
+        kw[name] = v.float().expand(bc.B, bc.T, H, *v.shape[3:]).contiguous()
+    eye = torch.eye(K, device=bc.device).expand(count, H, K, K).contiguous()
+    kw["e"] = torch.zeros(H, K, device=bc.device)
+    _, M = tr(**kw, initial_state=eye, output_final_state=True, cu_seqlens=cu)
+    return [M, a_v]
+
+
+def _transition(op, rec):
+    """The compiled transition declaration of ``op``'s program, S' = D S + u (r^T S) over a
+    [K, K'] state (its final state from I is the product of the transitions)."""
+    key = op.program
+    cache = _TRANSITIONS.setdefault(key, {})
+    if op.backend not in cache:
+        from .compiler import CompiledOp
+        K = rec.kdim
+        gd = tuple(d for d in (rec.log_gate_k or rec.decay_k).dims) if (
+            rec.log_gate_k is not None or rec.decay_k is not None) else ()
+        positive = rec.gate_positive
+
+        def step(S, d, u, r, e):   # e: zeros [K'], binding K' (and the WY form's write)
+            S2 = (dsl.exp(d) if positive else d) * S + dsl.outer(u, r @ S) + dsl.outer(u, e)
+            return S2, e * (r @ S2)
+        kin = f"{K}in"
+        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    annotation=a) for n, a in (
+            ("S", dsl.Spec("state", (K, kin))), ("d", dsl.Spec("token", gd)),
+            ("u", dsl.Spec("token", (K,))), ("r", dsl.Spec("token", (K,))),
+            ("e", dsl.Spec("param", (kin,))))]
+        step.__signature__ = inspect.Signature(params)
+        decl = trace(step, f"{op.program.name}_transition")
+        cache[op.backend] = CompiledOp(decl, op.backend)
+    return cache[op.backend]
+
+
+def _apply(rec, p, m: list[torch.Tensor], S: torch.Tensor, H: int) -> torch.Tensor:
+    """A segment's map applied to the state entering it: [H, *state dims]."""
+    if len(m) == 1:   # the scan: elementwise
+        return m[0] * S
+    sd = p.state.dims
+    kfirst = sd.index(rec.kdim) == 0
+    St = S if kfirst else S.transpose(-1, -2)          # [H, K, V]
+    left, a_v = m
+    St = left.unsqueeze(-1) * St if left.dim() == 2 else left @ St
+    St = St * a_v.unsqueeze(-2)
+    return St if kfirst else St.transpose(-1, -2)

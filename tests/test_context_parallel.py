@@ -1,0 +1,131 @@
+"""Context parallelism (``op(..., cp_group=group)``): a sequence split along T over 2 and 3
+gloo ranks on CPU, spawned by the test, gives every rank its output slice, the whole final
+state and its inputs' gradients equal to one process's (fp32 < 1e-5), with uneven slices,
+an initial state, and varlen sequences that cross the slices' boundaries."""
+import datetime
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import recurkit as rk
+from cases import matrix_inputs, vector_inputs
+
+
+@rk.recurrence
+def value_gated(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"],
+                v: rk.Token["V"], gv: rk.Token["V"], gk: rk.Token["K"]):
+    S = rk.exp(gk) * (rk.exp(gv) * S) + rk.outer(k, v)   # gates on both sides
+    return S, 0.5 * (q @ S)
+
+
+@rk.recurrence
+def gated_erase(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"],
+                v: rk.Token["V"], b: rk.Token[()], gk: rk.Token["K"], z: rk.Token["V"]):
+    S = rk.exp(gk) * S
+    S = S - rk.sigmoid(b) * rk.outer(rk.l2norm(k), rk.l2norm(k) @ S) + rk.outer(k, v)
+    return S, rk.silu(z) * (q @ S)
+
+
+B, H, K, V = 2, 2, 6, 5
+
+
+def inputs(name, T, batch):
+    gen = torch.Generator().manual_seed(1)
+    if name == "hgrn":
+        return rk.ops.hgrn.decl, vector_inputs("hgrn", batch, T, H, K), (H, K)
+    if name in ("gated_delta_rule", "gla", "kda"):
+        return (getattr(rk.ops, name).decl, matrix_inputs(name, batch, T, H, K, V),
+                (H, K, V))
+    decl = {"value_gated": value_gated, "gated_erase": gated_erase}[name]
+    xs = []
+    for s in decl.program.call_inputs:
+        x = torch.randn(batch, T, H, *({"K": K, "V": V}[d] for d in s.dims), generator=gen)
+        if s.name.startswith("g"):
+            x = -0.02 - 0.4 * torch.rand(x.shape, generator=gen)
+        xs.append(x)
+    return decl, xs, (H, K, V)
+
+
+def _losses(o, S, rank, T0, T1, gen_seed=3):
+    gen = torch.Generator().manual_seed(gen_seed)
+    Wo = torch.randn(o.shape[0], T1, *o.shape[2:], generator=gen)[:, T0:] if o is not None \
+        else None
+    return Wo, torch.randn(S.shape, generator=gen)
+
+
+def _worker(rank, world, path, name, lens, varlen, backend):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank,
+                           world_size=world, timeout=datetime.timedelta(seconds=300))
+    try:
+        T = sum(lens)
+        decl, xs, sd = inputs(name, T, 1 if varlen else B)
+        cu = torch.tensor([0, 3, 3, T // 2, T - 1, T]) if varlen else None
+        N = len(cu) - 1 if cu is not None else B
+        S0 = 0.5 * torch.randn(N, *sd, generator=torch.Generator().manual_seed(2))
+        op = rk.compile(decl, backend=backend)
+        gen = torch.Generator().manual_seed(3)
+        # one process: the whole sequence
+        full = [x.clone().requires_grad_() for x in xs]
+        s0 = S0.clone().requires_grad_()
+        o, S = op(*full, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+        Wo, WS = torch.randn(o.shape, generator=gen), torch.randn(S.shape, generator=gen)
+        ((o * Wo).sum() + (S * WS).sum()).backward()
+        # the ranks: each its slice, the final state's loss counted once (rank 0)
+        t0, t1 = sum(lens[:rank]), sum(lens[:rank + 1])
+        part = [x[:, t0:t1].clone().requires_grad_() for x in xs]
+        s0p = S0.clone().requires_grad_()
+        o_r, S_r = op(*part, initial_state=s0p, output_final_state=True, cu_seqlens=cu,
+                      cp_group=dist.group.WORLD)
+        loss = (o_r * Wo[:, t0:t1]).sum() + ((S_r * WS).sum() if rank == 0 else 0.0)
+        loss.backward()
+
+        def rel(a, b):
+            return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+        assert rel(o_r, o[:, t0:t1]) < 1e-5, ("output", rel(o_r, o[:, t0:t1]))
+        assert rel(S_r, S) < 1e-5, ("final state", rel(S_r, S))
+        scale = max(x.grad.abs().max().item() for x in full)
+        for x, xp in zip(full, part):
+            err = (xp.grad - x.grad[:, t0:t1]).abs().max().item() / scale
+            assert err < 1e-5, ("gradient", err)
+        g0 = s0p.grad.clone()
+        dist.all_reduce(g0)   # each rank's share of the replicated initial state's
+        assert rel(g0, s0.grad) < 1e-5, ("initial state gradient", rel(g0, s0.grad))
+    finally:
+        dist.barrier()   # no rank leaves (and drops the store) while another still talks
+        dist.destroy_process_group()
+
+
+def spawn(name, lens, varlen=False, backend="torch"):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(len(lens), os.path.join(d, "rendezvous"), name, lens, varlen,
+                                backend), nprocs=len(lens))
+
+
+@pytest.mark.parametrize("name", ["gated_delta_rule", "gla", "kda", "hgrn", "value_gated",
+                                  "gated_erase"])
+def test_two_ranks_equal_one_process(name):
+    spawn(name, [9, 20])
+
+
+@pytest.mark.parametrize("name", ["gated_delta_rule", "hgrn", "gated_erase"])
+def test_three_uneven_ranks_with_varlen_crossing_the_slices(name):
+    spawn(name, [7, 1, 16], varlen=True)
+
+
+def test_the_compiled_kernels_on_three_ranks():
+    spawn("kda", [5, 11, 8], backend="tvm")
+
+
+def test_sequential_only_declarations_are_refused():
+    @rk.recurrence
+    def nonlinear(h: rk.State["D"], x: rk.Token["D"]):
+        h = rk.tanh(h + x)
+        return h, h
+    op = rk.compile(nonlinear, backend="torch")
+    with pytest.raises(ValueError, match="cp_group.*only sequentially"):
+        op(torch.randn(1, 4, 1, 3), cp_group=object())
