@@ -192,6 +192,11 @@ class TorchOp:
     def __repr__(self) -> str:
         return f"<{self.program.name} as torch.ops.{self.qualname.replace('::', '.')}>"
 
+    def __deepcopy__(self, memo) -> "TorchOp":
+        """A registered op is one per name: a copied model (an EMA, a reference, FSDP's
+        copies) calls the same op."""
+        return self
+
 
 
 

@@ -140,6 +140,9 @@ class TiledTorchOp:
     def __repr__(self) -> str:
         return f"<tiled {self.program.name} as torch.ops.{self.qualname.replace('::', '.')}>"
 
+    def __deepcopy__(self, memo) -> "TiledTorchOp":
+        return self   # one registered op per name: a copied model calls the same op
+
 
 def register_tiled(program, qualname: str, backend: str = "auto") -> TiledTorchOp:
     """The op ``qualname`` for ``program`` (registered once; a ValueError when the name is

@@ -67,7 +67,8 @@ def _worker(rank, world, path, name, lens, varlen, backend):
         cu = torch.tensor([0, 3, 3, T // 2, T - 1, T]) if varlen else None
         N = len(cu) - 1 if cu is not None else B
         S0 = 0.5 * torch.randn(N, *sd, generator=torch.Generator().manual_seed(2))
-        op = rk.compile(decl, backend=backend)
+        op = rk.compile(decl, backend=backend) if backend != "builtin" else (
+            lambda *a, **kw: getattr(rk.ops, name)(*a, **kw))   # FLA's signature
         gen = torch.Generator().manual_seed(3)
         # one process: the whole sequence
         full = [x.clone().requires_grad_() for x in xs]
@@ -115,6 +116,10 @@ def test_two_ranks_equal_one_process(name):
 @pytest.mark.parametrize("name", ["gated_delta_rule", "hgrn", "gated_erase"])
 def test_three_uneven_ranks_with_varlen_crossing_the_slices(name):
     spawn(name, [7, 1, 16], varlen=True)
+
+
+def test_a_builtin_takes_cp_group():
+    spawn("gated_delta_rule", [12, 4], backend="builtin")
 
 
 def test_the_compiled_kernels_on_three_ranks():
