@@ -79,12 +79,21 @@ def rot_per_key(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"],
     return S, q @ S
 
 
+@rk.recurrence
+def turn_last(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"], v: rk.Token["V"],
+              gk: rk.Token["K"], th: rk.Token["P"]):
+    # no frame (a per-key gate), and the turn is the new state: a kernel must not update
+    # the state in place while the turn reads each entry's partner (the fuzzer's find)
+    S = rk.rotate(rk.exp(gk) * S + rk.outer(k, v), th, "K")
+    return S, q @ S
+
+
 DECLS = {"rot_gla": rot_gla, "rot_gdn": rot_gdn, "gateloop": gateloop,
          "rot_after": rot_after, "rot_product": rot_product, "rot_value": rot_value,
-         "complex_lru": complex_lru, "rot_per_key": rot_per_key}
+         "complex_lru": complex_lru, "rot_per_key": rot_per_key, "turn_last": turn_last}
 FORMS = {"rot_gla": "chunk_gated", "rot_gdn": "chunk_wy", "gateloop": "chunk_gated",
          "rot_after": "chunk_wy", "rot_product": "chunk_wy", "rot_value": "chunk_gated",
-         "complex_lru": "scan", "rot_per_key": "sequential"}
+         "complex_lru": "scan", "rot_per_key": "sequential", "turn_last": "sequential"}
 SIZES = {"K": 6, "V": 4, "P": 3, "Q": 2}
 
 
@@ -113,7 +122,7 @@ def test_the_forms_and_their_reasons():
         rec = rk.analyze(decl)
         assert rec.forms[0] == FORMS[name] and rec.forms[-1] == "sequential", name
         note = " ".join(rec.reasons)
-        if name == "rot_per_key":
+        if name in ("rot_per_key", "turn_last"):
             assert rec.frame is None and "per-K gate" in note and "test_rotation.py:" in note
             continue
         assert rec.frame is not None and "rotating along" in note, name

@@ -120,7 +120,8 @@ class _Gen(UpdatePass):
         self.in_place = not any(self._reads_state(n) for n in self.step
                                 if id(n) in after and n is not p.new_state) and \
             not (self.dep[id(p.output)] and id(p.output) in after and
-                 self._reads_state(p.output, top=True))
+                 self._reads_state(p.output, top=True)) and \
+            not any(n.op in ("rotate", "pairs") for n in self.step)   # reads other entries
         self.names = {id(f): f"F{i}" for i, f in enumerate(self.feeds)}
         for i, n in enumerate(self.step):
             self.names.setdefault(id(n), f"N{i}")
