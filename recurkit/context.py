@@ -8,7 +8,9 @@ the product of its transitions, whose shape the analysis gives:
 - gated forms: ``P(S) = a_K * S * a_V``, the segment's summed log-gates exponentiated;
 - WY forms: ``P(S) = M S * a_V``, ``M`` [K, K] the product of ``D + u r^T``: the final state of
   the *transition declaration* (``S' = D S + u (r^T S)`` over a [K, K] state) from ``I``;
-- scans: ``P(h) = a * h``, the product of the coefficients.
+- scans: ``P(h) = a * h``, the product of the coefficients;
+- sub-steps: the expanded call's map; a rotating state: its frame's, after the segment's
+  whole turn ``R(Theta_T)`` (the frame runs from ``R(Theta_T) S``).
 
 Each rank runs its slice from a zero state (``S_loc``) and computes its maps; one all-gather
 (``torch.distributed.nn``, so autograd runs it backwards) brings every rank's states and
@@ -42,10 +44,13 @@ _TRANSITIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def supported(rec) -> str | None:
     """Why context parallelism does not run ``rec`` (None: it does)."""
-    if rec.frame is not None or rec.expansion is not None or rec.read_across:
-        what = ("a rotating state" if rec.frame is not None else "sub-steps"
-                if rec.expansion is not None else "an erase read across")
-        return f"its parallel form runs {what}, which context parallelism does not yet join"
+    inner = rec
+    if inner.frame is not None:
+        inner = analyze(inner.frame.program)
+    if inner.expansion is not None:
+        inner = analyze(inner.expansion.program)
+    if inner.read_across:
+        return "its erase is read across, which context parallelism does not yet join"
     if not any(f in rec.forms for f in ("chunk_gated", "chunk_wy", "scan")):
         why = "; ".join(rec.reasons) or "it is not linear in the state"
         return f"it runs only sequentially ({why}): a segment is no affine map to join"
@@ -74,13 +79,14 @@ def run_context_parallel(op, args: tuple, kwargs: dict, group):
     pieces, local_cu, N = _pieces(cu, t0, T_r, sum(lens), first)
     bc = bind_call(p, (), {**xs, "cu_seqlens": local_cu})   # checks the slice
     _, S_loc = op(**xs, output_final_state=True, cu_seqlens=local_cu)
-    maps = _maps(op, rec, bc, len(pieces), local_cu)
+    inner, turns = _inner(rec, bc, len(pieces), local_cu)
+    maps = _maps(op, *inner)
     # one all-gather of every rank's segments: their states and maps, padded to the most
     import torch.distributed.nn.functional as dnn
     counts = [None] * world
     dist.all_gather_object(counts, [n for n in pieces], group=group)
     most = max(len(c) for c in counts)
-    sent = [S_loc] + maps
+    sent = [S_loc] + maps + ([turns.cos_sin] if turns is not None else [])
     packed = torch.cat([_pad(t.float().reshape(len(pieces), -1), most) for t in sent], 1)
     with warnings.catch_warnings():   # the autograd all-gather; its successor is private
         warnings.simplefilter("ignore", FutureWarning)
@@ -100,11 +106,58 @@ def run_context_parallel(op, args: tuple, kwargs: dict, group):
                 entering.append(S_in)
             S_l = parts[0].reshape(state_shape)
             m = [x.reshape(t.shape[1:]) for x, t in zip(parts[1:], maps)]
-            cur[n] = _apply(rec, p, m, S_in, H) + S_l
+            if turns is not None:   # a rotating state: the segment's whole turn first
+                S_in = turns(S_in, r == rank, j, parts[len(maps) + 1:])
+            cur[n] = _apply(inner[0], p, m, S_in, H) + S_l
     enter = torch.stack(entering) if entering else None
     o, _ = op(**xs, initial_state=enter, output_final_state=False, cu_seqlens=local_cu)
     final = torch.stack([cur[n] for n in range(N)]) if want_final else None
     return o, final
+
+
+def _inner(rec, bc, count: int, cu):
+    """(the analysis, call, segments and cu_seqlens whose transitions are the op's: the
+    rotation-free declaration's (``lowering.rotation``), expanded into its sub-steps
+    (``lowering.substeps``) where it has them), and for a rotating state the segments' whole
+    turns (``_Turns``) or None."""
+    turns = None
+    if rec.frame is not None:
+        from .backends.shared.rotation import framed_call
+        fr = rec.frame
+        turns = _Turns(fr, bc, count, cu)
+        bc, _ = framed_call(bc, fr)
+        rec = analyze(fr.program)
+    if rec.expansion is not None:
+        from .backends.shared.substeps import expand_call
+        bc, _ = expand_call(bc, rec.expansion)
+        cu = bc.cu_seqlens_tensor if bc.cu_seqlens is not None else None
+        rec = analyze(rec.expansion.program)
+    return (rec, bc, count, cu), turns
+
+
+class _Turns:
+    """A rotating state's segments: the frame runs ``S~ = R(Theta_T) S`` in (``Theta_T`` the
+    segment's whole angle), so a segment's map is its frame's, after that turn."""
+
+    def __init__(self, fr, bc, count: int, cu):
+        from .ir.interpret import turn_pairs
+        self.fr, self.turn = fr, turn_pairs
+        vals = evaluate(bc, [a for a, _ in fr.total])
+        pd = (fr.pair,) if fr.pair else ()
+        tot = 0
+        for a, c in fr.total:
+            v = on_dims(vals[id(a)], a.dims, pd)
+            tot = tot + c * (v if fr.pair else v.unsqueeze(-1))
+        t = _segment_sum(tot.double(), bc, count, cu) if fr.total else torch.zeros(
+            count, bc.H, 1, dtype=torch.float64)
+        t = (torch.remainder(t + math.pi, 2 * math.pi) - math.pi).float()
+        self.cos_sin = torch.stack([torch.cos(t), torch.sin(t)], 2)   # [segments, H, 2, P]
+
+    def __call__(self, S, own: bool, j: int, parts) -> torch.Tensor:
+        fr = self.fr
+        cs = parts[0].reshape(self.cos_sin.shape[1:])
+        return self.turn(S, fr.source.state.dims, cs[:, 0], cs[:, 1],
+                         (fr.pair,) if fr.pair else ("_one",), fr.dim, fr.pair, fr.layout, 1)
 
 
 def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -39,6 +39,18 @@ def inputs(name, T, batch):
     if name in ("gated_delta_rule", "gla", "kda"):
         return (getattr(rk.ops, name).decl, matrix_inputs(name, batch, T, H, K, V),
                 (H, K, V))
+    if name in ("delta_product", "mimo"):   # sub-steps
+        import test_substeps as m
+        decl = m.DECLS[name]
+        xs = m.inputs(decl, batch, T, H)
+        return decl, [xs[s.name] for s in decl.program.call_inputs], (
+            H, *(m.SIZES[d] for d in decl.program.state.dims))
+    if name in ("rot_gdn", "rot_gla", "complex_lru", "rot_product"):   # rotating states
+        import test_rotation as m
+        decl = m.DECLS[name]
+        xs = m.draw(decl, batch, T, H)
+        return decl, [xs[s.name] for s in decl.program.call_inputs], (
+            H, *(m.SIZES[d] for d in decl.program.state.dims))
     decl = {"value_gated": value_gated, "gated_erase": gated_erase}[name]
     xs = []
     for s in decl.program.call_inputs:
@@ -116,6 +128,12 @@ def test_two_ranks_equal_one_process(name):
 @pytest.mark.parametrize("name", ["gated_delta_rule", "hgrn", "gated_erase"])
 def test_three_uneven_ranks_with_varlen_crossing_the_slices(name):
     spawn(name, [7, 1, 16], varlen=True)
+
+
+@pytest.mark.parametrize("name", ["delta_product", "mimo", "rot_gdn", "rot_gla",
+                                  "complex_lru", "rot_product"])
+def test_sub_steps_and_rotating_states(name):
+    spawn(name, [6, 11], varlen=name in ("rot_gdn", "delta_product"))
 
 
 def test_a_builtin_takes_cp_group():
