@@ -13,7 +13,7 @@
     op = rk.compile(gated_delta_rule)
     o, final = op(q, k, v, g, beta, output_final_state=True)
 """
-from .compiler import CompiledOp, codegen, compile
+from .compiler import CompiledOp, codegen, compile, tuning_group
 from .export import export
 from .lowering import analyze
 from .lowering.forms import LoweringError, lower
@@ -26,7 +26,7 @@ from . import nn  # noqa: E402,F401  (layers use the ops)
 
 from ._version import __version__  # noqa: E402
 
-__all__ = ["CompiledOp", "codegen", "compile", "export", "analyze", "lower", "LoweringError",
+__all__ = ["CompiledOp", "codegen", "compile", "tuning_group", "export", "analyze", "lower", "LoweringError",
            "CallError", "DeclarationError", "DimExpr", "Param",
            "Program", "Recurrence", "Scalar", "State", "Token", "dim", "recurrence", "contract",
            "Row", "Weight", "Index", "Bits", "Tiled", "tiled", "gather",

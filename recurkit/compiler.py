@@ -1,6 +1,8 @@
 """``rk.compile``: a declaration in, an op with the declaration's call signature out."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 
 import torch
@@ -168,6 +170,13 @@ class CompiledOp:
         key = (device, dtype, shape_bucket(bc.sizes, bc.B, bc.T, bc.H, bc.N))
         tuned = _TUNED.setdefault(self._digest(), {})
         hit = tuned.get(key)
+        group = TUNE_GROUP.get()
+        if group is not None:   # one rank tunes, the others receive its winner
+            best = _shared_winner(group, hit, bc.device, lambda: tune(
+                self.program, shape, effort=self.autotune, dtype=dtype, device=device,
+                **self._space).best)
+            if best is not None:
+                hit = tuned[key] = (best, build_bound(self.program, best))
         if hit is None:
             res = tune(self.program, shape, effort=self.autotune, dtype=dtype, device=device,
                        **self._space)
@@ -198,6 +207,41 @@ class CompiledOp:
         chunk = f" chunk={self.tile_program.chunk}" if self.tile_program is not None and \
             self.tile_program.chunk else ""
         return f"<rk.compile {self.program.name} backend={self.backend} form={self.form}{chunk}>"
+
+
+# the process group whose ranks tune together (set by context-parallel calls, or by
+# ``tuning_group``): the first rank tunes, the others receive its winner
+TUNE_GROUP: contextvars.ContextVar = contextvars.ContextVar("tune_group", default=None)
+
+
+@contextlib.contextmanager
+def tuning_group(group):
+    """Within this block, autotuned ops called on every rank of ``group`` in step (as under
+    DDP) tune on the group's first rank only: the others receive its winner (one all-reduce
+    of a flag per tuned call; a broadcast when a rank has not tuned that call yet)."""
+    token = TUNE_GROUP.set(group)
+    try:
+        yield
+    finally:
+        TUNE_GROUP.reset(token)
+
+
+def _shared_winner(group, hit, device, tune_here):
+    """The candidate for a tuned call on every rank of ``group``: None where every rank
+    already has one; else the first rank's (its own, or tuned now), broadcast."""
+    import torch.distributed as dist
+    if dist.get_world_size(group) == 1:
+        return None
+    dev = device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    miss = torch.tensor([0 if hit is not None else 1], device=dev)
+    dist.all_reduce(miss, group=group)
+    if not int(miss.item()):
+        return None
+    box = [None]
+    if dist.get_rank(group) == 0:
+        box[0] = hit[0] if hit is not None else tune_here()
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
 
 
 def _effort(autotune) -> str | None:

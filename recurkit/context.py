@@ -59,6 +59,15 @@ def supported(rec) -> str | None:
 
 def run_context_parallel(op, args: tuple, kwargs: dict, group):
     """``op(*args, **kwargs)`` over ``group``'s ranks, each holding its slice along T."""
+    from .compiler import TUNE_GROUP
+    token = TUNE_GROUP.set(group)   # an autotuned op tunes on the first rank only
+    try:
+        return _run(op, args, kwargs, group)
+    finally:
+        TUNE_GROUP.reset(token)
+
+
+def _run(op, args: tuple, kwargs: dict, group):
     import torch.distributed as dist
     p = op.program
     rec = analyze(p)

@@ -152,3 +152,39 @@ def test_sequential_only_declarations_are_refused():
     op = rk.compile(nonlinear, backend="torch")
     with pytest.raises(ValueError, match="cp_group.*only sequentially"):
         op(torch.randn(1, 4, 1, 3), cp_group=object())
+
+
+def _tuning_worker(rank, world, path, cache):
+    import torch.distributed as dist
+    from recurkit.autotune import search as search_mod
+    import recurkit.autotune as at
+    os.environ["RECURKIT_CACHE_DIR"] = cache   # a shared path
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank,
+                           world_size=world, timeout=datetime.timedelta(seconds=300))
+    try:
+        search_mod.EFFORT["quick"] = {**search_mod.EFFORT["quick"], "exhaustive": 3,
+                                      "budget": 60}
+        if rank:
+            def refuse(*a, **kw):
+                raise AssertionError("only the first rank tunes")
+            at.tune = refuse
+        decl, xs, sd = inputs("gated_delta_rule", 24, B)
+        op = rk.compile(decl, autotune=True)
+        t0, t1 = (0, 10) if rank == 0 else (10, 24)
+        with torch.no_grad():
+            o, S = op(*[x[:, t0:t1] for x in xs], output_final_state=True,
+                      cp_group=dist.group.WORLD)
+        ref = rk.compile(decl, backend="reference")(*xs, output_final_state=True)
+        assert (o - ref[0][:, t0:t1]).abs().max() < 1e-5 and (S - ref[1]).abs().max() < 1e-5
+        got = [None] * world
+        dist.all_gather_object(got, op.tuned_candidate)
+        assert got[0] is not None and all(g == got[0] for g in got), got
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_one_rank_tunes_and_the_others_receive_its_winner():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_tuning_worker, args=(2, os.path.join(d, "rendezvous"), d), nprocs=2)
