@@ -93,7 +93,7 @@ def _run(op, args: tuple, kwargs: dict, group):
     # one all-gather of every rank's segments: their states and maps, padded to the most
     import torch.distributed.nn.functional as dnn
     counts = [None] * world
-    dist.all_gather_object(counts, [n for n in pieces], group=group)
+    dist.all_gather_object(counts, list(pieces), group=group)
     most = max(len(c) for c in counts)
     sent = [S_loc] + maps + ([turns.cos_sin] if turns is not None else [])
     packed = torch.cat([_pad(t.float().reshape(len(pieces), -1), most) for t in sent], 1)
@@ -103,7 +103,6 @@ def _run(op, args: tuple, kwargs: dict, group):
     widths = [math.prod(t.shape[1:]) for t in sent]
     state_shape = tuple(S_loc.shape[1:])
     # compose in rank order: the state entering each segment, each sequence's final state
-    H = state_shape[0]
     zero = torch.zeros(state_shape, dtype=torch.float32, device=first.device)
     cur = {n: (init[n].float() if init is not None else zero) for n in range(N)}
     entering = []
@@ -116,8 +115,8 @@ def _run(op, args: tuple, kwargs: dict, group):
             S_l = parts[0].reshape(state_shape)
             m = [x.reshape(t.shape[1:]) for x, t in zip(parts[1:], maps)]
             if turns is not None:   # a rotating state: the segment's whole turn first
-                S_in = turns(S_in, r == rank, j, parts[len(maps) + 1:])
-            cur[n] = _apply(inner[0], p, m, S_in, H) + S_l
+                S_in = turns(S_in, parts[len(maps) + 1])
+            cur[n] = _apply(inner[0], p, m, S_in) + S_l
     enter = torch.stack(entering) if entering else None
     o, _ = op(**xs, initial_state=enter, output_final_state=False, cu_seqlens=local_cu)
     final = torch.stack([cur[n] for n in range(N)]) if want_final else None
@@ -162,9 +161,10 @@ class _Turns:
         t = (torch.remainder(t + math.pi, 2 * math.pi) - math.pi).float()
         self.cos_sin = torch.stack([torch.cos(t), torch.sin(t)], 2)   # [segments, H, 2, P]
 
-    def __call__(self, S, own: bool, j: int, parts) -> torch.Tensor:
+    def __call__(self, S: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """``S`` [H, *state dims] turned by a segment's angle (``packed``: its cos_sin)."""
         fr = self.fr
-        cs = parts[0].reshape(self.cos_sin.shape[1:])
+        cs = packed.reshape(self.cos_sin.shape[1:])
         return self.turn(S, fr.source.state.dims, cs[:, 0], cs[:, 1],
                          (fr.pair,) if fr.pair else ("_one",), fr.dim, fr.pair, fr.layout, 1)
 
@@ -301,7 +301,7 @@ def _transition(op, rec):
     return cache[op.backend]
 
 
-def _apply(rec, p, m: list[torch.Tensor], S: torch.Tensor, H: int) -> torch.Tensor:
+def _apply(rec, p, m: list[torch.Tensor], S: torch.Tensor) -> torch.Tensor:
     """A segment's map applied to the state entering it: [H, *state dims]."""
     if len(m) == 1:   # the scan: elementwise
         return m[0] * S

@@ -125,13 +125,15 @@ def test_two_ranks_equal_one_process(name):
     spawn(name, [9, 20])
 
 
-@pytest.mark.parametrize("name", ["gated_delta_rule", "hgrn", "gated_erase"])
+@pytest.mark.parametrize("name", ["gated_delta_rule", "gated_erase", "hgrn"] + [
+    pytest.param(n, marks=pytest.mark.slow) for n in ("gla", "kda")])
 def test_three_uneven_ranks_with_varlen_crossing_the_slices(name):
     spawn(name, [7, 1, 16], varlen=True)
 
 
-@pytest.mark.parametrize("name", ["delta_product", "mimo", "rot_gdn", "rot_gla",
-                                  "complex_lru", "rot_product"])
+@pytest.mark.parametrize("name", ["delta_product", "rot_gdn"] + [
+    pytest.param(n, marks=pytest.mark.slow) for n in ("mimo", "rot_gla", "complex_lru",
+                                                      "rot_product")])
 def test_sub_steps_and_rotating_states(name):
     spawn(name, [6, 11], varlen=name in ("rot_gdn", "delta_product"))
 
