@@ -177,9 +177,6 @@ class TorchOp:
         want_final = bc.output_final_state
         given = dict(zip(signature_names(self.program), args))
         given.update(kwargs)
-        cu = given.get("cu_seqlens")
-        if cu is not None and not isinstance(cu, torch.Tensor):   # a list of offsets
-            given["cu_seqlens"] = torch.tensor(list(cu), dtype=torch.int64)
         call = [given.get(n) for n in self.arg_names]
         if self._adjoint is not None and torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in call):
