@@ -190,8 +190,9 @@ class CompiledOp:
         as backend='auto' would."""
         if bc.device.type not in ("cpu", "cuda") or self.program.new_state is None:
             return False
-        tensors = list(bc.tensors.values()) + ([bc.initial_state] if bc.initial_state
-                                               is not None else [])
+        given = getattr(bc.tensors, "given", bc.tensors)   # grouped inputs not repeated
+        tensors = list(given.values()) + ([bc.initial_state] if bc.initial_state
+                                          is not None else [])
         return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
     def __repr__(self) -> str:
@@ -239,8 +240,14 @@ def _shared_winner(group, hit, device, tune_here):
         return None
     box = [None]
     if dist.get_rank(group) == 0:
-        box[0] = hit[0] if hit is not None else tune_here()
+        try:
+            box[0] = hit[0] if hit is not None else tune_here()
+        except Exception as e:   # noqa: BLE001 - said to every rank, then raised
+            box[0] = e
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    if isinstance(box[0], Exception):
+        raise RuntimeError(f"autotuning on the group's first rank failed: {box[0]!r}") \
+            from (box[0] if dist.get_rank(group) == 0 else None)
     return box[0]
 
 

@@ -80,10 +80,25 @@ def _run(op, args: tuple, kwargs: dict, group):
     want_final = given.get("output_final_state", False)
     first = next(v for v in xs.values() if isinstance(v, torch.Tensor))
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    T_r = _length(p, xs)
-    lens = [torch.zeros(1, dtype=torch.int64, device=first.device) for _ in range(world)]
-    dist.all_gather(lens, torch.tensor([T_r], device=first.device), group=group)
-    lens = [int(x.item()) for x in lens]
+    # the slice checked here, and every rank told of every refusal before anything else
+    try:
+        T_r = _length(p, xs)
+        bind_call(p, (), {**xs, "initial_state": init, "cu_seqlens": None}
+                  if cu is None else xs)
+        refused = None if T_r >= 1 else CallError(
+            "cp_group: every rank's slice needs at least one token")
+    except CallError as e:
+        T_r, refused = 0, e
+    lens = [torch.zeros(2, dtype=torch.int64, device=first.device) for _ in range(world)]
+    dist.all_gather(lens, torch.tensor([T_r, refused is not None], device=first.device),
+                    group=group)
+    bad = [r for r, x in enumerate(lens) if int(x[1])]
+    if bad:   # every rank raises, with the first refused rank's reason
+        said = [None] * world
+        dist.all_gather_object(said, None if refused is None else str(refused), group=group)
+        raise CallError(f"cp_group: the call on rank {bad[0]} of the group was refused: "
+                        f"{said[bad[0]]}")
+    lens = [int(x[0]) for x in lens]
     t0 = sum(lens[:rank])
     pieces, local_cu, N = _pieces(cu, t0, T_r, sum(lens), first)
     bc = bind_call(p, (), {**xs, "cu_seqlens": local_cu})   # checks the slice
@@ -119,8 +134,25 @@ def _run(op, args: tuple, kwargs: dict, group):
             cur[n] = _apply(inner[0], p, m, S_in) + S_l
     enter = torch.stack(entering) if entering else None
     o, _ = op(**xs, initial_state=enter, output_final_state=False, cu_seqlens=local_cu)
+    o = _Tie.apply(o, *got)   # every rank's backward runs the all-gather's (all ranks must)
     final = torch.stack([cur[n] for n in range(N)]) if want_final else None
     return o, final
+
+
+class _Tie(torch.autograd.Function):
+    """``x`` unchanged, made to depend on ``others``: the first rank's output reads no
+    gathered tensor (its segments start from the initial state), yet its backward must run
+    the all-gather's, whose all-to-all every rank joins and which brings the later ranks'
+    gradients of its own segments."""
+
+    @staticmethod
+    def forward(ctx, x, *others):
+        ctx.likes = [(t.shape, t.dtype, t.device) for t in others]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g, *[torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.likes])
 
 
 def _inner(rec, bc, count: int, cu):
@@ -132,7 +164,7 @@ def _inner(rec, bc, count: int, cu):
     if rec.frame is not None:
         from .backends.shared.rotation import framed_call
         fr = rec.frame
-        turns = _Turns(fr, bc, count, cu)
+        turns = _Turns(fr, bc, count, cu) if fr.rotates_state else None
         bc, _ = framed_call(bc, fr)
         rec = analyze(fr.program)
     if rec.expansion is not None:
@@ -148,18 +180,12 @@ class _Turns:
     segment's whole angle), so a segment's map is its frame's, after that turn."""
 
     def __init__(self, fr, bc, count: int, cu):
+        from .backends.shared.rotation import cos_sin_of, summed_angle
         from .ir.interpret import turn_pairs
         self.fr, self.turn = fr, turn_pairs
-        vals = evaluate(bc, [a for a, _ in fr.total])
-        pd = (fr.pair,) if fr.pair else ()
-        tot = 0
-        for a, c in fr.total:
-            v = on_dims(vals[id(a)], a.dims, pd)
-            tot = tot + c * (v if fr.pair else v.unsqueeze(-1))
-        t = _segment_sum(tot.double(), bc, count, cu) if fr.total else torch.zeros(
-            count, bc.H, 1, dtype=torch.float64)
-        t = (torch.remainder(t + math.pi, 2 * math.pi) - math.pi).float()
-        self.cos_sin = torch.stack([torch.cos(t), torch.sin(t)], 2)   # [segments, H, 2, P]
+        step = summed_angle(bc, fr, evaluate(bc, [a for a, _ in fr.total]), fr.total)
+        c, s = cos_sin_of(_segment_sum(step, bc, count, cu))
+        self.cos_sin = torch.stack([c, s], 2)   # [segments, H, 2, P|1]
 
     def __call__(self, S: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """``S`` [H, *state dims] turned by a segment's angle (``packed``: its cos_sin)."""
@@ -184,8 +210,6 @@ def _length(p, xs) -> int:
 def _pieces(cu, t0: int, T_r: int, T: int, like: torch.Tensor):
     """(the global sequence of each of this rank's segments, the slice's cu_seqlens or None,
     the number of sequences)."""
-    if T_r < 1:
-        raise CallError("cp_group: every rank's slice needs at least one token")
     if cu is None:
         B = like.shape[0]
         return list(range(B)), None, B

@@ -45,9 +45,9 @@ def inputs(name, T, batch):
         xs = m.inputs(decl, batch, T, H)
         return decl, [xs[s.name] for s in decl.program.call_inputs], (
             H, *(m.SIZES[d] for d in decl.program.state.dims))
-    if name in ("rot_gdn", "rot_gla", "complex_lru", "rot_product"):   # rotating states
+    if name in ("rot_gdn", "rot_gla", "complex_lru", "rot_product", "rope_gla"):
         import test_rotation as m
-        decl = m.DECLS[name]
+        decl = getattr(m, name)
         xs = m.draw(decl, batch, T, H)
         return decl, [xs[s.name] for s in decl.program.call_inputs], (
             H, *(m.SIZES[d] for d in decl.program.state.dims))
@@ -68,7 +68,7 @@ def _losses(o, S, rank, T0, T1, gen_seed=3):
     return Wo, torch.randn(S.shape, generator=gen)
 
 
-def _worker(rank, world, path, name, lens, varlen, backend):
+def _worker(rank, world, path, name, lens, varlen, backend, final_loss=True):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank,
@@ -94,7 +94,13 @@ def _worker(rank, world, path, name, lens, varlen, backend):
         s0p = S0.clone().requires_grad_()
         o_r, S_r = op(*part, initial_state=s0p, output_final_state=True, cu_seqlens=cu,
                       cp_group=dist.group.WORLD)
-        loss = (o_r * Wo[:, t0:t1]).sum() + ((S_r * WS).sum() if rank == 0 else 0.0)
+        if not final_loss:   # the output's loss alone (the one process's too)
+            full = [x.clone().requires_grad_() for x in xs]
+            s0 = S0.clone().requires_grad_()
+            o, S = op(*full, initial_state=s0, output_final_state=True, cu_seqlens=cu)
+            (o * Wo).sum().backward()
+        loss = (o_r * Wo[:, t0:t1]).sum() + (
+            (S_r * WS).sum() if rank == 0 and final_loss else 0.0)
         loss.backward()
 
         def rel(a, b):
@@ -113,10 +119,10 @@ def _worker(rank, world, path, name, lens, varlen, backend):
         dist.destroy_process_group()
 
 
-def spawn(name, lens, varlen=False, backend="torch"):
+def spawn(name, lens, varlen=False, backend="torch", final_loss=True):
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(len(lens), os.path.join(d, "rendezvous"), name, lens, varlen,
-                                backend), nprocs=len(lens))
+                                backend, final_loss), nprocs=len(lens))
 
 
 @pytest.mark.parametrize("name", ["gated_delta_rule", "gla", "kda", "hgrn", "value_gated",
@@ -136,6 +142,21 @@ def test_three_uneven_ranks_with_varlen_crossing_the_slices(name):
                                                       "rot_product")])
 def test_sub_steps_and_rotating_states(name):
     spawn(name, [6, 11], varlen=name in ("rot_gdn", "delta_product"))
+
+
+def test_a_loss_of_the_output_alone():
+    """The first rank's output reads nothing gathered; its backward still joins the
+    all-gather's (else the others wait for it) and gets the later ranks' gradients."""
+    spawn("gla", [5, 6], final_loss=False)
+
+
+def test_rotations_of_state_free_values_alone():
+    spawn("rope_gla", [7, 5])
+
+
+def test_a_refused_slice_is_refused_on_every_rank():
+    with pytest.raises(Exception, match="rank 0 of the group was refused: .*empty"):
+        spawn("gla", [0, 6])
 
 
 def test_a_builtin_takes_cp_group():

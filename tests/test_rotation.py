@@ -249,13 +249,15 @@ def test_bad_calls_name_the_argument():
         op(**odd)
 
 
+@rk.recurrence
+def rope_gla(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"],
+             v: rk.Token["V"], g: rk.Token[()], th: rk.Token["P"]):
+    # RoPE on q and k inside the step: state-free, hoisted; no frame turn needed
+    S = rk.exp(g) * S + rk.outer(rk.rotate(k, th), v)
+    return S, rk.rotate(q, th) @ S
+
+
 def test_rotations_of_token_values_run_ahead_of_the_kernels():
-    @rk.recurrence
-    def rope_gla(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"],
-                 v: rk.Token["V"], g: rk.Token[()], th: rk.Token["P"]):
-        # RoPE on q and k inside the step: state-free, hoisted; no frame turn needed
-        S = rk.exp(g) * S + rk.outer(rk.rotate(k, th), v)
-        return S, rk.rotate(q, th) @ S
     rec = rk.analyze(rope_gla)
     assert rec.forms[0] == "chunk_gated" and not rec.frame.rotates_state
     xs = draw(rope_gla, 2, 20)
@@ -289,3 +291,26 @@ def test_the_triton_kernels_compile_ahead_of_time(arch):
         for r in runtime.aot_compile(src, arch):
             assert 0 <= r["shared"] <= runtime.SHARED_LIMIT[arch], r
             assert not r["spill_bytes"], (decl.program.name, r)
+
+
+def test_one_angle_for_every_pair_in_the_sequential_kernels():
+    @rk.recurrence
+    def one_angle(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"],
+                  v: rk.Token["V"], gk: rk.Token["K"], th: rk.Token[()]):
+        S = rk.exp(gk) * rk.rotate(S, th, "K") + rk.outer(k, v)   # no frame: sequential
+        return S, q @ S
+    xs = draw(one_angle, 2, 7)
+    want = call(rk.compile(one_angle, backend="reference"), xs, None, None)
+    for backend in ("tvm", "triton"):
+        got = call(rk.compile(one_angle, backend=backend), xs, None, None)
+        assert rel(got[0], want[0]) < 1e-5 and rel(got[1], want[1]) < 1e-5, backend
+
+
+def test_a_pair_constant_value_meeting_the_state_is_refused_not_crashed():
+    @rk.recurrence
+    def odd(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"], v: rk.Token["V"],
+            g: rk.Token[()], th: rk.Token["P"], z: rk.Token["P", "V"]):
+        S = rk.exp(g) * rk.rotate(S, th, "K") + rk.outer(k, v)
+        return S, (q @ S) @ rk.pairs(z, "P", "K")   # [K] from a pair-constant value
+    rec = rk.analyze(odd)
+    assert rec.forms == ("sequential",) and "constant on pairs" in rec.reasons[0]

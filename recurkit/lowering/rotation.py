@@ -197,8 +197,11 @@ def _frame(p: Program) -> Frame:
                     if not dep[id(x)]:
                         meets[id(x)] = x
                 lv.union(id(a), id(b), {}, f"{where} contracts values in different frames")
-            else:
+            elif len(ks) == 1:
                 join(ks[0])
+            else:   # a value constant on pairs meets the state: no frame turns it
+                raise _Refused(f"{where} carries {K} from a value constant on pairs, which "
+                               "a turn does not leave constant")
         elif n.op == "sum" and K not in n.attr("over"):
             join(n.args[0])
         else:

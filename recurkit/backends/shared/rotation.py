@@ -30,6 +30,25 @@ def frame_of(program):
     return None if isinstance(fr, str) else fr
 
 
+def summed_angle(bc: BoundCall, fr, vals: dict, terms) -> torch.Tensor:
+    """``sum(c * angle)`` over ``terms`` per token, float64 [B, T, H, P|1] (``vals``: the
+    angles evaluated)."""
+    P = bc.sizes[fr.pair] if fr.pair else 1
+    pd = (fr.pair,) if fr.pair else ()
+    out = torch.zeros(bc.B, bc.T, bc.H, P, dtype=torch.float64, device=bc.device)
+    for a, c in terms:
+        v = on_dims(vals[id(a)], a.dims, pd).double()
+        out = out + c * (v if fr.pair else v.unsqueeze(-1))
+    return out
+
+
+def cos_sin_of(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cosine and sine of a float64 angle, reduced to [-pi, pi) first (so an angle of
+    any size keeps fp32 accuracy)."""
+    t = (torch.remainder(t + math.pi, 2 * math.pi) - math.pi).float()
+    return torch.cos(t), torch.sin(t)
+
+
 def framed_call(bc: BoundCall, fr) -> tuple[BoundCall, tuple | None]:
     """(the rotation-free declaration's call, the cosine and sine [B, T, H, P|1] of the
     output's turn, or None)."""
@@ -45,11 +64,7 @@ def framed_call(bc: BoundCall, fr) -> tuple[BoundCall, tuple | None]:
     pd = (fr.pair,) if fr.pair else ()
 
     def angle(terms) -> torch.Tensor:
-        out = torch.zeros(*lead, P, dtype=torch.float64, device=bc.device)
-        for a, c in terms:
-            v = on_dims(vals[id(a)], a.dims, pd).double()
-            out = out + c * (v if fr.pair else v.unsqueeze(-1))
-        return out
+        return summed_angle(bc, fr, vals, terms)
 
     base = end = None
     if fr.rotates_state:
@@ -78,12 +93,10 @@ def framed_call(bc: BoundCall, fr) -> tuple[BoundCall, tuple | None]:
         to [-pi, pi) (so a cumulative angle of any size keeps fp32 accuracy)."""
         key = (lev.anchored, tuple((id(a), c) for a, c in lev.terms), sign)
         if key not in trig:
-            t = torch.remainder(sign * level(lev) + math.pi, 2 * math.pi) - math.pi
-            t = t.float()
-            trig[key] = torch.cos(t), torch.sin(t)
+            trig[key] = cos_sin_of(sign * level(lev))
         return trig[key]
 
-    tensors = dict(bc.tensors)
+    tensors = dict(getattr(bc.tensors, "given", bc.tensors))   # grouped: as given
     cs_dims = pd or ("_one",)
     for name, (n, lev) in fr.hoisted.items():
         v = vals[id(n)].expand(*lead, *(bc.sizes[d] for d in n.dims))
@@ -145,4 +158,3 @@ def framed_adjoint(inner, fr):
             res.update({k: _own(g, leaves[k].dtype) for k, g in zip(names, gs)})
         return res
     return run
-

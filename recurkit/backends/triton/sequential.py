@@ -210,8 +210,9 @@ class SeqGen:
                 terms.append(f"{at if d == pair else f'o_{d}'} * {stride}")
                 stride *= self.sizes[d]
             off = " + ".join(terms) if terms else "0"
-            m = self.mask(tuple(d for d in a.dims if d != pair) + (K,))
-            mk = f", mask={m}, other=0.0" if m else ""
+            # masked over the dims its offsets vary along (none: one angle, a scalar load)
+            m = self.mask(tuple(d for d in a.dims if d != pair) + ((K,) if pair else ()))
+            mk = f", mask={m}, other=0.0" if m and terms else ""
             f = self.feeds.index(a)
             out.append(f"        a{self.name[id(n)]} = tl.load(F{f} + base * {stride} + "
                        f"{off}{mk})")

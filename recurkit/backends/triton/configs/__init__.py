@@ -77,7 +77,7 @@ def for_call(program, tp, bc) -> dict | None:
     device, sizes and dtype."""
     import torch
     dev = bc.device
-    dtype = str(next(iter(bc.tensors.values())).dtype).replace("torch.", "")
+    dtype = str(bc.out_dtype).replace("torch.", "")   # the first input's (no grouped copy)
     form = tp.form if tp is not None else "sequential"
     chunk = tp.chunk if tp is not None else None
     k = (program.content_hash(), form, chunk, str(dev), tuple(sorted(bc.sizes.items())), dtype,
