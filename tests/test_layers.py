@@ -11,7 +11,8 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "recurkit"
 LAYERS = [("recurkit._version",), ("recurkit.ir",), ("recurkit.lowering",),
           ("recurkit.backends",), ("recurkit.autotune",),
-          ("recurkit.compiler", "recurkit.export", "recurkit.custom_op", "recurkit.tiled_op"),
+          ("recurkit.compiler", "recurkit.export", "recurkit.custom_op", "recurkit.tiled_op",
+           "recurkit.context"),
           ("recurkit.ops",), ("recurkit.nn",), ("recurkit", "recurkit.cli", "recurkit.demo")]
 MAX_LINES = 420
 
