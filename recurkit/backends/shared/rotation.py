@@ -19,7 +19,7 @@ from ...ir.bind import BoundCall, bind_call
 from ...ir.interpret import evaluate, rotate_pairs, turn_pairs
 from ...lowering.rotation import frame, has_rotation
 from .host import on_dims
-from .substeps import _own
+from .substeps import carried_adjoint
 
 def frame_of(program):
     """The rotating frame of ``program`` (None: it rotates nothing, or its rotations run
@@ -140,21 +140,5 @@ def framed_adjoint(inner, fr):
         src = bind_call(fr.source, (), {**kw, **leaves})
         with torch.enable_grad():
             bc2, _ = framed_call(src, fr)
-        feeds = dict(bc2.tensors)
-        if bc2.initial_state is not None:
-            feeds["initial_state"] = bc2.initial_state
-        free = {k: v.detach().requires_grad_(v.requires_grad) for k, v in feeds.items()}
-        kw2 = {**bc2.scalars, "output_final_state": True,
-               "cu_seqlens": bc2.cu_seqlens_tensor if bc2.cu_seqlens is not None else None}
-        got = inner(kw2, free, grad_o, grad_S, None)
-        if got is None:
-            return None
-        want = [k for k, v in feeds.items() if v.requires_grad and got.get(k) is not None]
-        names = [k for k, v in leaves.items() if v.requires_grad]
-        res = {k: None for k in names}
-        if want and names:
-            gs = torch.autograd.grad([feeds[k] for k in want], [leaves[k] for k in names],
-                                     [got[k] for k in want], allow_unused=True)
-            res.update({k: _own(g, leaves[k].dtype) for k, g in zip(names, gs)})
-        return res
+        return carried_adjoint(inner, bc2, leaves, grad_o, grad_S)
     return run

@@ -92,28 +92,34 @@ def expanded_adjoint(inner, ex):
         src = bind_call(ex.source, (), {**kw, **leaves})
         with torch.enable_grad():
             bc2, n = expand_call(src, ex)
-        feeds = dict(bc2.tensors)
-        free = {k: v.detach().requires_grad_(v.requires_grad) for k, v in feeds.items()}
-        if "initial_state" in leaves:
-            free["initial_state"] = leaves["initial_state"]
-        kw2 = {"output_final_state": True, "cu_seqlens": bc2.cu_seqlens_tensor
-               if bc2.cu_seqlens is not None else None}
         go = None if grad_o is None else placed(grad_o, n, last=True).reshape(
             src.B, src.T * n, *grad_o.shape[2:])
-        got = inner(kw2, free, go, grad_S, None)
-        if got is None:
-            return None
-        want = [k for k, v in feeds.items() if v.requires_grad and got.get(k) is not None]
-        src_leaves = [k for k, v in leaves.items() if k != "initial_state" and v.requires_grad]
-        res = {k: None for k in src_leaves}
-        if want and src_leaves:
-            gs = torch.autograd.grad([feeds[k] for k in want], [leaves[k] for k in src_leaves],
-                                     [got[k] for k in want], allow_unused=True)
-            res.update({k: _own(g, leaves[k].dtype) for k, g in zip(src_leaves, gs)})
-        if "initial_state" in leaves:
-            res["initial_state"] = _own(got.get("initial_state"), leaves["initial_state"].dtype)
-        return res
+        return carried_adjoint(inner, bc2, leaves, go, grad_S)
     return run
+
+
+def carried_adjoint(inner, bc2: BoundCall, leaves: dict, grad_o, grad_S) -> dict | None:
+    """The gradients of ``leaves`` from ``inner`` (a generated backward of the call ``bc2``,
+    whose tensors and initial state were computed from ``leaves`` with grad): ``inner``'s
+    gradients of ``bc2``'s inputs carried back by autograd (None where ``inner`` does not
+    serve the call)."""
+    feeds = dict(bc2.tensors)
+    if bc2.initial_state is not None:
+        feeds["initial_state"] = bc2.initial_state
+    free = {k: v.detach().requires_grad_(v.requires_grad) for k, v in feeds.items()}
+    kw2 = {**bc2.scalars, "output_final_state": True,
+           "cu_seqlens": bc2.cu_seqlens_tensor if bc2.cu_seqlens is not None else None}
+    got = inner(kw2, free, grad_o, grad_S, None)
+    if got is None:
+        return None
+    want = [k for k, v in feeds.items() if v.requires_grad and got.get(k) is not None]
+    names = [k for k, v in leaves.items() if v.requires_grad]
+    res = {k: None for k in names}
+    if want and names:
+        gs = torch.autograd.grad([feeds[k] for k in want], [leaves[k] for k in names],
+                                 [got[k] for k in want], allow_unused=True)
+        res.update({k: _own(g, leaves[k].dtype) for k, g in zip(names, gs)})
+    return res
 
 
 def _own(g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
