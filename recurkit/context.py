@@ -3,14 +3,10 @@ ranks of a ``torch.distributed`` process group, exactly.
 
 A linear recurrence over a segment is an affine map of the state entering it,
 ``S_out = P(S_in) + S_loc``: ``S_loc`` the segment's final state from a zero state, and ``P``
-the product of its transitions, whose shape the analysis gives:
-
-- gated forms: ``P(S) = a_K * S * a_V``, the segment's summed log-gates exponentiated;
-- WY forms: ``P(S) = M S * a_V``, ``M`` [K, K] the product of ``D + u r^T``: the final state of
-  the *transition declaration* (``S' = D S + u (r^T S)`` over a [K, K] state) from ``I``;
-- scans: ``P(h) = a * h``, the product of the coefficients;
-- sub-steps: the expanded call's map; a rotating state: its frame's, after the segment's
-  whole turn ``R(Theta_T)`` (the frame runs from ``R(Theta_T) S``).
+the product of its transitions, whose shape the analysis gives (``backends.shared.
+segment_maps``: diagonal for gated forms, [K, K] for WY forms, elementwise for scans); with
+sub-steps the expanded call's; for a rotating state its frame's, after the segment's whole
+turn ``R(Theta_T)`` (the frame runs from ``R(Theta_T) S``).
 
 Each rank runs its slice from a zero state (``S_loc``) and computes its maps; one all-gather
 (``torch.distributed.nn``, so autograd runs it backwards) brings every rank's states and
@@ -25,21 +21,19 @@ and a map per segment (``|P|``: K + V for gated forms, K * K + V for WY forms, |
 """
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 import weakref
 
 import torch
 
-from .ir import dsl
 from .ir.bind import CallError, bind_call, match_args, signature_names
-from .backends.shared.host import on_dims
+from .backends.shared import segment_maps
 from .ir.interpret import evaluate
-from .ir.trace import trace
 from .lowering.analysis import analyze
 
-_TRANSITIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TRANSITIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # decl -> {backend:
+                                                                            # CompiledOp}
 
 
 def supported(rec) -> str | None:
@@ -103,8 +97,8 @@ def _run(op, args: tuple, kwargs: dict, group):
     pieces, local_cu, N = _pieces(cu, t0, T_r, sum(lens), first)
     bc = bind_call(p, (), {**xs, "cu_seqlens": local_cu})   # checks the slice
     _, S_loc = op(**xs, output_final_state=True, cu_seqlens=local_cu)
-    inner, turns = _inner(rec, bc, len(pieces), local_cu)
-    maps = _maps(op, *inner)
+    inner, turns = _inner(rec, bc, local_cu)
+    maps = segment_maps.maps(*inner, _transition_runner(op))
     # one all-gather of every rank's segments: their states and maps, padded to the most
     import torch.distributed.nn.functional as dnn
     counts = [None] * world
@@ -131,7 +125,7 @@ def _run(op, args: tuple, kwargs: dict, group):
             m = [x.reshape(t.shape[1:]) for x, t in zip(parts[1:], maps)]
             if turns is not None:   # a rotating state: the segment's whole turn first
                 S_in = turns(S_in, parts[len(maps) + 1])
-            cur[n] = _apply(inner[0], p, m, S_in) + S_l
+            cur[n] = segment_maps.apply_map(inner[0], p.state.dims, m, S_in) + S_l
     enter = torch.stack(entering) if entering else None
     o, _ = op(**xs, initial_state=enter, output_final_state=False, cu_seqlens=local_cu)
     o = _Tie.apply(o, *got)   # every rank's backward runs the all-gather's (all ranks must)
@@ -155,36 +149,49 @@ class _Tie(torch.autograd.Function):
         return (g, *[torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.likes])
 
 
-def _inner(rec, bc, count: int, cu):
-    """(the analysis, call, segments and cu_seqlens whose transitions are the op's: the
-    rotation-free declaration's (``lowering.rotation``), expanded into its sub-steps
-    (``lowering.substeps``) where it has them), and for a rotating state the segments' whole
-    turns (``_Turns``) or None."""
+def _inner(rec, bc, cu):
+    """(the analysis, call and pieces (``segment_maps.Pieces``: the call's sequences) whose
+    transitions are the op's: the rotation-free declaration's (``lowering.rotation``),
+    expanded into its sub-steps (``lowering.substeps``) where it has them), and for a rotating
+    state the segments' whole turns (``_Turns``) or None."""
     turns = None
     if rec.frame is not None:
         from .backends.shared.rotation import framed_call
         fr = rec.frame
-        turns = _Turns(fr, bc, count, cu) if fr.rotates_state else None
+        turns = _Turns(fr, bc, segment_maps.Pieces.of_call(bc)) if fr.rotates_state else None
         bc, _ = framed_call(bc, fr)
         rec = analyze(fr.program)
     if rec.expansion is not None:
         from .backends.shared.substeps import expand_call
         bc, _ = expand_call(bc, rec.expansion)
-        cu = bc.cu_seqlens_tensor if bc.cu_seqlens is not None else None
         rec = analyze(rec.expansion.program)
-    return (rec, bc, count, cu), turns
+    return (rec, bc, segment_maps.Pieces.of_call(bc)), turns
+
+
+def _transition_runner(op):
+    """``segment_maps.maps``' way to run a transition declaration: compiled on ``op``'s
+    backend (cached per declaration and backend)."""
+    def run(decl, kw, eye, cu):
+        cache = _TRANSITIONS.setdefault(decl, {})
+        if op.backend not in cache:
+            from .compiler import CompiledOp
+            cache[op.backend] = CompiledOp(decl, op.backend)
+        _, M = cache[op.backend](**kw, initial_state=eye, output_final_state=True,
+                                 cu_seqlens=cu)
+        return M
+    return run
 
 
 class _Turns:
     """A rotating state's segments: the frame runs ``S~ = R(Theta_T) S`` in (``Theta_T`` the
     segment's whole angle), so a segment's map is its frame's, after that turn."""
 
-    def __init__(self, fr, bc, count: int, cu):
+    def __init__(self, fr, bc, pieces):
         from .backends.shared.rotation import cos_sin_of, summed_angle
         from .ir.interpret import turn_pairs
         self.fr, self.turn = fr, turn_pairs
         step = summed_angle(bc, fr, evaluate(bc, [a for a, _ in fr.total]), fr.total)
-        c, s = cos_sin_of(_segment_sum(step, bc, count, cu))
+        c, s = cos_sin_of(pieces.sum(step))
         self.cos_sin = torch.stack([c, s], 2)   # [segments, H, 2, P|1]
 
     def __call__(self, S: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -228,111 +235,3 @@ def _pieces(cu, t0: int, T_r: int, T: int, like: torch.Tensor):
     return seq, torch.tensor(cuts, dtype=torch.int64), len(offs) - 1
 
 
-def _segment_sum(v: torch.Tensor, bc, count: int, cu) -> torch.Tensor:
-    """A per-token value [B|1, T|1, H|1, *dims] summed over each segment, in float64:
-    [segments, H, *dims]."""
-    shape = (bc.B, bc.T, bc.H, *v.shape[3:])
-    v = v.double().expand(*shape[:3], *v.shape[3:])
-    if cu is None:
-        return v.sum(1)
-    ids = torch.repeat_interleave(torch.arange(count, device=v.device),
-                                  (cu[1:] - cu[:-1]).to(v.device))
-    return torch.zeros(count, *v.shape[2:], dtype=v.dtype, device=v.device).index_add(
-        0, ids, v[0])
-
-
-def _gate(rec, bc, count, cu, log_node, decay_node):
-    """exp of a gate's log summed over each segment (times the sign of its product where the
-    gate is not proven positive): [segments, H, *dims], or None."""
-    if log_node is None and decay_node is None:
-        return None
-    if rec.gate_positive or decay_node is None:
-        return torch.exp(_segment_sum(evaluate(bc, [log_node])[id(log_node)], bc, count,
-                                      cu)).float()
-    d = evaluate(bc, [decay_node])[id(decay_node)]
-    mag = torch.exp(_segment_sum(torch.log(d.abs()), bc, count, cu))
-    neg = _segment_sum((d < 0).double(), bc, count, cu)
-    return (mag * (1 - 2 * torch.remainder(neg, 2))).float()
-
-
-def _maps(op, rec, bc, count: int, cu) -> list[torch.Tensor]:
-    """Each segment's map, as tensors [segments, ...]: (a_K, a_V) for gated forms (ones where
-    a side has no gate), (M, a_V) for WY forms, (a,) for scans."""
-    H = bc.H
-    if "chunk_gated" not in rec.forms and "chunk_wy" not in rec.forms:   # the scan
-        sd = bc.program.state.dims
-        nodes = [n for n in (rec.scan_log_a, rec.scan_sign) if n is not None]
-        vals = evaluate(bc, nodes)
-        la, sg = (on_dims(vals[id(n)], n.dims, sd) if n is not None else None
-                  for n in (rec.scan_log_a, rec.scan_sign))
-        a = torch.exp(_segment_sum(la, bc, count, cu))
-        if sg is not None:
-            a = a * (1 - 2 * torch.remainder(_segment_sum((sg < 0).double(), bc, count, cu),
-                                             2))
-        return [a.float().expand(count, H, *(bc.sizes[d] for d in sd))]
-    K, V = bc.sizes[rec.kdim], bc.sizes[rec.vdim]
-    ones = torch.ones(count, H, 1, device=bc.device)
-
-    def side(t, n):
-        if t is None:
-            return ones.expand(count, H, n)
-        return t.reshape(count, H, -1).expand(count, H, n)
-    a_v = side(_gate(rec, bc, count, cu, rec.log_gate_v, rec.decay_v), V)
-    if rec.erase_u is None:
-        return [side(_gate(rec, bc, count, cu, rec.log_gate_k, rec.decay_k), K), a_v]
-    tr = _transition(op, rec)
-    g = rec.log_gate_k if rec.gate_positive else rec.decay_k
-    feeds = {"d": g, "u": rec.erase_u, "r": rec.erase_r}
-    vals = evaluate(bc, [n for n in feeds.values() if n is not None])
-    kw = {}
-    for name, n in feeds.items():
-        if n is None:   # no K-side gate: log 0 (or a decay of 1)
-            kw[name] = torch.full((bc.B, bc.T, H), 0.0 if rec.gate_positive else 1.0,
-                                  device=bc.device)
-            continue
-        v = vals[id(n)]
-        kw[name] = v.float().expand(bc.B, bc.T, H, *v.shape[3:]).contiguous()
-    eye = torch.eye(K, device=bc.device).expand(count, H, K, K).contiguous()
-    kw["e"] = torch.zeros(H, K, device=bc.device)
-    _, M = tr(**kw, initial_state=eye, output_final_state=True, cu_seqlens=cu)
-    return [M, a_v]
-
-
-def _transition(op, rec):
-    """The compiled transition declaration of ``op``'s program, S' = D S + u (r^T S) over a
-    [K, K'] state (its final state from I is the product of the transitions)."""
-    key = op.program
-    cache = _TRANSITIONS.setdefault(key, {})
-    if op.backend not in cache:
-        from .compiler import CompiledOp
-        K = rec.kdim
-        gd = tuple(d for d in (rec.log_gate_k or rec.decay_k).dims) if (
-            rec.log_gate_k is not None or rec.decay_k is not None) else ()
-        positive = rec.gate_positive
-
-        def step(S, d, u, r, e):   # e: zeros [K'], binding K' (and the WY form's write)
-            S2 = (dsl.exp(d) if positive else d) * S + dsl.outer(u, r @ S) + dsl.outer(u, e)
-            return S2, e * (r @ S2)
-        kin = f"{K}in"
-        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                    annotation=a) for n, a in (
-            ("S", dsl.Spec("state", (K, kin))), ("d", dsl.Spec("token", gd)),
-            ("u", dsl.Spec("token", (K,))), ("r", dsl.Spec("token", (K,))),
-            ("e", dsl.Spec("param", (kin,))))]
-        step.__signature__ = inspect.Signature(params)
-        decl = trace(step, f"{op.program.name}_transition")
-        cache[op.backend] = CompiledOp(decl, op.backend)
-    return cache[op.backend]
-
-
-def _apply(rec, p, m: list[torch.Tensor], S: torch.Tensor) -> torch.Tensor:
-    """A segment's map applied to the state entering it: [H, *state dims]."""
-    if len(m) == 1:   # the scan: elementwise
-        return m[0] * S
-    sd = p.state.dims
-    kfirst = sd.index(rec.kdim) == 0
-    St = S if kfirst else S.transpose(-1, -2)          # [H, K, V]
-    left, a_v = m
-    St = left.unsqueeze(-1) * St if left.dim() == 2 else left @ St
-    St = St * a_v.unsqueeze(-2)
-    return St if kfirst else St.transpose(-1, -2)
