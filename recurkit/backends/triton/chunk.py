@@ -151,10 +151,12 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         return self.st.kind == "chunk" or ind >= 2
 
     def note(self, kind: str, ptr: str, axes: tuple[str, ...], ind: int,
-             by_token: bool = False) -> None:
+             by_token: bool = False, times: int = 1) -> None:
         """A load or store of a block over ``axes`` (all of each axis over the kernel's
-        programs; a split axis' blocks together cover it once)."""
+        programs; a split axis' blocks together cover it once), ``times`` per (sequence,
+        head) (a state per segment)."""
         copies = self.nsplit() if kind == "r" and self.split and self.split not in axes else 1
+        copies *= times
         rec = (kind, ptr, tuple(a.rstrip("'") for a in axes), self.per_chunk(ind), by_token,
                copies)
         if not (kind == "r" and self.reread and rec in self.accesses):
@@ -177,24 +179,33 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         elif name in self.ptrs:
             self.load(name, *self.ptrs[name], ind)
 
-    def load(self, name: str, ptr: str, lead: str, ind: int) -> None:
+    def load(self, name: str, ptr: str, lead: str, ind: int, only: str | None = None,
+             times: int = 1) -> None:
+        """``name`` read from ``ptr`` (row ``lead``); ``only``: a condition on the program
+        (a scalar) under which it is read, else it is zeros."""
         axes = self.inputs[name]
         off, m, numel = self.offset(axes)
+        if only:
+            cond = f"(({off}) * 0 + {only})"   # a block-shaped mask
+            m = f"({m}) & {cond}" if m else cond
         mk = f", mask={m}, other=0.0" if m else ""
         self.used.add(ptr)
-        self.note("r", ptr, axes, ind)
+        self.note("r", ptr, axes, ind, times=times)
         self.emit(name, axes, f"tl.load({ptr} + ({lead}) * {numel} + {off}{mk})"
                   ".to(tl.float32)", ind)
 
-    def store(self, name: str, ptr: str, lead: str, ind: int) -> None:
+    def store(self, name: str, ptr: str, lead: str, ind: int, only: str | None = None,
+              times: int = 1) -> None:
         axes = self.axes[name]
         off, m, numel = self.offset(axes)
+        conds = [only] if only else []
         if self.split and self.split not in axes:   # computed alike by every column block
-            first = f"(({off}) * 0 + pv == 0)"   # a block-shaped mask
-            m = f"({m}) & {first}" if m else first
+            conds.insert(0, "pv == 0")
+        for x in conds:   # ``x``: "<scalar> <comparison> <int>", made block-shaped
+            m = f"({m}) & (({off}) * 0 + {x})" if m else f"(({off}) * 0 + {x})"
         mk = f", mask={m}" if m else ""
         self.used.add(ptr)
-        self.note("w", ptr, axes, ind)
+        self.note("w", ptr, axes, ind, times=times)
         self.L.append("    " * ind + f"tl.store({ptr} + ({lead}) * {numel} + {off}, "
                       f"{self.var[name]}.to({ptr}.dtype.element_ty){mk})")
 
@@ -273,9 +284,20 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         outs = [n for n in st.outputs if n != carried and n not in known]
         L = self.L
         loop = st.kind == "loop"
+        # in-GPU segments (``segments`` > 1): the state pass runs as two kernels, a program
+        # per (sequence, head, segment): "local" runs every segment but the last from a zero
+        # state (the first from the initial state) and stores its final state, SL, which
+        # the host's join turns into the state entering the next segment; "joined" runs
+        # every segment from that, writing the outputs and (the last) the final state
+        segs = flags.get("segments", 1) if loop else 1
+        phase = flags.get("phase") if segs > 1 else None
         L += ["    pid = tl.program_id(0)", "    pv = tl.program_id(1)"]
-        L += ["    nh = pid.to(tl.int64)"] if loop else [
-            "    p = pid.to(tl.int64)", "    c = p % NC", "    nh = p // NC"]
+        if phase:
+            ns = segs - 1 if phase == "local" else segs
+            L += [f"    nh = (pid // {ns}).to(tl.int64)", f"    sg = pid % {ns}"]
+        else:
+            L += ["    nh = pid.to(tl.int64)"] if loop else [
+                "    p = pid.to(tl.int64)", "    c = p % NC", "    nh = p // NC"]
         L += [f"    n = nh // {H}", f"    h = nh % {H}"]
         if flags["varlen"]:   # the sequence's first token and the one past its last
             self.used.add("CU")
@@ -294,11 +316,23 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
             adjoint = next(op for op in st.ops if op.out == carried).attr("init") != \
                 "initial_state"
             src = ("DSF", "has_dsf") if adjoint else ("S0", "has_s0")
+            if phase and (adjoint or st.reverse):
+                raise ValueError("in-GPU segments split a forward state pass only")
+            first = "sg == 0" if phase else None
             if flags.get(src[1]):
-                self.load(carried, src[0], "nh", 1)
+                self.load(carried, src[0], "nh", 1, only=first)
             else:
                 self.emit(carried, sd, self.full(sd), 1)
-            if st.reverse:
+            if phase == "joined":   # the state entering a later segment: the join's
+                v0 = self.var[carried]
+                self.load(carried, "SL", f"nh * {segs - 1} + tl.maximum(sg - 1, 0)", 1,
+                          only="sg > 0", times=segs - 1)
+                self.emit(carried, sd, f"{v0} + {self.var[carried]}", 1)
+            if phase:   # the segment's chunks: the sequence's split as evenly as they go
+                L += [f"    per = ((eos - bos + {C - 1}) // {C} + {segs - 1}) // {segs}",
+                      f"    c_hi = tl.minimum(sg * per + per, (eos - bos + {C - 1}) // {C})",
+                      "    for c in range(sg * per, c_hi):"]
+            elif st.reverse:
                 L += ["    for cr in range(0, NC):", "        c = NC - 1 - cr"]
             else:
                 L += ["    for c in range(0, NC):"]
@@ -315,6 +349,15 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         self.defs_all = {op.out: op for op in st.ops}
         ploops, lazy = self.position_loops() if not loop else (set(), set())
         live = self.live(done, carried) if groups else {op.out for op in st.ops}
+        if phase == "local":   # only what the state needs: no outputs, no buffers
+            outs, need = [], {carried}
+            for op in reversed(st.ops):
+                if op.out in need:
+                    need.update(op.args)
+                    if op.op == "load":
+                        need.add(op.attr("value"))
+            live &= need
+            groups = {k: g for k, g in groups.items() if any(op.out in need for op, _ in g)}
         # an output that only renames a value is stored as soon as that value exists, so
         # that it is not held in registers to the end of the kernel
         alias = {op.out: op for op in st.ops if op.op in ("rename", "load")}
@@ -381,15 +424,18 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
             self.var[carried], self.axes[carried] = v, sd
             if adjoint:   # the initial state's cotangent
                 self.store(carried, "DS0", "nh", 1)
+            elif phase == "local":
+                self.store(carried, "SL", f"nh * {segs - 1} + sg", 1, times=segs - 1)
             elif flags["has_sf"]:
-                self.store(carried, "SF", "nh", 1)
+                self.store(carried, "SF", "nh", 1, only=f"sg == {segs - 1}" if phase else None)
         params = sorted(self.used, key=_param_order)
+        name = f"{st.name}_local" if phase == "local" else st.name
         head = ["", "", "@triton.jit",
-                f"def {st.name}_kernel({', '.join(params + ['NC', 'TT'])}):"]
+                f"def {name}_kernel({', '.join(params + ['NC', 'TT'])}):"]
         return "\n".join(head + L), params
 
 
-FIXED = ("O", "S0", "SF", "DSF", "DS0", "CU")
+FIXED = ("O", "S0", "SL", "SF", "DSF", "DS0", "CU")
 
 
 def _param_order(name: str) -> tuple[int, int]:

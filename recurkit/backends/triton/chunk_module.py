@@ -25,7 +25,8 @@ def _gate_only(tp: TileProgram) -> set[str]:
 def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
                  varlen: bool = False, has_s0: bool = True, has_sf: bool = True,
                  dtype: str = "fp32", interpret: bool = False, has_dsf: bool = False,
-                 groups: tuple[tuple[int, int], ...] = ()) -> tuple[str, ChunkIO]:
+                 groups: tuple[tuple[int, int], ...] = (), segments: int = 1
+                 ) -> tuple[str, ChunkIO]:
     """The module for a chunk-form tile program (optimized by ``lowering.fuse`` first), and
     what its ``launch`` reads from a call. ``launch(xs, fs, scs, o, s0, sf, cu, N, NC, TT,
     lowp)`` takes the inputs, host feeds and scalars of the ``ChunkIO``, the output
@@ -43,10 +44,16 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     None), ``ds0`` the initial state's, written; the readout's cotangent is the feed of the
     ``d_out`` node. ``groups``: (input index, G) of inputs given with H / G heads (FLA's
     GVA), read at head h // G (``call_groups``).
+
+    ``segments`` > 1 (a forward program): the state pass runs each sequence as that many
+    segments in parallel (``chunk._StageGen.source``), and ``launch`` takes ``join``, called
+    between its two kernels with the segments' local final states [N, H, segments - 1,
+    *state dims] (fp32), which it turns in place into the states entering segments 1, 2, ...
+    (``segments.Joiner``).
     """
     cache = tp.meta.setdefault("_triton_chunk", {})
     key = (tuple(sorted(sizes.items())), H, tuple(sorted(cfg.items())), varlen, has_s0,
-           has_sf, dtype, interpret, has_dsf, groups)
+           has_sf, dtype, interpret, has_dsf, groups, segments)
     if key in cache:
         return cache[key]
     opt = optimize(tp)
@@ -70,7 +77,9 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     known = {k: ("i", *n.dims) for k, n in opt.prologue.items()}
     C = opt.chunk
     flags = {"varlen": varlen, "has_s0": has_s0, "has_sf": has_sf and not adjoint,
-             "has_dsf": has_dsf}
+             "has_dsf": has_dsf, "segments": segments}
+    if segments > 1 and adjoint:
+        raise ValueError("in-GPU segments split a forward program's state pass only")
     fp32 = _gate_only(opt)
     dot = cfg["precision"] if cfg["precision"] != "auto" else \
         "tf32" if dtype not in ("bf16", "fp16") or (interpret and dtype == "bf16") else dtype
@@ -83,12 +92,26 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
             if name not in known and name not in results and name != carried and \
                     name not in bufs:
                 bufs[name] = f"{'B' if name in fp32 else 'L'}{len(bufs)}"
-        gen = _StageGen(st, opt, sizes, H, stage_inputs(st, known),
-                        {**cfg, "_16bit": dtype in ("bf16", "fp16")}, io)
+        gcfg = {**cfg, "_16bit": dtype in ("bf16", "fp16")}
+        split = segments > 1 and st.kind == "loop"
+        if split:   # the segments' local final states, then the join, then the outputs
+            gen = _StageGen(st, opt, sizes, H, stage_inputs(st, known), gcfg, io)
+            gen.dot = dot
+            src, params = gen.source({}, known, bufs, results, {**flags, "phase": "local"})
+            kernels.append(src)
+            sd = ", ".join(str(sizes[d]) for d in opt.meta["program"].state.dims)
+            alloc.append(f"    env['_sl'] = torch.empty((N, {H}, {segments - 1}, {sd}), "
+                         "device=o.device, dtype=torch.float32)")
+            _record(io, gen, f"{st.name}_local_kernel", segments - 1)
+            calls.append(_call(f"{st.name}_local_kernel", f"(N * {H} * {segments - 1}, "
+                               f"{gen.nsplit()})", params, bufs, cfg))
+            calls.append("    join(env['_sl'])")
+        gen = _StageGen(st, opt, sizes, H, stage_inputs(st, known), gcfg, io)
         gen.dot = dot
         if late and st is opt.stages[-1]:
             gen.late = list(late)
-        src, params = gen.source(out_axes, known, bufs, results, flags)
+        src, params = gen.source(out_axes, known, bufs, results,
+                                 {**flags, "phase": "joined"} if split else flags)
         kernels.append(src)
         for name in st.outputs:
             if name in bufs and name not in known:
@@ -99,19 +122,31 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
                 alloc.append(f"    env[{name!r}] = torch.empty((N, {H}, NC, {shape}), "
                              f"device={'ds0' if adjoint else 'o'}.device, dtype={dt})")
         nv = gen.nsplit()
-        io.kernels.append({"name": f"{st.name}_kernel", "kind": st.kind, "nsplit": nv,
-                           "accesses": gen.accesses, "dots": gen.dots})
-        grid = f"(N * {H}, {nv})" if st.kind == "loop" else f"(N * {H} * NC, {nv})"
-        inv = {p: n for n, p in bufs.items()}
-        args = [_arg(p, inv) for p in params]
-        calls.append(f"    {st.name}_kernel[{grid}]({', '.join(args + ['NC', 'TT'])}, "
-                     f"num_warps={cfg['num_warps'] or 8}, num_stages={cfg['num_stages']})")
+        _record(io, gen, f"{st.name}_kernel", segments if split else 1)
+        grid = f"(N * {H}{f' * {segments}' if split else ''}, {nv})" if st.kind == "loop" \
+            else f"(N * {H} * NC, {nv})"
+        calls.append(_call(f"{st.name}_kernel", grid, params, bufs, cfg))
     sig = "xs, fs, scs, os, s0, dsf, ds0, cu" if adjoint else "xs, fs, scs, o, s0, sf, cu"
-    launch = ["", "", f"def launch({sig}, N, NC, TT, lowp):",
+    join = ", join=None" if segments > 1 else ""
+    launch = ["", "", f"def launch({sig}, N, NC, TT, lowp{join}):",
               '    """Run the stages; intermediates are [N, H, chunks, ...] tensors."""',
               "    env = {}", *alloc, *calls, ""]
     cache[key] = (HEADER + "\n".join(kernels) + "\n".join(launch), io)
     return cache[key]
+
+
+def _record(io: ChunkIO, gen: _StageGen, name: str, segments: int) -> None:
+    """What a kernel moves, for ``model_traffic``; ``segments``: its programs per (sequence,
+    head, block of V) (in-GPU segments; the local kernel runs all but the last)."""
+    io.kernels.append({"name": name, "kind": gen.st.kind, "nsplit": gen.nsplit(),
+                       "accesses": gen.accesses, "dots": gen.dots, "segments": segments})
+
+
+def _call(name: str, grid: str, params: list[str], bufs: dict[str, str], cfg: dict) -> str:
+    inv = {p: n for n, p in bufs.items()}
+    args = [_arg(p, inv) for p in params]
+    return (f"    {name}[{grid}]({', '.join(args + ['NC', 'TT'])}, "
+            f"num_warps={cfg['num_warps'] or 8}, num_stages={cfg['num_stages']})")
 
 
 def _input_grads(opt: TileProgram, io: ChunkIO) -> tuple[ChunkIO, list]:
@@ -142,7 +177,8 @@ def _arg(p: str, bufs: dict[str, str]) -> str:
         return f"scs[{p[2:]}]"
     if p[0] == "O" and p[1:].isdigit():
         return f"os[{p[1:]}]"
-    return {"O": "o", "S0": "s0", "SF": "sf", "DSF": "dsf", "DS0": "ds0", "CU": "cu"}[p]
+    return {"O": "o", "S0": "s0", "SF": "sf", "DSF": "dsf", "DS0": "ds0", "CU": "cu",
+            "SL": "env['_sl']"}[p]
 
 
 def model_traffic(tp: TileProgram, bc, cfg: dict):

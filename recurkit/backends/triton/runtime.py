@@ -39,8 +39,11 @@ DEFAULT_CONFIG = {"num_warps": None,     # warps per program (None: 4 for the to
                                          # the registers: no spills at K = V = 128)
                   "precision": "auto",   # tl.dot operands on a GPU: "auto" (16-bit calls: their
                                          # dtype, as FLA; fp32 calls: tf32), "tf32" or "ieee"
-                  "intermediates": "auto"}   # chunk forms: values crossing kernels in the
+                  "intermediates": "auto",   # chunk forms: values crossing kernels in the
                                              # call's 16-bit dtype ("auto") or "fp32"
+                  "segments": None}   # chunk forms: runs of chunks per sequence the state
+                                      # pass does in parallel, joined exactly (None: as
+                                      # ``segments.choose`` models it pays on a GPU, else 1)
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
 _LOCK = threading.Lock()
 
@@ -56,6 +59,10 @@ def check_config(config: dict | None) -> dict:
     if not isinstance(out["num_stages"], int) or out["num_stages"] < 1:
         raise ValueError(f"Triton config 'num_stages' must be an int >= 1, got "
                          f"{out['num_stages']!r}")
+    seg = out["segments"]
+    if seg is not None and (isinstance(seg, bool) or not isinstance(seg, int) or seg < 1):
+        raise ValueError(f"Triton config 'segments' must be an int >= 1 or None (chosen per "
+                         f"call), got {seg!r}")
     if out["intermediates"] not in ("auto", "fp32"):
         raise ValueError(f"Triton config 'intermediates' must be 'auto' or 'fp32', got "
                          f"{out['intermediates']!r}")
@@ -144,7 +151,10 @@ def module_source(program, tp: TileProgram | None, sizes: dict[str, int], H: int
     if tp.form == "scan":
         return scan_source(sizes[program.state.dims[0]], H, "scan_sign" in tp.prologue,
                            num_warps=warps(cfg, False))
-    return chunk_source(tp, sizes, H, cfg, dtype=dtype)[0]
+    segs = cfg["segments"] or 1
+    if segs > 1 and (tp.form not in ("chunk_gated", "chunk_wy") or tp.meta.get("adjoint")):
+        segs = 1
+    return chunk_source(tp, sizes, H, cfg, dtype=dtype, segments=segs)[0]
 
 
 def run_triton_sequential(bc: BoundCall, config: dict | None = None):
@@ -211,12 +221,14 @@ def run_triton_chunked(tp: TileProgram, bc: BoundCall, config: dict | None = Non
     p = bc.program
     varlen, has_s0 = bc.cu_seqlens is not None, bc.initial_state is not None
     interpret = bc.device.type != "cuda"
+    N, nc = bc.N, chunk_count(bc, tp.chunk)
+    from .segments import Joiner, choose
+    segs = choose(tp, bc, cfg)
     src, io = chunk_source(tp, bc.sizes, bc.H, cfg, varlen, has_s0, bc.output_final_state,
                            DTYPE_NAMES.get(bc.out_dtype, "fp32"), interpret,
-                           groups=call_groups(bc))
+                           groups=call_groups(bc), segments=segs)
     mod = load_module(src, interpret)
     xs, fs, scs = chunk_inputs(io, bc)
-    N, nc = bc.N, chunk_count(bc, tp.chunk)
     o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims),
                     dtype=bc.out_dtype, device=bc.device)
     state = (N, bc.H, *(bc.sizes[d] for d in p.state.dims))
@@ -226,8 +238,9 @@ def run_triton_chunked(tp: TileProgram, bc: BoundCall, config: dict | None = Non
     cu = bc.cu_seqlens_tensor if varlen else None
     if cu is not None and cu.device != bc.device:
         cu = cu.to(bc.device)
+    join = (Joiner(tp, bc, segs, cfg, interpret),) if segs > 1 else ()
     _launch(mod, interpret, xs, fs, scs, o, s0, sf, cu, N, nc, bc.T,
-            intermediate_dtype(bc, cfg))
+            intermediate_dtype(bc, cfg), *join)
     return o, sf
 
 
