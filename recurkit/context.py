@@ -171,13 +171,13 @@ def _inner(rec, bc, cu):
 def _transition_runner(op):
     """``segment_maps.maps``' way to run a transition declaration: compiled on ``op``'s
     backend (cached per declaration and backend)."""
-    def run(decl, kw, eye, cu):
+    def run(decl, kw, eye, pieces):
         cache = _TRANSITIONS.setdefault(decl, {})
         if op.backend not in cache:
             from .compiler import CompiledOp
             cache[op.backend] = CompiledOp(decl, op.backend)
         _, M = cache[op.backend](**kw, initial_state=eye, output_final_state=True,
-                                 cu_seqlens=cu)
+                                 cu_seqlens=pieces.cu)
         return M
     return run
 

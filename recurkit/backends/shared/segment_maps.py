@@ -31,18 +31,20 @@ class Pieces:
     """A call's flattened tokens [B * T] cut at ``cu`` (offsets from 0 to B * T, one piece
     between each two; a piece may be empty)."""
 
-    def __init__(self, bc, cu: torch.Tensor):
-        self.bc, self.cu = bc, cu.to(device=bc.device, dtype=torch.int64)
-        self.count = self.cu.numel() - 1
+    def __init__(self, bc, cu: torch.Tensor | list[int]):
+        self.host = [int(c) for c in (cu.tolist() if isinstance(cu, torch.Tensor) else cu)]
+        self.bc, self.count = bc, len(self.host) - 1
+        self.cu = torch.tensor(self.host, dtype=torch.int64).to(bc.device)
         self.ids = torch.repeat_interleave(torch.arange(self.count, device=bc.device),
-                                           self.cu[1:] - self.cu[:-1])
+                                           self.cu[1:] - self.cu[:-1],
+                                           output_size=bc.B * bc.T)
 
     @classmethod
     def of_call(cls, bc) -> "Pieces":
         """One piece per sequence of the call (its rows, or its ``cu_seqlens``)."""
         if bc.cu_seqlens is not None:
             return cls(bc, bc.cu_seqlens_tensor)
-        return cls(bc, torch.arange(bc.B + 1, device=bc.device) * bc.T)
+        return cls(bc, [b * bc.T for b in range(bc.B + 1)])
 
     def flat(self, v: torch.Tensor) -> torch.Tensor:
         """A per-token value [B|1, T|1, H|1, *dims] as [1, B * T, H, *dims]."""
@@ -73,8 +75,9 @@ def _gate(rec, bc, pieces: Pieces, log_node, decay_node):
 def maps(rec, bc, pieces: Pieces, run_transition) -> list[torch.Tensor]:
     """Each piece's map, as tensors [pieces, H, ...]: (a_K, a_V) for gated forms (ones where
     a side has no gate), (M, a_V) for WY forms, (a,) for scans. ``run_transition(decl, kw,
-    eye, cu)``: the final state of the transition declaration ``decl`` called with the
-    tensors ``kw`` ([1, B * T, H, ...]), initial state ``eye`` and ``cu_seqlens=cu``."""
+    eye, pieces)``: the final state of the transition declaration ``decl`` called with the
+    tensors ``kw`` ([1, B * T, H, ...]), initial state ``eye`` and the pieces as its
+    sequences (``cu_seqlens=pieces.cu``)."""
     H, count = bc.H, pieces.count
     if "chunk_gated" not in rec.forms and "chunk_wy" not in rec.forms:   # the scan
         sd = bc.program.state.dims
@@ -109,7 +112,7 @@ def maps(rec, bc, pieces: Pieces, run_transition) -> list[torch.Tensor]:
         kw[name] = pieces.flat(vals[id(n)].float()).contiguous()
     eye = torch.eye(K, device=bc.device).expand(count, H, K, K).contiguous()
     kw["e"] = torch.zeros(H, K, device=bc.device)
-    return [run_transition(decl, kw, eye, pieces.cu), a_v]
+    return [run_transition(decl, kw, eye, pieces), a_v]
 
 
 def transition_declaration(program, rec):

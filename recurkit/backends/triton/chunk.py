@@ -301,8 +301,9 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         L += [f"    n = nh // {H}", f"    h = nh % {H}"]
         if flags["varlen"]:   # the sequence's first token and the one past its last
             self.used.add("CU")
-            self.note("r", "CU", (), 1)
-            self.note("r", "CU", (), 1)
+            runs = (segs - 1 if phase == "local" else segs) if phase else 1
+            self.note("r", "CU", (), 1, times=runs)
+            self.note("r", "CU", (), 1, times=runs)
             L += ["    bos = tl.load(CU + n).to(tl.int64)",
                   "    eos = tl.load(CU + n + 1).to(tl.int64)"]
         else:
@@ -328,6 +329,13 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
                 self.load(carried, "SL", f"nh * {segs - 1} + tl.maximum(sg - 1, 0)", 1,
                           only="sg > 0", times=segs - 1)
                 self.emit(carried, sd, f"{v0} + {self.var[carried]}", 1)
+            sums = []   # gated forms: the local segments' summed log-gates, their maps
+            if phase == "local" and flags.get("gate_sums"):
+                for g, ptr in (("log_gate_k", "GK"), ("log_gate_v", "GV")):
+                    if g in self.io.values:
+                        dims = tuple(self.io.values[g].dims)
+                        sums.append((g, ptr, dims, f"gsum_{ptr}"))
+                        L.append(f"    gsum_{ptr} = {self.full(dims)}")
             if phase:   # the segment's chunks: the sequence's split as evenly as they go
                 L += [f"    per = ((eos - bos + {C - 1}) // {C} + {segs - 1}) // {segs}",
                       f"    c_hi = tl.minimum(sg * per + per, (eos - bos + {C - 1}) // {C})",
@@ -415,6 +423,10 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         if plan is None:
             for op in st.ops:
                 body(op)
+            for g, _, dims, acc in sums if loop else ():
+                self.ensure([g], ind)
+                x = self.to(g, ("i", *dims))
+                L.append("    " * ind + f"{acc} = {acc} + tl.reduce({x}, 0, _add)")
         else:   # the state blocks a block of V at a time
             self.split_by_state_loop(plan, body, outs, stored, put, store_ready, lazy, ind)
         if self.late:
@@ -426,6 +438,9 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
                 self.store(carried, "DS0", "nh", 1)
             elif phase == "local":
                 self.store(carried, "SL", f"nh * {segs - 1} + sg", 1, times=segs - 1)
+                for _, ptr, dims, acc in sums:
+                    self.var[acc], self.axes[acc] = acc, dims
+                    self.store(acc, ptr, f"nh * {segs - 1} + sg", 1, times=segs - 1)
             elif flags["has_sf"]:
                 self.store(carried, "SF", "nh", 1, only=f"sg == {segs - 1}" if phase else None)
         params = sorted(self.used, key=_param_order)
@@ -435,7 +450,7 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         return "\n".join(head + L), params
 
 
-FIXED = ("O", "S0", "SL", "SF", "DSF", "DS0", "CU")
+FIXED = ("O", "S0", "SL", "GK", "GV", "SF", "DSF", "DS0", "CU")
 
 
 def _param_order(name: str) -> tuple[int, int]:

@@ -49,7 +49,8 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     segments in parallel (``chunk._StageGen.source``), and ``launch`` takes ``join``, called
     between its two kernels with the segments' local final states [N, H, segments - 1,
     *state dims] (fp32), which it turns in place into the states entering segments 1, 2, ...
-    (``segments.Joiner``).
+    (``segments.Joiner``), and for a gated form the segments' summed log-gates [N, H,
+    segments - 1, *gate dims] (K side, V side; None where the form has none).
     """
     cache = tp.meta.setdefault("_triton_chunk", {})
     key = (tuple(sorted(sizes.items())), H, tuple(sorted(cfg.items())), varlen, has_s0,
@@ -77,7 +78,8 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     known = {k: ("i", *n.dims) for k, n in opt.prologue.items()}
     C = opt.chunk
     flags = {"varlen": varlen, "has_s0": has_s0, "has_sf": has_sf and not adjoint,
-             "has_dsf": has_dsf, "segments": segments}
+             "has_dsf": has_dsf, "segments": segments,
+             "gate_sums": opt.form == "chunk_gated"}   # the segments' maps, in the kernel
     if segments > 1 and adjoint:
         raise ValueError("in-GPU segments split a forward program's state pass only")
     fp32 = _gate_only(opt)
@@ -102,10 +104,17 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
             sd = ", ".join(str(sizes[d]) for d in opt.meta["program"].state.dims)
             alloc.append(f"    env['_sl'] = torch.empty((N, {H}, {segments - 1}, {sd}), "
                          "device=o.device, dtype=torch.float32)")
-            _record(io, gen, f"{st.name}_local_kernel", segments - 1)
+            for ptr in ("GK", "GV"):   # the local segments' summed log-gates
+                if ptr in params:
+                    g = opt.prologue["log_gate_" + ptr[1].lower()]
+                    dims = "".join(f", {sizes[d]}" for d in g.dims)
+                    alloc.append(f"    env['_{ptr.lower()}'] = torch.empty((N, {H}, "
+                                 f"{segments - 1}{dims}), device=o.device, "
+                                 "dtype=torch.float32)")
+            _record(io, gen, f"{st.name}_local_kernel", segments - 1, "local")
             calls.append(_call(f"{st.name}_local_kernel", f"(N * {H} * {segments - 1}, "
                                f"{gen.nsplit()})", params, bufs, cfg))
-            calls.append("    join(env['_sl'])")
+            calls.append("    join(env['_sl'], env.get('_gk'), env.get('_gv'))")
         gen = _StageGen(st, opt, sizes, H, stage_inputs(st, known), gcfg, io)
         gen.dot = dot
         if late and st is opt.stages[-1]:
@@ -122,7 +131,8 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
                 alloc.append(f"    env[{name!r}] = torch.empty((N, {H}, NC, {shape}), "
                              f"device={'ds0' if adjoint else 'o'}.device, dtype={dt})")
         nv = gen.nsplit()
-        _record(io, gen, f"{st.name}_kernel", segments if split else 1)
+        _record(io, gen, f"{st.name}_kernel", segments if split else 1,
+                "joined" if split else None)
         grid = f"(N * {H}{f' * {segments}' if split else ''}, {nv})" if st.kind == "loop" \
             else f"(N * {H} * NC, {nv})"
         calls.append(_call(f"{st.name}_kernel", grid, params, bufs, cfg))
@@ -135,11 +145,13 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     return cache[key]
 
 
-def _record(io: ChunkIO, gen: _StageGen, name: str, segments: int) -> None:
+def _record(io: ChunkIO, gen: _StageGen, name: str, segments: int,
+            phase: str | None = None) -> None:
     """What a kernel moves, for ``model_traffic``; ``segments``: its programs per (sequence,
-    head, block of V) (in-GPU segments; the local kernel runs all but the last)."""
+    head, block of V); ``phase``: "local" or "joined" for a segmented state pass."""
     io.kernels.append({"name": name, "kind": gen.st.kind, "nsplit": gen.nsplit(),
-                       "accesses": gen.accesses, "dots": gen.dots, "segments": segments})
+                       "accesses": gen.accesses, "dots": gen.dots, "segments": segments,
+                       "phase": phase})
 
 
 def _call(name: str, grid: str, params: list[str], bufs: dict[str, str], cfg: dict) -> str:
@@ -178,27 +190,33 @@ def _arg(p: str, bufs: dict[str, str]) -> str:
     if p[0] == "O" and p[1:].isdigit():
         return f"os[{p[1:]}]"
     return {"O": "o", "S0": "s0", "SF": "sf", "DSF": "dsf", "DS0": "ds0", "CU": "cu",
-            "SL": "env['_sl']"}[p]
+            "SL": "env['_sl']", "GK": "env['_gk']", "GV": "env['_gv']"}[p]
 
 
 def model_traffic(tp: TileProgram, bc, cfg: dict):
     """The traffic of the chunk kernels for call ``bc`` (its sizes, dtypes, lengths; tensors
     may be on the meta device), computed from what the generator emitted instead of by
     running them: per kernel, the bytes of its masked-in loads and stores and its tl.dot
-    FLOPs, as ``traffic.count_traffic`` counts them in the interpreter. Host-side work
-    (feeds of non-elementwise prologue values, copies of non-contiguous inputs) is not
-    included. Returns a ``traffic.Traffic``."""
+    FLOPs, as ``traffic.count_traffic`` counts them in the interpreter, with its programs
+    and, for a state pass, the chunks each takes in turn (``Launch.serial``). With
+    ``cfg["segments"]`` > 1 (None counts as 1) the segmented state pass and its join
+    (``segments.join_model``: the maps' torch ops and the join kernel) are modelled. Other
+    host-side work (feeds of non-elementwise prologue values, copies of non-contiguous
+    inputs) is not included. Returns a ``traffic.Traffic``."""
     import torch
 
     from ...ir.bind import as_given
+    from ..shared.host import segments as sequences
     from .runtime import DTYPE_NAMES, call_groups, intermediate_dtype
+    from .segments import choose, join_model
     from .traffic import Launch, Traffic
     varlen = bc.cu_seqlens is not None
     N, C, H = bc.N, tp.chunk, bc.H
     NC, tokens = chunk_count(bc, C), bc.B * bc.T   # varlen: B = 1 and cu_seqlens covers T
+    segs = choose(tp, bc, {**cfg, "segments": cfg.get("segments") or 1})
     _, io = chunk_source(tp, bc.sizes, H, cfg, varlen, bc.initial_state is not None,
                          bc.output_final_state, DTYPE_NAMES.get(bc.out_dtype, "fp32"),
-                         groups=call_groups(bc))
+                         groups=call_groups(bc), segments=segs)
     p = bc.program
     xs = [as_given(bc, p.inputs[n.attr("index")].name)[0] for n in io.inputs]
     lowp = torch.empty((), dtype=intermediate_dtype(bc, cfg)).element_size()
@@ -218,22 +236,46 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
             return lowp   # a prologue value's cotangent
         return {"L": lowp, "O": out}.get(ptr[0], cu if ptr == "CU" else 4)
 
+    # a segmented state pass runs each sequence's own chunks (``per`` a segment), the local
+    # kernel those of every segment but the last: (chunks, tokens, longest run) it covers
+    lens = [e - s for _, s, e in sequences(bc)]
+
+    def covered(first: int) -> tuple[int, int, int]:
+        chunks = toks = run = 0
+        for L in lens:
+            nc = -(-L // C)
+            per = (nc + segs - 1) // segs
+            chunks += min(nc, first * per)
+            toks += min(L, first * per * C)
+            run = max(run, per)
+        return chunks, toks, run
+
     size = {**bc.sizes, "i": C, "j": C}
     launches = []
     for k in io.kernels:
         read = written = flops = 0
+        runs = k.get("segments", 1)
+        if k.get("phase"):
+            chunks, toks, serial = covered(segs if k["phase"] == "joined" else segs - 1)
+        else:
+            chunks, toks, serial = N * NC, tokens, NC if k["kind"] == "loop" else 0
         for kind, ptr, axes, per_chunk, by_token, copies in k["accesses"]:
             elems = 1
             for a in axes:
                 if not (by_token and a == "i"):
                     elems *= size[a]
-            times = tokens * H if by_token else N * H * (NC if per_chunk else 1)
+            times = toks * H if by_token else H * (chunks if per_chunk else N)
             nbytes = elems * times * copies * item(ptr)
             if kind == "r":
                 read += nbytes
             else:
                 written += nbytes
         for f, per_chunk in k["dots"]:
-            flops += f * N * H * (NC if per_chunk else 1)
-        launches.append(Launch("triton", k["name"], read, written, flops))
+            flops += f * H * (chunks if per_chunk else N)
+        programs = N * H * k["nsplit"] * (runs if k["kind"] == "loop" else NC)
+        launches.append(Launch("triton", k["name"], read, written, flops,
+                               programs=programs, serial=serial))
+        if k.get("phase") == "local" and segs > 2:
+            made, join = join_model(tp, bc, segs, cfg)
+            launches = made + launches + [join]   # the maps are made before the launch
     return Traffic(launches)

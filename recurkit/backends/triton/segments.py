@@ -33,15 +33,16 @@ import triton.language as tl
 
 
 @triton.jit
-def join_kernel(SL, LEFT, AV, H, S, K: tl.constexpr, V: tl.constexpr, KFIRST: tl.constexpr,
-                FULL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr):
-    """SL [N, H, S - 1, state]: per segment j >= 1, SL[j] = P_j(SL[j - 1]) + SL[j]; P_j of
-    segment j of sequence n at map row (n * S + j) * H + h: LEFT [., K] (FULL: [., K, K])
-    then AV [., V]. A program per (sequence, head) and block of V."""
+def join_kernel(SL, LEFT, AV, H, S1, MS, K: tl.constexpr, V: tl.constexpr,
+                KFIRST: tl.constexpr, FULL: tl.constexpr, LOG: tl.constexpr,
+                KW: tl.constexpr, VW: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                KB: tl.constexpr):
+    """SL [N, H, S1, state]: for j = 1 .. S1 - 1, SL[j] = P_j(SL[j - 1]) + SL[j]. The map
+    of segment j of (sequence, head) nh sits at row nh * MS + j of LEFT and AV: LEFT [., KW]
+    (KW = 0: none; 1: one value; FULL: [., K, K]), AV [., VW]; LOG: they hold summed
+    log-gates (exponentiated here). A program per (sequence, head) and block of V."""
     nh = tl.program_id(0).to(tl.int64)
     pv = tl.program_id(1)
-    n = nh // H
-    h = nh % H
     k = tl.arange(0, BK)
     v = pv * BV + tl.arange(0, BV)
     mk = k < K
@@ -51,10 +52,10 @@ def join_kernel(SL, LEFT, AV, H, S, K: tl.constexpr, V: tl.constexpr, KFIRST: tl
         off = k[:, None] * V + v[None, :]
     else:
         off = v[None, :] * K + k[:, None]
-    base = SL + nh * (S - 1) * K * V
+    base = SL + nh * S1 * K * V
     st = tl.load(base + off, mask=m2, other=0.0)
-    for j in range(1, S - 1):
-        row = (n * S + j) * H + h
+    for j in range(1, S1):
+        row = nh * MS + j
         if FULL:   # M [K, K] times the state entering, read back a block of K at a time
             acc = tl.full([BK, BV], 0.0, tl.float32)
             for kb in range(0, K, KB):
@@ -69,9 +70,12 @@ def join_kernel(SL, LEFT, AV, H, S, K: tl.constexpr, V: tl.constexpr, KFIRST: tl
                 s = tl.load(prev, mask=mkk[:, None] & mv[None, :], other=0.0)
                 acc += tl.dot(m, s, input_precision="ieee")
             st = acc
-        else:
-            st = st * tl.load(LEFT + row * K + k, mask=mk, other=0.0)[:, None]
-        st = st * tl.load(AV + row * V + v, mask=mv, other=0.0)[None, :]
+        elif KW > 0:
+            a = tl.load(LEFT + row * KW + (k if KW > 1 else k * 0), mask=mk, other=0.0)
+            st = st * (tl.exp(a) if LOG else a)[:, None]
+        if VW > 0:
+            a = tl.load(AV + row * VW + (v if VW > 1 else v * 0), mask=mv, other=0.0)
+            st = st * (tl.exp(a) if LOG else a)[None, :]
         st = st + tl.load(base + j * K * V + off, mask=m2, other=0.0)
         tl.store(base + j * K * V + off, st, mask=m2)
         tl.debug_barrier()   # the next segment reads this one back (FULL)
@@ -120,51 +124,143 @@ def pieces(bc, C: int, count: int) -> Pieces:
 
 
 class Joiner:
-    """``join(SL)`` for a chunk module's ``launch``: the maps of every segment of ``bc``,
-    computed when made, applied in place by ``join_kernel``."""
+    """``join(SL, GK, GV)`` for a chunk module's ``launch``: applies every segment's map in
+    place with ``join_kernel``. A gated form's maps are the summed log-gates the local kernel
+    stored (GK, GV); a WY form's are computed when the Joiner is made
+    (``segment_maps.maps``: the transition declaration's Triton chunk form)."""
 
     def __init__(self, tp, bc, count: int, cfg: dict, interpret: bool):
         self.count, self.interpret, self.H = count, interpret, bc.H
         rec = analyze(bc.program)
-        K, V = bc.sizes[rec.kdim], bc.sizes[rec.vdim]
-        self.K, self.V, self.kfirst = K, V, bc.program.state.dims[0] == rec.kdim
+        self.K, self.V = bc.sizes[rec.kdim], bc.sizes[rec.vdim]
+        self.kfirst = bc.program.state.dims[0] == rec.kdim
         self.maps = None
-        if count > 2:   # two segments: SL[0] is the state entering the second
-            self.maps = [m.contiguous().float() for m in maps(
-                rec, bc, pieces(bc, tp.chunk, count), _transition_runner(cfg))]
+        if count > 2 and tp.form == "chunk_wy":   # two segments: no map is needed
+            M, av = maps(rec, bc, pieces(bc, tp.chunk, count), _transition_runner(cfg))
+            N = bc.N   # [N * count, H, ...] -> [N, H, count, ...]: row nh * count + j
+            self.maps = [x.reshape(N, count, bc.H, *x.shape[2:]).transpose(1, 2).contiguous()
+                         .float() for x in (M, av)]
 
-    def __call__(self, SL: torch.Tensor) -> None:
-        if self.maps is None:
+    @staticmethod
+    def blocks_for(K: int, V: int) -> tuple[int, int, int]:
+        """(BK, BV, KB) of ``join_kernel``."""
+        bk = max(16, 1 << (K - 1).bit_length())
+        bv = min(32, max(16, 1 << (V - 1).bit_length()))
+        return bk, bv, 16 if bk >= 128 else min(bk, 32)
+
+    def __call__(self, SL: torch.Tensor, GK=None, GV=None) -> None:
+        if self.count <= 2:
             return
         from .runtime import load_module
         mod = load_module(JOIN_SOURCE, self.interpret)
-        left, av = self.maps
-        N = SL.shape[0]
-        bk = max(16, 1 << (self.K - 1).bit_length())
-        bv = min(32, max(16, 1 << (self.V - 1).bit_length()))
-        mod.join_kernel[(N * self.H, -(-self.V // bv))](
-            SL, left, av, self.H, self.count, K=self.K, V=self.V, KFIRST=self.kfirst,
-            FULL=left.dim() == 4, BK=bk, BV=bv, KB=16 if bk >= 128 else min(bk, 32),
-            num_warps=4)
+        bk, bv, kb = self.blocks_for(self.K, self.V)
+        if self.maps is not None:   # WY: M [K, K], a_V
+            left, av = self.maps
+            rows, log, kw, vw = self.count, False, self.K, self.V
+        else:   # gated: summed log-gates of the local segments, K side and V side
+            left, av, rows, log = GK, GV, self.count - 1, True
+            kw = 0 if GK is None else GK[0, 0, 0].numel()
+            vw = 0 if GV is None else GV[0, 0, 0].numel()
+            left = SL if left is None else left   # unread
+            av = SL if av is None else av
+        mod.join_kernel[(SL.shape[0] * self.H, -(-self.V // bv))](
+            SL, left, av, self.H, self.count - 1, rows, K=self.K, V=self.V,
+            KFIRST=self.kfirst, FULL=self.maps is not None, LOG=log, KW=kw, VW=vw, BK=bk,
+            BV=bv, KB=kb, num_warps=4)
 
 
-def _transition_runner(cfg: dict):
+def _transition_runner(cfg: dict, model: list | None = None):
     """``segment_maps.maps``' way to run a WY form's transition declaration: its Triton
-    chunk form (unsegmented; its pieces run in parallel), or its token loop."""
-    def run(decl, kw, eye, cu):
+    chunk form (unsegmented; its pieces run in parallel), or its token loop. ``model``: a
+    list to append the chunk form's modelled launches to instead (meta tensors)."""
+    def run(decl, kw, eye, pieces):
         from ...ir.bind import bind_call
         from ...lowering.forms import lower
         from .runtime import default_chunk, run_triton_chunked, run_triton_sequential
-        bc = bind_call(decl, (), {**kw, "initial_state": eye, "output_final_state": True,
-                                  "cu_seqlens": cu})
         one = {**cfg, "segments": 1}
-        if "chunk_wy" in analyze(decl).forms:
-            _, M = run_triton_chunked(lower(decl, "chunk_wy", default_chunk(decl)), bc, one)
-        else:
-            _, M = run_triton_sequential(bc, one)
+        chunked = "chunk_wy" in analyze(decl).forms
+        tp = lower(decl, "chunk_wy", default_chunk(decl)) if chunked else None
+        if model is not None:
+            from .chunk_module import model_traffic
+            bc = bind_call(decl, (), {**kw, "initial_state": eye, "output_final_state": True,
+                                      "cu_seqlens": torch.tensor(pieces.host)})
+            if chunked:
+                model.extend(model_traffic(tp, bc, one).launches)
+            return torch.empty(eye.shape, device="meta")
+        bc = bind_call(decl, (), {**kw, "initial_state": eye, "output_final_state": True,
+                                  "cu_seqlens": pieces.cu})
+        _, M = run_triton_chunked(tp, bc, one) if chunked else run_triton_sequential(bc, one)
         return M
     return run
 
 
+def _meta(bc):
+    """``bc`` with its tensors on the meta device (shapes and dtypes, no data)."""
+    from dataclasses import replace
+
+    from ...ir.bind import HeadTensors
+    t = bc.tensors
+    if isinstance(t, HeadTensors):
+        t = HeadTensors({k: v.to("meta") for k, v in t.given.items()}, t.groups, t.axes)
+    else:
+        t = {k: v.to("meta") for k, v in t.items()}
+    s0 = bc.initial_state.to("meta") if bc.initial_state is not None else None
+    return replace(bc, tensors=t, initial_state=s0, device=torch.device("meta"),
+                   cu_seqlens_tensor=None)
+
+
+def join_model(tp, bc, count: int, cfg: dict):
+    """(the launches that make the maps, the join kernel's) of a call in ``count`` > 2
+    segments, as ``chunk_module.model_traffic`` models kernels. A gated form's maps come
+    from the local kernel (none made); a WY form's: the torch ops that feed the transition
+    declaration, counted on meta tensors, and its chunk kernels, modelled. The join reads
+    the local states and maps and writes the states entering the segments."""
+    from .traffic import Launch, Traffic, _TorchOps
+    rec = analyze(bc.program)
+    K, V = bc.sizes[rec.kdim], bc.sizes[rec.vdim]
+    made = Traffic()
+    trans: list = []
+    if tp.form == "chunk_wy":
+        mc = _meta(bc)
+        with _TorchOps(made):
+            maps(rec, mc, pieces(mc, tp.chunk, count), _transition_runner(cfg, trans))
+    N, H = bc.N, bc.H
+    steps = count - 2   # segments 1 .. count - 2: a map, a local state read, a state written
+    bk, bv, kb = Joiner.blocks_for(K, V)
+    nv = -(-V // bv)
+    if tp.form == "chunk_wy":   # M read a block of K at a time, the entering state read back
+        left, flops = nv * K * K + K * V, nv * 2 * bk * (-(-K // kb) * kb) * bv
+    else:
+        left, flops = (nv * K if "log_gate_k" in tp.prologue else 0), 0
+    av = V if tp.form == "chunk_wy" or "log_gate_v" in tp.prologue else 0
+    join = Launch("triton", "join_kernel", 4 * N * H * (K * V + steps * (left + av + K * V)),
+                  4 * N * H * steps * K * V, N * H * steps * flops,
+                  programs=N * H * nv, serial=steps)
+    return [x for x in made.launches if x.kind == "torch"] + trans, join
+
+
 def auto_count(tp, bc, cfg: dict) -> int:
-    return 1
+    """The segments the traffic model times fastest for ``bc`` on the GPU it runs on (H200's
+    constants for an H200, else H100's), among 1, 2, 4, ... up to a quarter of the chunks;
+    1 unless it saves a fifth. Cached per call shape."""
+    from ..shared.host import chunk_count
+    from .chunk_module import model_traffic
+    key = ("segments", bc.N, bc.H, bc.T, tuple(sorted(bc.sizes.items())), str(bc.out_dtype),
+           bc.cu_seqlens is not None and tuple(bc.cu_seqlens), bc.initial_state is not None,
+           bc.output_final_state, tuple(sorted((k, v) for k, v in cfg.items()
+                                                if k != "segments")))
+    cache = tp.meta.setdefault("_segments", {})
+    if key in cache:
+        return cache[key]
+    name = torch.cuda.get_device_name(bc.device).lower() if bc.device.type == "cuda" else ""
+    device = "h200" if "h200" in name else "h100"
+    nc = chunk_count(bc, tp.chunk)
+    one = model_traffic(tp, bc, {**cfg, "segments": 1}).roofline(device)
+    best, best_s, s = 1, one, 2
+    while s <= nc // 4:
+        t = model_traffic(tp, bc, {**cfg, "segments": s}).roofline(device)
+        if t < best_s:
+            best, best_s = s, t
+        s *= 2
+    cache[key] = best if best_s < 0.8 * one else 1
+    return cache[key]

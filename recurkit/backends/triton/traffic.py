@@ -26,6 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # (HBM bytes/s, dense bf16 tensor-core FLOP/s, seconds per launch) of the devices we model
 DEVICES = {"h100": (3.35e12, 989e12, 4e-6), "h200": (4.8e12, 989e12, 4e-6)}
+# (streaming multiprocessors, seconds per dependent step of a loop over chunks: a state
+# pass's loads, dots and update of one chunk, after the previous one's). The step time is
+# an estimate (FLA's state passes: ~0.5 us a chunk at small batch), not a measurement here
+PARALLEL = {"h100": (132, 0.5e-6), "h200": (132, 0.5e-6)}
 
 _aten = torch.ops.aten
 # ops that return views or metadata: no memory traffic, no launch
@@ -46,6 +50,8 @@ class Launch:
     written: int = 0     # bytes
     flops: int = 0       # tl.dot FLOPs
     calls: int = 1       # launches merged into this row (``by_name``)
+    programs: int = 0    # programs of the grid (0: not modelled)
+    serial: int = 0      # dependent steps each program takes in turn (a state pass: chunks)
 
 
 @dataclass
@@ -68,10 +74,14 @@ class Traffic:
         return sum(1 for x in self.launches if kind is None or x.kind == kind)
 
     def roofline(self, device: str = "h100") -> float:
-        """Seconds: per launch the larger of its bytes over the bandwidth and its dot FLOPs
-        over the bf16 tensor-core rate, plus the launch cost; summed over launches."""
+        """Seconds: per launch the larger of its bytes over the bandwidth, its dot FLOPs
+        over the bf16 tensor-core rate and its chain of dependent steps (``serial`` steps
+        each, in waves of one program per multiprocessor: ``PARALLEL``), plus the launch
+        cost; summed over launches."""
         bw, peak, launch = DEVICES[device]
-        return sum(max((x.read + x.written) / bw, x.flops / peak) + launch
+        sms, step = PARALLEL[device]
+        return sum(max((x.read + x.written) / bw, x.flops / peak,
+                       x.serial * step * -(-max(x.programs, 1) // sms)) + launch
                    for x in self.launches)
 
     def by_name(self) -> list[Launch]:

@@ -1,0 +1,223 @@
+"""In-GPU segments of the Triton chunk forms (``backends/triton/segments.py``): the state pass
+runs each sequence as runs of chunks in parallel, joined exactly. Run in Triton's interpreter
+against the reference interpreter and the unsplit kernels, forward and backward, and the
+traffic model of the segmented kernels against what the interpreter counts."""
+import pytest
+import torch
+
+import recurkit as rk
+from recurkit.backends.triton import segments as seg
+from recurkit.backends.triton.chunk_module import model_traffic
+from recurkit.backends.triton.runtime import check_config
+from recurkit.backends.triton.traffic import count_traffic
+from recurkit.ir.bind import bind_call
+from test_custom_recurrences import draw
+from test_lowering import decl_of, inputs, rel, state
+
+
+@rk.recurrence
+def v_first_two_gates(S: rk.State["V", "K"], q: rk.Token["K"], k: rk.Token["K"],
+                      v: rk.Token["V"], gk: rk.Token["K"], gv: rk.Token["V"]):
+    S = rk.exp(gv) * (rk.exp(gk) * S) + rk.outer(v, k)   # the state stored [V, K]
+    return S, S @ q
+
+
+@rk.recurrence
+def gated_erase(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"], v: rk.Token["V"],
+                g: rk.Token[()], gv: rk.Token["V"], b: rk.Token[()]):
+    S = rk.exp(gv) * (rk.exp(g) * S)          # a head gate and a value-side gate
+    S = S + rk.sigmoid(b) * rk.outer(k, v - k @ S)
+    return S, q @ S
+
+
+def spy_joins(monkeypatch):
+    """The local states every join was given (a list filled as calls run)."""
+    seen = []
+    real = seg.Joiner.__call__
+
+    def spy(self, SL, GK=None, GV=None):
+        seen.append((self.count, tuple(SL.shape)))
+        return real(self, SL, GK, GV)
+    monkeypatch.setattr(seg.Joiner, "__call__", spy)
+    return seen
+
+
+def run(decl, x, segments, chunk=16, **kw):
+    return rk.compile(decl, backend="triton", chunk=chunk,
+                      knobs={"segments": segments})(*x, **kw)
+
+
+@pytest.mark.parametrize("T", [1, 63, 100])
+@pytest.mark.parametrize("segments", [2, 3, 5])
+@pytest.mark.parametrize("name", ["gla", "simple_gla", "linear_attn"])
+def test_gated_forms_in_segments_match_the_reference(name, segments, T, monkeypatch):
+    seen = spy_joins(monkeypatch)
+    x = inputs(name, T, 2)
+    kw = dict(initial_state=state(name, 2), output_final_state=True)
+    o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, **kw)
+    o, S = run(decl_of(name), x, segments, **kw)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    chunks = -(-T // 16)   # no more segments than the chunks of the longest sequence
+    if min(segments, chunks) > 1:
+        assert seen == [(min(segments, chunks), (2, 2, min(segments, chunks) - 1, 6, 5))]
+    else:
+        assert seen == []
+
+
+@pytest.mark.parametrize("segments", [3, pytest.param(6, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["gated_delta_rule", pytest.param("kda",
+                                                                   marks=pytest.mark.slow)])
+def test_wy_forms_in_segments_match_the_reference(name, segments, monkeypatch):
+    seen = spy_joins(monkeypatch)
+    x = inputs(name, 100, 2)
+    kw = dict(initial_state=state(name, 2), output_final_state=True)
+    o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, **kw)
+    o, S = run(decl_of(name), x, segments, **kw)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    assert [c for c, _ in seen] == [segments]
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule"])
+def test_varlen_segments_cross_nothing_and_skip_empty_sequences(name):
+    lens = [1, 0, 70, 2, 45, 0]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    x = [t[:1] for t in inputs(name, sum(lens))]
+    kw = dict(initial_state=state(name, len(lens)), output_final_state=True, cu_seqlens=cu)
+    o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, **kw)
+    o, S = run(decl_of(name), x, 4, **kw)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+@pytest.mark.parametrize("gate", [(-69.0, -69.0), (-1e-6, -1e-6)],
+                         ids=["decay1e-30", "decay1-1e-6"])
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule"])
+def test_extreme_gates_in_segments(name, gate):
+    x = inputs(name, 100, 1, gate=gate)
+    kw = dict(initial_state=state(name, 1), output_final_state=True)
+    o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, **kw)
+    o, S = run(decl_of(name), x, 3, **kw)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_low_precision_inputs_in_segments(dtype, tol):
+    x = inputs("gla", 100, 2, dtype=dtype)
+    o_ref, S_ref = rk.compile(decl_of("gla"), backend="reference")(*x, output_final_state=True)
+    o1, S1 = run(decl_of("gla"), x, 1, output_final_state=True)
+    o, S = run(decl_of("gla"), x, 4, output_final_state=True)
+    assert o.dtype == dtype and S.dtype == torch.float32
+    assert rel(o, o_ref) < tol and rel(S, S_ref) < tol
+    # the join is fp32: the segmented state is as close to the unsplit one as fp32 goes
+    assert rel(S, S1) < 1e-5 and rel(o, o1) < tol
+
+
+@pytest.mark.parametrize("decl", [v_first_two_gates, gated_erase],
+                         ids=lambda d: d.name)
+def test_declarations_of_our_own_in_segments(decl):
+    """A [V, K] state with gates on both sides (the maps' K and V parts, transposed), and a
+    delta rule with a value-side gate (a WY form whose map is M S a_V)."""
+    x = draw(decl, 90, sizes={"K": 6, "V": 5})
+    kw = dict(initial_state=torch.randn(2, 2, *(6 if d == "K" else 5
+                                                for d in decl.program.state.dims)),
+              output_final_state=True)
+    o_ref, S_ref = rk.compile(decl, backend="reference")(*x, **kw)
+    o, S = run(decl, x, 4, **kw)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+def test_gradients_with_segments_match_the_reference():
+    x = [t.requires_grad_() for t in inputs("gla", 70, 2)]
+    S0 = state("gla", 2).requires_grad_()
+    o, S = run(decl_of("gla"), x, 3, initial_state=S0, output_final_state=True)
+    w = torch.randn_like(o)
+    got = torch.autograd.grad((o * w).sum() + S.sum(), [*x, S0])
+    o, S = rk.compile(decl_of("gla"), backend="reference")(*x, initial_state=S0,
+                                                          output_final_state=True)
+    want = torch.autograd.grad((o * w).sum() + S.sum(), [*x, S0])
+    assert all(rel(a, b) < 1e-5 for a, b in zip(got, want))
+
+
+def test_rotating_state_and_grouped_heads_in_segments():
+    """Derived calls: a rotating state runs its frame's declaration in segments; grouped
+    (GVA) q / k are read at h // G by the segmented kernels too."""
+    from test_rotation import rot_gla
+    x = draw(rot_gla, 80, B=1, H=2, sizes={"K": 6, "V": 5, "P": 3})
+    o_ref, S_ref = rk.compile(rot_gla, backend="reference")(*x, output_final_state=True)
+    o, S = run(rot_gla, x, 3, output_final_state=True)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    q, k, v, g = inputs("gla", 80, 1)
+    q, k = q[:, :, :1], k[:, :, :1]   # one head group of the 2 heads
+    o_ref, _ = rk.compile(decl_of("gla"), backend="reference")(q, k, v, g)
+    assert rel(run(decl_of("gla"), (q, k, v, g), 3)[0], o_ref) < 1e-5
+
+
+def test_segments_knob_is_checked_and_ignored_where_nothing_splits():
+    with pytest.raises(ValueError, match="'segments' must be an int >= 1 or None"):
+        rk.compile(rk.ops.gla, backend="triton", knobs={"segments": 0})
+    with pytest.raises(ValueError, match="'segments'"):
+        rk.compile(rk.ops.gla, backend="triton", knobs={"segments": 2.5})
+    x = inputs("hgrn", 40, 1)   # a scan: a token loop, nothing to split
+    o_ref, _ = rk.compile(decl_of("hgrn"), backend="reference")(*x)
+    assert rel(run(decl_of("hgrn"), x, 4, chunk=None)[0], o_ref) < 1e-5
+
+
+def test_sources_of_the_segmented_state_pass():
+    src = rk.codegen(rk.ops.gla, "triton", sizes={"K": 64, "V": 64},
+                     knobs={"segments": 4})
+    assert "def state_pass_local_kernel(" in src and "def state_pass_kernel(" in src
+    assert "join(env['_sl'], env.get('_gk'), env.get('_gv'))" in src
+    assert "(N * 4 * 3, " in src and "(N * 4 * 4, " in src   # 3 local, 4 joined per head
+    plain = rk.codegen(rk.ops.gla, "triton", sizes={"K": 64, "V": 64})
+    assert "_local_kernel" not in plain and "join(" not in plain
+
+
+@pytest.mark.parametrize("name,varlen,segments", [("gla", True, 3), ("gla", False, 4),
+                                                  pytest.param("gated_delta_rule", False, 3,
+                                                               marks=pytest.mark.slow)])
+def test_model_of_the_segmented_kernels_matches_the_interpreter(name, varlen, segments):
+    from test_traffic import _call
+    decl = getattr(rk.ops, name).decl
+    x, kw = _call(name, varlen)
+    if not varlen:   # enough chunks for a join
+        x = [torch.cat([t, t, t], 1) for t in x]
+    cfg = {"segments": segments}
+    op = rk.compile(decl, backend="triton", chunk=16, knobs=cfg)
+    with count_traffic() as t:
+        op(*x, **kw)
+    model = model_traffic(op.tile_program, bind_call(decl.program, tuple(x), kw),
+                          check_config(cfg))
+    counted = [(k.name, k.read, k.written, k.flops) for k in t.launches if k.kind == "triton"]
+    assert counted == [(k.name, k.read, k.written, k.flops) for k in model.launches
+                       if k.kind == "triton"]
+    names = [k.name for k in model.launches if k.kind == "triton"]
+    assert names[-3:] == ["state_pass_local_kernel", "join_kernel", "state_pass_kernel"]
+
+
+def _meta_call(name, B, T, H, K=128, dtype=torch.bfloat16):
+    decl = getattr(rk.ops, name).decl
+    xs = {}
+    for spec in decl.program.call_inputs:
+        if spec.role == "scalar":
+            xs[spec.name] = 1.0
+        elif spec.role in ("token", "param"):
+            lead = (B, T, H) if spec.role == "token" else (H,)
+            xs[spec.name] = torch.empty(*lead, *(K for _ in spec.dims), dtype=dtype,
+                                        device="meta")
+    op = rk.compile(decl, backend="triton")
+    return op.tile_program, bind_call(decl.program, (), {**xs, "output_final_state": True})
+
+
+def test_the_model_says_when_segments_pay():
+    """One long sequence of few heads: the state pass is a chain of T / C dependent steps
+    on a few of the device's 132 multiprocessors; in segments it pays. A batch that fills
+    the device: it does not, and the automatic choice keeps one segment."""
+    tp, bc = _meta_call("gla", 1, 32768, 4)
+    one = model_traffic(tp, bc, check_config({"segments": 1}))
+    many = model_traffic(tp, bc, check_config({"segments": 16}))
+    assert many.roofline("h100") < 0.5 * one.roofline("h100")
+    assert max(x.serial for x in many.launches) * 8 <= max(x.serial for x in one.launches)
+    assert seg.auto_count(tp, bc, check_config(None)) >= 8
+    tp, bc = _meta_call("gla", 16, 4096, 32)
+    assert seg.auto_count(tp, bc, check_config(None)) == 1
+    assert model_traffic(tp, bc, check_config({"segments": 8})).roofline("h100") > \
+        model_traffic(tp, bc, check_config({"segments": 1})).roofline("h100")
