@@ -12,6 +12,7 @@ from recurkit.backends.triton.runtime import check_config
 from recurkit.backends.triton.traffic import count_traffic
 from recurkit.ir.bind import bind_call
 from test_custom_recurrences import draw
+from cases import matrix_inputs
 from test_lowering import decl_of, inputs, rel, state
 
 
@@ -23,11 +24,19 @@ def v_first_two_gates(S: rk.State["V", "K"], q: rk.Token["K"], k: rk.Token["K"],
 
 
 @rk.recurrence
-def gated_erase(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"], v: rk.Token["V"],
-                g: rk.Token[()], gv: rk.Token["V"], b: rk.Token[()]):
-    S = rk.exp(gv) * (rk.exp(g) * S)          # a head gate and a value-side gate
-    S = S + rk.sigmoid(b) * rk.outer(k, v - k @ S)
+def keyed_erase(S: rk.State["K", "V"], q: rk.Token["K"], k: rk.Token["K"], v: rk.Token["V"],
+                e: rk.Token["K"], gk: rk.Token["K"]):
+    S = rk.exp(gk) * S
+    S = S - rk.outer(e, e @ S) + rk.outer(k, v)   # erase along its own key, not the write's
     return S, q @ S
+
+
+@rk.recurrence
+def v_first_delta(S: rk.State["V", "K"], q: rk.Token["K"], k: rk.Token["K"],
+                  v: rk.Token["V"], b: rk.Token[()], g: rk.Token[()]):
+    S = rk.exp(g) * S
+    S = S + rk.sigmoid(b) * rk.outer(v - S @ k, k)   # a delta rule, the state stored [V, K]
+    return S, S @ q
 
 
 def spy_joins(monkeypatch):
@@ -35,9 +44,9 @@ def spy_joins(monkeypatch):
     seen = []
     real = seg.Joiner.__call__
 
-    def spy(self, SL, GK=None, GV=None):
+    def spy(self, SL, *maps):
         seen.append((self.count, tuple(SL.shape)))
-        return real(self, SL, GK, GV)
+        return real(self, SL, *maps)
     monkeypatch.setattr(seg.Joiner, "__call__", spy)
     return seen
 
@@ -64,25 +73,45 @@ def test_gated_forms_in_segments_match_the_reference(name, segments, T, monkeypa
         assert seen == []
 
 
-@pytest.mark.parametrize("segments", [3, pytest.param(6, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", ["gated_delta_rule", pytest.param("kda",
-                                                                   marks=pytest.mark.slow)])
+def kv_inputs(name, T, B=2, **kw):
+    """Inputs at K = V = 8 (a WY form's local kernel then makes M) and an initial state."""
+    return matrix_inputs(name, B, T, 2, 8, 8, **kw), torch.randn(
+        B, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("segments", [3, 5])
+@pytest.mark.parametrize("name", ["gated_delta_rule", "kda", pytest.param(
+    "dplr_delta_rule", marks=pytest.mark.slow)])
 def test_wy_forms_in_segments_match_the_reference(name, segments, monkeypatch):
+    """K = V: the local kernel carries each segment's product of transitions M beside the
+    state; the host computes no map."""
     seen = spy_joins(monkeypatch)
-    x = inputs(name, 100, 2)
-    kw = dict(initial_state=state(name, 2), output_final_state=True)
+    monkeypatch.setattr(seg, "maps", None)   # the host's maps: not called
+    x, S0 = kv_inputs(name, 100)
+    kw = dict(initial_state=S0, output_final_state=True)
     o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, **kw)
     o, S = run(decl_of(name), x, segments, **kw)
     assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
     assert [c for c, _ in seen] == [segments]
 
 
+def test_wy_form_with_k_not_v_takes_its_maps_from_the_transition_declaration():
+    """K != V: M is not the state's shape; the join's maps come from the transition
+    declaration run over the segments as varlen pieces (``segment_maps``)."""
+    x = inputs("gated_delta_rule", 60, 1)
+    kw = dict(initial_state=state("gated_delta_rule", 1), output_final_state=True)
+    o_ref, S_ref = rk.compile(decl_of("gated_delta_rule"), backend="reference")(*x, **kw)
+    o, S = run(decl_of("gated_delta_rule"), x, 3, **kw)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
 @pytest.mark.parametrize("name", ["gla", "gated_delta_rule"])
 def test_varlen_segments_cross_nothing_and_skip_empty_sequences(name):
     lens = [1, 0, 70, 2, 45, 0]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    x = [t[:1] for t in inputs(name, sum(lens))]
-    kw = dict(initial_state=state(name, len(lens)), output_final_state=True, cu_seqlens=cu)
+    x, _ = kv_inputs(name, sum(lens), 1)
+    S0 = torch.randn(len(lens), 2, 8, 8)
+    kw = dict(initial_state=S0, output_final_state=True, cu_seqlens=cu)
     o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, **kw)
     o, S = run(decl_of(name), x, 4, **kw)
     assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
@@ -92,8 +121,8 @@ def test_varlen_segments_cross_nothing_and_skip_empty_sequences(name):
                          ids=["decay1e-30", "decay1-1e-6"])
 @pytest.mark.parametrize("name", ["gla", "gated_delta_rule"])
 def test_extreme_gates_in_segments(name, gate):
-    x = inputs(name, 100, 1, gate=gate)
-    kw = dict(initial_state=state(name, 1), output_final_state=True)
+    x, S0 = kv_inputs(name, 100, 1, gate=gate)
+    kw = dict(initial_state=S0, output_final_state=True)
     o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(*x, **kw)
     o, S = run(decl_of(name), x, 3, **kw)
     assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
@@ -111,13 +140,17 @@ def test_low_precision_inputs_in_segments(dtype, tol):
     assert rel(S, S1) < 1e-5 and rel(o, o1) < tol
 
 
-@pytest.mark.parametrize("decl", [v_first_two_gates, gated_erase],
-                         ids=lambda d: d.name)
-def test_declarations_of_our_own_in_segments(decl):
-    """A [V, K] state with gates on both sides (the maps' K and V parts, transposed), and a
-    delta rule with a value-side gate (a WY form whose map is M S a_V)."""
-    x = draw(decl, 90, sizes={"K": 6, "V": 5})
-    kw = dict(initial_state=torch.randn(2, 2, *(6 if d == "K" else 5
+@pytest.mark.parametrize("decl,form,V", [(v_first_two_gates, "chunk_gated", 5),
+                                         (keyed_erase, "chunk_wy", 6),
+                                         (v_first_delta, "chunk_wy", 6)],
+                         ids=lambda d: getattr(d, "name", str(d)))
+def test_declarations_of_our_own_in_segments(decl, form, V):
+    """A [V, K] state with gates on both sides (the maps' K and V parts, transposed), a WY
+    form erasing along its own key with a per-key gate, and a delta rule stored [V, K] (the
+    local kernel's M stored transposed)."""
+    assert form in rk.analyze(decl).forms
+    x = draw(decl, 90, sizes={"K": 6, "V": V})
+    kw = dict(initial_state=torch.randn(2, 2, *(6 if d == "K" else V
                                                 for d in decl.program.state.dims)),
               output_final_state=True)
     o_ref, S_ref = rk.compile(decl, backend="reference")(*x, **kw)
@@ -165,15 +198,14 @@ def test_sources_of_the_segmented_state_pass():
     src = rk.codegen(rk.ops.gla, "triton", sizes={"K": 64, "V": 64},
                      knobs={"segments": 4})
     assert "def state_pass_local_kernel(" in src and "def state_pass_kernel(" in src
-    assert "join(env['_sl'], env.get('_gk'), env.get('_gv'))" in src
+    assert "join(env['_sl'], env.get('_gk'), env.get('_gv'), env.get('_mk'))" in src
     assert "(N * 4 * 3, " in src and "(N * 4 * 4, " in src   # 3 local, 4 joined per head
     plain = rk.codegen(rk.ops.gla, "triton", sizes={"K": 64, "V": 64})
     assert "_local_kernel" not in plain and "join(" not in plain
 
 
 @pytest.mark.parametrize("name,varlen,segments", [("gla", True, 3), ("gla", False, 4),
-                                                  pytest.param("gated_delta_rule", False, 3,
-                                                               marks=pytest.mark.slow)])
+                                                  ("gated_delta_rule", False, 3)])
 def test_model_of_the_segmented_kernels_matches_the_interpreter(name, varlen, segments):
     from test_traffic import _call
     decl = getattr(rk.ops, name).decl

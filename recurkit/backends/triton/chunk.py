@@ -24,6 +24,7 @@ from .position_loop import PositionLoops
 from .state_loop import StateLoops
 from .shift_invert import ShiftInvert
 from .prologue import ChunkIO, PrologueRender
+from .segment_pass import SUFFIX, transition_ops
 from .sequential import FLUSH, TRITON_BINARY, TRITON_UNARY, pow2
 
 
@@ -210,6 +211,21 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
                       f"{self.var[name]}.to({ptr}.dtype.element_ty){mk})")
 
     # --- ops --------------------------------------------------------------------------------
+    def product_ops(self, carried: str):
+        """The ops carrying a WY form's M beside the state (``segment_pass``), or None where
+        the local kernel cannot make it (K != V, or an op it does not read so)."""
+        from ...lowering.analysis import analyze
+        rec = analyze(self.tp.meta["program"])
+        if rec.kdim is None or self.size(rec.kdim) != self.size(rec.vdim):
+            return None
+        need = {carried}
+        for op in reversed(self.st.ops):
+            if op.out in need:
+                need.update(op.args)
+        axes = {**self.inputs, **{op.out: tuple(op.axes) for op in self.st.ops}}
+        return transition_ops(self.st.ops, carried, need, rec.vdim,
+                              lambda a: axes.get(a, ()))
+
     def cond(self, mask: str, axes) -> str:
         return f"{self.ar('i', axes)} {'>=' if mask == 'i>=j' else '>'} {self.ar('j', axes)}"
 
@@ -291,6 +307,7 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         # every segment from that, writing the outputs and (the last) the final state
         segs = flags.get("segments", 1) if loop else 1
         phase = flags.get("phase") if segs > 1 else None
+        mops, sums = None, []   # what a local kernel carries for the segments' maps
         L += ["    pid = tl.program_id(0)", "    pv = tl.program_id(1)"]
         if phase:
             ns = segs - 1 if phase == "local" else segs
@@ -329,10 +346,15 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
                 self.load(carried, "SL", f"nh * {segs - 1} + tl.maximum(sg - 1, 0)", 1,
                           only="sg > 0", times=segs - 1)
                 self.emit(carried, sd, f"{v0} + {self.var[carried]}", 1)
-            sums = []   # gated forms: the local segments' summed log-gates, their maps
-            if phase == "local" and flags.get("gate_sums"):
+            if phase == "local" and flags.get("wy_product"):   # WY: M's ops, M from I
+                mops = self.product_ops(carried)
+            if mops:
+                self.emit(carried + SUFFIX, sd, f"tl.where({self.ar(sd[0], sd)} == "
+                          f"{self.ar(sd[1], sd)}, 1.0, 0.0)", 1)
+                vm = self.var[carried + SUFFIX]
+            if phase == "local":   # a WY form's K-side gate is in M (or the host's)
                 for g, ptr in (("log_gate_k", "GK"), ("log_gate_v", "GV")):
-                    if g in self.io.values:
+                    if g in self.io.values and ptr[1] in flags.get("gate_sums", ""):
                         dims = tuple(self.io.values[g].dims)
                         sums.append((g, ptr, dims, f"gsum_{ptr}"))
                         L.append(f"    gsum_{ptr} = {self.full(dims)}")
@@ -423,7 +445,13 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         if plan is None:
             for op in st.ops:
                 body(op)
-            for g, _, dims, acc in sums if loop else ():
+            for op in mops or ():
+                self.ensure([a for a in op.args if not a.endswith(SUFFIX)], ind)
+                self.op(op, ind)
+            if mops:
+                L.append("    " * ind + f"{vm} = {self.to(carried + SUFFIX, sd)}")
+                self.var[carried + SUFFIX] = vm
+            for g, _, dims, acc in sums:
                 self.ensure([g], ind)
                 x = self.to(g, ("i", *dims))
                 L.append("    " * ind + f"{acc} = {acc} + tl.reduce({x}, 0, _add)")
@@ -441,6 +469,10 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
                 for _, ptr, dims, acc in sums:
                     self.var[acc], self.axes[acc] = acc, dims
                     self.store(acc, ptr, f"nh * {segs - 1} + sg", 1, times=segs - 1)
+                if mops:
+                    self.axes[carried + SUFFIX] = sd
+                    self.store(carried + SUFFIX, "MK", f"nh * {segs - 1} + sg", 1,
+                               times=segs - 1)
             elif flags["has_sf"]:
                 self.store(carried, "SF", "nh", 1, only=f"sg == {segs - 1}" if phase else None)
         params = sorted(self.used, key=_param_order)
@@ -450,7 +482,7 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         return "\n".join(head + L), params
 
 
-FIXED = ("O", "S0", "SL", "GK", "GV", "SF", "DSF", "DS0", "CU")
+FIXED = ("O", "S0", "SL", "GK", "GV", "MK", "SF", "DSF", "DS0", "CU")
 
 
 def _param_order(name: str) -> tuple[int, int]:

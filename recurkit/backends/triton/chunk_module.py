@@ -79,7 +79,9 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     C = opt.chunk
     flags = {"varlen": varlen, "has_s0": has_s0, "has_sf": has_sf and not adjoint,
              "has_dsf": has_dsf, "segments": segments,
-             "gate_sums": opt.form == "chunk_gated"}   # the segments' maps, in the kernel
+             # the segments' maps, in the local kernel: summed log-gates, a WY form's M
+             "gate_sums": "KV" if opt.form == "chunk_gated" else "V",
+             "wy_product": opt.form == "chunk_wy"}
     if segments > 1 and adjoint:
         raise ValueError("in-GPU segments split a forward program's state pass only")
     fp32 = _gate_only(opt)
@@ -104,17 +106,20 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
             sd = ", ".join(str(sizes[d]) for d in opt.meta["program"].state.dims)
             alloc.append(f"    env['_sl'] = torch.empty((N, {H}, {segments - 1}, {sd}), "
                          "device=o.device, dtype=torch.float32)")
-            for ptr in ("GK", "GV"):   # the local segments' summed log-gates
+            for ptr in ("GK", "GV", "MK"):   # the local segments' maps
                 if ptr in params:
-                    g = opt.prologue["log_gate_" + ptr[1].lower()]
-                    dims = "".join(f", {sizes[d]}" for d in g.dims)
+                    dims = opt.meta["program"].state.dims if ptr == "MK" else \
+                        opt.prologue["log_gate_" + ptr[1].lower()].dims
+                    dims = "".join(f", {sizes[d]}" for d in dims)
                     alloc.append(f"    env['_{ptr.lower()}'] = torch.empty((N, {H}, "
                                  f"{segments - 1}{dims}), device=o.device, "
                                  "dtype=torch.float32)")
+            io.maps_in_kernel = opt.form == "chunk_gated" or "MK" in params
             _record(io, gen, f"{st.name}_local_kernel", segments - 1, "local")
             calls.append(_call(f"{st.name}_local_kernel", f"(N * {H} * {segments - 1}, "
                                f"{gen.nsplit()})", params, bufs, cfg))
-            calls.append("    join(env['_sl'], env.get('_gk'), env.get('_gv'))")
+            calls.append("    join(env['_sl'], env.get('_gk'), env.get('_gv'), "
+                         "env.get('_mk'))")
         gen = _StageGen(st, opt, sizes, H, stage_inputs(st, known), gcfg, io)
         gen.dot = dot
         if late and st is opt.stages[-1]:
@@ -190,7 +195,7 @@ def _arg(p: str, bufs: dict[str, str]) -> str:
     if p[0] == "O" and p[1:].isdigit():
         return f"os[{p[1:]}]"
     return {"O": "o", "S0": "s0", "SF": "sf", "DSF": "dsf", "DS0": "ds0", "CU": "cu",
-            "SL": "env['_sl']", "GK": "env['_gk']", "GV": "env['_gv']"}[p]
+            "SL": "env['_sl']", "GK": "env['_gk']", "GV": "env['_gv']", "MK": "env['_mk']"}[p]
 
 
 def model_traffic(tp: TileProgram, bc, cfg: dict):
@@ -276,6 +281,6 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
         launches.append(Launch("triton", k["name"], read, written, flops,
                                programs=programs, serial=serial))
         if k.get("phase") == "local" and segs > 2:
-            made, join = join_model(tp, bc, segs, cfg)
+            made, join = join_model(tp, bc, segs, cfg, io.maps_in_kernel)
             launches = made + launches + [join]   # the maps are made before the launch
     return Traffic(launches)

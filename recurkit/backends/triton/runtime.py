@@ -238,7 +238,7 @@ def run_triton_chunked(tp: TileProgram, bc: BoundCall, config: dict | None = Non
     cu = bc.cu_seqlens_tensor if varlen else None
     if cu is not None and cu.device != bc.device:
         cu = cu.to(bc.device)
-    join = (Joiner(tp, bc, segs, cfg, interpret),) if segs > 1 else ()
+    join = (Joiner(tp, bc, segs, cfg, interpret, io.maps_in_kernel),) if segs > 1 else ()
     _launch(mod, interpret, xs, fs, scs, o, s0, sf, cu, N, nc, bc.T,
             intermediate_dtype(bc, cfg), *join)
     return o, sf

@@ -34,13 +34,14 @@ import triton.language as tl
 
 @triton.jit
 def join_kernel(SL, LEFT, AV, H, S1, MS, K: tl.constexpr, V: tl.constexpr,
-                KFIRST: tl.constexpr, FULL: tl.constexpr, LOG: tl.constexpr,
-                KW: tl.constexpr, VW: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                KB: tl.constexpr):
+                KFIRST: tl.constexpr, FULL: tl.constexpr, MT: tl.constexpr,
+                LOGK: tl.constexpr, LOGV: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr):
     """SL [N, H, S1, state]: for j = 1 .. S1 - 1, SL[j] = P_j(SL[j - 1]) + SL[j]. The map
     of segment j of (sequence, head) nh sits at row nh * MS + j of LEFT and AV: LEFT [., KW]
-    (KW = 0: none; 1: one value; FULL: [., K, K]), AV [., VW]; LOG: they hold summed
-    log-gates (exponentiated here). A program per (sequence, head) and block of V."""
+    (KW = 0: none; 1: one value; FULL: M [., K, K], MT: stored transposed), AV [., VW];
+    LOGK / LOGV: they hold summed log-gates (exponentiated here). A program per (sequence,
+    head) and block of V."""
     nh = tl.program_id(0).to(tl.int64)
     pv = tl.program_id(1)
     k = tl.arange(0, BK)
@@ -61,8 +62,12 @@ def join_kernel(SL, LEFT, AV, H, S1, MS, K: tl.constexpr, V: tl.constexpr,
             for kb in range(0, K, KB):
                 kk = kb + tl.arange(0, KB)
                 mkk = kk < K
-                m = tl.load(LEFT + row * K * K + k[:, None] * K + kk[None, :],
-                            mask=mk[:, None] & mkk[None, :], other=0.0)
+                if MT:
+                    at = kk[None, :] * K + k[:, None]
+                else:
+                    at = k[:, None] * K + kk[None, :]
+                m = tl.load(LEFT + row * K * K + at, mask=mk[:, None] & mkk[None, :],
+                            other=0.0)
                 if KFIRST:
                     prev = base + (j - 1) * K * V + kk[:, None] * V + v[None, :]
                 else:
@@ -72,10 +77,10 @@ def join_kernel(SL, LEFT, AV, H, S1, MS, K: tl.constexpr, V: tl.constexpr,
             st = acc
         elif KW > 0:
             a = tl.load(LEFT + row * KW + (k if KW > 1 else k * 0), mask=mk, other=0.0)
-            st = st * (tl.exp(a) if LOG else a)[:, None]
+            st = st * (tl.exp(a) if LOGK else a)[:, None]
         if VW > 0:
             a = tl.load(AV + row * VW + (v if VW > 1 else v * 0), mask=mv, other=0.0)
-            st = st * (tl.exp(a) if LOG else a)[None, :]
+            st = st * (tl.exp(a) if LOGV else a)[None, :]
         st = st + tl.load(base + j * K * V + off, mask=m2, other=0.0)
         tl.store(base + j * K * V + off, st, mask=m2)
         tl.debug_barrier()   # the next segment reads this one back (FULL)
@@ -124,18 +129,20 @@ def pieces(bc, C: int, count: int) -> Pieces:
 
 
 class Joiner:
-    """``join(SL, GK, GV)`` for a chunk module's ``launch``: applies every segment's map in
-    place with ``join_kernel``. A gated form's maps are the summed log-gates the local kernel
-    stored (GK, GV); a WY form's are computed when the Joiner is made
-    (``segment_maps.maps``: the transition declaration's Triton chunk form)."""
+    """``join(SL, GK, GV, MK)`` for a chunk module's ``launch``: applies every segment's map
+    in place with ``join_kernel``. The maps are those the local kernel stored where it makes
+    them (``segment_pass``: summed log-gates GK / GV, a WY form's product MK), else (a WY
+    form it cannot make M for) computed when the Joiner is made (``segment_maps.maps``: the
+    transition declaration's Triton chunk form)."""
 
-    def __init__(self, tp, bc, count: int, cfg: dict, interpret: bool):
+    def __init__(self, tp, bc, count: int, cfg: dict, interpret: bool,
+                 in_kernel: bool = True):
         self.count, self.interpret, self.H = count, interpret, bc.H
         rec = analyze(bc.program)
         self.K, self.V = bc.sizes[rec.kdim], bc.sizes[rec.vdim]
         self.kfirst = bc.program.state.dims[0] == rec.kdim
         self.maps = None
-        if count > 2 and tp.form == "chunk_wy":   # two segments: no map is needed
+        if count > 2 and not in_kernel:   # two segments: no map is needed
             M, av = maps(rec, bc, pieces(bc, tp.chunk, count), _transition_runner(cfg))
             N = bc.N   # [N * count, H, ...] -> [N, H, count, ...]: row nh * count + j
             self.maps = [x.reshape(N, count, bc.H, *x.shape[2:]).transpose(1, 2).contiguous()
@@ -148,25 +155,24 @@ class Joiner:
         bv = min(32, max(16, 1 << (V - 1).bit_length()))
         return bk, bv, 16 if bk >= 128 else min(bk, 32)
 
-    def __call__(self, SL: torch.Tensor, GK=None, GV=None) -> None:
+    def __call__(self, SL: torch.Tensor, GK=None, GV=None, MK=None) -> None:
         if self.count <= 2:
             return
         from .runtime import load_module
         mod = load_module(JOIN_SOURCE, self.interpret)
         bk, bv, kb = self.blocks_for(self.K, self.V)
-        if self.maps is not None:   # WY: M [K, K], a_V
+        if self.maps is not None:   # WY, from the host: M [K, K] and a_V
             left, av = self.maps
-            rows, log, kw, vw = self.count, False, self.K, self.V
-        else:   # gated: summed log-gates of the local segments, K side and V side
-            left, av, rows, log = GK, GV, self.count - 1, True
-            kw = 0 if GK is None else GK[0, 0, 0].numel()
-            vw = 0 if GV is None else GV[0, 0, 0].numel()
-            left = SL if left is None else left   # unread
-            av = SL if av is None else av
+            rows, full, mt, vlog, vw = self.count, True, False, False, self.V
+        else:   # from the local kernel: M (stored as the state) or log-gates, and a_V's logs
+            rows, full, mt, vlog = self.count - 1, MK is not None, not self.kfirst, True
+            left = MK if MK is not None else GK
+            av, vw = GV, (0 if GV is None else GV[0, 0, 0].numel())
+        kw = 0 if left is None else self.K if full else left[0, 0, 0].numel()
         mod.join_kernel[(SL.shape[0] * self.H, -(-self.V // bv))](
-            SL, left, av, self.H, self.count - 1, rows, K=self.K, V=self.V,
-            KFIRST=self.kfirst, FULL=self.maps is not None, LOG=log, KW=kw, VW=vw, BK=bk,
-            BV=bv, KB=kb, num_warps=4)
+            SL, SL if left is None else left, SL if av is None else av, self.H,
+            self.count - 1, rows, K=self.K, V=self.V, KFIRST=self.kfirst, FULL=full, MT=mt,
+            LOGK=True, LOGV=vlog, KW=kw, VW=vw, BK=bk, BV=bv, KB=kb, num_warps=4)
 
 
 def _transition_runner(cfg: dict, model: list | None = None):
@@ -209,18 +215,18 @@ def _meta(bc):
                    cu_seqlens_tensor=None)
 
 
-def join_model(tp, bc, count: int, cfg: dict):
+def join_model(tp, bc, count: int, cfg: dict, in_kernel: bool = True):
     """(the launches that make the maps, the join kernel's) of a call in ``count`` > 2
-    segments, as ``chunk_module.model_traffic`` models kernels. A gated form's maps come
-    from the local kernel (none made); a WY form's: the torch ops that feed the transition
-    declaration, counted on meta tensors, and its chunk kernels, modelled. The join reads
-    the local states and maps and writes the states entering the segments."""
+    segments, as ``chunk_module.model_traffic`` models kernels. Maps the local kernel makes
+    (``in_kernel``) need no launch; a WY form's from the host: the torch ops that feed the
+    transition declaration, counted on meta tensors, and its chunk kernels, modelled. The
+    join reads the local states and maps and writes the states entering the segments."""
     from .traffic import Launch, Traffic, _TorchOps
     rec = analyze(bc.program)
     K, V = bc.sizes[rec.kdim], bc.sizes[rec.vdim]
     made = Traffic()
     trans: list = []
-    if tp.form == "chunk_wy":
+    if tp.form == "chunk_wy" and not in_kernel:
         mc = _meta(bc)
         with _TorchOps(made):
             maps(rec, mc, pieces(mc, tp.chunk, count), _transition_runner(cfg, trans))
@@ -232,7 +238,8 @@ def join_model(tp, bc, count: int, cfg: dict):
         left, flops = nv * K * K + K * V, nv * 2 * bk * (-(-K // kb) * kb) * bv
     else:
         left, flops = (nv * K if "log_gate_k" in tp.prologue else 0), 0
-    av = V if tp.form == "chunk_wy" or "log_gate_v" in tp.prologue else 0
+    av = V if (tp.form == "chunk_wy" and not in_kernel) or "log_gate_v" in tp.prologue \
+        else 0
     join = Launch("triton", "join_kernel", 4 * N * H * (K * V + steps * (left + av + K * V)),
                   4 * N * H * steps * K * V, N * H * steps * flops,
                   programs=N * H * nv, serial=steps)
