@@ -253,3 +253,19 @@ def test_the_model_says_when_segments_pay():
     assert seg.auto_count(tp, bc, check_config(None)) == 1
     assert model_traffic(tp, bc, check_config({"segments": 8})).roofline("h100") > \
         model_traffic(tp, bc, check_config({"segments": 1})).roofline("h100")
+
+
+def test_the_autotuner_knows_segments():
+    """The GPU tuning space has segment counts, and with no GPU here the autotuner ranks
+    candidates by the modelled time, which prefers segments for a long single sequence."""
+    from recurkit import backends
+    from recurkit.autotune.space import config_space
+    p = rk.ops.gated_delta_rule.decl.program
+    space = config_space(p, "cuda", "quick")
+    # the default candidate (no knobs: segments chosen per call) and counts 1 and 8
+    assert {c.knob_dict.get("segments") for c in space if c.form == "chunk_wy"} == {None, 1, 8}
+    tb = backends.get("triton")
+    shape = {"B": 1, "T": 32768, "H": 4, "N": 1, "sizes": {"K": 128, "V": 128}}
+    secs = {s: tb.model_seconds(p, "chunk_wy", 32, {"segments": s}, shape, "bfloat16", "h100")
+            for s in (1, 16)}
+    assert secs[16] < 0.5 * secs[1]

@@ -89,7 +89,10 @@ class TritonBackend(Backend):
         if form in ("sequential", "scan"):
             return [(None, {"block_v": bv, "num_warps": w})
                     for bv in ((32, 64) if quick else (16, 32, 64, 128)) for w in (2, 4, 8)]
-        return [(c, {"num_warps": w, "num_stages": s, "block_v": bv})
+        # segments: the state pass split along T (``segments.py``), for calls with too few
+        # (sequence, head) pairs to fill the device
+        return [(c, {"num_warps": w, "num_stages": s, "block_v": bv, "segments": sg})
+                for sg in ((1, 8) if quick else (1, 4, 16))
                 for c in ((16, 32) if quick else (16, 32, 64))
                 for w in ((4, 8) if quick else (4, 8, 16))
                 for s in ((2,) if quick else (1, 2, 3))
