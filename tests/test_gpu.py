@@ -104,6 +104,25 @@ def test_varlen_with_segments_shorter_than_a_chunk(name, form, chunk):
     check(name, form, chunk, 200, cu=(0, 1, 4, 4, 70, 71, 200))
 
 
+@pytest.mark.parametrize("segments", [3, 8])
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule", "kda", "dplr_delta_rule"])
+def test_segments_of_the_state_pass(name, segments):
+    """The state pass split along T (``backends/triton/segments.py``), compiled: at K != V
+    (a WY form's maps from the transition declaration), in varlen, and at K = V (M made by
+    the local kernel)."""
+    form = forms(name)[0]
+    knobs = {**EXACT, "segments": segments}
+    check(name, form, 32, 1000, Bn=2, knobs=knobs)
+    check(name, form, 32, 1000, cu=(0, 1, 4, 4, 700, 701, 1000), knobs=knobs)
+    xs = draw(decl_of(name), 1000, B=2, H=H, sizes={"K": 64, "V": 64})
+    kw = dict(initial_state=torch.randn(2, H, 64, 64) * 0.5, output_final_state=True)
+    o_ref, S_ref = rk.compile(decl_of(name), backend="reference")(**xs, **kw)
+    gx, gkw = on_gpu(xs, kw)
+    o, S = rk.compile(decl_of(name), backend="triton", form=form, chunk=32,
+                      knobs=knobs)(**gx, **gkw)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
 @pytest.mark.parametrize("gate", [(-69.0, -69.0), (-1e-6, -1e-6)], ids=["decay1e-30",
                                                                        "decay1-1e-6"])
 @pytest.mark.parametrize("name", ["simple_gla", "gla", "gated_delta_rule", "kda", "hgrn"])

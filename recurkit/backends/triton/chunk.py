@@ -24,7 +24,8 @@ from .position_loop import PositionLoops
 from .state_loop import StateLoops
 from .shift_invert import ShiftInvert
 from .prologue import ChunkIO, PrologueRender
-from .segment_pass import SUFFIX, transition_ops
+from .kernel_io import KernelIO
+from .segment_pass import SegmentPass
 from .sequential import FLUSH, TRITON_BINARY, TRITON_UNARY, pow2
 
 
@@ -32,7 +33,8 @@ def _var(name: str) -> str:
     return "v_" + re.sub(r"\W", "_", name.replace("'", "p"))
 
 
-class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, ShiftInvert):
+class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, ShiftInvert,
+                SegmentPass, KernelIO):
     def __init__(self, st: Stage, tp: TileProgram, sizes: dict[str, int], H: int,
                  inputs: dict[str, tuple[str, ...]], cfg: dict, io: ChunkIO):
         self.st, self.tp, self.C, self.H, self.io = st, tp, tp.chunk, H, io
@@ -147,85 +149,13 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
             if src in self.var:
                 self.var[name], self.axes[name] = self.var[src], self.axes[src]
 
-    # --- what the kernel moves, for the traffic model (``chunk_module.model_traffic``) -------
-    def per_chunk(self, ind: int) -> bool:
-        return self.st.kind == "chunk" or ind >= 2
-
-    def note(self, kind: str, ptr: str, axes: tuple[str, ...], ind: int,
-             by_token: bool = False, times: int = 1) -> None:
-        """A load or store of a block over ``axes`` (all of each axis over the kernel's
-        programs; a split axis' blocks together cover it once), ``times`` per (sequence,
-        head) (a state per segment)."""
-        copies = self.nsplit() if kind == "r" and self.split and self.split not in axes else 1
-        copies *= times
-        rec = (kind, ptr, tuple(a.rstrip("'") for a in axes), self.per_chunk(ind), by_token,
-               copies)
-        if not (kind == "r" and self.reread and rec in self.accesses):
-            self.accesses.append(rec)
-
-    def note_dot(self, M: int, N: int, K: int, ind: int) -> None:
-        rep = -(-self.size(self.kctx[0]) // self.kctx[1]) if self.kctx else 1
-        self.dots.append((2 * M * N * K * rep * self.nsplit(), self.per_chunk(ind)))
-
     def emit(self, out: str, axes: tuple[str, ...], expr: str, ind: int) -> None:
         self.n += 1
         v = f"{_var(out)}_{self.n}"
         self.L.append("    " * ind + f"{v} = {expr}")
         self.var[out], self.axes[out] = v, tuple(axes)
 
-    def read(self, name: str, ind: int) -> None:
-        """A stage input: a prologue value computed here, or a buffer of an earlier stage."""
-        if name in self.io.values:
-            self.prologue_value(name, ind)
-        elif name in self.ptrs:
-            self.load(name, *self.ptrs[name], ind)
-
-    def load(self, name: str, ptr: str, lead: str, ind: int, only: str | None = None,
-             times: int = 1) -> None:
-        """``name`` read from ``ptr`` (row ``lead``); ``only``: a condition on the program
-        (a scalar) under which it is read, else it is zeros."""
-        axes = self.inputs[name]
-        off, m, numel = self.offset(axes)
-        if only:
-            cond = f"(({off}) * 0 + {only})"   # a block-shaped mask
-            m = f"({m}) & {cond}" if m else cond
-        mk = f", mask={m}, other=0.0" if m else ""
-        self.used.add(ptr)
-        self.note("r", ptr, axes, ind, times=times)
-        self.emit(name, axes, f"tl.load({ptr} + ({lead}) * {numel} + {off}{mk})"
-                  ".to(tl.float32)", ind)
-
-    def store(self, name: str, ptr: str, lead: str, ind: int, only: str | None = None,
-              times: int = 1) -> None:
-        axes = self.axes[name]
-        off, m, numel = self.offset(axes)
-        conds = [only] if only else []
-        if self.split and self.split not in axes:   # computed alike by every column block
-            conds.insert(0, "pv == 0")
-        for x in conds:   # ``x``: "<scalar> <comparison> <int>", made block-shaped
-            m = f"({m}) & (({off}) * 0 + {x})" if m else f"(({off}) * 0 + {x})"
-        mk = f", mask={m}" if m else ""
-        self.used.add(ptr)
-        self.note("w", ptr, axes, ind, times=times)
-        self.L.append("    " * ind + f"tl.store({ptr} + ({lead}) * {numel} + {off}, "
-                      f"{self.var[name]}.to({ptr}.dtype.element_ty){mk})")
-
     # --- ops --------------------------------------------------------------------------------
-    def product_ops(self, carried: str):
-        """The ops carrying a WY form's M beside the state (``segment_pass``), or None where
-        the local kernel cannot make it (K != V, or an op it does not read so)."""
-        from ...lowering.analysis import analyze
-        rec = analyze(self.tp.meta["program"])
-        if rec.kdim is None or self.size(rec.kdim) != self.size(rec.vdim):
-            return None
-        need = {carried}
-        for op in reversed(self.st.ops):
-            if op.out in need:
-                need.update(op.args)
-        axes = {**self.inputs, **{op.out: tuple(op.axes) for op in self.st.ops}}
-        return transition_ops(self.st.ops, carried, need, rec.vdim,
-                              lambda a: axes.get(a, ()))
-
     def cond(self, mask: str, axes) -> str:
         return f"{self.ar('i', axes)} {'>=' if mask == 'i>=j' else '>'} {self.ar('j', axes)}"
 
@@ -300,18 +230,13 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         outs = [n for n in st.outputs if n != carried and n not in known]
         L = self.L
         loop = st.kind == "loop"
-        # in-GPU segments (``segments`` > 1): the state pass runs as two kernels, a program
-        # per (sequence, head, segment): "local" runs every segment but the last from a zero
-        # state (the first from the initial state) and stores its final state, SL, which
-        # the host's join turns into the state entering the next segment; "joined" runs
-        # every segment from that, writing the outputs and (the last) the final state
+        # in-GPU segments: a state pass as a "local" or "joined" kernel (``segment_pass``)
         segs = flags.get("segments", 1) if loop else 1
         phase = flags.get("phase") if segs > 1 else None
-        mops, sums = None, []   # what a local kernel carries for the segments' maps
+        self.seg = (segs, phase, None, [], None)   # + M's ops, summed gates, M's variable
         L += ["    pid = tl.program_id(0)", "    pv = tl.program_id(1)"]
         if phase:
-            ns = segs - 1 if phase == "local" else segs
-            L += [f"    nh = (pid // {ns}).to(tl.int64)", f"    sg = pid % {ns}"]
+            L += self.segment_programs()
         else:
             L += ["    nh = pid.to(tl.int64)"] if loop else [
                 "    p = pid.to(tl.int64)", "    c = p % NC", "    nh = p // NC"]
@@ -319,8 +244,8 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         if flags["varlen"]:   # the sequence's first token and the one past its last
             self.used.add("CU")
             runs = (segs - 1 if phase == "local" else segs) if phase else 1
-            self.note("r", "CU", (), 1, times=runs)
-            self.note("r", "CU", (), 1, times=runs)
+            for _ in range(2):
+                self.note("r", "CU", (), 1, times=runs)
             L += ["    bos = tl.load(CU + n).to(tl.int64)",
                   "    eos = tl.load(CU + n + 1).to(tl.int64)"]
         else:
@@ -341,27 +266,8 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
                 self.load(carried, src[0], "nh", 1, only=first)
             else:
                 self.emit(carried, sd, self.full(sd), 1)
-            if phase == "joined":   # the state entering a later segment: the join's
-                v0 = self.var[carried]
-                self.load(carried, "SL", f"nh * {segs - 1} + tl.maximum(sg - 1, 0)", 1,
-                          only="sg > 0", times=segs - 1)
-                self.emit(carried, sd, f"{v0} + {self.var[carried]}", 1)
-            if phase == "local" and flags.get("wy_product"):   # WY: M's ops, M from I
-                mops = self.product_ops(carried)
-            if mops:
-                self.emit(carried + SUFFIX, sd, f"tl.where({self.ar(sd[0], sd)} == "
-                          f"{self.ar(sd[1], sd)}, 1.0, 0.0)", 1)
-                vm = self.var[carried + SUFFIX]
-            if phase == "local":   # a WY form's K-side gate is in M (or the host's)
-                for g, ptr in (("log_gate_k", "GK"), ("log_gate_v", "GV")):
-                    if g in self.io.values and ptr[1] in flags.get("gate_sums", ""):
-                        dims = tuple(self.io.values[g].dims)
-                        sums.append((g, ptr, dims, f"gsum_{ptr}"))
-                        L.append(f"    gsum_{ptr} = {self.full(dims)}")
-            if phase:   # the segment's chunks: the sequence's split as evenly as they go
-                L += [f"    per = ((eos - bos + {C - 1}) // {C} + {segs - 1}) // {segs}",
-                      f"    c_hi = tl.minimum(sg * per + per, (eos - bos + {C - 1}) // {C})",
-                      "    for c in range(sg * per, c_hi):"]
+            if phase:
+                self.segment_entry(carried, sd, flags)
             elif st.reverse:
                 L += ["    for cr in range(0, NC):", "        c = NC - 1 - cr"]
             else:
@@ -380,14 +286,7 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         ploops, lazy = self.position_loops() if not loop else (set(), set())
         live = self.live(done, carried) if groups else {op.out for op in st.ops}
         if phase == "local":   # only what the state needs: no outputs, no buffers
-            outs, need = [], {carried}
-            for op in reversed(st.ops):
-                if op.out in need:
-                    need.update(op.args)
-                    if op.op == "load":
-                        need.add(op.attr("value"))
-            live &= need
-            groups = {k: g for k, g in groups.items() if any(op.out in need for op, _ in g)}
+            outs, live, groups = [], *self.state_only(carried, live, groups)
         # an output that only renames a value is stored as soon as that value exists, so
         # that it is not held in registers to the end of the kernel
         alias = {op.out: op for op in st.ops if op.op in ("rename", "load")}
@@ -445,16 +344,8 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
         if plan is None:
             for op in st.ops:
                 body(op)
-            for op in mops or ():
-                self.ensure([a for a in op.args if not a.endswith(SUFFIX)], ind)
-                self.op(op, ind)
-            if mops:
-                L.append("    " * ind + f"{vm} = {self.to(carried + SUFFIX, sd)}")
-                self.var[carried + SUFFIX] = vm
-            for g, _, dims, acc in sums:
-                self.ensure([g], ind)
-                x = self.to(g, ("i", *dims))
-                L.append("    " * ind + f"{acc} = {acc} + tl.reduce({x}, 0, _add)")
+            if phase == "local":
+                self.segment_step(carried, sd, ind)
         else:   # the state blocks a block of V at a time
             self.split_by_state_loop(plan, body, outs, stored, put, store_ready, lazy, ind)
         if self.late:
@@ -464,15 +355,8 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
             self.var[carried], self.axes[carried] = v, sd
             if adjoint:   # the initial state's cotangent
                 self.store(carried, "DS0", "nh", 1)
-            elif phase == "local":
-                self.store(carried, "SL", f"nh * {segs - 1} + sg", 1, times=segs - 1)
-                for _, ptr, dims, acc in sums:
-                    self.var[acc], self.axes[acc] = acc, dims
-                    self.store(acc, ptr, f"nh * {segs - 1} + sg", 1, times=segs - 1)
-                if mops:
-                    self.axes[carried + SUFFIX] = sd
-                    self.store(carried + SUFFIX, "MK", f"nh * {segs - 1} + sg", 1,
-                               times=segs - 1)
+            elif phase == "local":   # the segment's state and maps
+                self.segment_exit(carried, sd)
             elif flags["has_sf"]:
                 self.store(carried, "SF", "nh", 1, only=f"sg == {segs - 1}" if phase else None)
         params = sorted(self.used, key=_param_order)

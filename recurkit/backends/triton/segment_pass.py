@@ -55,3 +55,96 @@ def transition_ops(ops: list[TileOp], carried: str, need: set[str], vdim: str,
         m[op.out] = name
         out.append(new)
     return out if out and out[-1].out == carried + SUFFIX else None
+
+
+class SegmentPass:
+    """Mixin of the chunk stage generator (``chunk._StageGen``) for a segmented state pass:
+    ``self.seg`` = (segments, phase, M's ops, summed gates, M's variable); "local" runs every
+    segment but the last from a zero state (the first from the initial state) and stores its
+    final state (SL) and maps (GK, GV, MK); "joined" runs every segment from the state the
+    join made (SL), writing the outputs and (the last) the final state."""
+
+    def segment_programs(self) -> list[str]:
+        segs, phase = self.seg[:2]
+        ns = segs - 1 if phase == "local" else segs
+        return [f"    nh = (pid // {ns}).to(tl.int64)", f"    sg = pid % {ns}"]
+
+    def segment_entry(self, carried: str, sd: tuple[str, ...], flags: dict) -> None:
+        """After the initial state's load: the state entering a joined segment, a local
+        kernel's maps started (M from I, gate sums from 0), and the loop over the segment's
+        chunks (the sequence's split as evenly as they go)."""
+        segs, phase, _, sums, _ = self.seg
+        C, L = self.C, self.L
+        mops, vm = None, None
+        if phase == "joined":
+            v0 = self.var[carried]
+            self.load(carried, "SL", f"nh * {segs - 1} + tl.maximum(sg - 1, 0)", 1,
+                      only="sg > 0", times=segs - 1)
+            self.emit(carried, sd, f"{v0} + {self.var[carried]}", 1)
+        else:
+            mops = self.product_ops(carried) if flags.get("wy_product") else None
+            if mops:
+                self.emit(carried + SUFFIX, sd, f"tl.where({self.ar(sd[0], sd)} == "
+                          f"{self.ar(sd[1], sd)}, 1.0, 0.0)", 1)
+                vm = self.var[carried + SUFFIX]
+            for g, ptr in (("log_gate_k", "GK"), ("log_gate_v", "GV")):   # a WY form's
+                if g in self.io.values and ptr[1] in flags.get("gate_sums", ""):   # K side
+                    dims = tuple(self.io.values[g].dims)                          # is in M
+                    sums.append((g, ptr, dims, f"gsum_{ptr}"))
+                    L.append(f"    gsum_{ptr} = {self.full(dims)}")
+        self.seg = (segs, phase, mops, sums, vm)
+        L += [f"    per = ((eos - bos + {C - 1}) // {C} + {segs - 1}) // {segs}",
+              f"    c_hi = tl.minimum(sg * per + per, (eos - bos + {C - 1}) // {C})",
+              "    for c in range(sg * per, c_hi):"]
+
+    def state_only(self, carried: str, live: set[str], groups: dict):
+        """(live, groups) of a local kernel: what the state's update needs."""
+        need = {carried}
+        for op in reversed(self.st.ops):
+            if op.out in need:
+                need.update(op.args)
+                if op.op == "load":
+                    need.add(op.attr("value"))
+        return live & need, {k: g for k, g in groups.items()
+                             if any(op.out in need for op, _ in g)}
+
+    def segment_step(self, carried: str, sd: tuple[str, ...], ind: int) -> None:
+        """A local kernel's maps after a chunk: M's update, the chunk's summed log-gates."""
+        _, _, mops, sums, vm = self.seg
+        for op in mops or ():
+            self.ensure([a for a in op.args if not a.endswith(SUFFIX)], ind)
+            self.op(op, ind)
+        if mops:
+            self.L.append("    " * ind + f"{vm} = {self.to(carried + SUFFIX, sd)}")
+            self.var[carried + SUFFIX] = vm
+        for g, _, dims, acc in sums:
+            self.ensure([g], ind)
+            x = self.to(g, ("i", *dims))
+            self.L.append("    " * ind + f"{acc} = {acc} + tl.reduce({x}, 0, _add)")
+
+    def segment_exit(self, carried: str, sd: tuple[str, ...]) -> None:
+        """A local kernel's stores: the segment's final state and its maps."""
+        segs, _, mops, sums, _ = self.seg
+        row = f"nh * {segs - 1} + sg"
+        self.store(carried, "SL", row, 1, times=segs - 1)
+        for _, ptr, dims, acc in sums:
+            self.var[acc], self.axes[acc] = acc, dims
+            self.store(acc, ptr, row, 1, times=segs - 1)
+        if mops:
+            self.axes[carried + SUFFIX] = sd
+            self.store(carried + SUFFIX, "MK", row, 1, times=segs - 1)
+
+    def product_ops(self, carried: str):
+        """The ops carrying a WY form's M beside the state (``transition_ops``), or None
+        where the local kernel cannot make it (K != V, or an op it does not read so)."""
+        from ...lowering.analysis import analyze
+        rec = analyze(self.tp.meta["program"])
+        if rec.kdim is None or self.size(rec.kdim) != self.size(rec.vdim):
+            return None
+        need = {carried}
+        for op in reversed(self.st.ops):
+            if op.out in need:
+                need.update(op.args)
+        axes = {**self.inputs, **{op.out: tuple(op.axes) for op in self.st.ops}}
+        return transition_ops(self.st.ops, carried, need, rec.vdim,
+                              lambda a: axes.get(a, ()))
