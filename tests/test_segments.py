@@ -158,15 +158,59 @@ def test_declarations_of_our_own_in_segments(decl, form, V):
     assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
 
 
-def test_gradients_with_segments_match_the_reference():
-    x = [t.requires_grad_() for t in inputs("gla", 70, 2)]
-    S0 = state("gla", 2).requires_grad_()
-    o, S = run(decl_of("gla"), x, 3, initial_state=S0, output_final_state=True)
-    w = torch.randn_like(o)
-    got = torch.autograd.grad((o * w).sum() + S.sum(), [*x, S0])
-    o, S = rk.compile(decl_of("gla"), backend="reference")(*x, initial_state=S0,
-                                                          output_final_state=True)
-    want = torch.autograd.grad((o * w).sum() + S.sum(), [*x, S0])
+def grads(decl, x, kw, segments=None):
+    """Gradients of every input and the initial state: the reference's (segments None) or
+    the Triton kernels' in ``segments``."""
+    x = [t.detach().requires_grad_() for t in x]
+    S0 = kw["initial_state"].detach().requires_grad_()
+    kw = {**kw, "initial_state": S0}
+    op = rk.compile(decl, backend="reference") if segments is None else \
+        rk.compile(decl, backend="triton", chunk=16, knobs={"segments": segments})
+    o, S = op(*x, **kw)
+    gen = torch.Generator().manual_seed(1)
+    w, w2 = (torch.randn(t.shape, generator=gen) for t in (o, S))
+    return torch.autograd.grad((o * w).sum() + (S * w2).sum(), [*x, S0])
+
+
+@pytest.mark.parametrize("segments", [3, 5])
+def test_gradients_in_segments_match_the_reference(segments, monkeypatch):
+    """The backward's two state passes (the states again, then the cotangent state from the
+    end) run in segments too: the reverse one joined from the sequence's end."""
+    seen = []
+    real = seg.Joiner.__call__
+
+    def spy(self, SL, *maps, reverse=False):
+        seen.append(reverse)
+        return real(self, SL, *maps, reverse=reverse)
+    monkeypatch.setattr(seg.Joiner, "__call__", spy)
+    x = inputs("gla", 70, 2)
+    kw = dict(initial_state=state("gla", 2), output_final_state=True)
+    got = grads(decl_of("gla"), x, kw, segments)
+    assert all(rel(a, b) < 1e-5 for a, b in zip(got, grads(decl_of("gla"), x, kw)))
+    assert seen == [False, False, True]   # the forward, the backward's two passes
+
+
+@pytest.mark.parametrize("name", ["gated_delta_rule", pytest.param("kda",
+                                                                   marks=pytest.mark.slow)])
+def test_wy_gradients_in_segments_with_varlen(name):
+    """A WY form's backward (K = V: each pass's kernel makes its segments' M) over varlen
+    sequences, empty and length-1 ones included."""
+    lens = [1, 0, 40, 2, 35, 0]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    x, _ = kv_inputs(name, sum(lens), 1)
+    kw = dict(initial_state=torch.randn(len(lens), 2, 8, 8), output_final_state=True,
+              cu_seqlens=cu)
+    got = grads(decl_of(name), x, kw, 3)
+    assert all(rel(a, b) < 1e-5 for a, b in zip(got, grads(decl_of(name), x, kw)))
+
+
+def test_wy_backward_with_k_not_v_runs_whole():
+    """K != V: the backward's kernels cannot make M, so its passes run unsplit (the forward
+    still splits); the gradients are right either way."""
+    x = inputs("gated_delta_rule", 50, 1)
+    kw = dict(initial_state=state("gated_delta_rule", 1), output_final_state=True)
+    got = grads(decl_of("gated_delta_rule"), x, kw, 3)
+    want = grads(decl_of("gated_delta_rule"), x, kw)
     assert all(rel(a, b) < 1e-5 for a, b in zip(got, want))
 
 
@@ -269,3 +313,21 @@ def test_the_autotuner_knows_segments():
     secs = {s: tb.model_seconds(p, "chunk_wy", 32, {"segments": s}, shape, "bfloat16", "h100")
             for s in (1, 16)}
     assert secs[16] < 0.5 * secs[1]
+
+
+def test_model_of_the_segmented_backward_matches_the_interpreter():
+    from recurkit.lowering.chunk_adjoint import lower_adjoint
+    from test_traffic import _call
+    decl = rk.ops.gla.decl
+    x, kw = _call("gla", True)
+    x = [t.detach().requires_grad_() for t in x]
+    cfg = {"segments": 3}
+    o, _ = rk.compile(decl, backend="triton", chunk=16, knobs=cfg)(*x, **kw)
+    with count_traffic() as t:
+        torch.autograd.grad(o.float().sum(), x)
+    tp = lower_adjoint(decl.program, "chunk_gated", 16)
+    model = model_traffic(tp, bind_call(decl.program, tuple(x), kw), check_config(cfg))
+    counted = [(k.name, k.read, k.written, k.flops) for k in t.launches if k.kind == "triton"]
+    assert counted == [(k.name, k.read, k.written, k.flops) for k in model.launches
+                       if k.kind == "triton"]
+    assert [k.name for k in model.launches].count("join_kernel") == 2

@@ -259,9 +259,8 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
             adjoint = next(op for op in st.ops if op.out == carried).attr("init") != \
                 "initial_state"
             src = ("DSF", "has_dsf") if adjoint else ("S0", "has_s0")
-            if phase and (adjoint or st.reverse):
-                raise ValueError("in-GPU segments split a forward state pass only")
-            first = "sg == 0" if phase else None
+            # segments: the one that starts from it (the last, backwards)
+            first = (f"sg == {segs - 1}" if st.reverse else "sg == 0") if phase else None
             if flags.get(src[1]):
                 self.load(carried, src[0], "nh", 1, only=first)
             else:
@@ -353,10 +352,10 @@ class _StageGen(BlockedContractions, PositionLoops, StateLoops, PrologueRender, 
                                "all made")
         if loop:
             self.var[carried], self.axes[carried] = v, sd
-            if adjoint:   # the initial state's cotangent
-                self.store(carried, "DS0", "nh", 1)
-            elif phase == "local":   # the segment's state and maps
+            if phase == "local":   # the segment's state and maps
                 self.segment_exit(carried, sd)
+            elif adjoint:   # the initial state's cotangent
+                self.store(carried, "DS0", "nh", 1, only="sg == 0" if phase else None)
             elif flags["has_sf"]:
                 self.store(carried, "SF", "nh", 1, only=f"sg == {segs - 1}" if phase else None)
         params = sorted(self.used, key=_param_order)

@@ -16,12 +16,18 @@ from .runtime import (DTYPE_NAMES, _launch, call_groups, check_config, chunk_inp
                       intermediate_dtype, load_module)
 
 
-def adjoint_module(tp: TileProgram, bc: BoundCall, cfg: dict, has_dsf: bool):
-    """(source, ChunkIO) of the backward's kernels for call ``bc``."""
-    return chunk_source(tp, bc.sizes, bc.H, cfg, bc.cu_seqlens is not None,
-                        bc.initial_state is not None, False,
-                        DTYPE_NAMES.get(bc.out_dtype, "fp32"), bc.device.type != "cuda",
-                        has_dsf=has_dsf, groups=call_groups(bc))
+def adjoint_module(tp: TileProgram, bc: BoundCall, cfg: dict, has_dsf: bool,
+                   segments: int = 1):
+    """(source, ChunkIO) of the backward's kernels for call ``bc``; its two state passes
+    in ``segments`` (``segments.py``) where their kernels make every segment's map, else
+    whole."""
+    def make(n):
+        return chunk_source(tp, bc.sizes, bc.H, cfg, bc.cu_seqlens is not None,
+                            bc.initial_state is not None, False,
+                            DTYPE_NAMES.get(bc.out_dtype, "fp32"), bc.device.type != "cuda",
+                            has_dsf=has_dsf, groups=call_groups(bc), segments=n)
+    src, io = make(segments)
+    return (src, io) if segments == 1 or io.maps_in_kernel else make(1)
 
 
 def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, torch.Tensor],
@@ -32,9 +38,12 @@ def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, to
     (cotangents by prologue value, h or None, the initial state's cotangent, None), the
     cotangents in the call's dtype when it is 16-bit (as FLA's backward writes its
     gradients), else fp32. The initial state's is fp32."""
+    from .segments import Joiner, choose
     cfg = check_config(config)
     interpret = bc.device.type != "cuda"
-    src, io = adjoint_module(tp, bc, cfg, d_final is not None)
+    segs = choose(tp, bc, cfg)
+    src, io = adjoint_module(tp, bc, cfg, d_final is not None, segs)
+    join = (Joiner(tp, bc, segs, cfg, interpret),) if io.maps_in_kernel else ()
     mod = load_module(src, interpret)
     p = bc.program
     xs, fs, scs = chunk_inputs(io, bc, feeds)
@@ -60,7 +69,7 @@ def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, to
     if cu is not None and cu.device != bc.device:
         cu = cu.to(bc.device)
     _launch(mod, interpret, xs, fs, scs, os, s0, dsf, ds0, cu, N, chunk_count(bc, tp.chunk),
-            bc.T, lowp)
+            bc.T, lowp, *join)
     if io.input_grads is not None:
         return None, None, ds0, dict(zip(io.input_grads, os))
     grads = dict(zip(tp.meta["grads"], os))

@@ -45,12 +45,13 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     ``d_out`` node. ``groups``: (input index, G) of inputs given with H / G heads (FLA's
     GVA), read at head h // G (``call_groups``).
 
-    ``segments`` > 1 (a forward program): the state pass runs each sequence as that many
-    segments in parallel (``chunk._StageGen.source``), and ``launch`` takes ``join``, called
-    between its two kernels with the segments' local final states [N, H, segments - 1,
-    *state dims] (fp32), which it turns in place into the states entering segments 1, 2, ...
-    (``segments.Joiner``), and for a gated form the segments' summed log-gates [N, H,
-    segments - 1, *gate dims] (K side, V side; None where the form has none).
+    ``segments`` > 1: each state pass (a backward has a forward and a reverse one) runs each
+    sequence as that many segments in parallel (``chunk._StageGen.source``), and ``launch``
+    takes ``join``, called between a pass's two kernels with the segments' local final
+    states [N, H, segments - 1, *state dims] (fp32), which it turns in place into the states
+    entering the segments (``segments.Joiner``), the maps the local kernel made (summed
+    log-gates [N, H, segments - 1, *gate dims], K side and V side, and a WY form's M; None
+    where it made none) and ``reverse`` (the backward's reverse pass).
     """
     cache = tp.meta.setdefault("_triton_chunk", {})
     key = (tuple(sorted(sizes.items())), H, tuple(sorted(cfg.items())), varlen, has_s0,
@@ -82,8 +83,8 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
              # the segments' maps, in the local kernel: summed log-gates, a WY form's M
              "gate_sums": "KV" if opt.form == "chunk_gated" else "V",
              "wy_product": opt.form == "chunk_wy"}
-    if segments > 1 and adjoint:
-        raise ValueError("in-GPU segments split a forward program's state pass only")
+    dev = "ds0" if adjoint else "o"
+    io.maps_in_kernel = segments > 1
     fp32 = _gate_only(opt)
     dot = cfg["precision"] if cfg["precision"] != "auto" else \
         "tf32" if dtype not in ("bf16", "fp16") or (interpret and dtype == "bf16") else dtype
@@ -103,23 +104,21 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
             gen.dot = dot
             src, params = gen.source({}, known, bufs, results, {**flags, "phase": "local"})
             kernels.append(src)
-            sd = ", ".join(str(sizes[d]) for d in opt.meta["program"].state.dims)
-            alloc.append(f"    env['_sl'] = torch.empty((N, {H}, {segments - 1}, {sd}), "
-                         "device=o.device, dtype=torch.float32)")
-            for ptr in ("GK", "GV", "MK"):   # the local segments' maps
+            # this pass's local states and maps (a backward has two passes)
+            own = {p: f"env['_{p.lower()}_{st.name}']" for p in ("SL", "GK", "GV", "MK")}
+            for ptr in ("SL", "GK", "GV", "MK"):
                 if ptr in params:
-                    dims = opt.meta["program"].state.dims if ptr == "MK" else \
+                    dims = opt.meta["program"].state.dims if ptr in ("SL", "MK") else \
                         opt.prologue["log_gate_" + ptr[1].lower()].dims
                     dims = "".join(f", {sizes[d]}" for d in dims)
-                    alloc.append(f"    env['_{ptr.lower()}'] = torch.empty((N, {H}, "
-                                 f"{segments - 1}{dims}), device=o.device, "
-                                 "dtype=torch.float32)")
-            io.maps_in_kernel = opt.form == "chunk_gated" or "MK" in params
+                    alloc.append(f"    {own[ptr]} = torch.empty((N, {H}, {segments - 1}"
+                                 f"{dims}), device={dev}.device, dtype=torch.float32)")
+            io.maps_in_kernel &= opt.form == "chunk_gated" or "MK" in params
             _record(io, gen, f"{st.name}_local_kernel", segments - 1, "local")
             calls.append(_call(f"{st.name}_local_kernel", f"(N * {H} * {segments - 1}, "
-                               f"{gen.nsplit()})", params, bufs, cfg))
-            calls.append("    join(env['_sl'], env.get('_gk'), env.get('_gv'), "
-                         "env.get('_mk'))")
+                               f"{gen.nsplit()})", params, bufs, cfg, own))
+            maps = ", ".join(own[p] if p in params else "None" for p in ("GK", "GV", "MK"))
+            calls.append(f"    join({own['SL']}, {maps}, reverse={st.reverse})")
         gen = _StageGen(st, opt, sizes, H, stage_inputs(st, known), gcfg, io)
         gen.dot = dot
         if late and st is opt.stages[-1]:
@@ -133,14 +132,17 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
                 shape = ", ".join(str(C if a in ("i", "j") else sizes[a.rstrip("'")])
                                   for a in out_axes[name])
                 dt = "torch.float32" if bufs[name][0] == "B" else "lowp"
-                alloc.append(f"    env[{name!r}] = torch.empty((N, {H}, NC, {shape}), "
-                             f"device={'ds0' if adjoint else 'o'}.device, dtype={dt})")
+                # a segmented pass writes a sequence's own chunks only: zeros past them
+                # (varlen), where a later stage reads every chunk
+                make = "zeros" if split and varlen else "empty"
+                alloc.append(f"    env[{name!r}] = torch.{make}((N, {H}, NC, {shape}), "
+                             f"device={dev}.device, dtype={dt})")
         nv = gen.nsplit()
         _record(io, gen, f"{st.name}_kernel", segments if split else 1,
                 "joined" if split else None)
         grid = f"(N * {H}{f' * {segments}' if split else ''}, {nv})" if st.kind == "loop" \
             else f"(N * {H} * NC, {nv})"
-        calls.append(_call(f"{st.name}_kernel", grid, params, bufs, cfg))
+        calls.append(_call(f"{st.name}_kernel", grid, params, bufs, cfg, own if split else {}))
     sig = "xs, fs, scs, os, s0, dsf, ds0, cu" if adjoint else "xs, fs, scs, o, s0, sf, cu"
     join = ", join=None" if segments > 1 else ""
     launch = ["", "", f"def launch({sig}, N, NC, TT, lowp{join}):",
@@ -156,12 +158,14 @@ def _record(io: ChunkIO, gen: _StageGen, name: str, segments: int,
     head, block of V); ``phase``: "local" or "joined" for a segmented state pass."""
     io.kernels.append({"name": name, "kind": gen.st.kind, "nsplit": gen.nsplit(),
                        "accesses": gen.accesses, "dots": gen.dots, "segments": segments,
-                       "phase": phase})
+                       "phase": phase, "reverse": gen.st.reverse})
 
 
-def _call(name: str, grid: str, params: list[str], bufs: dict[str, str], cfg: dict) -> str:
+def _call(name: str, grid: str, params: list[str], bufs: dict[str, str], cfg: dict,
+          own: dict | None = None) -> str:
+    """A launch line; ``own``: pointers of a segmented pass' own buffers (SL, ...)."""
     inv = {p: n for n, p in bufs.items()}
-    args = [_arg(p, inv) for p in params]
+    args = [(own or {}).get(p) or _arg(p, inv) for p in params]
     return (f"    {name}[{grid}]({', '.join(args + ['NC', 'TT'])}, "
             f"num_warps={cfg['num_warps'] or 8}, num_stages={cfg['num_stages']})")
 
@@ -194,8 +198,7 @@ def _arg(p: str, bufs: dict[str, str]) -> str:
         return f"scs[{p[2:]}]"
     if p[0] == "O" and p[1:].isdigit():
         return f"os[{p[1:]}]"
-    return {"O": "o", "S0": "s0", "SF": "sf", "DSF": "dsf", "DS0": "ds0", "CU": "cu",
-            "SL": "env['_sl']", "GK": "env['_gk']", "GV": "env['_gv']", "MK": "env['_mk']"}[p]
+    return {"O": "o", "S0": "s0", "SF": "sf", "DSF": "dsf", "DS0": "ds0", "CU": "cu"}[p]
 
 
 def model_traffic(tp: TileProgram, bc, cfg: dict):
@@ -234,6 +237,8 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
     def item(ptr: str) -> int:
         if ptr[0] == "X" and ptr[1:].isdigit():
             return xs[int(ptr[1:])].element_size()
+        if ptr[0] == "F" and ptr[1:].isdigit():   # a host feed: fp32, a cotangent (the
+            return out if io.feeds[int(ptr[1:])].role == "d_out" else 4   # output's) as given
         if ptr[0] == "O" and ptr[1:].isdigit() and io.input_grads is not None:
             x = io.input_grads[int(ptr[1:])]   # an input's gradient (a parameter's: fp32)
             return as_given(bc, x)[0].element_size() if spec[x].role == "token" else 4
@@ -245,13 +250,15 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
     # kernel those of every segment but the last: (chunks, tokens, longest run) it covers
     lens = [e - s for _, s, e in sequences(bc)]
 
-    def covered(first: int) -> tuple[int, int, int]:
+    def covered(runs: int, reverse: bool) -> tuple[int, int, int]:
+        """The first ``runs`` segments' (the last ones backwards)."""
         chunks = toks = run = 0
         for L in lens:
             nc = -(-L // C)
             per = (nc + segs - 1) // segs
-            chunks += min(nc, first * per)
-            toks += min(L, first * per * C)
+            skip = 0 if runs == segs or not reverse else per   # a reverse local kernel
+            chunks += min(nc, runs * per + skip) - min(nc, skip)
+            toks += min(L, (runs * per + skip) * C) - min(L, skip * C)
             run = max(run, per)
         return chunks, toks, run
 
@@ -261,7 +268,8 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
         read = written = flops = 0
         runs = k.get("segments", 1)
         if k.get("phase"):
-            chunks, toks, serial = covered(segs if k["phase"] == "joined" else segs - 1)
+            chunks, toks, serial = covered(segs if k["phase"] == "joined" else segs - 1,
+                                           k["reverse"])
         else:
             chunks, toks, serial = N * NC, tokens, NC if k["kind"] == "loop" else 0
         for kind, ptr, axes, per_chunk, by_token, copies in k["accesses"]:

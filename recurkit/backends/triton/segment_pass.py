@@ -62,12 +62,16 @@ class SegmentPass:
     ``self.seg`` = (segments, phase, M's ops, summed gates, M's variable); "local" runs every
     segment but the last from a zero state (the first from the initial state) and stores its
     final state (SL) and maps (GK, GV, MK); "joined" runs every segment from the state the
-    join made (SL), writing the outputs and (the last) the final state."""
+    join made (SL), writing the outputs and (the last) the final state. A reverse pass (the
+    backward's) mirrors it: "first" and "last" in its own order, from the sequence's end;
+    segment ``sg`` (in time order) keeps row ``sg - 1`` of SL, the state entering segment
+    ``sg - 1`` once joined."""
 
     def segment_programs(self) -> list[str]:
         segs, phase = self.seg[:2]
         ns = segs - 1 if phase == "local" else segs
-        return [f"    nh = (pid // {ns}).to(tl.int64)", f"    sg = pid % {ns}"]
+        back = " + 1" if phase == "local" and self.st.reverse else ""
+        return [f"    nh = (pid // {ns}).to(tl.int64)", f"    sg = pid % {ns}{back}"]
 
     def segment_entry(self, carried: str, sd: tuple[str, ...], flags: dict) -> None:
         """After the initial state's load: the state entering a joined segment, a local
@@ -78,8 +82,12 @@ class SegmentPass:
         mops, vm = None, None
         if phase == "joined":
             v0 = self.var[carried]
-            self.load(carried, "SL", f"nh * {segs - 1} + tl.maximum(sg - 1, 0)", 1,
-                      only="sg > 0", times=segs - 1)
+            if self.st.reverse:
+                self.load(carried, "SL", f"nh * {segs - 1} + tl.minimum(sg, {segs - 2})", 1,
+                          only=f"sg < {segs - 1}", times=segs - 1)
+            else:
+                self.load(carried, "SL", f"nh * {segs - 1} + tl.maximum(sg - 1, 0)", 1,
+                          only="sg > 0", times=segs - 1)
             self.emit(carried, sd, f"{v0} + {self.var[carried]}", 1)
         else:
             mops = self.product_ops(carried) if flags.get("wy_product") else None
@@ -94,8 +102,9 @@ class SegmentPass:
                     L.append(f"    gsum_{ptr} = {self.full(dims)}")
         self.seg = (segs, phase, mops, sums, vm)
         L += [f"    per = ((eos - bos + {C - 1}) // {C} + {segs - 1}) // {segs}",
-              f"    c_hi = tl.minimum(sg * per + per, (eos - bos + {C - 1}) // {C})",
-              "    for c in range(sg * per, c_hi):"]
+              f"    c_hi = tl.minimum(sg * per + per, (eos - bos + {C - 1}) // {C})"]
+        L += ["    for cr in range(sg * per, c_hi):", "        c = sg * per + c_hi - 1 - cr"] \
+            if self.st.reverse else ["    for c in range(sg * per, c_hi):"]
 
     def state_only(self, carried: str, live: set[str], groups: dict):
         """(live, groups) of a local kernel: what the state's update needs."""
@@ -125,7 +134,7 @@ class SegmentPass:
     def segment_exit(self, carried: str, sd: tuple[str, ...]) -> None:
         """A local kernel's stores: the segment's final state and its maps."""
         segs, _, mops, sums, _ = self.seg
-        row = f"nh * {segs - 1} + sg"
+        row = f"nh * {segs - 1} + sg{' - 1' if self.st.reverse else ''}"
         self.store(carried, "SL", row, 1, times=segs - 1)
         for _, ptr, dims, acc in sums:
             self.var[acc], self.axes[acc] = acc, dims

@@ -36,12 +36,12 @@ import triton.language as tl
 def join_kernel(SL, LEFT, AV, H, S1, MS, K: tl.constexpr, V: tl.constexpr,
                 KFIRST: tl.constexpr, FULL: tl.constexpr, MT: tl.constexpr,
                 LOGK: tl.constexpr, LOGV: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr):
-    """SL [N, H, S1, state]: for j = 1 .. S1 - 1, SL[j] = P_j(SL[j - 1]) + SL[j]. The map
-    of segment j of (sequence, head) nh sits at row nh * MS + j of LEFT and AV: LEFT [., KW]
-    (KW = 0: none; 1: one value; FULL: M [., K, K], MT: stored transposed), AV [., VW];
-    LOGK / LOGV: they hold summed log-gates (exponentiated here). A program per (sequence,
-    head) and block of V."""
+                BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr, REV: tl.constexpr):
+    """SL [N, H, S1, state]: for j = 1 .. S1 - 1, SL[j] = P_j(SL[j - 1]) + SL[j] (REV: for
+    j = S1 - 2 .. 0, SL[j] = P_j(SL[j + 1]) + SL[j]). The map P_j of (sequence, head) nh
+    sits at row nh * MS + j of LEFT and AV: LEFT [., KW] (KW = 0: none; 1: one value; FULL:
+    M [., K, K], MT: stored transposed), AV [., VW]; LOGK / LOGV: they hold summed
+    log-gates (exponentiated here). A program per (sequence, head) and block of V."""
     nh = tl.program_id(0).to(tl.int64)
     pv = tl.program_id(1)
     k = tl.arange(0, BK)
@@ -54,8 +54,17 @@ def join_kernel(SL, LEFT, AV, H, S1, MS, K: tl.constexpr, V: tl.constexpr,
     else:
         off = v[None, :] * K + k[:, None]
     base = SL + nh * S1 * K * V
-    st = tl.load(base + off, mask=m2, other=0.0)
-    for j in range(1, S1):
+    if REV:
+        st = tl.load(base + (S1 - 1) * K * V + off, mask=m2, other=0.0)
+    else:
+        st = tl.load(base + off, mask=m2, other=0.0)
+    for t in range(1, S1):
+        if REV:
+            j = S1 - 1 - t
+            jp = j + 1
+        else:
+            j = t
+            jp = j - 1
         row = nh * MS + j
         if FULL:   # M [K, K] times the state entering, read back a block of K at a time
             acc = tl.full([BK, BV], 0.0, tl.float32)
@@ -69,9 +78,9 @@ def join_kernel(SL, LEFT, AV, H, S1, MS, K: tl.constexpr, V: tl.constexpr,
                 m = tl.load(LEFT + row * K * K + at, mask=mk[:, None] & mkk[None, :],
                             other=0.0)
                 if KFIRST:
-                    prev = base + (j - 1) * K * V + kk[:, None] * V + v[None, :]
+                    prev = base + jp * K * V + kk[:, None] * V + v[None, :]
                 else:
-                    prev = base + (j - 1) * K * V + v[None, :] * K + kk[:, None]
+                    prev = base + jp * K * V + v[None, :] * K + kk[:, None]
                 s = tl.load(prev, mask=mkk[:, None] & mv[None, :], other=0.0)
                 acc += tl.dot(m, s, input_precision="ieee")
             st = acc
@@ -89,14 +98,17 @@ def join_kernel(SL, LEFT, AV, H, S1, MS, K: tl.constexpr, V: tl.constexpr,
 
 def why_not(tp, bc) -> str | None:
     """Why a call of ``tp`` cannot run its state pass in segments (None: it can)."""
-    if tp.form not in ("chunk_gated", "chunk_wy") or tp.meta.get("adjoint"):
-        return "only a chunk form's forward state pass splits"
+    if tp.form not in ("chunk_gated", "chunk_wy"):
+        return "only a chunk form's state passes split"
     rec = analyze(bc.program)
     if rec.read_across:
         return "its erase is read across"
-    if rec.kdim is None or rec.vdim is None or \
-            set(bc.program.state.dims) != {rec.kdim, rec.vdim} or len(bc.program.state.dims) != 2:
+    sd = bc.program.state.dims
+    if rec.kdim is None or rec.vdim is None or set(sd) != {rec.kdim, rec.vdim} or len(sd) != 2:
         return "its state is not [K, V]"
+    if tp.meta.get("adjoint") and tp.form == "chunk_wy" and \
+            bc.sizes[rec.kdim] != bc.sizes[rec.vdim]:
+        return "a WY form's backward joins segments with K = V only (M made in its kernels)"
     return None
 
 
@@ -155,7 +167,8 @@ class Joiner:
         bv = min(32, max(16, 1 << (V - 1).bit_length()))
         return bk, bv, 16 if bk >= 128 else min(bk, 32)
 
-    def __call__(self, SL: torch.Tensor, GK=None, GV=None, MK=None) -> None:
+    def __call__(self, SL: torch.Tensor, GK=None, GV=None, MK=None,
+                 reverse: bool = False) -> None:
         if self.count <= 2:
             return
         from .runtime import load_module
@@ -172,7 +185,8 @@ class Joiner:
         mod.join_kernel[(SL.shape[0] * self.H, -(-self.V // bv))](
             SL, SL if left is None else left, SL if av is None else av, self.H,
             self.count - 1, rows, K=self.K, V=self.V, KFIRST=self.kfirst, FULL=full, MT=mt,
-            LOGK=True, LOGV=vlog, KW=kw, VW=vw, BK=bk, BV=bv, KB=kb, num_warps=4)
+            LOGK=True, LOGV=vlog, KW=kw, VW=vw, BK=bk, BV=bv, KB=kb, REV=reverse,
+            num_warps=4)
 
 
 def _transition_runner(cfg: dict, model: list | None = None):
