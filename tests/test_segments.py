@@ -44,9 +44,9 @@ def spy_joins(monkeypatch):
     seen = []
     real = seg.Joiner.__call__
 
-    def spy(self, SL, *maps):
+    def spy(self, SL, *maps, **kw):
         seen.append((self.count, tuple(SL.shape)))
-        return real(self, SL, *maps)
+        return real(self, SL, *maps, **kw)
     monkeypatch.setattr(seg.Joiner, "__call__", spy)
     return seen
 
@@ -242,7 +242,8 @@ def test_sources_of_the_segmented_state_pass():
     src = rk.codegen(rk.ops.gla, "triton", sizes={"K": 64, "V": 64},
                      knobs={"segments": 4})
     assert "def state_pass_local_kernel(" in src and "def state_pass_kernel(" in src
-    assert "join(env['_sl'], env.get('_gk'), env.get('_gv'), env.get('_mk'))" in src
+    assert "join(env['_sl_state_pass'], env['_gk_state_pass'], None, None, " \
+        "reverse=False)" in src
     assert "(N * 4 * 3, " in src and "(N * 4 * 4, " in src   # 3 local, 4 joined per head
     plain = rk.codegen(rk.ops.gla, "triton", sizes={"K": 64, "V": 64})
     assert "_local_kernel" not in plain and "join(" not in plain
