@@ -25,7 +25,7 @@ import recurkit as rk  # noqa: E402
 from recurkit.backends.triton import segments as seg  # noqa: E402
 from recurkit.backends.triton.chunk_module import model_traffic  # noqa: E402
 from recurkit.backends.triton.runtime import check_config  # noqa: E402
-from recurkit.ir.bind import bind_call  # noqa: E402
+from recurkit.ir.bind import bind_meta  # noqa: E402
 from recurkit.lowering.chunk_adjoint import lower_adjoint  # noqa: E402
 
 SHAPES = [(1, 32768, 4), (1, 8192, 16), (4, 8192, 16), (16, 4096, 32)]   # (B, T, H)
@@ -33,7 +33,8 @@ OPS = ["gated_delta_rule", "gla", "kda"]
 COUNTS = [1, 2, 4, 8, 16, 32]
 
 
-def call(name, B, T, H, K=128, device="meta"):
+def call(name, B, T, H, K=128):
+    """Random inputs on the GPU (log-gates fp32, the rest bf16), by name."""
     decl = getattr(rk.ops, name).decl
     xs = {}
     for spec in decl.program.call_inputs:
@@ -42,12 +43,10 @@ def call(name, B, T, H, K=128, device="meta"):
         elif spec.role in ("token", "param"):
             lead = (B, T, H) if spec.role == "token" else (H,)
             shape = (*lead, *(K for _ in spec.dims))
-            if device == "meta":
-                xs[spec.name] = torch.empty(shape, dtype=torch.bfloat16, device="meta")
-            elif spec.name in ("g", "gk"):   # log-gates: fp32, as FLA takes them
-                xs[spec.name] = -torch.rand(shape, device=device) * 0.1
+            if spec.name in ("g", "gk"):   # log-gates: fp32, as FLA takes them
+                xs[spec.name] = -torch.rand(shape, device="cuda") * 0.1
             else:
-                xs[spec.name] = torch.randn(shape, device=device).bfloat16() * 0.1
+                xs[spec.name] = torch.randn(shape, device="cuda").bfloat16() * 0.1
     return decl, xs
 
 
@@ -59,9 +58,10 @@ def main() -> int:
     rows = []
     for name in OPS:
         for B, T, H in SHAPES:
-            decl, xs = call(name, B, T, H)
+            decl = getattr(rk.ops, name).decl
             tp = rk.compile(decl, backend="triton").tile_program
-            bc = bind_call(decl.program, (), {**xs, "output_final_state": True})
+            bc = bind_meta(decl.program, B, T, H, {"K": 128, "V": 128}, torch.bfloat16,
+                           output_final_state=True)
             row = {"op": name, "B": B, "T": T, "H": H, "K": 128, "V": 128, "dtype": "bfloat16",
                    "chunk": tp.chunk, "counts": {}}
             bwd = lower_adjoint(decl.program, tp.form, 16)   # the backward's default chunk
@@ -95,7 +95,7 @@ def main() -> int:
 
 
 def measure(name, B, T, H) -> dict:
-    decl, xs = call(name, B, T, H, device="cuda")
+    decl, xs = call(name, B, T, H)
     out = {}
     for s in COUNTS:
         op = rk.compile(decl, backend="triton", knobs={"segments": s})

@@ -10,7 +10,7 @@ from recurkit.backends.triton import segments as seg
 from recurkit.backends.triton.chunk_module import model_traffic
 from recurkit.backends.triton.runtime import check_config
 from recurkit.backends.triton.traffic import count_traffic
-from recurkit.ir.bind import bind_call
+from recurkit.ir.bind import bind_call, bind_meta
 from test_custom_recurrences import draw
 from cases import matrix_inputs
 from test_lowering import decl_of, inputs, rel, state
@@ -271,18 +271,10 @@ def test_model_of_the_segmented_kernels_matches_the_interpreter(name, varlen, se
     assert names[-3:] == ["state_pass_local_kernel", "join_kernel", "state_pass_kernel"]
 
 
-def _meta_call(name, B, T, H, K=128, dtype=torch.bfloat16):
+def _meta_call(name, B, T, H):
     decl = getattr(rk.ops, name).decl
-    xs = {}
-    for spec in decl.program.call_inputs:
-        if spec.role == "scalar":
-            xs[spec.name] = 1.0
-        elif spec.role in ("token", "param"):
-            lead = (B, T, H) if spec.role == "token" else (H,)
-            xs[spec.name] = torch.empty(*lead, *(K for _ in spec.dims), dtype=dtype,
-                                        device="meta")
-    op = rk.compile(decl, backend="triton")
-    return op.tile_program, bind_call(decl.program, (), {**xs, "output_final_state": True})
+    return rk.compile(decl, backend="triton").tile_program, bind_meta(
+        decl.program, B, T, H, {"K": 128, "V": 128}, torch.bfloat16, output_final_state=True)
 
 
 def test_the_model_says_when_segments_pay():

@@ -303,3 +303,19 @@ def fold_groups(bc: BoundCall, name: str, g: torch.Tensor | None) -> torch.Tenso
     if g.shape[ax] != bc.H:
         return g
     return g.reshape(*g.shape[:ax], bc.H // G, G, *g.shape[ax + 1:]).sum(ax + 1)
+
+
+def bind_meta(program: Program, B: int, T: int, H: int, sizes: dict[str, int],
+              dtype: torch.dtype = torch.float32, **options) -> BoundCall:
+    """A call of ``program`` at these sizes whose tensors are on the meta device (shapes and
+    dtypes, no data): what traffic models price. Scalars are 1.0; ``options`` are the call's
+    (``output_final_state``, ...)."""
+    xs: dict[str, Any] = {}
+    for spec in program.call_inputs:
+        if spec.role == "scalar":
+            xs[spec.name] = 1.0
+        elif spec.role in ("token", "param"):
+            lead = (B, T, H) if spec.role == "token" else (H,)
+            xs[spec.name] = torch.empty(*lead, *(sizes[d] for d in spec.dims), dtype=dtype,
+                                        device="meta")
+    return bind_call(program, (), {**xs, **options})

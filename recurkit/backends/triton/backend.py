@@ -106,7 +106,7 @@ class TritonBackend(Backend):
             return None
         import torch
 
-        from ...ir.bind import bind_call
+        from ...ir.bind import bind_meta
         from ...lowering.forms import lower
         from .chunk_module import model_traffic
         dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -117,15 +117,7 @@ class TritonBackend(Backend):
         ex = tp.meta.get("expansion")
         if ex is not None:   # sub-steps: the expanded declaration's T * n fp32 tokens
             program, T, dt = ex.program, T * ex.count(sizes), torch.float32
-        xs = {}
-        for spec in program.call_inputs:   # shapes and dtypes only: nothing is computed
-            if spec.role == "scalar":
-                xs[spec.name] = 1.0   # any value: the traffic does not depend on it
-            elif spec.role in ("token", "param"):
-                lead = (B, T, H) if spec.role == "token" else (H,)
-                xs[spec.name] = torch.empty(*lead, *(sizes[d] for d in spec.dims),
-                                            dtype=dt, device="meta")
-        bc = bind_call(program, (), {**xs, "output_final_state": True})
+        bc = bind_meta(program, B, T, H, sizes, dt, output_final_state=True)   # no data
         return model_traffic(tp, bc, runtime.check_config(knobs)).roofline(device)
 
     def static_check(self, program, form, chunk, knobs, sizes, H, arch, dtype="float32"):
