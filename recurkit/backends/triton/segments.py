@@ -263,19 +263,23 @@ def join_model(tp, bc, count: int, cfg: dict, in_kernel: bool = True):
 def auto_count(tp, bc, cfg: dict) -> int:
     """The segments the traffic model times fastest for ``bc`` on the GPU it runs on (H200's
     constants for an H200, else H100's), among 1, 2, 4, ... up to a quarter of the chunks;
-    1 unless it saves a fifth. Cached per call shape."""
+    1 unless it saves a fifth. Cached per shape bucket (T and the longest sequence rounded
+    up to a power of two: a varlen batch of new lengths is not modelled again)."""
     from ..shared.host import chunk_count
     from .chunk_module import model_traffic
-    key = ("segments", bc.N, bc.H, bc.T, tuple(sorted(bc.sizes.items())), str(bc.out_dtype),
-           bc.cu_seqlens is not None and tuple(bc.cu_seqlens), bc.initial_state is not None,
+    nc = chunk_count(bc, tp.chunk)
+    pow2 = lambda n: 1 << max(n - 1, 0).bit_length()   # noqa: E731
+    key = (bc.N, bc.H, pow2(bc.T), pow2(nc), tuple(sorted(bc.sizes.items())),
+           str(bc.out_dtype), bc.cu_seqlens is not None, bc.initial_state is not None,
            bc.output_final_state, tuple(sorted((k, v) for k, v in cfg.items()
                                                 if k != "segments")))
     cache = tp.meta.setdefault("_segments", {})
     if key in cache:
         return cache[key]
+    if len(cache) > 1024:   # many shapes: forget the old ones
+        cache.clear()
     name = torch.cuda.get_device_name(bc.device).lower() if bc.device.type == "cuda" else ""
     device = "h200" if "h200" in name else "h100"
-    nc = chunk_count(bc, tp.chunk)
     one = model_traffic(tp, bc, {**cfg, "segments": 1}).roofline(device)
     best, best_s, s = 1, one, 2
     while s <= nc // 4:
