@@ -32,8 +32,8 @@ from .backends.shared import segment_maps
 from .ir.interpret import evaluate
 from .lowering.analysis import analyze
 
-_TRANSITIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # decl -> {backend:
-                                                                            # CompiledOp}
+# program -> {backend: its transition declaration compiled}
+_TRANSITIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def supported(rec) -> str | None:
@@ -171,8 +171,8 @@ def _inner(rec, bc, cu):
 def _transition_runner(op):
     """``segment_maps.maps``' way to run a transition declaration: compiled on ``op``'s
     backend (cached per declaration and backend)."""
-    def run(decl, kw, eye, pieces):
-        cache = _TRANSITIONS.setdefault(decl, {})
+    def run(decl, kw, eye, pieces):   # keyed by the op's program: the value holds decl
+        cache = _TRANSITIONS.setdefault(op.program, {})
         if op.backend not in cache:
             from .compiler import CompiledOp
             cache[op.backend] = CompiledOp(decl, op.backend)

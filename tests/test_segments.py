@@ -248,6 +248,10 @@ def test_sources_of_the_segmented_state_pass():
     assert "(N * 4 * 3, " in src and "(N * 4 * 4, " in src   # 3 local, 4 joined per head
     plain = rk.codegen(rk.ops.gla, "triton", sizes={"K": 64, "V": 64})
     assert "_local_kernel" not in plain and "join(" not in plain
+    # what a call would run: an erase read across is never split, so neither is its source
+    from test_read_across import value_erase
+    src = rk.codegen(value_erase, "triton", sizes={"K": 8, "V": 8}, knobs={"segments": 4})
+    assert "_local_kernel" not in src and "join(" not in src
 
 
 @pytest.mark.parametrize("name,varlen,segments", [("gla", True, 3), ("gla", False, 4),

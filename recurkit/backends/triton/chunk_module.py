@@ -81,7 +81,7 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     flags = {"varlen": varlen, "has_s0": has_s0, "has_sf": has_sf and not adjoint,
              "has_dsf": has_dsf, "segments": segments,
              # the segments' maps, in the local kernel: summed log-gates, a WY form's M
-             "gate_sums": "KV" if opt.form == "chunk_gated" else "V",
+             "gate_sums": "KV" if opt.form == "chunk_gated" else "",
              "wy_product": opt.form == "chunk_wy"}
     dev = "ds0" if adjoint else "o"
     io.maps_in_kernel = segments > 1
@@ -222,9 +222,13 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
     N, C, H = bc.N, tp.chunk, bc.H
     NC, tokens = chunk_count(bc, C), bc.B * bc.T   # varlen: B = 1 and cu_seqlens covers T
     segs = choose(tp, bc, {**cfg, "segments": cfg.get("segments") or 1})
-    _, io = chunk_source(tp, bc.sizes, H, cfg, varlen, bc.initial_state is not None,
-                         bc.output_final_state, DTYPE_NAMES.get(bc.out_dtype, "fp32"),
-                         groups=call_groups(bc), segments=segs)
+    def source(n):
+        return chunk_source(tp, bc.sizes, H, cfg, varlen, bc.initial_state is not None,
+                            bc.output_final_state, DTYPE_NAMES.get(bc.out_dtype, "fp32"),
+                            groups=call_groups(bc), segments=n)[1]
+    io = source(segs)
+    if segs > 1 and tp.meta.get("adjoint") and not io.maps_in_kernel:
+        segs, io = 1, source(1)   # as ``chunk_adjoint.adjoint_module`` runs it: whole
     p = bc.program
     xs = [as_given(bc, p.inputs[n.attr("index")].name)[0] for n in io.inputs]
     lowp = torch.empty((), dtype=intermediate_dtype(bc, cfg)).element_size()

@@ -151,8 +151,9 @@ def module_source(program, tp: TileProgram | None, sizes: dict[str, int], H: int
     if tp.form == "scan":
         return scan_source(sizes[program.state.dims[0]], H, "scan_sign" in tp.prologue,
                            num_warps=warps(cfg, False))
-    segs = cfg["segments"] or 1
-    if segs > 1 and (tp.form not in ("chunk_gated", "chunk_wy") or tp.meta.get("adjoint")):
+    from .segments import why_not
+    segs = cfg["segments"] or 1   # as a call runs it (``segments.choose``): where it splits
+    if segs > 1 and why_not(tp, program, sizes) is not None:
         segs = 1
     return chunk_source(tp, sizes, H, cfg, dtype=dtype, segments=segs)[0]
 

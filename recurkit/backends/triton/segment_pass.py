@@ -95,9 +95,9 @@ class SegmentPass:
                 self.emit(carried + SUFFIX, sd, f"tl.where({self.ar(sd[0], sd)} == "
                           f"{self.ar(sd[1], sd)}, 1.0, 0.0)", 1)
                 vm = self.var[carried + SUFFIX]
-            for g, ptr in (("log_gate_k", "GK"), ("log_gate_v", "GV")):   # a WY form's
-                if g in self.io.values and ptr[1] in flags.get("gate_sums", ""):   # K side
-                    dims = tuple(self.io.values[g].dims)                          # is in M
+            for g, ptr in (("log_gate_k", "GK"), ("log_gate_v", "GV")):   # gated forms
+                if g in self.io.values and ptr[1] in flags.get("gate_sums", ""):
+                    dims = tuple(self.io.values[g].dims)
                     sums.append((g, ptr, dims, f"gsum_{ptr}"))
                     L.append(f"    gsum_{ptr} = {self.full(dims)}")
         self.seg = (segs, phase, mops, sums, vm)

@@ -5,20 +5,25 @@ parallel, joined exactly, as context parallelism joins ranks (``shared.segment_m
 
 1. the chunk stage, once, as unsegmented;
 2. ``<state pass>_local``: every segment but the last from a zero state (the first from the
-   initial state), storing its final state ``SL`` [N, H, segments - 1, *state dims] (fp32);
+   initial state), storing its final state ``SL`` [N, H, segments - 1, *state dims] (fp32)
+   and its map (``segment_pass``: a gated form's summed log-gates; a WY form's product of
+   transitions ``M`` where K = V);
 3. the join (``Joiner``, ``join_kernel``): in place, ``SL[j] = P_j(SL[j - 1]) + SL[j]``, so
-   ``SL[j - 1]`` is the state entering segment ``j``; ``P_j`` the affine map of segment ``j``
-   (gated forms: exponentiated log-gate sums, computed on the host with torch; WY forms: the
-   transition declaration's final state from ``I``, run with the Triton chunk form over the
-   segments as varlen pieces); two segments need no join;
+   ``SL[j - 1]`` is the state entering segment ``j``; a WY forward with K != V takes its maps
+   from the host (the transition declaration's final state from ``I``, run with the Triton
+   chunk form over the segments as varlen pieces); two segments need no join;
 4. ``<state pass>``: every segment from the state entering it, writing the outputs and (the
    last) the final state.
+
+The backward's two state passes split alike, the reverse one mirrored (its local kernel
+runs every segment but the first, from the end; the join runs from the end).
 
 The state pass's work is done about twice (segments - 1 of them locally, then all), in
 1 / segments of the sequential steps: it pays when the state pass is latency-bound, which
 ``traffic.Traffic.roofline`` models (``serial`` steps per launch) and ``choose`` asks.
-Where a call cannot be segmented (a backward program, a state that is not [K, V], an erase
-read across, a token loop) it runs unsegmented: the knob changes speed, never results.
+Where a call cannot be segmented (a state that is not [K, V], an erase read across, a token
+loop, a WY backward with K != V or whose kernels cannot make M) it runs unsegmented: the
+knob changes speed, never results.
 """
 from __future__ import annotations
 
@@ -96,18 +101,19 @@ def join_kernel(SL, LEFT, AV, H, S1, MS, K: tl.constexpr, V: tl.constexpr,
 '''
 
 
-def why_not(tp, bc) -> str | None:
-    """Why a call of ``tp`` cannot run its state pass in segments (None: it can)."""
-    if tp.form not in ("chunk_gated", "chunk_wy"):
+def why_not(tp, program, sizes: dict[str, int]) -> str | None:
+    """Why ``tp`` (lowered from ``program``, run at dim ``sizes``) cannot run its state
+    passes in segments (None: it can)."""
+    if tp is None or tp.form not in ("chunk_gated", "chunk_wy"):
         return "only a chunk form's state passes split"
-    rec = analyze(bc.program)
+    rec = analyze(program)
     if rec.read_across:
         return "its erase is read across"
-    sd = bc.program.state.dims
+    sd = program.state.dims
     if rec.kdim is None or rec.vdim is None or set(sd) != {rec.kdim, rec.vdim} or len(sd) != 2:
         return "its state is not [K, V]"
     if tp.meta.get("adjoint") and tp.form == "chunk_wy" and \
-            bc.sizes[rec.kdim] != bc.sizes[rec.vdim]:
+            sizes[rec.kdim] != sizes[rec.vdim]:
         return "a WY form's backward joins segments with K = V only (M made in its kernels)"
     return None
 
@@ -119,7 +125,7 @@ def choose(tp, bc, cfg: dict) -> int:
     want = cfg.get("segments")
     if want is None and bc.device.type != "cuda":
         return 1
-    if want == 1 or why_not(tp, bc) is not None:
+    if want == 1 or why_not(tp, bc.program, bc.sizes) is not None:
         return 1
     from ..shared.host import chunk_count
     nc = chunk_count(bc, tp.chunk)
