@@ -20,14 +20,11 @@ def adjoint_module(tp: TileProgram, bc: BoundCall, cfg: dict, has_dsf: bool,
                    segments: int = 1):
     """(source, ChunkIO) of the backward's kernels for call ``bc``; its two state passes
     in ``segments`` (``segments.py``) where their kernels make every segment's map, else
-    whole."""
-    def make(n):
-        return chunk_source(tp, bc.sizes, bc.H, cfg, bc.cu_seqlens is not None,
-                            bc.initial_state is not None, False,
-                            DTYPE_NAMES.get(bc.out_dtype, "fp32"), bc.device.type != "cuda",
-                            has_dsf=has_dsf, groups=call_groups(bc), segments=n)
-    src, io = make(segments)
-    return (src, io) if segments == 1 or io.maps_in_kernel else make(1)
+    whole (``io.segments``)."""
+    return chunk_source(tp, bc.sizes, bc.H, cfg, bc.cu_seqlens is not None,
+                        bc.initial_state is not None, False,
+                        DTYPE_NAMES.get(bc.out_dtype, "fp32"), bc.device.type != "cuda",
+                        has_dsf=has_dsf, groups=call_groups(bc), segments=segments)
 
 
 def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, torch.Tensor],
@@ -41,9 +38,8 @@ def run_chunk_adjoint_triton(tp: TileProgram, bc: BoundCall, feeds: dict[str, to
     from .segments import Joiner, choose
     cfg = check_config(config)
     interpret = bc.device.type != "cuda"
-    segs = choose(tp, bc, cfg)
-    src, io = adjoint_module(tp, bc, cfg, d_final is not None, segs)
-    join = (Joiner(tp, bc, segs, cfg, interpret),) if io.maps_in_kernel else ()
+    src, io = adjoint_module(tp, bc, cfg, d_final is not None, choose(tp, bc, cfg))
+    join = (Joiner(tp, bc, io.segments, cfg, interpret),) if io.segments > 1 else ()
     mod = load_module(src, interpret)
     p = bc.program
     xs, fs, scs = chunk_inputs(io, bc, feeds)

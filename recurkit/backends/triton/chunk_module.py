@@ -51,7 +51,9 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
     states [N, H, segments - 1, *state dims] (fp32), which it turns in place into the states
     entering the segments (``segments.Joiner``), the maps the local kernel made (summed
     log-gates [N, H, segments - 1, *gate dims], K side and V side, and a WY form's M; None
-    where it made none) and ``reverse`` (the backward's reverse pass).
+    where it made none) and ``reverse`` (the backward's reverse pass). A backward whose
+    kernels cannot make every map runs whole (no host maps there); ``io.segments`` says
+    what the module runs.
     """
     cache = tp.meta.setdefault("_triton_chunk", {})
     key = (tuple(sorted(sizes.items())), H, tuple(sorted(cfg.items())), varlen, has_s0,
@@ -84,7 +86,7 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
              "gate_sums": "KV" if opt.form == "chunk_gated" else "",
              "wy_product": opt.form == "chunk_wy"}
     dev = "ds0" if adjoint else "o"
-    io.maps_in_kernel = segments > 1
+    io.segments, io.maps_in_kernel = segments, segments > 1
     fp32 = _gate_only(opt)
     dot = cfg["precision"] if cfg["precision"] != "auto" else \
         "tf32" if dtype not in ("bf16", "fp16") or (interpret and dtype == "bf16") else dtype
@@ -149,6 +151,9 @@ def chunk_source(tp: TileProgram, sizes: dict[str, int], H: int, cfg: dict,
               '    """Run the stages; intermediates are [N, H, chunks, ...] tensors."""',
               "    env = {}", *alloc, *calls, ""]
     cache[key] = (HEADER + "\n".join(kernels) + "\n".join(launch), io)
+    if segments > 1 and adjoint and not io.maps_in_kernel:
+        cache[key] = chunk_source(tp, sizes, H, cfg, varlen, has_s0, has_sf, dtype, interpret,
+                                  has_dsf, groups, 1)
     return cache[key]
 
 
@@ -216,19 +221,16 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
     from ...ir.bind import as_given
     from ..shared.host import segments as sequences
     from .runtime import DTYPE_NAMES, call_groups, intermediate_dtype
-    from .segments import choose, join_model
+    from .segments import choose, chunks_per_segment, join_model
     from .traffic import Launch, Traffic
     varlen = bc.cu_seqlens is not None
     N, C, H = bc.N, tp.chunk, bc.H
     NC, tokens = chunk_count(bc, C), bc.B * bc.T   # varlen: B = 1 and cu_seqlens covers T
-    segs = choose(tp, bc, {**cfg, "segments": cfg.get("segments") or 1})
-    def source(n):
-        return chunk_source(tp, bc.sizes, H, cfg, varlen, bc.initial_state is not None,
-                            bc.output_final_state, DTYPE_NAMES.get(bc.out_dtype, "fp32"),
-                            groups=call_groups(bc), segments=n)[1]
-    io = source(segs)
-    if segs > 1 and tp.meta.get("adjoint") and not io.maps_in_kernel:
-        segs, io = 1, source(1)   # as ``chunk_adjoint.adjoint_module`` runs it: whole
+    _, io = chunk_source(tp, bc.sizes, H, cfg, varlen, bc.initial_state is not None,
+                         bc.output_final_state, DTYPE_NAMES.get(bc.out_dtype, "fp32"),
+                         groups=call_groups(bc),
+                         segments=choose(tp, bc, {**cfg, "segments": cfg.get("segments") or 1}))
+    segs = io.segments
     p = bc.program
     xs = [as_given(bc, p.inputs[n.attr("index")].name)[0] for n in io.inputs]
     lowp = torch.empty((), dtype=intermediate_dtype(bc, cfg)).element_size()
@@ -258,8 +260,7 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
         """The first ``runs`` segments' (the last ones backwards)."""
         chunks = toks = run = 0
         for L in lens:
-            nc = -(-L // C)
-            per = (nc + segs - 1) // segs
+            nc, per = -(-L // C), chunks_per_segment(L, C, segs)
             skip = 0 if runs == segs or not reverse else per   # a reverse local kernel
             chunks += min(nc, runs * per + skip) - min(nc, skip)
             toks += min(L, (runs * per + skip) * C) - min(L, skip * C)
@@ -270,8 +271,8 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
     launches = []
     for k in io.kernels:
         read = written = flops = 0
-        runs = k.get("segments", 1)
-        if k.get("phase"):
+        runs = k["segments"]
+        if k["phase"]:
             chunks, toks, serial = covered(segs if k["phase"] == "joined" else segs - 1,
                                            k["reverse"])
         else:
@@ -292,7 +293,7 @@ def model_traffic(tp: TileProgram, bc, cfg: dict):
         programs = N * H * k["nsplit"] * (runs if k["kind"] == "loop" else NC)
         launches.append(Launch("triton", k["name"], read, written, flops,
                                programs=programs, serial=serial))
-        if k.get("phase") == "local" and segs > 2:
+        if k["phase"] == "local" and segs > 2:
             made, join = join_model(tp, bc, segs, cfg, io.maps_in_kernel)
             launches = made + launches + [join]   # the maps are made before the launch
     return Traffic(launches)

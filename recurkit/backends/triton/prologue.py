@@ -40,6 +40,7 @@ class ChunkIO:
                                                     # kernels store (O0, O1, ... in order)
         # grouped heads: input index -> G, inputs read at head h // G (``chunk_source``)
         self.groups: dict[int, int] = {}
+        self.segments = 1   # the state passes' segments (``chunk_source``)
         self.maps_in_kernel = False   # segments: the local kernel makes the segments' maps
         self.kind: dict[int, tuple[str, int]] = {}
         self.index: dict[int, int] = {}   # a stable name per node, for the generated source

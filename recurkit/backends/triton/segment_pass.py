@@ -106,14 +106,20 @@ class SegmentPass:
         L += ["    for cr in range(sg * per, c_hi):", "        c = sg * per + c_hi - 1 - cr"] \
             if self.st.reverse else ["    for c in range(sg * per, c_hi):"]
 
-    def state_only(self, carried: str, live: set[str], groups: dict):
-        """(live, groups) of a local kernel: what the state's update needs."""
+    def state_need(self, carried: str) -> set[str]:
+        """The values the state's update reads, directly or not (the stage inputs loads
+        read included)."""
         need = {carried}
         for op in reversed(self.st.ops):
             if op.out in need:
                 need.update(op.args)
                 if op.op == "load":
                     need.add(op.attr("value"))
+        return need
+
+    def state_only(self, carried: str, live: set[str], groups: dict):
+        """(live, groups) of a local kernel: what the state's update needs."""
+        need = self.state_need(carried)
         return live & need, {k: g for k, g in groups.items()
                              if any(op.out in need for op, _ in g)}
 
@@ -150,10 +156,6 @@ class SegmentPass:
         rec = analyze(self.tp.meta["program"])
         if rec.kdim is None or self.size(rec.kdim) != self.size(rec.vdim):
             return None
-        need = {carried}
-        for op in reversed(self.st.ops):
-            if op.out in need:
-                need.update(op.args)
         axes = {**self.inputs, **{op.out: tuple(op.axes) for op in self.st.ops}}
-        return transition_ops(self.st.ops, carried, need, rec.vdim,
+        return transition_ops(self.st.ops, carried, self.state_need(carried), rec.vdim,
                               lambda a: axes.get(a, ()))

@@ -127,20 +127,25 @@ def choose(tp, bc, cfg: dict) -> int:
         return 1
     if want == 1 or why_not(tp, bc.program, bc.sizes) is not None:
         return 1
-    from ..shared.host import chunk_count
-    nc = chunk_count(bc, tp.chunk)
     if want is None:
         return auto_count(tp, bc, cfg)
-    return max(1, min(want, nc))
+    from ..shared.host import chunk_count
+    return max(1, min(want, chunk_count(bc, tp.chunk)))
+
+
+def chunks_per_segment(length: int, C: int, count: int) -> int:
+    """A sequence of ``length`` tokens in ``count`` segments: chunks of C tokens a segment
+    (the last fewer), as the kernels split it (``segment_pass.SegmentPass.segment_entry``)."""
+    return (-(-length // C) + count - 1) // count
 
 
 def pieces(bc, C: int, count: int) -> Pieces:
-    """Every sequence's ``count`` segments as pieces of the flattened tokens: its chunks
-    split as the kernels split them (``per`` = ceil(chunks / count) each, the last fewer)."""
+    """Every sequence's ``count`` segments as pieces of the flattened tokens, split as the
+    kernels split them (``chunks_per_segment``)."""
     cuts = []
     for b, s, e in sequences(bc):
         base, L = b * bc.T + s, e - s
-        per = (-(-L // C) + count - 1) // count
+        per = chunks_per_segment(L, C, count)
         cuts += [base + min(L, j * per * C) for j in range(count)]
     cuts.append(bc.B * bc.T)
     return Pieces(bc, torch.tensor(cuts, dtype=torch.int64))
