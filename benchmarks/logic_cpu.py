@@ -1,90 +1,141 @@
-"""Logic-gate network inference on this CPU: the compiled hard (bit-packed) kernel vs the soft
-float forward, in one run.
+"""Logic-gate networks on this CPU, in one run: hard (compiled, bit-packed) inference, the soft
+float forward, and soft training steps, against plain torch.
 
-    python benchmarks/logic_cpu.py [--samples 262144] [--repeats 5]
+    python benchmarks/logic_cpu.py [--samples 262144] [--soft-samples 4096] [--repeats 5]
 
-Network: difflogic's MNIST size, 784 inputs, 6 layers of 8000 gates, GroupSum over 10 classes,
-random connections and gates (a trained net of this shape costs the same: every gate is one
-branch-free formula). Inputs: random bits.
-
-Rows:
-  hard kernel       ``rk.nn.compile_hard``'s TVM kernel on inputs already packed 64 per word
-  hard end to end   the same from a bool tensor [N, 784] (packing included)
-  soft, recurkit    the float model in eval mode (each layer the compiled tiled op, TVM)
-  soft, torch       the same float forward written in plain torch (gathers and the 16-gate
-                    mix, difflogic's formulation), eval mode
+Network: difflogic's MNIST size, 784 inputs, 6 layers of 8000 gates, GroupSum over 10
+classes, random connections, in two versions:
+  all 16 gates      each neuron's gate drawn from all 16 (as a random init's argmax is): the
+                    constant and one-input gates (6 of 16) fold away, and with them what only
+                    they read
+  two-input gates   each gate drawn from the 10 truly two-input gates: nothing folds, only
+                    unread gates go; every kept gate costs one op (the worst case)
+Inputs: random bits. Hard rows (``rk.nn.compile_hard``, TVM):
+  hard kernel        on inputs already packed 64 per word
+  hard end to end    from a bool tensor [N, 784]: packing, kernel and the float scores
+Soft rows (the all-16 network, float32, ``--soft-samples`` rows):
+  soft forward       eval mode: recurkit (each layer the compiled tiled op) vs plain torch
+  soft train step    train mode (softmax over each neuron's 16 gate logits), forward + backward
+                     of the cross entropy: recurkit vs the same math in plain torch
+                     (k = softmax(z) @ GATE_COEFFS; y = k0 + k1 a + k2 b + k3 ab, autograd)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import bench, cpu_features, machine, save_results  # noqa: E402
 
 import recurkit as rk  # noqa: E402
-from recurkit.backends.tvm.packed import net_buffers, pack_bits, run_packed_tvm  # noqa: E402
+from recurkit.backends.tvm.packed import (choose_words, pack_bits, program_tables,  # noqa: E402
+                                          run_packed_tvm)
 from recurkit.lowering.packed import GATE_COEFFS  # noqa: E402
+
+TWO_INPUT = torch.tensor([1, 2, 4, 6, 7, 8, 9, 11, 13, 14])
+
+
+def model(gates: str, seed: int = 0) -> torch.nn.Sequential:
+    widths = [784] + [8000] * 6
+    g = torch.Generator().manual_seed(seed)
+    layers = [rk.nn.LogicLayer(a, b, generator=g) for a, b in zip(widths, widths[1:])]
+    if gates == "two-input":   # each argmax a two-input gate
+        with torch.no_grad():
+            for m in layers:
+                pick = TWO_INPUT[torch.randint(0, 10, (m.out_dim,), generator=g)]
+                m.weights.scatter_(1, pick[:, None], 10.0)
+    return torch.nn.Sequential(*layers, rk.nn.GroupSum(10, tau=1.0))
 
 
 def plain_torch_forward(model: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode difflogic in torch: per layer a, b = the gathered columns and the argmax gate's
-    real form k0 + k1 a + k2 b + k3 a b."""
+    """difflogic in plain torch: per layer the gathered columns a, b and the real form
+    k0 + k1 a + k2 b + k3 a b with k = softmax(z) @ GATE_COEFFS (the argmax gate's in eval)."""
     for m in model:
         if isinstance(m, rk.nn.LogicLayer):
-            k = GATE_COEFFS[m.gates()]
+            k = F.softmax(m.weights, -1) @ GATE_COEFFS if m.training \
+                else GATE_COEFFS[m.gates()]
             a, b = x.index_select(1, m.ia), x.index_select(1, m.ib)
             x = k[:, 0] + k[:, 1] * a + k[:, 2] * b + k[:, 3] * a * b
         else:
-            x = m(x)
+            x = x.reshape(x.shape[0], m.k, -1).sum(-1) / m.tau
     return x
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=262144)
-    ap.add_argument("--soft-samples", type=int, default=8192)
+    ap.add_argument("--soft-samples", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.manual_seed(0)
-    widths = [784] + [8000] * 6
-    g = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(*[rk.nn.LogicLayer(a, b, generator=g)
-                                  for a, b in zip(widths, widths[1:])],
-                                rk.nn.GroupSum(10, tau=1.0)).eval()
     N = args.samples
     x = torch.rand(N, 784) < 0.5
     print(f"machine: {machine()}")
     print(f"vector features: {' '.join(cpu_features())}")
     print(f"network: 784 -> 6 x 8000 gates -> GroupSum(10); {N} samples for the hard rows, "
           f"{args.soft_samples} for the soft rows")
-    rows = {}
-    for words in (4, 8, 16):
-        hard = rk.nn.compile_hard(model, words=words)
-        xp = pack_bits(x, words)
-        bufs = net_buffers(hard.net)
-        t = bench({"k": lambda: run_packed_tvm(hard.net, xp, words, bufs),
+    rows, nets = {}, {}
+    for gates in ("all 16", "two-input"):
+        m = model("two-input" if gates == "two-input" else "all").eval()
+        t0 = time.perf_counter()
+        hard = rk.nn.compile_hard(m)
+        hard(x[:1])   # builds the TVM kernels (or loads them from the disk cache)
+        build_s = time.perf_counter() - t0
+        with torch.no_grad():   # exact: the eval-mode model's scores, also past a word
+            xs = x[:1000]
+            assert torch.equal(hard(xs), m(xs.float())), f"hard != eval model ({gates})"
+        words = hard.words or choose_words(hard.program)
+        xp, tabs = pack_bits(x, words), program_tables(hard.program, words)
+        t = bench({"k": lambda: run_packed_tvm(hard.program, xp, words, tabs),
                    "e2e": lambda: hard(x)}, args.repeats)
-        rows[f"hard kernel, {words} words/block"] = (t["k"], N)
-        rows[f"hard end to end, {words} words/block"] = (t["e2e"], N)
-    hard = rk.nn.compile_hard(model)
-    xs = x[:args.soft_samples]
+        rows[f"hard kernel, {gates} gates"] = (t["k"], N)
+        rows[f"hard end to end, {gates} gates"] = (t["e2e"], N)
+        nets[gates] = dict(hard.stats, words=words, compile_s=build_s)
+        s = hard.stats
+        print(f"{gates} gates: {s['gates']} gates -> {s['ops']} ops ({s['removed']} removed: "
+              f"{s['folded']} folded, {s['shared']} shared, {s['dead']} unread), "
+              f"{s['levels']} levels, {s['slots']} slots, {words} words/block; optimised in "
+              f"{s['optimize_s']:.2f} s, compiled and first call {build_s:.1f} s")
+    m = model("all")
+    xs = x[:args.soft_samples].float()
+    y = torch.randint(0, 10, (args.soft_samples,))
+    m.eval()
     with torch.no_grad():
-        assert torch.equal(hard(xs), model(xs.float())), "hard != eval-mode model"
-        t = bench({"rk": lambda: model(xs.float()),
-                   "torch": lambda: plain_torch_forward(model, xs.float())}, args.repeats)
-    rows["soft float, recurkit tiled op (TVM)"] = (t["rk"], args.soft_samples)
-    rows["soft float, plain torch"] = (t["torch"], args.soft_samples)
-    base = rows["soft float, plain torch"]
-    base_rate = base[1] / base[0]
-    print(f"{'path':<40} {'ms':>9} {'samples/s':>12} {'vs torch soft':>14}")
+        t = bench({"rk": lambda: m(xs), "torch": lambda: plain_torch_forward(m, xs)},
+                  args.repeats)
+    rows["soft forward, recurkit (TVM)"] = (t["rk"], args.soft_samples)
+    rows["soft forward, plain torch"] = (t["torch"], args.soft_samples)
+    m.train()
+
+    def step(fwd):
+        m.zero_grad(set_to_none=True)
+        F.cross_entropy(fwd(xs), y).backward()
+    gr = {}
+    for name, fwd in (("rk", m), ("torch", lambda v: plain_torch_forward(m, v))):
+        step(fwd)
+        gr[name] = [p.grad.clone() for p in m.parameters()]
+    for a, b in zip(gr["rk"], gr["torch"]):   # the same math: the same gradients
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    t = bench({"rk": lambda: step(m), "torch": lambda: step(lambda v: plain_torch_forward(m, v))},
+              args.repeats)
+    rows["soft train step, recurkit (TVM)"] = (t["rk"], args.soft_samples)
+    rows["soft train step, plain torch"] = (t["torch"], args.soft_samples)
+    print(f"{'path':<38} {'ms':>9} {'samples/s':>12} {'vs peer':>8}")
     for name, (sec, n) in rows.items():
-        rate = n / sec
-        print(f"{name:<40} {sec * 1e3:9.2f} {rate:12.3e} {rate / base_rate:13.1f}x")
+        peer = {"hard": rows["soft forward, plain torch"],
+                "soft forward": rows["soft forward, plain torch"],
+                "soft train": rows["soft train step, plain torch"]}
+        base = next(v for k, v in peer.items() if name.startswith(k))
+        print(f"{name:<38} {sec * 1e3:9.2f} {n / sec:12.3e} {n / sec / (base[1] / base[0]):7.1f}x")
+    print("(vs peer: the plain torch soft forward for the hard rows and soft forward, the plain "
+          "torch train step for the train step)")
     save_results("logic_cpu", {"network": "784 -> 6 x 8000 gates -> GroupSum(10)",
+                               "nets": nets,
                                "rows": [{"path": n, "ms": sec * 1e3, "samples": k}
                                         for n, (sec, k) in rows.items()]})
 

@@ -102,7 +102,7 @@ def test_hard_packed_reference_and_kernel_agree_on_a_wide_net():
         w = O
     net = PackedNet(100, tuple(layers), 10, 1.0)
     x = torch.rand(777, 100, generator=g) < 0.5
-    for words in (1, 4, 8):
+    for words in (1, 8):
         assert torch.equal(HardLogicNet(net, "tvm", words).counts(x).long(),
                            eval_packed_reference(net, x))
 

@@ -149,9 +149,13 @@ class Backend:
         """The gradients of (at least) the inputs named in ``need``, by name."""
         raise NotImplementedError(f"backend '{self.name}' runs no tiled declarations")
 
-    def run_packed(self, net, x, words: int, cache: dict):
-        """A hard (bit-packed) logic network's integer class counts for bool inputs ``x``
-        (``cache``: per-device buffers the backend may keep between calls)."""
+    def run_packed(self, net, x, words: int | None, cache: dict, scores: bool = False):
+        """A hard (bit-packed) logic network's integer class counts [N', classes] for bool
+        inputs ``x`` (N' >= N rows, the first N are x's), or with ``scores`` the float32
+        scores (count / tau) when the backend computes them (else counts: the caller
+        divides). ``cache``: what the backend may keep between calls;
+        ``cache["program"]`` is the network's optimised ``GateProgram``. ``words``: int64
+        words per block, None to choose."""
         raise NotImplementedError(f"backend '{self.name}' runs no hard logic networks")
 
     def binds(self, plan, x) -> bool:

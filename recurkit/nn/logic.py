@@ -8,11 +8,14 @@ into one bit-packed kernel whose scores equal the eval-mode model's exactly.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
+from ..lowering.gates import optimize
 from ..lowering.packed import GATE_COEFFS, PackedLayer, PackedNet
 
 CONNECTIONS = ("random", "unique")
@@ -132,19 +135,29 @@ class HardLogicNet:
     """A compiled hard network: ``net(x)`` takes bool inputs [N, in_dim] and returns the class
     scores [N, k] (float32) that the eval-mode model gives; ``counts(x)`` the integer counts.
     ``backend``: "auto" (TVM on CPU, Triton on CUDA), "tvm", "triton" or "torch" (the gate by
-    gate reference)."""
+    gate reference). ``words``: int64 words (64 samples each) per block of the TVM kernel,
+    None to size the block to the cache (``recurkit.backends.tvm.packed.choose_words``).
 
-    def __init__(self, net: PackedNet, backend: str = "auto", words: int = 8):
+    The network is optimised once, here (``recurkit.lowering.gates.optimize``: constant and
+    one-input gates folded into their readers, equal gates shared, unread gates dropped);
+    ``stats`` says what it removed and how long that took (``optimize_s``); the TVM kernel
+    is built on the first CPU call (and cached on disk)."""
+
+    def __init__(self, net: PackedNet, backend: str = "auto", words: int | None = None):
         runs = [n for n, b in backends.REGISTRY.items()
                 if type(b).run_packed is not backends.Backend.run_packed]
         if backend != backends.AUTO and backend not in runs:
             raise ValueError(f"unknown backend {backend!r}; choose {', '.join([backends.AUTO, *runs])}")
-        if words < 1:
-            raise ValueError(f"words must be >= 1, got {words}")
+        if words is not None and (isinstance(words, bool) or not isinstance(words, int)
+                                  or words < 1):
+            raise ValueError(f"words must be an int >= 1 or None, got {words!r}")
         self.net, self.backend, self.words = net, backend, words
-        self._buffers: dict[str, tuple] = {}   # the backends' per-device tables
+        t0 = time.perf_counter()
+        self.program = optimize(net)
+        self.stats = dict(self.program.stats, optimize_s=time.perf_counter() - t0)
+        self._buffers: dict = {"program": self.program}   # the backends' tables, per device
 
-    def counts(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, scores: bool) -> torch.Tensor:
         net = self.net
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != net.in_dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -154,13 +167,27 @@ class HardLogicNet:
                              "float inputs first, e.g. x > 0.5")
         b = backends.choose("tiled", None, x.device.type) if self.backend == backends.AUTO \
             else backends.get(self.backend)
-        return b.run_packed(net, x, self.words, self._buffers)[:x.shape[0]]
+        y = b.run_packed(net, x, self.words, self._buffers, scores)[:x.shape[0]]
+        if scores and y.dtype != torch.float32:   # the backend gave counts
+            y = torch.empty(y.shape, dtype=torch.float32, device=y.device).copy_(y)
+            y.div_(net.tau)
+        return y
+
+    def counts(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer class counts [N, classes] (int32)."""
+        return self._run(x, False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.counts(x).to(torch.float32) / self.net.tau
+        return self._run(x, True)
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"HardLogicNet({self.net.in_dim} -> {self.net.classes} classes, "
+                f"{s['gates']} gates -> {s['ops']} ops, backend={self.backend})")
 
 
-def compile_hard(model: nn.Module, backend: str = "auto", words: int = 8) -> HardLogicNet:
+def compile_hard(model: nn.Module, backend: str = "auto",
+                 words: int | None = None) -> HardLogicNet:
     """A trained ``nn.Sequential`` of ``LogicLayer``s ending in a ``GroupSum`` (an
     ``nn.Flatten`` first is allowed) as one bit-packed kernel; see ``HardLogicNet``."""
     mods = list(model) if isinstance(model, nn.Sequential) else [model]

@@ -47,7 +47,7 @@ class TorchBackend(Backend):
         from .tiled import tiled_grads_torch
         return tiled_grads_torch(plan, tc, dy)
 
-    def run_packed(self, net, x, words, cache):
+    def run_packed(self, net, x, words, cache, scores=False):
         import torch
 
         from ...lowering.packed import eval_packed_reference

@@ -75,7 +75,7 @@ class TritonBackend(Backend):
         from .tiled import tiled_grads_triton
         return tiled_grads_triton(plan, tc, dy)
 
-    def run_packed(self, net, x, words, cache):
+    def run_packed(self, net, x, words, cache, scores=False):
         from ...lowering.packed import net_buffers
         from .packed import run_packed_triton
         key = f"triton:{x.device}"

@@ -72,14 +72,16 @@ class TvmBackend(Backend):
         from .tiled import tiled_grads_tvm
         return tiled_grads_tvm(plan, tc, dy)
 
-    def run_packed(self, net, x, words, cache):
+    def run_packed(self, net, x, words, cache, scores=False):
         if x.device.type != "cpu":
             raise ValueError("the TVM hard kernel runs on CPU tensors")
-        from ...lowering.packed import net_buffers
-        from .packed import pack_bits, run_packed_tvm
-        if "tvm" not in cache:
-            cache["tvm"] = net_buffers(net)
-        return run_packed_tvm(net, pack_bits(x, words), words, cache["tvm"])
+        from .packed import choose_words, program_tables, run_hard_tvm
+        prog = cache["program"]
+        words = words or choose_words(prog)
+        key = f"tvm:{words}"
+        if key not in cache:
+            cache[key] = program_tables(prog, words)
+        return run_hard_tvm(prog, x, words, cache[key], scores)
 
     def binds(self, plan, x):
         """The shuffle kernels (AVX2) take fp32 CPU rows fewer than ``lut.dense_from()``."""
