@@ -1,20 +1,25 @@
 """A hard logic-gate network as one compiled TVM CPU kernel: one bitwise op per gate.
 
-The kernel runs a ``GateProgram`` (``recurkit.lowering.gates``: folded, shared, dead gates
-dropped, scheduled in levels). Samples are bit-packed 64 to an int64 word; a block holds
-``words`` words per row (the innermost, vectorised loop: a multiple of the vector register's
-words, 8 with AVX-512, 4 with AVX2), blocks run in parallel over the cores. Per block:
+The kernel runs a ``GateProgram`` (``recurkit.lowering.gates``: constant and one-input gates
+folded, equal gates shared, unread gates dropped, scheduled in levels). Samples are bit-packed
+64 to an int64 word; a block holds ``words`` words per row (the innermost, vectorised loop),
+blocks run in parallel over the cores. Per block:
 
-1. the packed inputs are copied into the scratch ``S[slots, words]``;
-2. every run is a loop ``S[D[i]] = op(S[A[i]], S[B[i]])`` with its op a constant in the code:
-   one AND / OR / XOR / ANDN (two with a negation on AVX2, one ``vpternlogq`` on AVX-512 for
-   NAND, NOR, XNOR, ORN) per gate and word vector, the slots read from small int32 tables;
+1. its bool rows are packed into the scratch ``S[slots * words]`` (per 8 samples a byte per
+   input, vectorised over the inputs, then 8 bytes joined per word): the reads of the bool
+   tensor, bound by memory, overlap the other blocks' gates (``from_bool=False``: the rows
+   come packed, ``pack_bits``);
+2. every run is a loop ``S[d] = op(S[a], S[b])`` with its op a constant in the code: one
+   AND / ANDN / OR / XOR per gate and vector (NAND, NOR, XNOR, ORN: one ``vpternlogq`` on
+   AVX-512, two ops on AVX2), the slots read as scratch offsets from an int64 (a, b) and an
+   int32 (d) table;
 3. each class's members are counted 16 at a time by a carry-save (Harley-Seal) tree into
-   ones / twos / fours / eights words, whose sixteens ripple into high counter words, and
-   every sample's count is read off the counter words' bits into ``OUT[block, class, sample]``.
+   ones / twos / fours / eights words, whose sixteens ripple into high counter words; each
+   sample's count is read off the counter words' bits (32 samples a vector) and written as
+   its score, count / tau, into ``OUT[block, sample, class]`` (or the count).
 
-``choose_words`` sizes the block to the cache: the scratch of the live slots fits in half the
-L2 (read from sysfs; 1 MiB where it cannot be read), at least one vector register.
+``choose_words``: one vector register (8 words with AVX-512, 4 with AVX2), two where their
+scratch of live slots fits half the L2 (sysfs; 1 MiB where it cannot be read).
 (No let-bindings inside vectorised loops: TVM 0.27 miscompiles them with int64 bitwise ops;
 temporaries are buffers of one register's size, which TVM puts on the stack.)
 """
@@ -63,10 +68,10 @@ def l2_bytes() -> int:
 
 
 def choose_words(prog: GateProgram) -> int:
-    """Words per block: the most vector registers whose scratch fits half the L2."""
+    """Words per block: one vector register, two where their scratch fits half the L2."""
     v = vector_words()
     fit = l2_bytes() // 2 // (prog.slots * 8 * v)
-    return v * max(1, min(4, fit))
+    return v * max(1, min(2, fit))
 
 
 def _or(*xs: str) -> str:
