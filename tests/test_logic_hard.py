@@ -142,3 +142,19 @@ def test_compiled_model_equals_eval_model_for_every_block_size():
         want = model(x.float())
     for words in (None, 2, vector_words()):
         assert torch.equal(rk.nn.compile_hard(model, words=words)(x), want)
+
+
+@pytest.mark.parametrize("name", ["all gates", "folds to constants", "one layer"])
+def test_triton_kernel_runs_the_program(name):
+    net = NETS[name]   # in Triton's interpreter on CPU tensors
+    x = bits(130, net.in_dim, 11)
+    hard = HardLogicNet(net, "triton")
+    assert torch.equal(hard.counts(x).long(), eval_packed_reference(net, x))
+    assert torch.equal(hard(x), eval_packed_reference(net, x).float() / net.tau)
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "gfx942"])
+def test_triton_hard_kernel_compiles_ahead_of_time(arch):
+    from recurkit.backends.triton.packed import aot_report
+    r = aot_report(optimize(NETS["wide"]), arch)
+    assert r["spill_bytes"] in (0, None), r

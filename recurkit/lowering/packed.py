@@ -3,11 +3,9 @@ lowers to.
 
 Each of the 16 two-input gates is its truth table: gate g maps (a, b) to bit ``3 - (2a + b)`` of
 g (0 = false, 1 = and, 3 = a, 5 = b, 6 = xor, 7 = or, 14 = nand, 15 = true, ...), difflogic's
-numbering. Two exact forms of it are used:
-
-  real   y = k0 + k1 a + k2 b + k3 ab  (the relaxation's basis: ``GATE_COEFFS``[g] = k)
-  bits   y = c0 ^ (c1 & a) ^ (c2 & b) ^ (c3 & a & b)  (its algebraic normal form over GF(2):
-         ``GATE_ANF``[g] = c), one branch-free formula for every gate on 64 samples a word.
+numbering. Its exact real form y = k0 + k1 a + k2 b + k3 ab is the relaxation's basis
+(``GATE_COEFFS``[g] = k). A ``PackedNet`` is what the hard kernels run, after
+``recurkit.lowering.gates.optimize`` has made it a gate program of bitwise ops.
 """
 from __future__ import annotations
 
@@ -20,16 +18,15 @@ def gate_bit(g: int, a: int, b: int) -> int:
     return (g >> (3 - (2 * a + b))) & 1
 
 
-def _tables() -> tuple[torch.Tensor, torch.Tensor]:
-    coeffs, anf = [], []
+def _coeffs() -> torch.Tensor:
+    coeffs = []
     for g in range(16):
         f00, f01, f10, f11 = (gate_bit(g, a, b) for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)))
         coeffs.append([f00, f10 - f00, f01 - f00, f11 - f10 - f01 + f00])
-        anf.append([f00, f00 ^ f10, f00 ^ f01, f00 ^ f01 ^ f10 ^ f11])
-    return (torch.tensor(coeffs, dtype=torch.float32), torch.tensor(anf, dtype=torch.int64))
+    return torch.tensor(coeffs, dtype=torch.float32)
 
 
-GATE_COEFFS, GATE_ANF = _tables()   # [16, 4] each
+GATE_COEFFS = _coeffs()   # [16, 4]
 
 
 @dataclass(frozen=True)
@@ -43,10 +40,6 @@ class PackedLayer:
     @property
     def out_dim(self) -> int:
         return self.ia.numel()
-
-    def masks(self) -> torch.Tensor:
-        """[O, 4] int64 words: all ones where the gate's ANF has the term, else zero."""
-        return -GATE_ANF[self.gates]
 
 
 @dataclass(frozen=True)
@@ -103,11 +96,3 @@ def pack_bits_torch(x: torch.Tensor, words: int = 4) -> torch.Tensor:
     bits = bits.reshape(NB, words, 64, F).permute(0, 3, 1, 2)          # [NB, F, words, 64]
     shifts = torch.arange(64, dtype=torch.int64, device=x.device)
     return (bits << shifts).sum(-1)   # distinct bits: the sum is their OR
-
-
-def net_buffers(net: PackedNet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gate inputs and masks of every layer, concatenated: the kernels' tables."""
-    ia = torch.cat([layer.ia for layer in net.layers]).to(torch.int32)
-    ib = torch.cat([layer.ib for layer in net.layers]).to(torch.int32)
-    mk = torch.cat([layer.masks() for layer in net.layers]).contiguous()
-    return ia, ib, mk

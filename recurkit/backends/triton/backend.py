@@ -76,12 +76,11 @@ class TritonBackend(Backend):
         return tiled_grads_triton(plan, tc, dy)
 
     def run_packed(self, net, x, words, cache, scores=False):
-        from ...lowering.packed import net_buffers
-        from .packed import run_packed_triton
+        from .packed import program_buffers, run_packed_triton
         key = f"triton:{x.device}"
         if key not in cache:
-            cache[key] = tuple(t.to(x.device) for t in net_buffers(net))
-        return run_packed_triton(net, x, cache[key])
+            cache[key] = program_buffers(cache["program"], x.device)
+        return run_packed_triton(cache["program"], x, cache[key])
 
     def tuning_space(self, program, form, device_type, quick):
         if device_type != "cuda":
