@@ -261,3 +261,22 @@ def test_logic_layers_on_gpu():
         want = model(xb.float())   # the eval-mode float model, on the device
     got = rk.nn.compile_hard(model, backend="triton")(xb)
     assert got.device.type == DEV and torch.equal(got, want)
+
+
+def test_hard_logic_kernel_blocks_and_launches_on_gpu():
+    """The hard kernel's block configurations and a call of several launches (a small scratch)
+    count what the eval-mode model does, for a batch that is not a multiple of 64."""
+    from recurkit.backends.triton import packed as tp
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(rk.nn.LogicLayer(64, 2000), rk.nn.LogicLayer(2000, 2000),
+                                rk.nn.GroupSum(5, 2.0)).to(DEV).eval()
+    x = torch.rand(70001, 64, device=DEV) < 0.5
+    with torch.no_grad():
+        want = model(x.float())
+    hard = rk.nn.compile_hard(model, backend="triton")
+    assert torch.equal(hard(x), want)
+    prog = hard.program
+    bufs = tp.program_buffers(prog, DEV)
+    for cfg in ((4, 32, 2, 2), (32, 128, 8, 8)):
+        got = tp.run_packed_triton(prog, x, bufs, *cfg, scratch_bytes=8 * prog.slots * 256)
+        assert torch.equal(got[:x.shape[0]].float() / 2.0, want), cfg

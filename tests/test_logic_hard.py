@@ -158,3 +158,20 @@ def test_triton_hard_kernel_compiles_ahead_of_time(arch):
     from recurkit.backends.triton.packed import aot_report
     r = aot_report(optimize(NETS["wide"]), arch)
     assert r["spill_bytes"] in (0, None), r
+
+
+def test_triton_kernel_blocks_and_launches():
+    """Other block shapes and a call of several launches (the interpreter's launch covers
+    ``INTERPRET_WORDS`` words) count the same."""
+    from recurkit.backends.triton import packed as tp
+    net = NETS["one layer"]
+    prog = optimize(net)
+    x = bits(tp.INTERPRET_WORDS * 64 + 77, net.in_dim, 12)
+    want = eval_packed_reference(net, x)
+    bufs = tp.program_buffers(prog, x.device)
+    got = tp.run_packed_triton(prog, x, bufs, block_w=4, block_o=32, block_m=8)
+    assert got.shape == (-(-x.shape[0] // 64) * 64, net.classes)
+    assert torch.equal(got[:x.shape[0]].long(), want)
+    with pytest.raises(ValueError, match="block_m"):
+        tp.run_packed_triton(prog, x[:5], bufs, block_m=3)
+    assert tp.launch_words(prog, "cuda", 16, 8 * prog.slots * 100) == 96

@@ -1,11 +1,13 @@
 """A hard logic-gate network's gate program (``recurkit.lowering.gates``) as one Triton kernel
-of bitwise ops. Each program owns ``BLOCK_W`` int64 words (64 samples each) of every slot of
+of bitwise ops. Each program owns ``block_w`` int64 words (64 samples each) of every slot of
 a global scratch [slots, words] (its own words only, so a barrier between runs is all the
-synchronisation): it copies the packed inputs in, runs every run in blocks of ``BLOCK_O``
+synchronisation): it copies the packed inputs in, runs every run in blocks of ``block_o``
 gates as one bitwise op (the run's op a constant in the code), then counts each class's
-members with bit-sliced ripple-carry counters in a global [classes, bits, words] scratch and
-writes every sample's count. Runs on the GPU for CUDA tensors and in Triton's interpreter for
-CPU tensors.
+members ``block_m`` at a time (each member word's 64 bits spread over the sample axis and
+summed, in registers) and writes every sample's count. A launch covers as many words as a
+scratch of ``SCRATCH_BYTES`` holds (on CUDA; ``INTERPRET_WORDS`` in the interpreter), so
+there are enough programs in flight to hide the gathers' latency. Runs on the GPU for CUDA
+tensors and in Triton's interpreter for CPU tensors.
 """
 from __future__ import annotations
 
@@ -16,23 +18,19 @@ from ...lowering.packed import pack_bits_torch
 from .runtime import aot_compile_kernel, load_module
 from .sequential import HEADER
 
-BLOCK_W, BLOCK_O = 16, 64
-MAX_WORDS = 1024   # words per launch (65536 samples): bounds the scratch memory
+# the defaults: words per program, gates per block, members per count step, warps
+BLOCK_W, BLOCK_O, BLOCK_M, NUM_WARPS = 16, 64, 4, 4
+SCRATCH_BYTES = 1 << 30   # the gate scratch of one launch on CUDA (the words it covers)
+INTERPRET_WORDS = 64      # words per launch in the interpreter
 _OP = {1: "a & b", 2: "a & ~b", 6: "a ^ b", 7: "a | b", 8: "~(a | b)", 9: "~(a ^ b)",
        11: "a | ~b", 14: "~(a & b)", NOT: "~a"}
 
 
-def count_bits(prog: GateProgram) -> int:
-    """Bits of the class counters: enough for the longest (padded) member list."""
-    return max(1, max(m.numel() for m in prog.members).bit_length())
-
-
 def packed_source(prog: GateProgram) -> str:
     K, F = prog.classes, prog.in_dim
-    nbits = count_bits(prog)
     L = [HEADER, "", "@triton.jit",
-         "def hard(X, D, A, B, M, S, CNT, OUT, NW, BLOCK_W: tl.constexpr, "
-         "BLOCK_O: tl.constexpr):",
+         "def hard(X, D, A, B, M, S, OUT, NW, BLOCK_W: tl.constexpr, "
+         "BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr):",
          "    w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)",
          "    wmask = w < NW",
          f"    for f0 in range(0, {F}, BLOCK_O):",
@@ -56,25 +54,22 @@ def packed_source(prog: GateProgram) -> str:
               f"        tl.store(S + sd[:, None] * NW + w[None, :], {_OP[r.op]}, mask=msk)",
               "    tl.debug_barrier()"]
         off += n
+    # counts: per class, BLOCK_M members' words at a time, their bits summed per sample
+    L += ["    s = tl.arange(0, 64).to(tl.int64)",
+          "    out = (w[:, None] * 64 + s[None, :]) * " + str(K)]
     off = 0
-    for c, mem in enumerate(prog.members):
-        L += [f"    for j in range({mem.numel()}):",
-              f"        slot = tl.load(M + {off} + j).to(tl.int64)",
-              "        carry = tl.load(S + slot * NW + w, mask=wmask, other=0)",
-              f"        for k in range({nbits}):",
-              f"            at = CNT + ({c} * {nbits} + k) * NW + w",
-              "            cur = tl.load(at, mask=wmask, other=0)",
-              "            tl.store(at, cur ^ carry, mask=wmask)",
-              "            carry = cur & carry"]
-        off += mem.numel()
-    L += ["    s = tl.arange(0, 64).to(tl.int64)"]
-    for c, const in enumerate(prog.const):
+    for c, (mem, const) in enumerate(zip(prog.members, prog.const)):
+        n = mem.numel()
         L += [f"    acc = tl.full([BLOCK_W, 64], {const}, tl.int32)",
-              f"    for k in range({nbits}):",
-              f"        cw = tl.load(CNT + ({c} * {nbits} + k) * NW + w, mask=wmask, other=0)",
-              "        acc += (((cw[:, None] >> s[None, :]) & 1) << k).to(tl.int32)",
-              f"    tl.store(OUT + (w[:, None] * 64 + s[None, :]) * {K} + {c}, acc, "
-              "mask=wmask[:, None])"]
+              f"    for j0 in range(0, {n}, BLOCK_M):",
+              "        j = j0 + tl.arange(0, BLOCK_M)",
+              f"        slot = tl.load(M + {off} + j, mask=j < {n}, other={prog.zero_slot})"
+              ".to(tl.int64)",
+              "        v = tl.load(S + slot[:, None] * NW + w[None, :], mask=wmask[None, :], "
+              "other=0)",
+              "        acc += tl.reduce(((v[:, :, None] >> s[None, None, :]) & 1).to(tl.int32), 0, _add)",
+              f"    tl.store(OUT + out + {c}, acc, mask=wmask[:, None])"]
+        off += n
     return "\n".join(L) + "\n"
 
 
@@ -94,36 +89,56 @@ def pack_words(x: torch.Tensor) -> torch.Tensor:
     return pack_bits_torch(x, 1)[:, :, 0].T.contiguous()
 
 
-def run_packed_triton(prog: GateProgram, x: torch.Tensor, buffers: tuple) -> torch.Tensor:
+def launch_words(prog: GateProgram, device, block_w: int = BLOCK_W,
+                 scratch_bytes: int | None = None) -> int:
+    """Words one launch covers: as many as a scratch of ``scratch_bytes`` (default
+    ``SCRATCH_BYTES``, on CUDA) holds, a multiple of ``block_w``; ``INTERPRET_WORDS`` off
+    CUDA."""
+    if torch.device(device).type != "cuda":
+        return INTERPRET_WORDS
+    fit = (scratch_bytes or SCRATCH_BYTES) // (8 * prog.slots)
+    return max(block_w, fit // block_w * block_w)
+
+
+def run_packed_triton(prog: GateProgram, x: torch.Tensor, buffers: tuple,
+                      block_w: int = BLOCK_W, block_o: int = BLOCK_O, block_m: int = BLOCK_M,
+                      num_warps: int = NUM_WARPS,
+                      scratch_bytes: int | None = None) -> torch.Tensor:
     """Counts [N rounded up to 64, classes] (int32) of bool inputs ``x`` [N, in_dim]
-    (``buffers``: ``program_buffers`` on x's device)."""
+    (``buffers``: ``program_buffers`` on x's device). The blocks are powers of two; the
+    defaults are the module's constants."""
     import triton
+    for name, v in (("block_w", block_w), ("block_o", block_o), ("block_m", block_m),
+                    ("num_warps", num_warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two, got {v}")
     interpret = x.device.type != "cuda"
     mod = load_module(packed_source(prog), interpret)
-    outs = []
-    for start in range(0, x.shape[0], MAX_WORDS * 64):
-        xp = pack_words(x[start:start + MAX_WORDS * 64])
+    per = launch_words(prog, x.device, block_w, scratch_bytes) * 64
+    out = torch.empty(-(-x.shape[0] // 64) * 64, prog.classes, dtype=torch.int32,
+                      device=x.device)
+    S = None
+    for start in range(0, x.shape[0], per):
+        xp = pack_words(x[start:start + per])
         NW = xp.shape[1]
-        S = torch.empty(prog.slots * NW, dtype=torch.int64, device=x.device)
-        CNT = torch.zeros(prog.classes * count_bits(prog) * NW, dtype=torch.int64,
-                          device=x.device)
-        out = torch.empty(NW * 64, prog.classes, dtype=torch.int32, device=x.device)
-        grid = (-(-NW // BLOCK_W),)
-        args = (xp, *buffers, S, CNT, out, NW, BLOCK_W, BLOCK_O)
+        if S is None or S.numel() < prog.slots * NW:
+            S = torch.empty(prog.slots * NW, dtype=torch.int64, device=x.device)
+        grid = (-(-NW // block_w),)
+        args = (xp, *buffers, S, out[start:start + NW * 64], NW, block_w, block_o, block_m)
         if interpret:
             with triton.knobs.runtime.scope():
                 triton.knobs.runtime.interpret = True
                 mod.hard[grid](*args)
         else:
-            mod.hard[grid](*args)
-        outs.append(out)
-    return torch.cat(outs)
+            mod.hard[grid](*args, num_warps=num_warps)
+    return out
 
 
 def aot_report(prog: GateProgram, arch: str = "sm_90") -> dict:
     """Compile the program's kernel for ``arch`` with no GPU (registers, spills, shared)."""
     fn = load_module(packed_source(prog), interpret=False).hard
     sig = {"X": "*i64", "D": "*i32", "A": "*i32", "B": "*i32", "M": "*i32", "S": "*i64",
-           "CNT": "*i64",
-           "OUT": "*i32", "NW": "i32", "BLOCK_W": "constexpr", "BLOCK_O": "constexpr"}
-    return aot_compile_kernel(fn, sig, {"BLOCK_W": BLOCK_W, "BLOCK_O": BLOCK_O}, arch)
+           "OUT": "*i32", "NW": "i32", "BLOCK_W": "constexpr", "BLOCK_O": "constexpr",
+           "BLOCK_M": "constexpr"}
+    return aot_compile_kernel(fn, sig, {"BLOCK_W": BLOCK_W, "BLOCK_O": BLOCK_O,
+                                        "BLOCK_M": BLOCK_M}, arch)
