@@ -1,7 +1,7 @@
 """Layers: sequence mixers built on the exported recurrences (``mixers``), and differentiable
 logic-gate networks with their compiled hard inference (``logic``), and the shift-add linear
-layer with binary-coded weights (``shift_add``, quantized by ``bcq``), and ``to_shift_add`` converting a whole model's
-Linear layers to it (``convert``)."""
+layer with binary-coded weights (``shift_add``, quantized by ``bcq``), with ``to_shift_add``
+converting a whole model's Linear layers to it (``convert``)."""
 from .logic import GroupSum, HardLogicNet, LogicLayer, compile_hard, connections
 from .mixers import GLA, KDA, GatedDeltaNet, GatedRMSNorm, ShortConv
 from .convert import to_shift_add
