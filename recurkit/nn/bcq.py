@@ -7,6 +7,14 @@ normal equations; given alpha, each weight takes the best of the 2^q sign patter
 search). Each alpha is then rounded to a sum of ``terms`` signed powers of two (so scaling is a
 shift) and the codes re-searched for the rounded alphas. ``round_to_nearest`` is the baseline
 of the same bit width: asymmetric min-max integer quantization per group.
+
+``bcq_quantize_hessian`` fits the same format to an objective that also weighs the layer's
+inputs: ``tr((W - Wq) H' (W - Wq)^T)`` with ``H' = H / mean(diag H) + lam * I``, H the sum of
+``x x^T`` over calibration inputs (output-activation error) and ``lam`` the weight of the
+weight error (ShiftAddLLM's multi-objective). It quantizes groups of input columns in order,
+GPTQ-style: a group's alphas are fitted (as above) to its current, compensated weights, its
+columns then take their nearest levels one at a time, and each column's error is carried to
+the columns after it through the Cholesky factor of ``H'^-1``.
 """
 from __future__ import annotations
 
@@ -113,6 +121,44 @@ def bcq_quantize(W: torch.Tensor, bits: int = 3, group_size: int = 128, iters: i
     return BCQWeight(codes.reshape(bits, out, n).to(torch.int8),
                      alpha.reshape(out, n // group_size, bits).permute(2, 0, 1).float()
                      .contiguous(), group_size, terms)
+
+
+def bcq_quantize_hessian(W: torch.Tensor, H: torch.Tensor, bits: int = 3,
+                         group_size: int = 128, lam: float = 0.01, iters: int = 15,
+                         terms: int = 2) -> BCQWeight:
+    """Quantize ``W`` [out, in] for the objective ``tr(E H' E^T)``, ``E = W - Wq``,
+    ``H' = H / mean(diag H) + lam * I`` (see the module doc); ``H`` [in, in] symmetric
+    positive semi-definite (``sum x x^T``), ``lam`` > 0."""
+    _check(W, bits, group_size)
+    out, n = W.shape
+    if tuple(H.shape) != (n, n):
+        raise ValueError(f"H must be [{n}, {n}] for a weight [{out}, {n}], got {tuple(H.shape)}")
+    if not lam > 0:
+        raise ValueError(f"lam (the weight error's weight) must be > 0, got {lam}")
+    Hd = H.detach().to(torch.float64).cpu()
+    scale = Hd.diagonal().mean()
+    Hd = (Hd / scale if scale > 0 else torch.zeros_like(Hd)) + lam * torch.eye(n, dtype=Hd.dtype)
+    # U: upper Cholesky factor of H'^-1 (GPTQ's form of the error feedback)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    w = W.detach().to(torch.float64).cpu().clone()
+    patterns = torch.tensor(list(product((-1.0, 1.0), repeat=bits)), dtype=w.dtype)  # [P, q]
+    codes = torch.empty(bits, out, n, dtype=torch.int8)
+    alphas = torch.empty(bits, out, n // group_size, dtype=torch.float32)
+    for g in range(n // group_size):
+        lo, hi = g * group_size, (g + 1) * group_size
+        a = bcq_quantize(w[:, lo:hi], bits, group_size, iters, terms).alpha[:, :, 0]  # [q, out]
+        alphas[:, :, g] = a
+        levels = a.T.double() @ patterns.T                                            # [out, P]
+        err = torch.empty(out, group_size, dtype=w.dtype)
+        for j in range(lo, hi):
+            col = w[:, j]
+            best = (col[:, None] - levels).abs().argmin(1)
+            codes[:, :, j] = patterns[best].T.to(torch.int8)
+            e = (col - levels.gather(1, best[:, None])[:, 0]) / U[j, j]
+            w[:, j + 1:hi] -= e[:, None] * U[j, j + 1:hi]
+            err[:, j - lo] = e
+        w[:, hi:] -= err @ U[lo:hi, hi:]
+    return BCQWeight(codes, alphas, group_size, terms)
 
 
 def round_to_nearest(W: torch.Tensor, bits: int = 3, group_size: int = 128) -> torch.Tensor:

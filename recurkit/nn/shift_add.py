@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import backends
 from ..ir.tiled import bind_tiled, pack_signs, unpack_signs
-from .bcq import bcq_quantize
+from .bcq import BCQWeight, bcq_quantize
 
 
 def _op():
@@ -72,11 +72,21 @@ class ShiftAddLinear(nn.Module):
         size that ``group_size`` does not divide, and bad ``bits``."""
         W = linear.weight if isinstance(linear, nn.Linear) else linear
         q = bcq_quantize(W.detach(), bits, group_size, terms=terms)
+        return cls.from_bcq(q, linear.bias if isinstance(linear, nn.Linear) else None)
+
+    @classmethod
+    def from_bcq(cls, q: BCQWeight, bias: torch.Tensor | None = None,
+                 device: torch.device | str | None = None) -> "ShiftAddLinear":
+        """The layer of an already quantized weight (``bcq_quantize``,
+        ``bcq_quantize_hessian``), its buffers on ``device`` (default: the codes')."""
         Q, O, K = q.codes.shape
-        G = K // group_size
-        signs = q.codes.reshape(Q, O, G, group_size).permute(2, 1, 0, 3)      # [G, O, Q, E]
-        bias = linear.bias if isinstance(linear, nn.Linear) else None
-        return cls(pack_signs(signs), q.alpha.permute(2, 1, 0), bias, group_size)
+        G, E = K // q.group_size, q.group_size
+        signs = q.codes.reshape(Q, O, G, E).permute(2, 1, 0, 3)               # [G, O, Q, E]
+        codes, alpha = pack_signs(signs), q.alpha.permute(2, 1, 0)
+        if device is not None:
+            codes, alpha = codes.to(device), alpha.to(device)
+            bias = None if bias is None else bias.detach().to(device)
+        return cls(codes, alpha, bias, E)
 
     def nbytes(self) -> int:
         """Bytes stored: the packed codes, the alphas (fp32) and the bias."""
