@@ -33,8 +33,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import bench, cpu_features, machine, save_results  # noqa: E402
 
 import recurkit as rk  # noqa: E402
-from recurkit.backends.tvm.packed import (choose_words, pack_bits, program_tables,  # noqa: E402
-                                          run_packed_tvm)
 from recurkit.lowering.packed import GATE_COEFFS  # noqa: E402
 
 TWO_INPUT = torch.tensor([1, 2, 4, 6, 7, 8, 9, 11, 13, 14])
@@ -74,6 +72,9 @@ def main() -> None:
     ap.add_argument("--hard-only", action="store_true",
                     help="only the hard rows (e.g. with RECURKIT_TVM_MCPU=znver3: AVX2 code)")
     args = ap.parse_args()
+    # (here, not at the top: benchmarks/logic_gpu.py imports this file where TVM may be absent)
+    from recurkit.backends.tvm.packed import (choose_words, pack_bits, program_tables,
+                                              run_packed_tvm)
     torch.manual_seed(0)
     N = args.samples
     x = torch.rand(N, 784) < 0.5

@@ -3,8 +3,8 @@ of bitwise ops. Each program owns ``block_w`` int64 words (64 samples each) of e
 a global scratch [slots, words] (its own words only, so a barrier between runs is all the
 synchronisation): it copies the packed inputs in, runs every run in blocks of ``block_o``
 gates as one bitwise op (the run's op a constant in the code), then counts each class's
-members ``block_m`` at a time (each member word's 64 bits spread over the sample axis and
-summed, in registers) and writes every sample's count. A launch covers as many words as a
+members ``block_m`` at a time (their words loaded together, each word's 64 bits added to the
+samples' counts in registers) and writes every sample's count. A launch covers as many words as a
 scratch of ``SCRATCH_BYTES`` holds (on CUDA; ``INTERPRET_WORDS`` in the interpreter), so
 there are enough programs in flight to hide the gathers' latency. Runs on the GPU for CUDA
 tensors and in Triton's interpreter for CPU tensors.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ...lowering.gates import NOT, GateProgram
+from ...lowering.gates import COUNT_CHUNK, NOT, GateProgram
 from ...lowering.packed import pack_bits_torch
 from .runtime import aot_compile_kernel, load_module
 from .sequential import HEADER
@@ -26,11 +26,15 @@ _OP = {1: "a & b", 2: "a & ~b", 6: "a ^ b", 7: "a | b", 8: "~(a | b)", 9: "~(a ^
        11: "a | ~b", 14: "~(a & b)", NOT: "~a"}
 
 
-def packed_source(prog: GateProgram) -> str:
+def packed_source(prog: GateProgram, block_m: int = BLOCK_M) -> str:
+    """The kernel's source; ``block_m`` (members loaded per count step, a power of two up to
+    ``COUNT_CHUNK``) is unrolled in it."""
+    if not 1 <= block_m <= COUNT_CHUNK or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two up to {COUNT_CHUNK}, got {block_m}")
     K, F = prog.classes, prog.in_dim
     L = [HEADER, "", "@triton.jit",
          "def hard(X, D, A, B, M, S, OUT, NW, BLOCK_W: tl.constexpr, "
-         "BLOCK_O: tl.constexpr, BLOCK_M: tl.constexpr):",
+         "BLOCK_O: tl.constexpr):",
          "    w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)",
          "    wmask = w < NW",
          f"    for f0 in range(0, {F}, BLOCK_O):",
@@ -54,20 +58,19 @@ def packed_source(prog: GateProgram) -> str:
               f"        tl.store(S + sd[:, None] * NW + w[None, :], {_OP[r.op]}, mask=msk)",
               "    tl.debug_barrier()"]
         off += n
-    # counts: per class, BLOCK_M members' words at a time, their bits summed per sample
+    # counts: per class, block_m members' words loaded at a time (independent loads, in
+    # flight together), each word's bits added per sample
     L += ["    s = tl.arange(0, 64).to(tl.int64)",
           "    out = (w[:, None] * 64 + s[None, :]) * " + str(K)]
     off = 0
     for c, (mem, const) in enumerate(zip(prog.members, prog.const)):
-        n = mem.numel()
+        n = mem.numel()   # a multiple of COUNT_CHUNK, which block_m divides
         L += [f"    acc = tl.full([BLOCK_W, 64], {const}, tl.int32)",
-              f"    for j0 in range(0, {n}, BLOCK_M):",
-              "        j = j0 + tl.arange(0, BLOCK_M)",
-              f"        slot = tl.load(M + {off} + j, mask=j < {n}, other={prog.zero_slot})"
-              ".to(tl.int64)",
-              "        v = tl.load(S + slot[:, None] * NW + w[None, :], mask=wmask[None, :], "
-              "other=0)",
-              "        acc += tl.reduce(((v[:, :, None] >> s[None, None, :]) & 1).to(tl.int32), 0, _add)",
+              f"    for j0 in range(0, {n}, {block_m}):",
+              *(f"        v{u} = tl.load(S + tl.load(M + {off + u} + j0).to(tl.int64) * NW + w, "
+                "mask=wmask, other=0)" for u in range(block_m)),
+              "        acc += (" + " + ".join(f"((v{u}[:, None] >> s[None, :]) & 1)"
+                                          for u in range(block_m)) + ").to(tl.int32)",
               f"    tl.store(OUT + out + {c}, acc, mask=wmask[:, None])"]
         off += n
     return "\n".join(L) + "\n"
@@ -108,12 +111,11 @@ def run_packed_triton(prog: GateProgram, x: torch.Tensor, buffers: tuple,
     (``buffers``: ``program_buffers`` on x's device). The blocks are powers of two; the
     defaults are the module's constants."""
     import triton
-    for name, v in (("block_w", block_w), ("block_o", block_o), ("block_m", block_m),
-                    ("num_warps", num_warps)):
+    for name, v in (("block_w", block_w), ("block_o", block_o), ("num_warps", num_warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two, got {v}")
     interpret = x.device.type != "cuda"
-    mod = load_module(packed_source(prog), interpret)
+    mod = load_module(packed_source(prog, block_m), interpret)
     per = launch_words(prog, x.device, block_w, scratch_bytes) * 64
     out = torch.empty(-(-x.shape[0] // 64) * 64, prog.classes, dtype=torch.int32,
                       device=x.device)
@@ -124,7 +126,7 @@ def run_packed_triton(prog: GateProgram, x: torch.Tensor, buffers: tuple,
         if S is None or S.numel() < prog.slots * NW:
             S = torch.empty(prog.slots * NW, dtype=torch.int64, device=x.device)
         grid = (-(-NW // block_w),)
-        args = (xp, *buffers, S, out[start:start + NW * 64], NW, block_w, block_o, block_m)
+        args = (xp, *buffers, S, out[start:start + NW * 64], NW, block_w, block_o)
         if interpret:
             with triton.knobs.runtime.scope():
                 triton.knobs.runtime.interpret = True
@@ -138,7 +140,5 @@ def aot_report(prog: GateProgram, arch: str = "sm_90") -> dict:
     """Compile the program's kernel for ``arch`` with no GPU (registers, spills, shared)."""
     fn = load_module(packed_source(prog), interpret=False).hard
     sig = {"X": "*i64", "D": "*i32", "A": "*i32", "B": "*i32", "M": "*i32", "S": "*i64",
-           "OUT": "*i32", "NW": "i32", "BLOCK_W": "constexpr", "BLOCK_O": "constexpr",
-           "BLOCK_M": "constexpr"}
-    return aot_compile_kernel(fn, sig, {"BLOCK_W": BLOCK_W, "BLOCK_O": BLOCK_O,
-                                        "BLOCK_M": BLOCK_M}, arch)
+           "OUT": "*i32", "NW": "i32", "BLOCK_W": "constexpr", "BLOCK_O": "constexpr"}
+    return aot_compile_kernel(fn, sig, {"BLOCK_W": BLOCK_W, "BLOCK_O": BLOCK_O}, arch)
