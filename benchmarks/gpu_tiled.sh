@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_tiled.sh [OUT_DIR]        (default: $OUT, else benchmarks/results/gpu)
 #
-# On the GPU machine's own torch / Triton (recurkit installed without dependencies):
+# On the GPU machine's own torch / Triton (recurkit installed without dependencies, and on
+# PYTHONPATH where that install fails: the machine has no package index for its build):
 # 1. environment report, 2. the tiled ops' GPU tests (tests/test_gpu.py -k "shift_add or
 # logic"), 3. benchmarks/shift_add_gpu.py (the look-up and decode + dot kernels against torch
 # F.linear in fp32 / fp16 / bf16), 4. benchmarks/logic_gpu.py (the hard Triton kernel with
@@ -13,7 +14,7 @@
 set -u
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu}}"
 mkdir -p "$OUT_DIR"
-export RECURKIT_CACHE_DIR="$OUT_DIR/cache" PYTHONUNBUFFERED=1
+export RECURKIT_CACHE_DIR="$OUT_DIR/cache" PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step() { local limit=$1 name=$2; shift 2; echo "== $name (limit ${limit}s)";
          timeout "$limit" "$@" > "$OUT_DIR/$name.txt" 2>&1; echo "rc=$?" >> "$OUT_DIR/$name.txt";
          tail -n 45 "$OUT_DIR/$name.txt"; }
@@ -22,7 +23,7 @@ step() { local limit=$1 name=$2; shift 2; echo "== $name (limit ${limit}s)";
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   lscpu | grep -E 'Model name|^CPU\(s\)'
 } > "$OUT_DIR/env.txt" 2>&1; cat "$OUT_DIR/env.txt"
-pip install -q --no-deps -e . > "$OUT_DIR/install.txt" 2>&1 || echo "install failed (see install.txt)"
+pip install -q --no-deps --no-build-isolation -e . > "$OUT_DIR/install.txt" 2>&1 || echo "install failed (see install.txt)"
 step 100 test_gpu_tiled python -m pytest -q -x tests/test_gpu.py -k "shift_add or logic" -p no:cacheprovider
 step 140 shift_add_gpu python benchmarks/shift_add_gpu.py
 step 210 logic_gpu python benchmarks/logic_gpu.py --json "$OUT_DIR/logic_gpu.json"

@@ -55,8 +55,8 @@ def plain_torch_forward(model: torch.nn.Sequential, x: torch.Tensor) -> torch.Te
     k0 + k1 a + k2 b + k3 a b with k = softmax(z) @ GATE_COEFFS (the argmax gate's in eval)."""
     for m in model:
         if isinstance(m, rk.nn.LogicLayer):
-            k = F.softmax(m.weights, -1) @ GATE_COEFFS if m.training \
-                else GATE_COEFFS[m.gates()]
+            C = GATE_COEFFS.to(m.weights.device)
+            k = F.softmax(m.weights, -1) @ C if m.training else C[m.gates()]
             a, b = x.index_select(1, m.ia), x.index_select(1, m.ib)
             x = k[:, 0] + k[:, 1] * a + k[:, 2] * b + k[:, 3] * a * b
         else:
