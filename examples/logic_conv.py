@@ -1,7 +1,7 @@
 """Train a small convolutional logic-gate network on synthetic binary images, on CPU, and
 compile it into one hard kernel.
 
-    python examples/logic_conv.py [--steps 300] [--size 12] [--seed 0]
+    python examples/logic_conv.py [--steps 300] [--size 12] [--seed 0] [--backend torch]
 
 The task (generated here, no downloads): 4 classes of size x size binary images - a
 horizontal bar, a vertical bar, a diagonal (either direction) or a cross ("+"), each at a
@@ -120,5 +120,6 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--size", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", help="the soft layers' backend (auto, torch, ...)")
     a = p.parse_args()
-    run(a.steps, a.size, seed=a.seed)
+    run(a.steps, a.size, backend=a.backend, seed=a.seed)
