@@ -8,6 +8,7 @@ into one bit-packed kernel whose scores equal the eval-mode model's exactly.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -49,6 +50,22 @@ def connections(in_dim: int, out_dim: int, kind: str = "random",
 _connections = connections   # LogicLayer's argument of the same name hides it
 
 
+def gate_coefficients(z: torch.Tensor, training: bool,
+                      gumbel_tau: float | None = None) -> torch.Tensor:
+    """[..., 4]: (k0, k1, k2, k3) of gate logits ``z`` [..., 16]: ``softmax(z) @ GATE_COEFFS``
+    when training (with ``gumbel_tau``: Gumbel-softmax sampled, forward exactly the sampled
+    hard gate, the softmax's gradient), the argmax gate's otherwise."""
+    C = GATE_COEFFS.to(z.device)
+    if not training:
+        return C[z.argmax(-1)]
+    if gumbel_tau is None:
+        return F.softmax(z, -1) @ C
+    u = torch.rand_like(z).clamp_(1e-10, 1.0 - 1e-7)
+    p = F.softmax((z - torch.log(-torch.log(u))) / gumbel_tau, -1)
+    soft = p @ C   # x - x.detach() is exactly 0: the forward is exactly the hard gate
+    return C[p.argmax(-1)] + (soft - soft.detach())
+
+
 class LogicLayer(nn.Module):
     """``out_dim`` neurons, each a learned mix of the 16 two-input gates of two fixed inputs.
 
@@ -79,16 +96,7 @@ class LogicLayer(nn.Module):
 
     def coefficients(self) -> torch.Tensor:
         """[out_dim, 4]: (k0, k1, k2, k3) of each neuron for the current mode."""
-        C = GATE_COEFFS.to(self.weights.device)
-        if not self.training:
-            return C[self.gates()]
-        z = self.weights
-        if self.gumbel_tau is None:
-            return F.softmax(z, -1) @ C
-        u = torch.rand_like(z).clamp_(1e-10, 1.0 - 1e-7)
-        p = F.softmax((z - torch.log(-torch.log(u))) / self.gumbel_tau, -1)
-        soft = p @ C   # x - x.detach() is exactly 0: the forward is exactly the hard gate
-        return C[p.argmax(-1)] + (soft - soft.detach())
+        return gate_coefficients(self.weights, self.training, self.gumbel_tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_dim:
@@ -159,9 +167,12 @@ class HardLogicNet:
 
     def _run(self, x: torch.Tensor, scores: bool) -> torch.Tensor:
         net = self.net
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != net.in_dim:
+        if (not isinstance(x, torch.Tensor) or x.dim() < 2
+                or math.prod(x.shape[1:]) != net.in_dim):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected inputs [N, {net.in_dim}], got {got}")
+            raise ValueError(f"expected inputs [N, {net.in_dim}] (or [N, ...] of {net.in_dim} "
+                             f"elements per sample, e.g. images), got {got}")
+        x = x.reshape(x.shape[0], net.in_dim)
         if x.dtype != torch.bool:
             raise ValueError(f"expected a bool tensor (hard inputs), got {x.dtype}; threshold "
                              "float inputs first, e.g. x > 0.5")
@@ -186,20 +197,48 @@ class HardLogicNet:
                 f"{s['gates']} gates -> {s['ops']} ops, backend={self.backend})")
 
 
-def compile_hard(model: nn.Module, backend: str = "auto",
-                 words: int | None = None) -> HardLogicNet:
-    """A trained ``nn.Sequential`` of ``LogicLayer``s ending in a ``GroupSum`` (an
-    ``nn.Flatten`` first is allowed) as one bit-packed kernel; see ``HardLogicNet``."""
+def compile_hard(model: nn.Module, backend: str = "auto", words: int | None = None,
+                 input_shape: tuple[int, ...] | None = None) -> HardLogicNet:
+    """A trained ``nn.Sequential`` of logic modules ending in a ``GroupSum`` as one bit-packed
+    kernel; see ``HardLogicNet``. The modules: ``LogicLayer``s, ``nn.Flatten`` (flattening
+    all but the batch dim), and modules with a ``hard_layers(shape)`` method returning their
+    ``PackedLayer``s and output shape (``LogicConv2d``, ``OrPool2d``). ``input_shape``: one
+    sample's shape, e.g. (C, H, W); needed when the first logic module is not a
+    ``LogicLayer``. The hard net takes bool [N, *input_shape] or [N, prod(input_shape)]."""
     mods = list(model) if isinstance(model, nn.Sequential) else [model]
-    mods = [m for m in mods if not isinstance(m, nn.Flatten)]
-    layers = [m for m in mods if isinstance(m, LogicLayer)]
-    if not layers or not isinstance(mods[-1], GroupSum) or len(layers) != len(mods) - 1:
-        raise ValueError("compile_hard takes an nn.Sequential of LogicLayer modules followed "
-                         "by one GroupSum, got " + ", ".join(type(m).__name__ for m in mods))
-    for a, b in zip(layers, layers[1:]):
-        if a.out_dim != b.in_dim:
-            raise ValueError(f"layer widths do not chain: {a} feeds {b}")
-    gs = mods[-1]
+    body = [m for m in mods[:-1] if not isinstance(m, nn.Flatten)]
+    if not mods or not isinstance(mods[-1], GroupSum) or not body or not all(
+            isinstance(m, LogicLayer) or hasattr(m, "hard_layers") for m in body):
+        raise ValueError("compile_hard takes an nn.Sequential of LogicLayer modules (or "
+                         "LogicConv2d/OrPool2d, nn.Flatten) followed by one GroupSum, got "
+                         + ", ".join(type(m).__name__ for m in mods))
+    if input_shape is None:
+        if not isinstance(body[0], LogicLayer):
+            raise ValueError(f"compile_hard: input_shape (one sample's shape, e.g. (C, H, W)) "
+                             f"is needed when the net starts with {type(body[0]).__name__}")
+        input_shape = (body[0].in_dim,)
+    shape = tuple(int(d) for d in input_shape)
+    packed, prev = [], None
     with torch.no_grad():
-        packed = tuple(PackedLayer(m.ia.cpu(), m.ib.cpu(), m.gates().cpu()) for m in layers)
-    return HardLogicNet(PackedNet(layers[0].in_dim, packed, gs.k, gs.tau), backend, words)
+        for m in mods[:-1]:
+            if isinstance(m, nn.Flatten):
+                if m.start_dim != 1 or m.end_dim != -1:
+                    raise ValueError("compile_hard: nn.Flatten must flatten all but the batch "
+                                     f"dim (start_dim=1, end_dim=-1), got {m}")
+                shape = (math.prod(shape),)
+            elif isinstance(m, LogicLayer):
+                if shape != (m.in_dim,):
+                    raise ValueError(f"layer widths do not chain: {prev or 'the input'} feeds "
+                                     f"{m} with per-sample shape {list(shape)}")
+                packed.append(PackedLayer(m.ia.cpu(), m.ib.cpu(), m.gates().cpu()))
+                shape = (m.out_dim,)
+            else:
+                layers, shape = m.hard_layers(shape)
+                packed += layers
+            prev = m
+    if len(shape) != 1:
+        raise ValueError(f"compile_hard: GroupSum reads per-sample shape {list(shape)}; "
+                         "flatten it first (nn.Flatten)")
+    gs = mods[-1]
+    return HardLogicNet(PackedNet(math.prod(input_shape), tuple(packed), gs.k, gs.tau),
+                        backend, words)
