@@ -122,7 +122,6 @@ def main() -> int:
         for sb in ((1 << 28, 1 << 32) if dev == "cuda" else ()):
             t = ms(lambda: tp.run_packed_triton(prog, x, bufs, *top, scratch_bytes=sb))
             row(f"hard kernel, {gates} gates, best, scratch {sb >> 20} MiB", t, N)
-        row(f"pack bool -> words (torch), {gates}", ms(lambda: tp.pack_words(x)), N)
         row(f"hard end to end (defaults), {gates} gates", ms(lambda: hard(x)), N)
     m = model("all").to(dev)
     ns = args.soft_samples

@@ -1,20 +1,20 @@
 """A hard logic-gate network's gate program (``recurkit.lowering.gates``) as one Triton kernel
 of bitwise ops. Each program owns ``block_w`` int64 words (64 samples each) of every slot of
 a global scratch [slots, words] (its own words only, so a barrier between runs is all the
-synchronisation): it copies the packed inputs in, runs every run in blocks of ``block_o``
-gates as one bitwise op (the run's op a constant in the code), then counts each class's
-members ``block_m`` at a time (their words loaded together, each word's 64 bits added to the
-samples' counts in registers) and writes every sample's count. A launch covers as many words as a
-scratch of ``SCRATCH_BYTES`` holds (on CUDA; ``INTERPRET_WORDS`` in the interpreter), so
-there are enough programs in flight to hide the gathers' latency. Runs on the GPU for CUDA
-tensors and in Triton's interpreter for CPU tensors.
+synchronisation): it packs its samples' bool input rows into words itself (each byte read
+once), runs every run in blocks of ``block_o`` gates as one bitwise op (the run's op a
+constant in the code), then counts each class's members ``block_m`` at a time (their words
+loaded together, each word's 64 bits added to the samples' counts in registers) and writes
+every sample's count. A launch covers as many words as a scratch of ``SCRATCH_BYTES`` holds
+(on CUDA; ``INTERPRET_WORDS`` in the interpreter), so there are enough programs in flight to
+hide the gathers' latency. Runs on the GPU for CUDA tensors and in Triton's interpreter for
+CPU tensors.
 """
 from __future__ import annotations
 
 import torch
 
 from ...lowering.gates import COUNT_CHUNK, NOT, GateProgram
-from ...lowering.packed import pack_bits_torch
 from .runtime import aot_compile_kernel, load_module
 from .sequential import HEADER
 
@@ -33,15 +33,23 @@ def packed_source(prog: GateProgram, block_m: int = BLOCK_M) -> str:
         raise ValueError(f"block_m must be a power of two up to {COUNT_CHUNK}, got {block_m}")
     K, F = prog.classes, prog.in_dim
     L = [HEADER, "", "@triton.jit",
-         "def hard(X, D, A, B, M, S, OUT, NW, BLOCK_W: tl.constexpr, "
+         "def hard(X, D, A, B, M, S, OUT, NW, NR, BLOCK_W: tl.constexpr, "
          "BLOCK_O: tl.constexpr):",
          "    w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)",
          "    wmask = w < NW",
+         "    row0 = w.to(tl.int64) * 64",
+         # the inputs: sample row0 + b of each word's bool row is bit b of its slot's word
          f"    for f0 in range(0, {F}, BLOCK_O):",
          "        f = f0 + tl.arange(0, BLOCK_O)",
-         f"        msk = (f < {F})[:, None] & wmask[None, :]",
-         "        at = f.to(tl.int64)[:, None] * NW + w[None, :]",
-         "        tl.store(S + at, tl.load(X + at, mask=msk, other=0), mask=msk)",
+         f"        fm = f < {F}",
+         "        word = tl.full([BLOCK_O, BLOCK_W], 0, tl.int64)",
+         "        for b in range(64):",
+         "            r = row0 + b",
+         f"            bit = tl.load(X + r[None, :] * {F} + f[:, None], "
+         "mask=fm[:, None] & (r < NR)[None, :], other=0)",
+         "            word |= bit.to(tl.int64) << b",
+         "        tl.store(S + f.to(tl.int64)[:, None] * NW + w[None, :], word, "
+         "mask=fm[:, None] & wmask[None, :])",
          f"    tl.store(S + {prog.zero_slot} * NW + w, w * 0, mask=wmask)",
          "    tl.debug_barrier()"]
     off = 0
@@ -86,12 +94,6 @@ def program_buffers(prog: GateProgram, device) -> tuple[torch.Tensor, ...]:
                                          cat(list(prog.members))))
 
 
-def pack_words(x: torch.Tensor) -> torch.Tensor:
-    """Bool inputs [N, F] as int64 words [F, ceil(N / 64)] (sample n at bit n % 64 of word
-    n // 64), with torch ops on the inputs' device."""
-    return pack_bits_torch(x, 1)[:, :, 0].T.contiguous()
-
-
 def launch_words(prog: GateProgram, device, block_w: int = BLOCK_W,
                  scratch_bytes: int | None = None) -> int:
     """Words one launch covers: as many as a scratch of ``scratch_bytes`` (default
@@ -119,14 +121,16 @@ def run_packed_triton(prog: GateProgram, x: torch.Tensor, buffers: tuple,
     per = launch_words(prog, x.device, block_w, scratch_bytes) * 64
     out = torch.empty(-(-x.shape[0] // 64) * 64, prog.classes, dtype=torch.int32,
                       device=x.device)
+    xb = x.contiguous().view(torch.uint8)   # the kernel packs the bool rows itself
     S = None
     for start in range(0, x.shape[0], per):
-        xp = pack_words(x[start:start + per])
-        NW = xp.shape[1]
+        rows = xb[start:start + per]
+        NW = -(-rows.shape[0] // 64)
         if S is None or S.numel() < prog.slots * NW:
             S = torch.empty(prog.slots * NW, dtype=torch.int64, device=x.device)
         grid = (-(-NW // block_w),)
-        args = (xp, *buffers, S, out[start:start + NW * 64], NW, block_w, block_o)
+        args = (rows, *buffers, S, out[start:start + NW * 64], NW, rows.shape[0], block_w,
+                block_o)
         if interpret:
             with triton.knobs.runtime.scope():
                 triton.knobs.runtime.interpret = True
@@ -139,6 +143,6 @@ def run_packed_triton(prog: GateProgram, x: torch.Tensor, buffers: tuple,
 def aot_report(prog: GateProgram, arch: str = "sm_90") -> dict:
     """Compile the program's kernel for ``arch`` with no GPU (registers, spills, shared)."""
     fn = load_module(packed_source(prog), interpret=False).hard
-    sig = {"X": "*i64", "D": "*i32", "A": "*i32", "B": "*i32", "M": "*i32", "S": "*i64",
-           "OUT": "*i32", "NW": "i32", "BLOCK_W": "constexpr", "BLOCK_O": "constexpr"}
+    sig = {"X": "*u8", "D": "*i32", "A": "*i32", "B": "*i32", "M": "*i32", "S": "*i64",
+           "OUT": "*i32", "NW": "i32", "NR": "i32", "BLOCK_W": "constexpr", "BLOCK_O": "constexpr"}
     return aot_compile_kernel(fn, sig, {"BLOCK_W": BLOCK_W, "BLOCK_O": BLOCK_O}, arch)
