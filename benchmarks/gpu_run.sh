@@ -16,17 +16,8 @@
 # OUT_DIR.
 set -u
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu}}"
-mkdir -p "$OUT_DIR"
-export RECURKIT_CACHE_DIR="$OUT_DIR/cache" FLA_FLASH_QLA=0 PYTHONUNBUFFERED=1
-step() { local limit=$1 name=$2; shift 2; echo "== $name (limit ${limit}s)";
-         timeout "$limit" "$@" > "$OUT_DIR/$name.txt" 2>&1; echo "rc=$?" >> "$OUT_DIR/$name.txt";
-         tail -n 40 "$OUT_DIR/$name.txt"; }
-{
-  date -u; nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-  lscpu | grep -E 'Model name|^CPU\(s\)'
-} > "$OUT_DIR/env.txt" 2>&1; cat "$OUT_DIR/env.txt"
-pip install -q --no-deps -e . > "$OUT_DIR/install.txt" 2>&1 || echo "install failed (see install.txt)"
+export FLA_FLASH_QLA=0
+source "$(dirname "$0")/gpu_lib.sh"
 python -c "import fla" 2>/dev/null || pip install -q --no-deps fla-core einops >> "$OUT_DIR/install.txt" 2>&1
 step 120 test_gpu python -m pytest -q -x tests/test_gpu.py -p no:cacheprovider
 step 210 gpu_chunk python benchmarks/gpu_chunk.py --protocol --json "$OUT_DIR/gpu_chunk.json"

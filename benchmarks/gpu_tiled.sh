@@ -13,17 +13,7 @@
 # lands in OUT_DIR.
 set -u
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu}}"
-mkdir -p "$OUT_DIR"
-export RECURKIT_CACHE_DIR="$OUT_DIR/cache" PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-step() { local limit=$1 name=$2; shift 2; echo "== $name (limit ${limit}s)";
-         timeout "$limit" "$@" > "$OUT_DIR/$name.txt" 2>&1; echo "rc=$?" >> "$OUT_DIR/$name.txt";
-         tail -n 45 "$OUT_DIR/$name.txt"; }
-{
-  date -u; nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-  lscpu | grep -E 'Model name|^CPU\(s\)'
-} > "$OUT_DIR/env.txt" 2>&1; cat "$OUT_DIR/env.txt"
-pip install -q --no-deps --no-build-isolation -e . > "$OUT_DIR/install.txt" 2>&1 || echo "install failed (see install.txt)"
+source "$(dirname "$0")/gpu_lib.sh"
 step 100 test_gpu_tiled python -m pytest -q -x tests/test_gpu.py -k "shift_add or logic" -p no:cacheprovider
 step 140 shift_add_gpu python benchmarks/shift_add_gpu.py
 step 210 logic_gpu python benchmarks/logic_gpu.py --json "$OUT_DIR/logic_gpu.json"
