@@ -60,8 +60,8 @@ def main() -> int:
     torch.manual_seed(0)
     N = args.samples
     x = torch.rand(N, 784, device=dev) < 0.5
-    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter check)"
-    print(f"device: {name} | torch {torch.__version__} | triton "
+    device = torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter check)"
+    print(f"device: {device} | torch {torch.__version__} | triton "
           f"{triton.__version__} | {N} hard samples, {args.soft_samples} soft")
     rows, nets, sweep = {}, {}, {}
 
@@ -154,7 +154,7 @@ def main() -> int:
     print("(vs peer: the plain torch eval forward; for the train steps, the plain torch step)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__,
+            json.dump({"device": device, "torch": torch.__version__,
                        "triton": triton.__version__, "nets": nets,
                        "sweep": [{"gates": g, "cfg": list(c), "ms": t}
                                  for (g, c), t in sweep.items()],

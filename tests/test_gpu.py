@@ -280,3 +280,16 @@ def test_hard_logic_kernel_blocks_and_launches_on_gpu():
     for cfg in ((4, 32, 2, 2), (32, 128, 8, 8)):
         got = tp.run_packed_triton(prog, x, bufs, *cfg, scratch_bytes=8 * prog.slots * 256)
         assert torch.equal(got[:x.shape[0]].float() / 2.0, want), cfg
+
+
+def test_hard_scores_divide_exactly_on_gpu():
+    """Scores are count / tau correctly rounded, as the eval model's GroupSum (tau 3 and 10:
+    a multiplication by 1 / tau differs in the last bit for many counts)."""
+    torch.manual_seed(2)
+    for tau in (3.0, 10.0):
+        model = torch.nn.Sequential(rk.nn.LogicLayer(32, 3000), rk.nn.GroupSum(2, tau)
+                                    ).to(DEV).eval()
+        x = torch.rand(4000, 32, device=DEV) < 0.5
+        with torch.no_grad():
+            want = model(x.float())
+        assert torch.equal(rk.nn.compile_hard(model, backend="triton")(x), want), tau

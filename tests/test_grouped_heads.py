@@ -49,6 +49,7 @@ def test_every_builtin_takes_grouped_heads(name):
 
 
 def test_fla_naive_references_with_grouped_heads():
+    pytest.importorskip("fla", reason="flash-linear-attention (the bench extra) is not installed")
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
     from fla.ops.kda.naive import naive_recurrent_kda
     q, k, v, gk, beta = grouped("kda")
@@ -78,7 +79,8 @@ def gradients(fn, xs, S0):
 
 @pytest.mark.parametrize("backend,backward", [("torch", "auto"), ("torch", "chunk"),
                                               ("tvm", "auto"), ("tvm", "chunk"),
-                                              ("triton", "auto")])
+                                              pytest.param("triton", "auto",
+                                                           marks=pytest.mark.slow)])
 def test_gradients_of_grouped_inputs_sum_over_their_group(backend, backward):
     name = "gated_delta_rule"
     xs = grouped(name, T=21 if backend == "triton" else T)

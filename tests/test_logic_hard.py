@@ -157,7 +157,8 @@ def test_triton_kernel_runs_the_program(name):
 def test_triton_hard_kernel_compiles_ahead_of_time(arch):
     from recurkit.backends.triton.packed import aot_report
     r = aot_report(optimize(NETS["wide"]), arch)
-    assert r["spill_bytes"] in (0, None), r
+    if arch.startswith("sm_"):   # (ROCm's compile reports no spills: it compiles, that is all)
+        assert r["spill_bytes"] == 0 and r["registers"] <= 128, r
 
 
 def test_triton_kernel_blocks_and_launches():
@@ -175,3 +176,14 @@ def test_triton_kernel_blocks_and_launches():
     with pytest.raises(ValueError, match="block_m"):
         tp.run_packed_triton(prog, x[:5], bufs, block_m=3)
     assert tp.launch_words(prog, "cuda", 16, 8 * prog.slots * 100) == 96
+
+
+@pytest.mark.parametrize("backend", ["tvm", "triton", "torch"])
+def test_every_class_count_constant(backend):
+    """Every member folds to a constant: no member slot is left for the kernel to read."""
+    net = PackedNet(2, (PackedLayer(torch.tensor([0, 1, 0, 1]), torch.tensor([1, 0, 1, 0]),
+                                    torch.tensor([15, 0, 15, 15])),), 2, 3.0)
+    x = bits(70, 2, 13)
+    hard = HardLogicNet(net, backend)
+    assert torch.equal(hard.counts(x).long(), eval_packed_reference(net, x))
+    assert torch.equal(hard(x), torch.tensor([[1 / 3, 2 / 3]]).expand(70, 2))

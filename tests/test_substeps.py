@@ -146,8 +146,22 @@ def forward_matches(decl, backend, form, T, varlen, draw, sizes):
     return xs, S0, cu
 
 
-@pytest.mark.parametrize("name", sorted(DECLS))
-@pytest.mark.parametrize("backend,T,varlen", lengths(9))   # 9 tokens: 27-36 sub-steps
+# the interpreter's varlen call of the widest declarations takes 35-60 s: under -m slow
+HEAVY_IN_THE_INTERPRETER = ("delta_product3", "mimo_delta")
+
+
+def cases(short: int) -> list:
+    out = []
+    for name in sorted(DECLS):
+        for p in lengths(short):
+            values, marks = (p.values, p.marks) if hasattr(p, "values") else (p, ())
+            if values[0] == "triton" and values[2] and name in HEAVY_IN_THE_INTERPRETER:
+                marks = (pytest.mark.slow,)
+            out.append(pytest.param(name, *values, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("name,backend,T,varlen", cases(9))   # 9 tokens: 27-36 sub-steps
 def test_sub_steps_match_the_reference(name, backend, T, varlen):
     decl = DECLS[name]
     form = rk.analyze(decl).forms[0]

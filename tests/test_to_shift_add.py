@@ -272,3 +272,44 @@ def test_hessian_quantizer_keeps_the_format_and_beats_weight_only_on_its_objecti
         return (E @ H * E).sum().item()
 
     assert out_err(q) < 0.9 * out_err(w)
+
+
+class WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(16, 2)
+        self.norm = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, 16)
+        self.unused = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.att(x, x, x)[0]
+        return self.fc(self.drop(self.norm(x.reshape(-1, 16)))).reshape(x.shape)
+
+
+def test_linear_subclasses_and_unreached_layers_are_refused():
+    """MultiheadAttention reads out_proj.weight itself: converting it would break the model;
+    a layer calibration never reaches would be fitted and scored on another scale."""
+    torch.manual_seed(0)
+    m = WithAttention()
+    x = torch.randn(5, 3, 16)
+    with pytest.raises(ValueError, match="'att.out_proj' is a NonDynamicallyQuantizableLinear"):
+        rk.nn.to_shift_add(m, bits=3, group_size=8, skip=["unused"])
+    with pytest.raises(ValueError, match="no input rows to the layers \\['unused'\\]"):
+        rk.nn.to_shift_add(m, bits=3, group_size=8, calibration=[x], skip=["att.out_proj"])
+    assert linear_names(m) == ["att.out_proj", "fc", "unused"]   # unchanged
+    m.train()
+    stats = m.norm.running_mean.clone()
+    rk.nn.to_shift_add(m, bits=3, group_size=8, calibration=[x],
+                       skip=["att.out_proj", "unused"])
+    assert shift_names(m) == ["fc"] and m.training and m.drop.training
+    assert torch.equal(m.norm.running_mean, stats)   # calibration ran in eval mode
+    m.eval()
+    assert m(x).shape == x.shape
+
+
+def test_greedy_allocation_spends_no_bits_that_do_not_help():
+    errors = [{2: 1.0, 3: 1.0, 4: 1.0}, {2: 5.0, 3: 1.0, 4: 0.5}] * 400   # too big to be exact
+    bits = allocate_bits(errors, [1, 1] * 400, 3.5)   # room for more: none helps
+    assert bits[0::2] == [2] * 400 and bits[1::2] == [4] * 400

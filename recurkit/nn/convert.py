@@ -29,7 +29,7 @@ def _linears(model: nn.Module, skip: tuple[str, ...]):
     used: set[str] = set()
     for name, mod in model.named_modules(remove_duplicate=False):
         if not isinstance(mod, nn.Linear):
-            continue
+            continue   # (subclasses are refused by the caller unless skipped)
         hit = [s for s in skip if name == s or name.startswith(s + ".")]
         used.update(hit)
         if hit:
@@ -51,7 +51,8 @@ def _call(model: nn.Module, batch) -> None:
 
 def calibrate(model: nn.Module, layers: Iterable[nn.Linear], batches) -> dict[int, tuple]:
     """{id(layer): (H fp64 [in, in], rows)}: the sums of ``x x^T`` over the inputs each layer
-    sees while ``model`` runs the batches (no gradient; hooks removed afterwards). A batch is
+    sees while ``model`` runs the batches (in eval mode, no gradient; the modules' modes and
+    hooks restored afterwards). A batch is
     passed as ``model(batch)``, ``model(*batch)`` for a tuple or list, ``model(**batch)`` for a
     mapping."""
     stats: dict[int, list] = {}
@@ -64,13 +65,17 @@ def calibrate(model: nn.Module, layers: Iterable[nn.Linear], batches) -> dict[in
         s[1] += x.shape[0]
 
     handles = [m.register_forward_hook(hook) for m in layers]
-    try:
+    modes = [(m, m.training) for m in model.modules()]
+    try:   # in eval mode: no dropout in H, no batch-norm statistics updated
+        model.eval()
         with torch.no_grad():
             for batch in batches:
                 _call(model, batch)
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes:
+            m.training = training
     return {k: (v[0], v[1]) for k, v in stats.items()}
 
 
@@ -116,7 +121,7 @@ def allocate_bits(errors: list[dict[int, float]], sizes: list[int], avg_bits: fl
             up = [b for b in choices if b > bits[i]]
             if up and spent + u * (up[0] - bits[i]) <= cap:
                 cand.append(((e[bits[i]] - e[up[0]]) / (u * (up[0] - bits[i])), i, up[0]))
-        if not cand:
+        if not cand or max(cand)[0] <= 0:   # nothing left to spend bits on that helps
             return bits
         _, i, b = max(cand)
         spent += units[i] * (b - bits[i])
@@ -176,14 +181,27 @@ def to_shift_add(model: nn.Module, bits: int = 3, group_size: int = 128, calibra
             raise ValueError(f"layer {names[0]!r} has in_features {mod.in_features}, which "
                              f"group_size {group_size} does not divide; pass "
                              f"skip=[{names[0]!r}] to keep it, or another group_size")
+        if type(mod) is not nn.Linear:
+            raise ValueError(f"layer {names[0]!r} is a {type(mod).__name__}, a subclass of "
+                             "nn.Linear whose owner may read its weight directly (as "
+                             "nn.MultiheadAttention does its out_proj's): pass "
+                             f"skip=[{names[0]!r}] to keep it")
         if not mod.weight.is_floating_point():
             raise ValueError(f"layer {names[0]!r} has a {mod.weight.dtype} weight, not float")
     stats = {}
     if calibration is not None:
         stats = calibrate(model, [m for m, _ in layers.values()], calibration)
-        if not stats:
-            raise ValueError("calibration ran no Linear layer of the model (empty, or the "
-                             "batches do not reach them)")
+        missed = [names[0] for key, (_, names) in layers.items()
+                  if key not in stats or stats[key][1] == 0]
+        if missed:
+            raise ValueError(f"calibration gave no input rows to the layers {missed} (empty "
+                             "batches, or batches that do not reach them): their fit and bits "
+                             "would be chosen on another scale than the others'; pass them in "
+                             "skip, or batches that run them")
+        bad = [names[0] for key, (_, names) in layers.items()
+               if not torch.isfinite(stats[key][0]).all()]
+        if bad:
+            raise ValueError(f"calibration inputs of the layers {bad} hold NaN or infinity")
     wanted = bit_choices if avg_bits is not None else (bits,)
 
     fits: list[dict[int, BCQWeight]] = []
@@ -215,9 +233,9 @@ def to_shift_add(model: nn.Module, bits: int = 3, group_size: int = 128, calibra
     else:
         choice = [bits] * len(fits)
 
-    report = []
-    for (key, (mod, names)), f, e, b in zip(layers.items(), fits, errs, choice):
-        new = ShiftAddLinear.from_bcq(f[b], mod.bias, device=mod.weight.device)
+    report, new_layers = [], [ShiftAddLinear.from_bcq(f[b], mod.bias, device=mod.weight.device)
+                              for (mod, _), f, b in zip(layers.values(), fits, choice)]
+    for (key, (mod, names)), new, e, b in zip(layers.items(), new_layers, errs, choice):
         for name in names:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, new)

@@ -140,7 +140,8 @@ class GroupSum(nn.Module):
 
 
 class HardLogicNet:
-    """A compiled hard network: ``net(x)`` takes bool inputs [N, in_dim] and returns the class
+    """A compiled hard network: ``net(x)`` takes bool inputs [N, in_dim] (or [N, *input_shape],
+    e.g. images [N, C, H, W] as ``compile_hard`` was given them) and returns the class
     scores [N, k] (float32) that the eval-mode model gives; ``counts(x)`` the integer counts.
     ``backend``: "auto" (TVM on CPU, Triton on CUDA), "tvm", "triton" or "torch" (the gate by
     gate reference). ``words``: int64 words (64 samples each) per block of the TVM kernel,
@@ -151,7 +152,8 @@ class HardLogicNet:
     ``stats`` says what it removed and how long that took (``optimize_s``); the TVM kernel
     is built on the first CPU call (and cached on disk)."""
 
-    def __init__(self, net: PackedNet, backend: str = "auto", words: int | None = None):
+    def __init__(self, net: PackedNet, backend: str = "auto", words: int | None = None,
+                 input_shape: tuple[int, ...] | None = None):
         runs = [n for n, b in backends.REGISTRY.items()
                 if type(b).run_packed is not backends.Backend.run_packed]
         if backend != backends.AUTO and backend not in runs:
@@ -160,6 +162,10 @@ class HardLogicNet:
                                   or words < 1):
             raise ValueError(f"words must be an int >= 1 or None, got {words!r}")
         self.net, self.backend, self.words = net, backend, words
+        shape = (net.in_dim,) if input_shape is None else tuple(int(d) for d in input_shape)
+        if math.prod(shape) != net.in_dim:
+            raise ValueError(f"input_shape {shape} does not hold the net's {net.in_dim} inputs")
+        self.input_shape = shape
         t0 = time.perf_counter()
         self.program = optimize(net)
         self.stats = dict(self.program.stats, optimize_s=time.perf_counter() - t0)
@@ -167,11 +173,11 @@ class HardLogicNet:
 
     def _run(self, x: torch.Tensor, scores: bool) -> torch.Tensor:
         net = self.net
-        if (not isinstance(x, torch.Tensor) or x.dim() < 2
-                or math.prod(x.shape[1:]) != net.in_dim):
+        shapes = ((net.in_dim,), self.input_shape)
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) not in shapes:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected inputs [N, {net.in_dim}] (or [N, ...] of {net.in_dim} "
-                             f"elements per sample, e.g. images), got {got}")
+            want = " or ".join(dict.fromkeys(str(["N", *s]).replace("'", "") for s in shapes))
+            raise ValueError(f"expected inputs {want}, got {got}")
         x = x.reshape(x.shape[0], net.in_dim)
         if x.dtype != torch.bool:
             raise ValueError(f"expected a bool tensor (hard inputs), got {x.dtype}; threshold "
@@ -181,7 +187,9 @@ class HardLogicNet:
         y = b.run_packed(net, x, self.words, self._buffers, scores)[:x.shape[0]]
         if scores and y.dtype != torch.float32:   # the backend gave counts
             y = torch.empty(y.shape, dtype=torch.float32, device=y.device).copy_(y)
-            y.div_(net.tau)
+            # by a tensor on the device: CUDA divides by a Python scalar as a multiplication
+            # by its reciprocal, which is not the eval model's correctly rounded count / tau
+            y.div_(torch.full((), net.tau, dtype=torch.float32, device=y.device))
         return y
 
     def counts(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,4 +249,4 @@ def compile_hard(model: nn.Module, backend: str = "auto", words: int | None = No
                          "flatten it first (nn.Flatten)")
     gs = mods[-1]
     return HardLogicNet(PackedNet(math.prod(input_shape), tuple(packed), gs.k, gs.tau),
-                        backend, words)
+                        backend, words, input_shape)

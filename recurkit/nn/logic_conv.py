@@ -140,7 +140,7 @@ class _TreeConv(nn.Module):
         ph, pw = self.padding
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
-        h = x.reshape(N, -1)
+        h = x.reshape(N, x[0].numel()) if N else x.reshape(0, math.prod(x.shape[1:]))
         coeffs = self.node_coefficients().to(x.device, x.dtype)                 # [K, T, 4]
         P, start = Ho * Wo, 0
         for level, (ia, ib) in enumerate(levels):

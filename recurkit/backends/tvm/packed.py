@@ -207,7 +207,8 @@ def program_tables(prog: GateProgram, words: int) -> tuple[torch.Tensor, ...]:
     if prog.slots * words >= 1 << 31:
         raise ValueError(f"a gate program of {prog.slots} live slots x {words} words is "
                          "beyond the kernel's int32 offsets")
-    mem = torch.cat(list(prog.members)) * words
+    nmem = sum(m.numel() for m in prog.members)   # 0: every class count is constant
+    mem = torch.cat(list(prog.members)) * words if nmem else torch.zeros(1, dtype=torch.int32)
     if not prog.runs:
         return torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int32), mem
     d, a, b = (torch.cat([getattr(r, k) for r in prog.runs]).to(torch.int64) * words
