@@ -139,7 +139,8 @@ def test_layers_with_grouped_value_heads(layer):
         getattr(rk.nn, layer)(32, num_heads=2, head_dim=8, num_v_heads=3)
 
 
-@pytest.mark.parametrize("decl", [rk.ops.gated_delta_rule.decl, rk.ops.gla.decl])
+@pytest.mark.parametrize("decl", [rk.ops.gated_delta_rule.decl,
+                                  pytest.param(rk.ops.gla.decl, marks=pytest.mark.slow)])
 def test_the_triton_chunk_kernels_read_grouped_heads_without_a_copy(decl, monkeypatch):
     """Forward and chunk backward in Triton's interpreter: q and k are never repeated (the
     kernels read head h // G) and everything matches the reference."""

@@ -142,7 +142,8 @@ def test_low_precision_inputs_in_segments(dtype, tol):
 
 
 @pytest.mark.parametrize("decl,form,V", [(v_first_two_gates, "chunk_gated", 5),
-                                         (keyed_erase, "chunk_wy", 6),
+                                         pytest.param(keyed_erase, "chunk_wy", 6,
+                                                      marks=pytest.mark.slow),
                                          (v_first_delta, "chunk_wy", 6)],
                          ids=lambda d: getattr(d, "name", str(d)))
 def test_declarations_of_our_own_in_segments(decl, form, V):

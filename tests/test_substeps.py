@@ -146,7 +146,8 @@ def forward_matches(decl, backend, form, T, varlen, draw, sizes):
     return xs, S0, cu
 
 
-# the interpreter's varlen call of the widest declarations takes 35-60 s: under -m slow
+# the interpreter's varlen call of the widest declarations takes 35-60 s, and all of
+# delta_product3's (delta_product covers the path): under -m slow
 HEAVY_IN_THE_INTERPRETER = ("delta_product3", "mimo_delta")
 
 
@@ -155,7 +156,8 @@ def cases(short: int) -> list:
     for name in sorted(DECLS):
         for p in lengths(short):
             values, marks = (p.values, p.marks) if hasattr(p, "values") else (p, ())
-            if values[0] == "triton" and values[2] and name in HEAVY_IN_THE_INTERPRETER:
+            if values[0] == "triton" and (values[2] or name == "delta_product3") \
+                    and name in HEAVY_IN_THE_INTERPRETER:
                 marks = (pytest.mark.slow,)
             out.append(pytest.param(name, *values, marks=marks))
     return out
