@@ -64,6 +64,26 @@ def plain_torch_forward(model: torch.nn.Sequential, x: torch.Tensor) -> torch.Te
     return x
 
 
+def train_steps(model: torch.nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The soft train step (train mode; forward and backward of the cross entropy of ``x``
+    against ``y``) through recurkit ("rk") and in plain torch ("torch"), as callables, after
+    checking that both give the same gradients (the same math)."""
+    model.train()
+
+    def step(fwd):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(fwd(x), y).backward()
+    steps = {"rk": lambda: step(model),
+             "torch": lambda: step(lambda v: plain_torch_forward(model, v))}
+    grads = {}
+    for name, fn in steps.items():
+        fn()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["rk"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    return steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=262144)
@@ -122,19 +142,7 @@ def main() -> None:
                   args.repeats)
     rows["soft forward, recurkit (TVM)"] = (t["rk"], args.soft_samples)
     rows["soft forward, plain torch"] = (t["torch"], args.soft_samples)
-    m.train()
-
-    def step(fwd):
-        m.zero_grad(set_to_none=True)
-        F.cross_entropy(fwd(xs), y).backward()
-    gr = {}
-    for name, fwd in (("rk", m), ("torch", lambda v: plain_torch_forward(m, v))):
-        step(fwd)
-        gr[name] = [p.grad.clone() for p in m.parameters()]
-    for a, b in zip(gr["rk"], gr["torch"]):   # the same math: the same gradients
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
-    t = bench({"rk": lambda: step(m), "torch": lambda: step(lambda v: plain_torch_forward(m, v))},
-              args.repeats)
+    t = bench(train_steps(m, xs, y), args.repeats)
     rows["soft train step, recurkit (TVM)"] = (t["rk"], args.soft_samples)
     rows["soft train step, plain torch"] = (t["torch"], args.soft_samples)
     print(f"{'path':<38} {'ms':>9} {'samples/s':>12} {'vs peer':>8}")

@@ -24,10 +24,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from logic_cpu import model, plain_torch_forward  # noqa: E402
+from logic_cpu import model, plain_torch_forward, train_steps  # noqa: E402
 
 import recurkit as rk  # noqa: E402
 
@@ -132,19 +131,9 @@ def main() -> int:
         torch.testing.assert_close(m(xf), plain_torch_forward(m, xf))
         row("soft forward, recurkit (Triton)", ms(lambda: m(xf)), ns)
         row("soft forward, plain torch", ms(lambda: plain_torch_forward(m, xf)), ns)
-    m.train()
-
-    def step(fwd):
-        m.zero_grad(set_to_none=True)
-        F.cross_entropy(fwd(xf), y).backward()
-    gr = {}
-    for name, fwd in (("rk", m), ("torch", lambda v: plain_torch_forward(m, v))):
-        step(fwd)
-        gr[name] = [p.grad.clone() for p in m.parameters()]
-    for a, b in zip(gr["rk"], gr["torch"]):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
-    row("soft train step, recurkit (Triton)", ms(lambda: step(m)), ns)
-    row("soft train step, plain torch", ms(lambda: step(lambda v: plain_torch_forward(m, v))), ns)
+    steps = train_steps(m, xf, y)
+    row("soft train step, recurkit (Triton)", ms(steps["rk"]), ns)
+    row("soft train step, plain torch", ms(steps["torch"]), ns)
     print(f"{'path':<58} {'ms':>9} {'samples/s':>12} {'vs peer':>8}")
     for name, (t, n) in rows.items():
         base = rows["soft train step, plain torch" if "train" in name
