@@ -34,7 +34,8 @@ def cpu_builtins(doc: dict, plt):
         ys, xs = [], []
         for j, r in enumerate(rows):
             ms = r["ms"]
-            peer = min(ms["torch_seq"], ms["compiled_seq"]) if key == "best_seq" else ms.get(key)
+            peer = (min(ms["torch_seq"], ms["compiled_seq"]) if "torch_seq" in ms else None) \
+                if key == "best_seq" else ms.get(key)
             if peer is not None:
                 ys.append(j + (i - 1) * h)
                 xs.append(peer / ms["tvm"])

@@ -22,6 +22,8 @@ from ..shared.host import token_loop_args
 from .build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
                         cache_dir, compile_source, cuda_ptx, target)
 from .pairs import paired_expr
+from .fastmath import FAST, fast_steps
+from .prologue import InKernelPrologue, leaf_args, leaf_layout
 from .update import UpdatePass, _f  # noqa: F401 - _f: shared by the other generators
 
 # schedule knobs of the sequential kernel (the autotuner's space): see rk.compile(knobs=...)
@@ -30,12 +32,16 @@ DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this ext
                  "unroll": 0,         # unroll loops of at most this extent (0: never)
                  "parallel": True,    # run (sequence, head) pairs on all threads
                  "pipeline": True,    # read the state for token t+1 while writing token t's
-                 "block": 32}         # update the state in column blocks this wide (0: whole)
+                 "block": 32,         # update the state in column blocks this wide (0: whole)
+                 "columns": 0}        # tasks of their own for blocks of the state's last
+#                                       dim this wide (0: a vector state's, enough for the
+#                                       threads; a matrix state's, none)
+MIN_COLUMNS = 64   # the narrowest blocks a vector state is cut into by default
 
 
 def check_knobs(knobs: dict | None) -> dict:
     out = merge_defaults(knobs, DEFAULT_KNOBS, "TVM knob")
-    for k in ("vectorize", "unroll", "block"):
+    for k in ("vectorize", "unroll", "block", "columns"):
         if isinstance(out[k], bool) or not isinstance(out[k], int) or out[k] < 0:
             raise ValueError(f"TVM knob {k!r} must be an int >= 0, got {out[k]!r}")
     for k in ("parallel", "pipeline"):
@@ -44,10 +50,13 @@ def check_knobs(knobs: dict | None) -> dict:
     return out
 
 
-class _Gen(UpdatePass):
+class _Gen(InKernelPrologue, UpdatePass):
     """TVMScript text for the sequential form of one program at fixed dim sizes."""
 
     ck_chunk = 0   # > 0: the kernel also writes the state entering each chunk of this many
+    cb = None      # (L, width, blocks): the column-blocked layout (``_column_plan``)
+    tasks = 1      # (sequence, head) pairs of the call the kernel is made for
+    out_dtype = "float32"
 
     UNARY = {"neg": "(-{0})", "exp": "T.exp({0})", "log": "T.log({0})",
              "sigmoid": "T.sigmoid({0})", "tanh": "T.tanh({0})", "sqrt": "T.sqrt({0})",
@@ -61,8 +70,8 @@ class _Gen(UpdatePass):
               "ne": "({0} != {1})"}
 
     def __init__(self, p, sizes: dict[str, int], gpu: bool = False,
-                 knobs: dict | None = None):
-        self.p, self.sizes = p, sizes
+                 knobs: dict | None = None, layout: dict | None = None, tasks: int = 1):
+        self.p, self.sizes = p, dict(sizes)
         self.knobs = check_knobs(knobs)
         # on a GPU the last state dim is spread over the threads of a block: each thread keeps
         # its column of the state in registers and contracts the other dims by itself
@@ -79,28 +88,20 @@ class _Gen(UpdatePass):
                 uses[id(a)] = uses.get(id(a), 0) + 1
         for r in (p.output, p.new_state):
             uses[id(r)] = uses.get(id(r), 0) + 2
-        # state-free arguments of the step: fed as [B, T, H, *dims] buffers, except
-        # broadcasting products (an outer product k v^T), which are rebuilt from their
-        # factors in the kernel instead of being stored per token at K x V
+        self.out_free = not self.dep[id(p.output)]
+        self.gsizes = dict(self.sizes)   # the dims' sizes (``sizes``: a column block's)
+        self.tasks = tasks
+        self.cb = None if gpu else self._column_plan()
+        if self.cb:
+            self.sizes[self.cb[0]] = self.cb[1]
         self.free_inline: set[int] = set()
         self.feeds: list[Node] = []
-
-        def feed(a: Node) -> None:
-            if self.dep[id(a)] or a.op == "const" or any(a is f for f in self.feeds):
-                return
-            if (a.op in self.BINARY or a.op in self.UNARY) and a.dims and all(
-                    len(x.dims) < len(a.dims) for x in a.args):
-                self.free_inline.add(id(a))
-                for x in a.args:
-                    feed(x)
-                return
-            self.feeds.append(a)
-        for n in self.step:
-            for a in n.args:
-                feed(a)
-        if not self.dep[id(p.output)]:
-            feed(p.output)
-        self.out_free = not self.dep[id(p.output)]
+        self.names: dict[int, str] = {}
+        if gpu:
+            self._plan_feeds()
+        else:
+            self.fast = True
+            self._plan_prologue(layout or {})
 
         def cheap(n: Node) -> bool:   # one op on leaves: recomputing beats a store and loads
             return n.op in self.UNARY or n.op in self.BINARY and all(
@@ -122,9 +123,53 @@ class _Gen(UpdatePass):
             not (self.dep[id(p.output)] and id(p.output) in after and
                  self._reads_state(p.output, top=True)) and \
             not any(n.op in ("rotate", "pairs") for n in self.step)   # reads other entries
-        self.names = {id(f): f"F{i}" for i, f in enumerate(self.feeds)}
+        self.mat |= {id(a) for a in self.pro_mat}
+        for i, f in enumerate(self.feeds):
+            self.names.setdefault(id(f), f"F{i}")
         for i, n in enumerate(self.step):
             self.names.setdefault(id(n), f"N{i}")
+
+    def _plan_feeds(self) -> None:
+        """The GPU kernel's state-free arguments: fed as [B, T, H, *dims] buffers computed by
+        torch, except broadcasting products (an outer product k v^T), which are rebuilt from
+        their factors in the kernel instead of being stored per token at K x V."""
+        def feed(a: Node) -> None:
+            if self.dep[id(a)] or a.op == "const" or any(a is f for f in self.feeds):
+                return
+            if (a.op in self.BINARY or a.op in self.UNARY) and a.dims and all(
+                    len(x.dims) < len(a.dims) for x in a.args):
+                self.free_inline.add(id(a))
+                for x in a.args:
+                    feed(x)
+                return
+            self.feeds.append(a)
+        for n in self.step:
+            for a in n.args:
+                feed(a)
+        if self.out_free:
+            feed(self.p.output)
+
+    def _column_plan(self) -> tuple[str, int, int] | None:
+        """(L, width, blocks) when the kernel runs in column blocks: the state's last dim L
+        cut into blocks, each walking every token in a task of its own (``columns``). Every
+        state-dependent value must then have L and never reduce over it (a column of the
+        state evolves by itself), and so must the output."""
+        sd, w = self.p.state.dims, self.knobs["columns"]
+        if not sd or self.out_free or not (w or len(sd) == 1):
+            return None
+        L = sd[-1]
+        if any(n.op in ("rotate", "pairs") or L not in n.dims or L in (n.attr("over") or ())
+               for n in self.step):
+            return None
+        size = self.sizes[L]
+        if not w:   # a vector state: the fewest blocks that give every thread two tasks
+            tasks, w = self.tasks, size
+            while tasks < 2 * max(1, torch.get_num_threads()) and w % 2 == 0 and \
+                    w // 2 >= MIN_COLUMNS:
+                w, tasks = w // 2, tasks * 2
+        if size % w or w >= size:
+            return None
+        return L, w, size // w
 
     def _pure(self, n: Node) -> bool:
         """Computed from S and prologue values only, without materialised intermediates."""
@@ -151,7 +196,8 @@ class _Gen(UpdatePass):
 
     def _factors(self, n: Node) -> list[Node]:
         if n.op == "mul" and id(n) not in self.mat and (self.dep[id(n)] or
-                                                       id(n) in self.free_inline):
+                                                       id(n) in self.free_inline or
+                                                       id(n) in self.pro):
             return self._factors(n.args[0]) + self._factors(n.args[1])
         return [n]
 
@@ -169,7 +215,16 @@ class _Gen(UpdatePass):
         return ", ".join(env[d] for d in dims) if dims else "0"
 
     def gidx(self, dims, env: dict[str, str]) -> str:
-        return ", ".join(env[d] for d in dims)
+        """Index into a buffer of the call (over the dims' full sizes)."""
+        return ", ".join(self.gi(d, env) for d in dims)
+
+    def gi(self, d: str, env: dict[str, str]) -> str:
+        """The index along ``d`` into a buffer of the call: in the column-blocked layout,
+        a local column plus the block's first."""
+        cb = getattr(self, "cb", None)
+        if cb and d == cb[0]:
+            return f"(vb * {cb[1]} + {env[d]})"
+        return env[d]
 
     def local_shape(self, dims) -> str:
         dims = [d for d in dims if d != self.tdim]
@@ -180,9 +235,15 @@ class _Gen(UpdatePass):
             return f"S[{self.idx(n.dims, env)}]"
         if n.op == "const":
             return _f(n.attr("value"))
-        if not self.dep[id(n)] and id(n) not in self.free_inline:
+        if id(n) in self.leaf_of:
+            return self.leaf_expr(n, env)
+        if id(n) in self.pro:
+            if id(n) in self.mat:   # stored per token: this token's, or the next one's
+                nx = "_nx" if self.tvar == "tn" and not self.in_pro else ""
+                return f"{self.names[id(n)]}{nx}[{self.idx(n.dims, env)}]"
+        elif not self.dep[id(n)] and id(n) not in self.free_inline:
             lead = f"row, {self.tvar}, h" + (", " if n.dims else "")
-            return f"{self.names[id(n)]}[{lead}{', '.join(env[d] for d in n.dims)}]"
+            return f"{self.names[id(n)]}[{lead}{', '.join(self.gi(d, env) for d in n.dims)}]"
         if id(n) in self.mat:
             return f"{self.names[id(n)]}[{self.idx(n.dims, env)}]"
         if n.op == "mul":   # a product: loop-invariant factors first, so they are hoisted
@@ -241,6 +302,14 @@ class _Gen(UpdatePass):
             vec = bool(alld) and alld[-1] not in over
             return code + self.loops(alld, [upd], ind, vector_last=vec)
         e = self.env(n.dims)
+        if self.fast and n.op in FAST:   # exp and kin by vector arithmetic (``fastmath``)
+            bufs, steps = fast_steps(n.op, self.expr(n.args[0], e), name, self.idx(n.dims, e))
+            for b in bufs:
+                alloc = (f"{b} = T.alloc_buffer(({self.local_shape(n.dims)},), \"float32\""
+                         f"{self.scope})")
+                if alloc not in self.late_allocs:
+                    self.late_allocs.append(alloc)
+            return [line for st in steps for line in self.loops(n.dims, [st], ind)]
         inner = self.expr_inline(n, e)
         return self.loops(n.dims, [f"{name}[{self.idx(n.dims, e)}] = {inner}"], ind)
 
@@ -254,19 +323,20 @@ class _Gen(UpdatePass):
                 self.mat.add(id(n))
 
     def source(self) -> str:
-        p, sz = self.p, self.sizes
+        p, sz = self.p, self.gsizes
         sd = p.state.dims
         shape = lambda dims: ", ".join(str(sz[d]) for d in dims)  # noqa: E731
+        cpu = self.tdim is None
         args = ["o: T.handle", "s0: T.handle", "sf: T.handle", "seg: T.handle"] + [
             f"f{i}: T.handle" for i in range(len(self.feeds))] + (
-            ["ck: T.handle"] if self.ck_chunk else [])
+            self.leaf_params() if cpu else []) + (["ck: T.handle"] if self.ck_chunk else [])
         lines = ["@T.prim_func", f"def main({', '.join(args)}):",
                  '    T.func_attr({"global_symbol": "main", "tir.noalias": True})',
                  "    B = T.int32()", "    TT = T.int32()", "    NS = T.int32()"]
         H = sz["__H"]
         od = p.output.dims
         lines.append(f"    O = T.match_buffer(o, (B, TT, {H}{', ' if od else ''}{shape(od)}), "
-                     "\"float32\")")
+                     f"\"{self.out_dtype}\")")
         lines.append(f"    S0 = T.match_buffer(s0, (NS, {H}, {shape(sd)}), \"float32\")")
         lines.append(f"    SF = T.match_buffer(sf, (NS, {H}, {shape(sd)}), \"float32\")")
         lines.append("    SEG = T.match_buffer(seg, (NS, 3), \"int32\")")
@@ -277,9 +347,12 @@ class _Gen(UpdatePass):
             fd = f.dims
             lines.append(f"    F{i} = T.match_buffer(f{i}, (B, TT, {H}{', ' if fd else ''}"
                          f"{shape(fd)}), \"float32\")")
-        if self.tdim is None:
+        if cpu:
+            lines += self.leaf_buffers()
+        nb = self.cb[2] if self.cb else 1
+        if cpu:
             kind = "T.parallel" if self.knobs["parallel"] else "T.serial"
-            lines.append(f"    for nh in {kind}(NS * {H}):")
+            lines.append(f"    for nhb in {kind}(NS * {H * nb}):")
             ind = 2
         else:
             lines.append(f"    for nh in T.thread_binding(NS * {H}, thread=\"blockIdx.x\"):")
@@ -287,6 +360,9 @@ class _Gen(UpdatePass):
                          "thread=\"threadIdx.x\"):")
             ind = 3
         pad = "    " * ind
+        if cpu:
+            lines += [f"{pad}nh: T.let = nhb // {nb}"] + (
+                [f"{pad}vb: T.let = nhb % {nb}"] if self.cb else [])
         lines += [f"{pad}n: T.let = nh // {H}", f"{pad}h: T.let = nh % {H}",
                   f"{pad}row: T.let = SEG[n, 0]",
                   f"{pad}S = T.alloc_buffer(({self.local_shape(sd)},), \"float32\""
@@ -303,10 +379,15 @@ class _Gen(UpdatePass):
         for n in pre:   # the next step's reads of the state, accumulated during each update
             lines.append(f"{pad}{self.names[id(n)]}_next = T.alloc_buffer(("
                          f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
+        for a in self.pro_mat:   # the prologue's stored values (and the next token's)
+            for sfx in ("", "_nx") if pre else ("",):
+                lines.append(f"{pad}{self.names[id(a)]}{sfx} = T.alloc_buffer(("
+                             f"{self.local_shape(a.dims)},), \"float32\"{self.scope})")
         self.late_allocs: list[str] = []   # buffers the token loop's code asks for
         alloc_at = len(lines)
         if pre:         # ... and for the first token, before the loop
             lines.append(f"{pad}t0: T.let = T.min(SEG[n, 1], TT - 1)")
+            lines += self.pro_code("t0", "", ind)
             self.tvar = "t0"
             for n in pre:
                 lines += self.node_code(n, ind)
@@ -320,8 +401,11 @@ class _Gen(UpdatePass):
             lines.append(f"{pad2}if t % {self.ck_chunk} == 0:")
             lines += self.loops(sd, [f"CK[n, h, t // {self.ck_chunk}, {self.gidx(sd, e)}] = "
                                      f"S[{self.idx(sd, e)}]"], ind2 + 1)
-        if pre:
+        if pre:   # the next token's prologue: its reads of the state are made in this pass
             lines.append(f"{pad2}tn: T.let = T.min(tt + 1, TT - 1)")
+            lines += self.pro_code("tn", "_nx", ind2)
+        else:
+            lines += self.pro_code("tt", "", ind2)
         for n in self.step:
             if id(n) in self.mat and id(n) not in after and n is not p.new_state and \
                     n not in pre:
@@ -338,8 +422,11 @@ class _Gen(UpdatePass):
                     id(n) not in fused:
                 lines += self.node_code(n, ind2)
         e = self.env(od)
-        lines += self.loops(od, [f"O[row, tt, h{', ' if od else ''}{', '.join(e[d] for d in od)}]"
-                                 f" = {self.expr(p.output, e)}"], ind2)
+        val = self.expr(p.output, e)
+        if self.out_dtype != "float32":
+            val = f'T.Cast("{self.out_dtype}", {val})'
+        lines += self.loops(od, [f"O[row, tt, h{', ' if od else ''}{self.gidx(od, e)}] = {val}"],
+                            ind2)
         if not self.in_place:
             e = self.env(sd)
             lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = {self.expr(p.new_state, e)}"],
@@ -348,6 +435,11 @@ class _Gen(UpdatePass):
             en = self.env(n.dims)
             lines += self.loops(n.dims, [f"{self.names[id(n)]}[{self.idx(n.dims, en)}] = "
                                          f"{self.names[id(n)]}_next[{self.idx(n.dims, en)}]"],
+                                ind2)
+        for a in self.pro_mat if pre else ():
+            en = self.env(a.dims)
+            lines += self.loops(a.dims, [f"{self.names[id(a)]}[{self.idx(a.dims, en)}] = "
+                                         f"{self.names[id(a)]}_nx[{self.idx(a.dims, en)}]"],
                                 ind2)
         e = self.env(sd)
         lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
@@ -365,11 +457,15 @@ def _descendants(nodes: list[Node], root: Node) -> set[int]:
 
 
 def sequential_source(p, sizes: dict[str, int], H: int, gpu: bool = False,
-                      knobs: dict | None = None, checkpoints: int = 0) -> str:
+                      knobs: dict | None = None, checkpoints: int = 0,
+                      layout: dict | None = None, out_dtype: str = "float32",
+                      tasks: int = 1) -> str:
     """The TVMScript of the sequential kernel (for reading and golden tests); with
-    ``checkpoints``, it also writes the state entering every chunk of that many tokens."""
-    gen = _Gen(p, {**sizes, "__H": H}, gpu, knobs)
+    ``checkpoints``, it also writes the state entering every chunk of that many tokens.
+    ``layout``: input name -> (dtype, head group) where not fp32 and ungrouped."""
+    gen = _Gen(p, {**sizes, "__H": H}, gpu, knobs, layout, tasks)
     gen.ck_chunk = checkpoints
+    gen.out_dtype = out_dtype
     return gen.source()
 
 
@@ -388,33 +484,44 @@ _KERNELS: dict[tuple, tuple[Callable, _Gen]] = {}
 
 
 def _kernel(p, sizes: dict[str, int], H: int, knobs: dict | None = None,
-            checkpoints: int = 0) -> tuple[Callable, _Gen]:
+            checkpoints: int = 0, layout: tuple = (), out_dtype: str = "float32",
+            tasks: int = 1) -> tuple[Callable, _Gen]:
     knobs = check_knobs(knobs)
     key = (p.content_hash(), tuple(sorted(sizes.items())), H, torch.get_num_threads(),
-           tuple(sorted(knobs.items())), checkpoints, os.environ.get("RECURKIT_TVM_MCPU"))
+           tuple(sorted(knobs.items())), checkpoints, layout, out_dtype, tasks,
+           os.environ.get("RECURKIT_TVM_MCPU"))
     with _LOCK:
         hit = _KERNELS.get(key)
     if hit is None:
-        gen = _Gen(p, {**sizes, "__H": H}, knobs=knobs)
+        gen = _Gen(p, {**sizes, "__H": H}, knobs=knobs,
+                   layout={name: (dt, G) for name, dt, G in layout}, tasks=tasks)
         gen.ck_chunk = checkpoints
+        gen.out_dtype = out_dtype
         hit = (compile_source(gen.source()), gen)
         with _LOCK:
             _KERNELS[key] = hit
     return hit
 
 
+_OUT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
 def run_tvm_sequential(bc: BoundCall, knobs: dict | None = None):
     """Run the sequential form of a stateful program as a compiled TVM kernel."""
     p = bc.program
     C = CHECKPOINT_CHUNK if checkpoints.wanted() else 0
-    fn, gen = _kernel(p, bc.sizes, bc.H, knobs, C)
+    out = _OUT.get(bc.out_dtype, "float32")
+    # the tasks the call has (a vector state's kernel cuts its dims for fewer than threads)
+    tasks = min(bc.N * bc.H, 2 * max(1, torch.get_num_threads()))
+    fn, gen = _kernel(p, bc.sizes, bc.H, knobs, C, leaf_layout(bc), out, tasks)
     feeds, segt, s0, sf = token_loop_args(bc, gen.feeds)
-    o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims))  # all written
+    o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims),
+                    dtype=torch.float32 if out == "float32" else bc.out_dtype)  # all written
     ck = []
     if C:   # the backward's checkpoints: [N, H, chunks of the longest sequence, *state]
         longest = max([int(e - s) for s, e in segt[:, 1:].tolist()] + [1])
         ck = [buffers.empty((s0.shape[0], bc.H, -(-longest // C), *s0.shape[2:]))]
-    fn(o, s0, sf, segt, *feeds, *ck)
+    fn(o, s0, sf, segt, *feeds, *leaf_args(bc, gen), *ck)
     if C:
         checkpoints.offer(checkpoints.Checkpoints(p.content_hash(), C, ck[0]))
     return o.to(bc.out_dtype), (sf if bc.output_final_state else None)

@@ -66,6 +66,10 @@ class UpdatePass:
             w, accs = blocks
             e[L] = f"(vb * {w} + i_{L})"
             self.colblock = {"L": L, "outer": sd[:-1], "seen": {}, "bufs": []}
+        # the column-blocked layout: S is one block; row factors still hoisted per token
+        hoist = not blocks and getattr(self, "cb", None) is not None and len(sd) >= 2
+        if hoist:
+            self.colblock = {"L": L, "outer": sd[:-1], "seen": {}, "bufs": []}
         new_s = self.expr_inline(p.new_state, e)
         self.names[id(p.new_state)] = "S"
         self.mat.add(id(p.new_state))
@@ -85,16 +89,16 @@ class UpdatePass:
             body.append(f"{tgt} = {tgt} + {self._product(n, e)}")
             self.tvar = "tt"
         if not blocks:
+            if hoist:
+                hoisted, self.colblock = self.colblock["bufs"], None
+                self._emit_hoisted(hoisted, ind, lines)
             for n, buf in targets:
                 lines += self.loops(n.dims, [f"{buf}[{self.idx(n.dims, self.env(n.dims))}]"
                                              f" = {_f(0.0)}"], ind)
             lines += self.loops(sd, body, ind)
             return {id(n) for n in fused}
         hoisted, self.colblock = self.colblock["bufs"], None
-        for name, dims, val in hoisted:   # row factors, once per token
-            self.late_allocs.append(f"{name} = T.alloc_buffer(({self.local_shape(dims)},), "
-                                    f"\"float32\"{self.scope})")
-            lines += self.loops(dims, [f"{name}[{self.idx(dims, self.env(dims))}] = {val}"], ind)
+        self._emit_hoisted(hoisted, ind, lines)
         self.late_allocs += [f"{self._acc(n)} = T.alloc_buffer(({w},), \"float32\"{self.scope})"
                              for n in accs]   # the block's accumulators
         pad = "    " * (ind + 1)
@@ -107,6 +111,12 @@ class UpdatePass:
         lines.append(f"{pad}for i_{L} in {vec}:")
         lines += [f"{pad}    {buf}[{e[L]}] = {self._acc(n)}[i_{L}]" for n, buf in targets]
         return {id(n) for n in fused}
+
+    def _emit_hoisted(self, hoisted, ind: int, lines: list[str]) -> None:
+        for name, dims, val in hoisted:   # row factors, once per token
+            self.late_allocs.append(f"{name} = T.alloc_buffer(({self.local_shape(dims)},), "
+                                    f"\"float32\"{self.scope})")
+            lines += self.loops(dims, [f"{name}[{self.idx(dims, self.env(dims))}] = {val}"], ind)
 
     def _chain(self, fs: list[Node], env: dict[str, str]) -> str:
         """The product of ``fs`` in order. In a column-blocked pass, a leading run of factors
