@@ -127,3 +127,75 @@ def test_mixed_input_dtypes_match_reference():
     o_ref, S_ref = rk.compile(decl, backend="reference")(*x, output_final_state=True)
     o, S = rk.compile(decl, backend="tvm")(*x, output_final_state=True)
     assert o.dtype == o_ref.dtype and rel(o, o_ref) < 1e-2 and rel(S, S_ref) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["linear_attn", "retention", "simple_gla", "gla"])
+def test_token_groups_share_a_pass_over_the_state(name):
+    """Four tokens per pass over the state (their updates applied in turn to each entry),
+    then the rest one by one: lengths around multiples of four, varlen with empty and
+    length-1 segments, and the backward's checkpoints taken from it."""
+    decl = rk.ops.ALL[name].decl
+    src = seq.sequential_source(decl.program, {"K": 8, "V": 16}, 2)
+    assert "for tg in T.serial((SEG[n, 2] - SEG[n, 1]) // 4):" in src
+    assert "for tr in T.serial((SEG[n, 2] - SEG[n, 1]) % 4):" in src
+    for T in (1, 3, 4, 63, 100):
+        x = matrix_inputs(name, 2, T, 2, 8, 16)
+        kw = dict(initial_state=torch.randn(2, 2, 8, 16), output_final_state=True)
+        o_ref, S_ref = rk.compile(decl, backend="reference")(*x, **kw)
+        o, S = rk.compile(decl, backend="tvm")(*x, **kw)
+        assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+    lens = [5, 0, 1, 9, 4]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    x = [t.requires_grad_() for t in matrix_inputs(name, 1, sum(lens), 2, 8, 16)]
+    kw = dict(initial_state=torch.randn(len(lens), 2, 8, 16), output_final_state=True,
+              cu_seqlens=cu)
+    grads = []
+    for backend in ("reference", "tvm"):
+        o, S = rk.compile(decl, backend=backend)(*x, **kw)
+        grads.append(torch.autograd.grad((o * o).sum() + S.sum(), x))
+        if backend == "tvm":
+            assert rel(o, o_ref_v) < 1e-5 and rel(S, S_ref_v) < 1e-5
+        else:
+            o_ref_v, S_ref_v = o, S
+    for g, g_ref in zip(grads[1], grads[0]):
+        assert rel(g, g_ref) < 1e-4
+
+
+def test_token_groups_only_where_the_step_allows():
+    """The delta rules read the old state before their update, and an output that sums the
+    new state over its last dim is read after the pass: one token at a time."""
+    for name in ("delta_rule", "gated_delta_rule", "kda"):
+        src = seq.sequential_source(rk.ops.ALL[name].decl.program, {"K": 8, "V": 16}, 2)
+        assert "for tg in" not in src
+    p = rk.ops.linear_attn.decl.program
+    assert "for tg in" not in seq.sequential_source(p, {"K": 8, "V": 16}, 2,
+                                                    knobs={"tokens": 1})
+    key_sum = next(d for op in rk.ops.ALL.values() for d in op.variants.values()
+                   if d.name == "key_sum")   # out = q^T z' sums the new state over K
+    assert "for tg in" not in seq.sequential_source(key_sum.program, {"K": 8}, 2)
+
+
+def test_large_outputs_are_kept_buffers_the_caller_may_modify():
+    """Outputs of 1 MB and more come from kept buffers (no page faults on each call): not
+    views, so autograd allows in-place changes, and reused once the caller drops them."""
+    from recurkit.backends.shared import buffers
+    x = vector_inputs("hgrn", 1, 600, 1, 512)
+    op = rk.compile(rk.ops.hgrn.decl, backend="tvm")
+    o, _ = op(*x)
+    assert o._base is None and o.is_contiguous() and o.shape == (1, 600, 1, 512)
+    ptr = o.data_ptr()
+    o_ref, _ = rk.compile(rk.ops.hgrn.decl, backend="reference")(*x)
+    assert rel(o, o_ref) < 1e-5
+    del o
+    o2, _ = op(*x)
+    assert o2.data_ptr() == ptr              # the same memory again
+    o3, _ = op(*x)
+    assert o3.data_ptr() != o2.data_ptr()    # o2 is still held
+    assert rel(o3, o_ref) < 1e-5 and rel(o2, o_ref) < 1e-5
+    g = x[1].clone().requires_grad_()
+    o4, _ = op(x[0], g)
+    o4 += 1                                  # in place on a custom op's output
+    o4.sum().backward()
+    assert g.grad is not None
+    del o2, o3, o4
+    assert buffers.release() >= 600 * 512 * 4

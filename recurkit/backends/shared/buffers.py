@@ -12,7 +12,9 @@ return it to the system (glibc maps anything over 32 MB afresh on every call).
 referenced by the pool's own tensor alone), else of a new one; a buffer is free again once
 every tensor viewing it is gone (saved for a backward, it stays taken until autograd frees
 the graph). Buffers no longer in use are kept up to ``KEEP_BYTES`` in all (checked at each
-request, the largest dropped first); ``release()`` drops them all. Where torch does not
+request, the largest dropped first); ``release()`` drops them all. ``output(shape, dtype)``
+does the same for a kernel's output, which the caller gets (the sequential CPU kernel's: an
+HGRN output at T 4096, H 4, D 512 is 32 MB, and its page faults took as long as the kernel). Where torch does not
 expose the storage's use count, ``empty`` is ``torch.empty``.
 """
 from __future__ import annotations
@@ -61,17 +63,38 @@ def empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n *= int(s)
     if not _ENABLED or dtype != torch.float32 or n * 4 < MIN_BYTES:
         return torch.empty(*shape, dtype=dtype, device="cpu")
+    return _buffer(4 * n)[:n].view(*shape)
+
+
+def output(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Like ``empty``, for a tensor handed to the caller (a kernel's output): any dtype, and
+    not a view (it shares the kept buffer's storage without being derived from it, so that
+    autograd lets the caller modify it in place)."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    size = n * torch.empty((), dtype=dtype).element_size()
+    if not _ENABLED or size < MIN_BYTES:
+        return torch.empty(*shape, dtype=dtype, device="cpu")
+    b = _buffer(size)
+    with torch.inference_mode(False):
+        return torch.empty(0, dtype=dtype).set_(b.untyped_storage(), 0, tuple(shape))
+
+
+def _buffer(nbytes: int) -> torch.Tensor:
+    """A kept buffer of at least ``nbytes`` (at most twice) that nothing else uses."""
+    n = -(-nbytes // 4)
     with _LOCK, torch.inference_mode(False):   # a normal tensor, whatever the caller's mode
         idle = [b for b in _BUFS if _free(b)]
         fit = [b for b in idle if n <= b.numel() <= 2 * n]
         if fit:
             b = min(fit, key=torch.Tensor.numel)
             _trim([x for x in idle if x is not b], keep=KEEP_BYTES)
-            return b[:n].view(*shape)
+            return b
         _trim(idle, keep=KEEP_BYTES - 4 * n)
         b = torch.empty(n, dtype=torch.float32, device="cpu")
         _BUFS.append(b)
-        return b[:n].view(*shape)
+        return b
 
 
 def _trim(idle: list[torch.Tensor], keep: int) -> None:

@@ -24,6 +24,7 @@ from .build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
 from .pairs import paired_expr
 from .fastmath import FAST, fast_steps
 from .prologue import InKernelPrologue, leaf_args, leaf_layout
+from .tokens import TokenFusion
 from .update import UpdatePass, _f  # noqa: F401 - _f: shared by the other generators
 
 # schedule knobs of the sequential kernel (the autotuner's space): see rk.compile(knobs=...)
@@ -33,6 +34,7 @@ DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this ext
                  "parallel": True,    # run (sequence, head) pairs on all threads
                  "pipeline": True,    # read the state for token t+1 while writing token t's
                  "block": 32,         # update the state in column blocks this wide (0: whole)
+                 "tokens": 4,         # tokens per pass over the state, where the step allows
                  "columns": 0}        # tasks of their own for blocks of the state's last
 #                                       dim this wide (0: a vector state's, enough for the
 #                                       threads; a matrix state's, none)
@@ -41,7 +43,7 @@ MIN_COLUMNS = 64   # the narrowest blocks a vector state is cut into by default
 
 def check_knobs(knobs: dict | None) -> dict:
     out = merge_defaults(knobs, DEFAULT_KNOBS, "TVM knob")
-    for k in ("vectorize", "unroll", "block", "columns"):
+    for k in ("vectorize", "unroll", "block", "columns", "tokens"):
         if isinstance(out[k], bool) or not isinstance(out[k], int) or out[k] < 0:
             raise ValueError(f"TVM knob {k!r} must be an int >= 0, got {out[k]!r}")
     for k in ("parallel", "pipeline"):
@@ -50,7 +52,7 @@ def check_knobs(knobs: dict | None) -> dict:
     return out
 
 
-class _Gen(InKernelPrologue, UpdatePass):
+class _Gen(TokenFusion, InKernelPrologue, UpdatePass):
     """TVMScript text for the sequential form of one program at fixed dim sizes."""
 
     ck_chunk = 0   # > 0: the kernel also writes the state entering each chunk of this many
@@ -392,41 +394,77 @@ class _Gen(InKernelPrologue, UpdatePass):
             for n in pre:
                 lines += self.node_code(n, ind)
             self.tvar = "tt"
-        lines.append(f"{pad}for t in T.serial(SEG[n, 2] - SEG[n, 1]):")
+        U = self.fused_tokens(after, pre)
+        ln = "(SEG[n, 2] - SEG[n, 1])"
         ind2 = ind + 1
         pad2 = "    " * ind2
-        lines.append(f"{pad2}tt: T.let = SEG[n, 1] + t")
-        if self.ck_chunk:   # the state entering each chunk, for the backward
-            e = self.env(sd)
-            lines.append(f"{pad2}if t % {self.ck_chunk} == 0:")
-            lines += self.loops(sd, [f"CK[n, h, t // {self.ck_chunk}, {self.gidx(sd, e)}] = "
-                                     f"S[{self.idx(sd, e)}]"], ind2 + 1)
+        if U > 1:   # groups of U tokens per pass over the state, then the rest one by one
+            lines += self.per_token_allocs(U, pad)
+            lines.append(f"{pad}for tg in T.serial({ln} // {U}):")
+            lines += [f"{pad2}tt{'' if u == 0 else f'_u{u}'}: T.let = SEG[n, 1] + tg * {U}"
+                      f"{f' + {u}' if u else ''}" for u in range(U)]
+            self._checkpoint(f"tg * {U}", ind2, lines)
+            reps = [("tt" if u == 0 else f"tt_u{u}", "" if u == 0 else f"_u{u}")
+                    for u in range(U)]
+            self._token_body(reps, ind2, lines, after, pre)
+            lines.append(f"{pad}for tr in T.serial({ln} % {U}):")
+            lines.append(f"{pad2}tt: T.let = SEG[n, 1] + {ln} // {U} * {U} + tr")
+            self._checkpoint(f"{ln} // {U} * {U} + tr", ind2, lines)
+        else:
+            lines.append(f"{pad}for t in T.serial({ln[1:-1]}):")
+            lines.append(f"{pad2}tt: T.let = SEG[n, 1] + t")
+            self._checkpoint("t", ind2, lines)
+        self._token_body([("tt", "")], ind2, lines, after, pre)
+        e = self.env(sd)
+        lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
+        lines[alloc_at:alloc_at] = [pad + a for a in dict.fromkeys(self.late_allocs)]
+        return "\n".join(lines) + "\n"
+
+    def _checkpoint(self, t: str, ind: int, lines: list[str]) -> None:
+        """The state entering each chunk, for the backward (token ``t`` of the sequence)."""
+        if not self.ck_chunk:
+            return
+        sd = self.p.state.dims
+        e = self.env(sd)
+        lines.append(f"{'    ' * ind}if ({t}) % {self.ck_chunk} == 0:")
+        lines += self.loops(sd, [f"CK[n, h, ({t}) // {self.ck_chunk}, {self.gidx(sd, e)}] = "
+                                 f"S[{self.idx(sd, e)}]"], ind + 1)
+
+    def _token_body(self, reps: list[tuple[str, str]], ind2: int, lines: list[str],
+                    after: set[int], pre: list[Node]) -> None:
+        """One token's code, or a group's (``reps``: (token, name suffix) each) sharing one
+        pass over the state."""
+        p, sd, od = self.p, self.p.state.dims, self.p.output.dims
+        pad2 = "    " * ind2
         if pre:   # the next token's prologue: its reads of the state are made in this pass
             lines.append(f"{pad2}tn: T.let = T.min(tt + 1, TT - 1)")
             lines += self.pro_code("tn", "_nx", ind2)
         else:
-            lines += self.pro_code("tt", "", ind2)
+            for tv, sfx in reps:
+                with self.rep(tv, sfx):
+                    lines += self.pro_code(tv, "", ind2)
         for n in self.step:
             if id(n) in self.mat and id(n) not in after and n is not p.new_state and \
                     n not in pre:
                 lines += self.node_code(n, ind2)
-        e = self.env(sd)
         fused: set[int] = set()
         if self.in_place:   # S' written over S: later nodes read the new state as S
-            fused = self._update_pass(pre, ind2, lines)
+            fused = self._update_pass(pre, ind2, lines, reps)
         else:
             self.mat.add(id(p.new_state))
             lines += self.node_code(p.new_state, ind2)
-        for n in self.step:
-            if id(n) in self.mat and id(n) in after and n is not p.new_state and \
-                    id(n) not in fused:
-                lines += self.node_code(n, ind2)
-        e = self.env(od)
-        val = self.expr(p.output, e)
-        if self.out_dtype != "float32":
-            val = f'T.Cast("{self.out_dtype}", {val})'
-        lines += self.loops(od, [f"O[row, tt, h{', ' if od else ''}{self.gidx(od, e)}] = {val}"],
-                            ind2)
+        for tv, sfx in reps:
+            with self.rep(tv, sfx):
+                for n in self.step:
+                    if id(n) in self.mat and id(n) in after and n is not p.new_state and \
+                            id(n) not in fused:
+                        lines += self.node_code(n, ind2)
+                e = self.env(od)
+                val = self.expr(p.output, e)
+                if self.out_dtype != "float32":
+                    val = f'T.Cast("{self.out_dtype}", {val})'
+                lines += self.loops(od, [f"O[row, {tv}, h{', ' if od else ''}"
+                                         f"{self.gidx(od, e)}] = {val}"], ind2)
         if not self.in_place:
             e = self.env(sd)
             lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = {self.expr(p.new_state, e)}"],
@@ -441,10 +479,6 @@ class _Gen(InKernelPrologue, UpdatePass):
             lines += self.loops(a.dims, [f"{self.names[id(a)]}[{self.idx(a.dims, en)}] = "
                                          f"{self.names[id(a)]}_nx[{self.idx(a.dims, en)}]"],
                                 ind2)
-        e = self.env(sd)
-        lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
-        lines[alloc_at:alloc_at] = [pad + a for a in self.late_allocs]
-        return "\n".join(lines) + "\n"
 
 
 def _descendants(nodes: list[Node], root: Node) -> set[int]:
@@ -515,8 +549,8 @@ def run_tvm_sequential(bc: BoundCall, knobs: dict | None = None):
     tasks = min(bc.N * bc.H, 2 * max(1, torch.get_num_threads()))
     fn, gen = _kernel(p, bc.sizes, bc.H, knobs, C, leaf_layout(bc), out, tasks)
     feeds, segt, s0, sf = token_loop_args(bc, gen.feeds)
-    o = torch.empty(bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims),
-                    dtype=torch.float32 if out == "float32" else bc.out_dtype)  # all written
+    o = buffers.output((bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims)),
+                       torch.float32 if out == "float32" else bc.out_dtype)   # all written
     ck = []
     if C:   # the backward's checkpoints: [N, H, chunks of the longest sequence, *state]
         longest = max([int(e - s) for s, e in segt[:, 1:].tolist()] + [1])

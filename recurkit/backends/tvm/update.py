@@ -10,6 +10,7 @@ products (``beta * k[i_K]``) computed once per token into a buffer over the rows
 from __future__ import annotations
 
 from ...ir.node import Node
+from .build import vector_lanes
 
 
 def _f(v: float) -> str:
@@ -18,6 +19,7 @@ def _f(v: float) -> str:
 
 class UpdatePass:
     colblock: dict | None = None   # set while a column-blocked pass is generated
+    hb_count = 0                   # row-factor buffers named so far
 
     def _fused(self) -> list[Node]:
         """Contractions of the new state with a state-free value (q^T S'): accumulated in the
@@ -30,7 +32,8 @@ class UpdatePass:
                 self.dep[id(a)] for a in n.args if a is not p.new_state) and
                 sd[-1] not in n.attr("over")]
 
-    def _blocks(self, fused: list[Node], pre: list[Node]) -> tuple[int, list[Node]] | None:
+    def _blocks(self, fused: list[Node], pre: list[Node], reps: int = 1
+                ) -> tuple[int, list[Node]] | None:
         """(width, accumulators) when the in-place update pass runs in column blocks: the
         state's last dim L cut into blocks of ``block`` columns, each block updated over
         every row while the pass's reads of it (q^T S', and k^T S for the next token)
@@ -42,8 +45,10 @@ class UpdatePass:
         L = sd[-1]
         accs = fused + list(pre)
         # narrower blocks where L's size needs them, or where the accumulators would not
-        # fit in 8 of the 16 vector registers
-        while w > 8 and (self.sizes[L] % w or w * len(accs) > 64):
+        # fit in 8 of the 16 vector registers (a group of tokens: in a quarter of the
+        # registers, as each token's row of values takes as many again)
+        budget = 64 if reps == 1 else 4 * vector_lanes()
+        while w > 8 and (self.sizes[L] % w or w * len(accs) * reps > budget):
             w //= 2
         if self.sizes[L] <= w or self.sizes[L] % w or w > self.knobs["vectorize"] or \
                 any(tuple(n.dims) != (L,) for n in accs):
@@ -53,66 +58,76 @@ class UpdatePass:
     def _acc(self, n: Node) -> str:
         return f"{self.names[id(n)]}_blk"
 
-    def _update_pass(self, pre: list[Node], ind: int, lines: list[str]) -> set[int]:
+    def _update_pass(self, pre: list[Node], ind: int, lines: list[str],
+                     reps: list[tuple[str, str]] | None = None) -> set[int]:
         """The pass writing S' over S, with the fused reads of S' and the next token's
         reads of S (``pre``) accumulated in it; returns the ids of the fused nodes. Buffers
-        it needs go to ``self.late_allocs``."""
+        it needs go to ``self.late_allocs``. ``reps``: the tokens (``tokens.TokenFusion``)
+        whose updates this one pass applies in turn to each entry of S, as (token, name
+        suffix); the current token alone by default."""
         p, sd = self.p, self.p.state.dims
         e = self.env(sd)
         L = sd[-1] if sd else None
+        reps = reps or [(self.tvar, "")]
         fused = self._fused()
-        blocks = self._blocks(fused, pre)
+        blocks = self._blocks(fused, pre, len(reps))
         if blocks:
-            w, accs = blocks
+            w, _ = blocks
             e[L] = f"(vb * {w} + i_{L})"
             self.colblock = {"L": L, "outer": sd[:-1], "seen": {}, "bufs": []}
         # the column-blocked layout: S is one block; row factors still hoisted per token
         hoist = not blocks and getattr(self, "cb", None) is not None and len(sd) >= 2
         if hoist:
             self.colblock = {"L": L, "outer": sd[:-1], "seen": {}, "bufs": []}
-        new_s = self.expr_inline(p.new_state, e)
-        self.names[id(p.new_state)] = "S"
-        self.mat.add(id(p.new_state))
-        body = [f"S[{self.idx(sd, e)}] = {new_s}"]
-        targets = []   # (node, the buffer it accumulates in)
+        body: list[str] = []
+        targets = []   # (node, the buffer it accumulates in, the block's accumulator)
+        for tv, sfx in reps:
+            with self.rep(tv, sfx):
+                new_s = self.expr_inline(p.new_state, e)
+                self.names[id(p.new_state)] = "S"
+                self.mat.add(id(p.new_state))
+                body.append(f"S[{self.idx(sd, e)}] = {new_s}")
 
-        def target(n: Node, buf: str) -> str:   # a block's accumulator, or the whole buffer
-            targets.append((n, buf))
-            return f"{self._acc(n)}[i_{L}]" if blocks else f"{buf}[{self.idx(n.dims, e)}]"
-        for n in fused:
-            free = next(a for a in n.args if a is not p.new_state)
-            tgt = target(n, self.names[id(n)])
-            body.append(f"{tgt} = {tgt} + {self.expr(free, e)} * S[{self.idx(sd, e)}]")
-        for n in pre:
-            tgt = target(n, f"{self.names[id(n)]}_next")
-            self.tvar = "tn"
-            body.append(f"{tgt} = {tgt} + {self._product(n, e)}")
-            self.tvar = "tt"
+                def target(n: Node, buf: str) -> str:   # a block's accumulator, or the buffer
+                    acc = f"{self._acc(n)}{blocks[0] if blocks else ''}"   # per width
+                    targets.append((n, buf, acc))
+                    return f"{acc}[i_{L}]" if blocks else \
+                        f"{buf}[{self.idx(n.dims, e)}]"
+                for n in fused:
+                    free = next(a for a in n.args if a is not p.new_state)
+                    tgt = target(n, self.names[id(n)])
+                    body.append(f"{tgt} = {tgt} + {self.expr(free, e)} * S[{self.idx(sd, e)}]")
+                for n in pre:
+                    tgt = target(n, f"{self.names[id(n)]}_next")
+                    saved, self.tvar = self.tvar, "tn"
+                    body.append(f"{tgt} = {tgt} + {self._product(n, e)}")
+                    self.tvar = saved
         if not blocks:
             if hoist:
                 hoisted, self.colblock = self.colblock["bufs"], None
                 self._emit_hoisted(hoisted, ind, lines)
-            for n, buf in targets:
+            for n, buf, _ in targets:
                 lines += self.loops(n.dims, [f"{buf}[{self.idx(n.dims, self.env(n.dims))}]"
                                              f" = {_f(0.0)}"], ind)
             lines += self.loops(sd, body, ind)
             return {id(n) for n in fused}
         hoisted, self.colblock = self.colblock["bufs"], None
         self._emit_hoisted(hoisted, ind, lines)
-        self.late_allocs += [f"{self._acc(n)} = T.alloc_buffer(({w},), \"float32\"{self.scope})"
-                             for n in accs]   # the block's accumulators
+        self.late_allocs += [f"{acc} = T.alloc_buffer(({w},), \"float32\"{self.scope})"
+                             for _, _, acc in targets]   # the block's accumulators
         pad = "    " * (ind + 1)
         vec = f"T.vectorized({w})"
         lines.append(f"{'    ' * ind}for vb in T.serial({self.sizes[L] // w}):")
         lines.append(f"{pad}for i_{L} in {vec}:")
-        lines += [f"{pad}    {self._acc(n)}[i_{L}] = {_f(0.0)}" for n in accs]
+        lines += [f"{pad}    {acc}[i_{L}] = {_f(0.0)}" for _, _, acc in targets]
         lines += self.loops(sd[:-1], [f"for i_{L} in {vec}:"] + ["    " + b for b in body],
                             ind + 1, vector_last=False)
         lines.append(f"{pad}for i_{L} in {vec}:")
-        lines += [f"{pad}    {buf}[{e[L]}] = {self._acc(n)}[i_{L}]" for n, buf in targets]
+        lines += [f"{pad}    {buf}[{e[L]}] = {acc}[i_{L}]" for _, buf, acc in targets]
         return {id(n) for n in fused}
 
     def _emit_hoisted(self, hoisted, ind: int, lines: list[str]) -> None:
+        self.hb_count += len(hoisted)   # names unique over the kernel's passes
         for name, dims, val in hoisted:   # row factors, once per token
             self.late_allocs.append(f"{name} = T.alloc_buffer(({self.local_shape(dims)},), "
                                     f"\"float32\"{self.scope})")
@@ -134,7 +149,7 @@ class UpdatePass:
             self.colblock = None   # the hoisted value's own factors: inline
             val = self._chain(fs[:k], self.env(dd))
             self.colblock = h
-            name = h["seen"].setdefault(val, f"HB{len(h['seen'])}")
+            name = h["seen"].setdefault(val, f"HB{self.hb_count + len(h['seen'])}")
             if (name, dd, val) not in h["bufs"]:
                 h["bufs"].append((name, dd, val))
             out, rest = f"{name}[{self.idx(dd, env)}]", fs[k:]

@@ -1,0 +1,74 @@
+"""Several tokens per pass over the state (a mixin of ``tvm.sequential._Gen``).
+
+A step whose new state is elementwise in the old one (a decay and a rank-1 write: linear
+attention, RetNet, GLA) and whose reads of the state are all of the new state, accumulated in
+the update pass (q^T S'), can apply U tokens' updates to each entry of S in turn while it is in
+registers: the state is loaded and stored once per U tokens instead of once per token, the
+traffic that bounds these kernels (a 64 KB state per head at K = V = 128). The token loop
+then runs over groups of U tokens, and the tokens left over (length mod U) one at a time.
+The delta rules read the old state (k^T S) before their update and stay at one token.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+class TokenFusion:
+    @contextmanager
+    def rep(self, tvar: str, sfx: str):
+        """Code for token ``tvar``: the per-token values' buffers named with ``sfx``."""
+        saved_tvar, self.tvar = self.tvar, tvar
+        saved = {}
+        if sfx:
+            for i in self._per_token_ids():
+                saved[i] = self.names[i]
+                self.names[i] += sfx
+        try:
+            yield
+        finally:
+            self.names.update(saved)
+            self.tvar = saved_tvar
+
+    def _per_token_ids(self) -> list[int]:
+        p = self.p
+        return [id(a) for a in self.pro_mat] + [
+            id(n) for n in self.step if id(n) in self.mat and n is not p.new_state]
+
+    def fused_tokens(self, after: set[int], pre: list) -> int:
+        """U, the tokens per pass over the state (1: one at a time)."""
+        p, U = self.p, self.knobs["tokens"]
+        if U < 2 or self.tdim is not None or not self.in_place or pre or \
+                not self.p.state.dims:
+            return 1
+        fused = {id(n) for n in self._fused()}
+        for n in self.step:
+            if n is p.new_state or id(n) not in self.mat:
+                continue
+            if id(n) not in after:   # computed from the old state before the update
+                return 1
+            if id(n) not in fused and self._reads_s(n, True):
+                return 1              # would read the state of the group's last token
+        if self._reads_s(p.output, True):
+            return 1
+        if self.ck_chunk and self.ck_chunk % U:
+            return 1
+        return U
+
+    def _reads_s(self, n, top: bool = False) -> bool:
+        """Whether evaluating n (with its inlined args) loads S, old or new."""
+        if n is self.state or n is self.p.new_state:
+            return True
+        if (not top and id(n) in self.mat) or not self.dep[id(n)]:
+            return False
+        return any(self._reads_s(a) for a in n.args)
+
+    def per_token_allocs(self, U: int, pad: str) -> list[str]:
+        """The per-token buffers of tokens 1 .. U-1 of a group (token 0's are the usual)."""
+        out = []
+        nodes = {id(n): n for n in self.pro_mat + self.step}
+        for u in range(1, U):
+            for i in self._per_token_ids():
+                n = nodes[i]
+                out.append(f"{pad}{self.names[i]}_u{u} = T.alloc_buffer(("
+                           f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
+        return out
