@@ -22,8 +22,8 @@ from ..shared.host import token_loop_args
 from .build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
                         cache_dir, compile_source, cuda_ptx, target)
 from .pairs import paired_expr
-from .fastmath import FAST, fast_steps
 from .prologue import InKernelPrologue, leaf_args, leaf_layout
+from .stepcode import MIN_COLUMNS, StepCode  # noqa: F401 - MIN_COLUMNS: a knob's doc
 from .tokens import TokenFusion
 from .update import UpdatePass, _f  # noqa: F401 - _f: shared by the other generators
 
@@ -38,7 +38,6 @@ DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this ext
                  "columns": 0}        # tasks of their own for blocks of the state's last
 #                                       dim this wide (0: a vector state's, enough for the
 #                                       threads; a matrix state's, none)
-MIN_COLUMNS = 64   # the narrowest blocks a vector state is cut into by default
 
 
 def check_knobs(knobs: dict | None) -> dict:
@@ -52,7 +51,7 @@ def check_knobs(knobs: dict | None) -> dict:
     return out
 
 
-class _Gen(TokenFusion, InKernelPrologue, UpdatePass):
+class _Gen(StepCode, TokenFusion, InKernelPrologue, UpdatePass):
     """TVMScript text for the sequential form of one program at fixed dim sizes."""
 
     ck_chunk = 0   # > 0: the kernel also writes the state entering each chunk of this many
@@ -131,48 +130,6 @@ class _Gen(TokenFusion, InKernelPrologue, UpdatePass):
         for i, n in enumerate(self.step):
             self.names.setdefault(id(n), f"N{i}")
 
-    def _plan_feeds(self) -> None:
-        """The GPU kernel's state-free arguments: fed as [B, T, H, *dims] buffers computed by
-        torch, except broadcasting products (an outer product k v^T), which are rebuilt from
-        their factors in the kernel instead of being stored per token at K x V."""
-        def feed(a: Node) -> None:
-            if self.dep[id(a)] or a.op == "const" or any(a is f for f in self.feeds):
-                return
-            if (a.op in self.BINARY or a.op in self.UNARY) and a.dims and all(
-                    len(x.dims) < len(a.dims) for x in a.args):
-                self.free_inline.add(id(a))
-                for x in a.args:
-                    feed(x)
-                return
-            self.feeds.append(a)
-        for n in self.step:
-            for a in n.args:
-                feed(a)
-        if self.out_free:
-            feed(self.p.output)
-
-    def _column_plan(self) -> tuple[str, int, int] | None:
-        """(L, width, blocks) when the kernel runs in column blocks: the state's last dim L
-        cut into blocks, each walking every token in a task of its own (``columns``). Every
-        state-dependent value must then have L and never reduce over it (a column of the
-        state evolves by itself), and so must the output."""
-        sd, w = self.p.state.dims, self.knobs["columns"]
-        if not sd or self.out_free or not (w or len(sd) == 1):
-            return None
-        L = sd[-1]
-        if any(n.op in ("rotate", "pairs") or L not in n.dims or L in (n.attr("over") or ())
-               for n in self.step):
-            return None
-        size = self.sizes[L]
-        if not w:   # a vector state: the fewest blocks that give every thread two tasks
-            tasks, w = self.tasks, size
-            while tasks < 2 * max(1, torch.get_num_threads()) and w % 2 == 0 and \
-                    w // 2 >= MIN_COLUMNS:
-                w, tasks = w // 2, tasks * 2
-        if size % w or w >= size:
-            return None
-        return L, w, size // w
-
     def _pure(self, n: Node) -> bool:
         """Computed from S and prologue values only, without materialised intermediates."""
         return n is self.state or not self.dep[id(n)] or (
@@ -216,18 +173,6 @@ class _Gen(TokenFusion, InKernelPrologue, UpdatePass):
         dims = [d for d in dims if d != self.tdim]
         return ", ".join(env[d] for d in dims) if dims else "0"
 
-    def gidx(self, dims, env: dict[str, str]) -> str:
-        """Index into a buffer of the call (over the dims' full sizes)."""
-        return ", ".join(self.gi(d, env) for d in dims)
-
-    def gi(self, d: str, env: dict[str, str]) -> str:
-        """The index along ``d`` into a buffer of the call: in the column-blocked layout,
-        a local column plus the block's first."""
-        cb = getattr(self, "cb", None)
-        if cb and d == cb[0]:
-            return f"(vb * {cb[1]} + {env[d]})"
-        return env[d]
-
     def local_shape(self, dims) -> str:
         dims = [d for d in dims if d != self.tdim]
         return ", ".join(str(self.sizes[d]) for d in dims) if dims else "1"
@@ -263,66 +208,6 @@ class _Gen(TokenFusion, InKernelPrologue, UpdatePass):
         if n.op == "where":
             return f"T.if_then_else({a[0]}, {a[1]}, {a[2]})"
         raise NotImplementedError(f"tvm backend: op {n.op} cannot be inlined")
-
-    def loops(self, dims, body: list[str], ind: int, vector_last: bool = True) -> list[str]:
-        out, pad = [], "    " * ind
-        dims = [d for d in dims if d != self.tdim]
-        vector_last = vector_last and self.tdim is None
-        for k, d in enumerate(dims):
-            kind = "T.vectorized" if vector_last and k == len(dims) - 1 and \
-                self.sizes[d] <= self.knobs["vectorize"] else (
-                    "T.unroll" if self.sizes[d] <= self.knobs["unroll"] else "T.serial")
-            out.append(f"{pad}for i_{d} in {kind}({self.sizes[d]}):")
-            pad += "    "
-        return out + [pad + line for line in body]
-
-    def env(self, dims) -> dict[str, str]:
-        return {d: ("tx" if d == self.tdim else f"i_{d}") for d in dims}
-
-    def node_code(self, n: Node, ind: int) -> list[str]:
-        name = self.names[id(n)]
-        if n.op in ("contract", "sum", "max"):
-            over = n.attr("over")
-            if self.tdim in over:
-                raise NotImplementedError(
-                    f"tvm gpu kernel: {n.op} over {self.tdim}, the dim spread over threads, "
-                    "needs a cross-thread reduction, which this version does not generate")
-            init = _f(float("-inf")) if n.op == "max" else _f(0.0)
-            code = self.loops(n.dims, [f"{name}[{self.idx(n.dims, self.env(n.dims))}] = {init}"],
-                              ind)
-            alld = tuple(d for d in self.p.dims if d in n.dims or d in over)
-            e = self.env(alld)
-            tgt = f"{name}[{self.idx(n.dims, e)}]"
-            if n.op == "contract":   # as a product, so invariant factors are hoisted
-                val = self._product(n, e)
-                upd = f"{tgt} = {tgt} + {val}"
-            elif n.op == "sum":
-                upd = f"{tgt} = {tgt} + {self.expr(n.args[0], e)}"
-            else:
-                upd = f"{tgt} = T.max({tgt}, {self.expr(n.args[0], e)})"
-            # vectorise the innermost loop only when it is not the reduced one
-            vec = bool(alld) and alld[-1] not in over
-            return code + self.loops(alld, [upd], ind, vector_last=vec)
-        e = self.env(n.dims)
-        if self.fast and n.op in FAST:   # exp and kin by vector arithmetic (``fastmath``)
-            bufs, steps = fast_steps(n.op, self.expr(n.args[0], e), name, self.idx(n.dims, e))
-            for b in bufs:
-                alloc = (f"{b} = T.alloc_buffer(({self.local_shape(n.dims)},), \"float32\""
-                         f"{self.scope})")
-                if alloc not in self.late_allocs:
-                    self.late_allocs.append(alloc)
-            return [line for st in steps for line in self.loops(n.dims, [st], ind)]
-        inner = self.expr_inline(n, e)
-        return self.loops(n.dims, [f"{name}[{self.idx(n.dims, e)}] = {inner}"], ind)
-
-    def expr_inline(self, n: Node, env) -> str:
-        saved = id(n) in self.mat
-        self.mat.discard(id(n))
-        try:
-            return self.expr(n, env)
-        finally:
-            if saved:
-                self.mat.add(id(n))
 
     def source(self) -> str:
         p, sz = self.p, self.gsizes
@@ -419,66 +304,6 @@ class _Gen(TokenFusion, InKernelPrologue, UpdatePass):
         lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
         lines[alloc_at:alloc_at] = [pad + a for a in dict.fromkeys(self.late_allocs)]
         return "\n".join(lines) + "\n"
-
-    def _checkpoint(self, t: str, ind: int, lines: list[str]) -> None:
-        """The state entering each chunk, for the backward (token ``t`` of the sequence)."""
-        if not self.ck_chunk:
-            return
-        sd = self.p.state.dims
-        e = self.env(sd)
-        lines.append(f"{'    ' * ind}if ({t}) % {self.ck_chunk} == 0:")
-        lines += self.loops(sd, [f"CK[n, h, ({t}) // {self.ck_chunk}, {self.gidx(sd, e)}] = "
-                                 f"S[{self.idx(sd, e)}]"], ind + 1)
-
-    def _token_body(self, reps: list[tuple[str, str]], ind2: int, lines: list[str],
-                    after: set[int], pre: list[Node]) -> None:
-        """One token's code, or a group's (``reps``: (token, name suffix) each) sharing one
-        pass over the state."""
-        p, sd, od = self.p, self.p.state.dims, self.p.output.dims
-        pad2 = "    " * ind2
-        if pre:   # the next token's prologue: its reads of the state are made in this pass
-            lines.append(f"{pad2}tn: T.let = T.min(tt + 1, TT - 1)")
-            lines += self.pro_code("tn", "_nx", ind2)
-        else:
-            for tv, sfx in reps:
-                with self.rep(tv, sfx):
-                    lines += self.pro_code(tv, "", ind2)
-        for n in self.step:
-            if id(n) in self.mat and id(n) not in after and n is not p.new_state and \
-                    n not in pre:
-                lines += self.node_code(n, ind2)
-        fused: set[int] = set()
-        if self.in_place:   # S' written over S: later nodes read the new state as S
-            fused = self._update_pass(pre, ind2, lines, reps)
-        else:
-            self.mat.add(id(p.new_state))
-            lines += self.node_code(p.new_state, ind2)
-        for tv, sfx in reps:
-            with self.rep(tv, sfx):
-                for n in self.step:
-                    if id(n) in self.mat and id(n) in after and n is not p.new_state and \
-                            id(n) not in fused:
-                        lines += self.node_code(n, ind2)
-                e = self.env(od)
-                val = self.expr(p.output, e)
-                if self.out_dtype != "float32":
-                    val = f'T.Cast("{self.out_dtype}", {val})'
-                lines += self.loops(od, [f"O[row, {tv}, h{', ' if od else ''}"
-                                         f"{self.gidx(od, e)}] = {val}"], ind2)
-        if not self.in_place:
-            e = self.env(sd)
-            lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = {self.expr(p.new_state, e)}"],
-                                ind2)
-        for n in pre:   # once every use of this token's value is done
-            en = self.env(n.dims)
-            lines += self.loops(n.dims, [f"{self.names[id(n)]}[{self.idx(n.dims, en)}] = "
-                                         f"{self.names[id(n)]}_next[{self.idx(n.dims, en)}]"],
-                                ind2)
-        for a in self.pro_mat if pre else ():
-            en = self.env(a.dims)
-            lines += self.loops(a.dims, [f"{self.names[id(a)]}[{self.idx(a.dims, en)}] = "
-                                         f"{self.names[id(a)]}_nx[{self.idx(a.dims, en)}]"],
-                                ind2)
 
 
 def _descendants(nodes: list[Node], root: Node) -> set[int]:

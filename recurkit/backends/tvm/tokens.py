@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from ...ir.node import Node
+
 
 class TokenFusion:
     @contextmanager
@@ -72,3 +74,63 @@ class TokenFusion:
                 out.append(f"{pad}{self.names[i]}_u{u} = T.alloc_buffer(("
                            f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
         return out
+
+    def _checkpoint(self, t: str, ind: int, lines: list[str]) -> None:
+        """The state entering each chunk, for the backward (token ``t`` of the sequence)."""
+        if not self.ck_chunk:
+            return
+        sd = self.p.state.dims
+        e = self.env(sd)
+        lines.append(f"{'    ' * ind}if ({t}) % {self.ck_chunk} == 0:")
+        lines += self.loops(sd, [f"CK[n, h, ({t}) // {self.ck_chunk}, {self.gidx(sd, e)}] = "
+                                 f"S[{self.idx(sd, e)}]"], ind + 1)
+
+    def _token_body(self, reps: list[tuple[str, str]], ind2: int, lines: list[str],
+                    after: set[int], pre: list[Node]) -> None:
+        """One token's code, or a group's (``reps``: (token, name suffix) each) sharing one
+        pass over the state."""
+        p, sd, od = self.p, self.p.state.dims, self.p.output.dims
+        pad2 = "    " * ind2
+        if pre:   # the next token's prologue: its reads of the state are made in this pass
+            lines.append(f"{pad2}tn: T.let = T.min(tt + 1, TT - 1)")
+            lines += self.pro_code("tn", "_nx", ind2)
+        else:
+            for tv, sfx in reps:
+                with self.rep(tv, sfx):
+                    lines += self.pro_code(tv, "", ind2)
+        for n in self.step:
+            if id(n) in self.mat and id(n) not in after and n is not p.new_state and \
+                    n not in pre:
+                lines += self.node_code(n, ind2)
+        fused: set[int] = set()
+        if self.in_place:   # S' written over S: later nodes read the new state as S
+            fused = self._update_pass(pre, ind2, lines, reps)
+        else:
+            self.mat.add(id(p.new_state))
+            lines += self.node_code(p.new_state, ind2)
+        for tv, sfx in reps:
+            with self.rep(tv, sfx):
+                for n in self.step:
+                    if id(n) in self.mat and id(n) in after and n is not p.new_state and \
+                            id(n) not in fused:
+                        lines += self.node_code(n, ind2)
+                e = self.env(od)
+                val = self.expr(p.output, e)
+                if self.out_dtype != "float32":
+                    val = f'T.Cast("{self.out_dtype}", {val})'
+                lines += self.loops(od, [f"O[row, {tv}, h{', ' if od else ''}"
+                                         f"{self.gidx(od, e)}] = {val}"], ind2)
+        if not self.in_place:
+            e = self.env(sd)
+            lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = {self.expr(p.new_state, e)}"],
+                                ind2)
+        for n in pre:   # once every use of this token's value is done
+            en = self.env(n.dims)
+            lines += self.loops(n.dims, [f"{self.names[id(n)]}[{self.idx(n.dims, en)}] = "
+                                         f"{self.names[id(n)]}_next[{self.idx(n.dims, en)}]"],
+                                ind2)
+        for a in self.pro_mat if pre else ():
+            en = self.env(a.dims)
+            lines += self.loops(a.dims, [f"{self.names[id(a)]}[{self.idx(a.dims, en)}] = "
+                                         f"{self.names[id(a)]}_nx[{self.idx(a.dims, en)}]"],
+                                ind2)

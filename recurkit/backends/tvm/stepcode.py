@@ -1,0 +1,131 @@
+"""The sequential kernel's loop nests and column layout (a mixin of ``tvm.sequential._Gen``):
+the loops over a value's dims, a node's code as a loop nest, indices into the call's buffers,
+the column-blocked layout's plan and, for the GPU rendering, the torch-computed feeds."""
+from __future__ import annotations
+
+import torch
+
+from ...ir.node import Node
+from .fastmath import FAST, fast_steps
+
+MIN_COLUMNS = 64   # the narrowest blocks a vector state is cut into by default
+
+
+def _f(v: float) -> str:
+    return f"T.float32({float(v)!r})"
+
+
+class StepCode:
+    def _plan_feeds(self) -> None:
+        """The GPU kernel's state-free arguments: fed as [B, T, H, *dims] buffers computed by
+        torch, except broadcasting products (an outer product k v^T), which are rebuilt from
+        their factors in the kernel instead of being stored per token at K x V."""
+        def feed(a: Node) -> None:
+            if self.dep[id(a)] or a.op == "const" or any(a is f for f in self.feeds):
+                return
+            if (a.op in self.BINARY or a.op in self.UNARY) and a.dims and all(
+                    len(x.dims) < len(a.dims) for x in a.args):
+                self.free_inline.add(id(a))
+                for x in a.args:
+                    feed(x)
+                return
+            self.feeds.append(a)
+        for n in self.step:
+            for a in n.args:
+                feed(a)
+        if self.out_free:
+            feed(self.p.output)
+
+    def _column_plan(self) -> tuple[str, int, int] | None:
+        """(L, width, blocks) when the kernel runs in column blocks: the state's last dim L
+        cut into blocks, each walking every token in a task of its own (``columns``). Every
+        state-dependent value must then have L and never reduce over it (a column of the
+        state evolves by itself), and so must the output."""
+        sd, w = self.p.state.dims, self.knobs["columns"]
+        if not sd or self.out_free or not (w or len(sd) == 1):
+            return None
+        L = sd[-1]
+        if any(n.op in ("rotate", "pairs") or L not in n.dims or L in (n.attr("over") or ())
+               for n in self.step):
+            return None
+        size = self.sizes[L]
+        if not w:   # a vector state: the fewest blocks that give every thread two tasks
+            tasks, w = self.tasks, size
+            while tasks < 2 * max(1, torch.get_num_threads()) and w % 2 == 0 and \
+                    w // 2 >= MIN_COLUMNS:
+                w, tasks = w // 2, tasks * 2
+        if size % w or w >= size:
+            return None
+        return L, w, size // w
+
+    def gidx(self, dims, env: dict[str, str]) -> str:
+        """Index into a buffer of the call (over the dims' full sizes)."""
+        return ", ".join(self.gi(d, env) for d in dims)
+
+    def gi(self, d: str, env: dict[str, str]) -> str:
+        """The index along ``d`` into a buffer of the call: in the column-blocked layout,
+        a local column plus the block's first."""
+        cb = getattr(self, "cb", None)
+        if cb and d == cb[0]:
+            return f"(vb * {cb[1]} + {env[d]})"
+        return env[d]
+
+    def loops(self, dims, body: list[str], ind: int, vector_last: bool = True) -> list[str]:
+        out, pad = [], "    " * ind
+        dims = [d for d in dims if d != self.tdim]
+        vector_last = vector_last and self.tdim is None
+        for k, d in enumerate(dims):
+            kind = "T.vectorized" if vector_last and k == len(dims) - 1 and \
+                self.sizes[d] <= self.knobs["vectorize"] else (
+                    "T.unroll" if self.sizes[d] <= self.knobs["unroll"] else "T.serial")
+            out.append(f"{pad}for i_{d} in {kind}({self.sizes[d]}):")
+            pad += "    "
+        return out + [pad + line for line in body]
+
+    def env(self, dims) -> dict[str, str]:
+        return {d: ("tx" if d == self.tdim else f"i_{d}") for d in dims}
+
+    def node_code(self, n: Node, ind: int) -> list[str]:
+        name = self.names[id(n)]
+        if n.op in ("contract", "sum", "max"):
+            over = n.attr("over")
+            if self.tdim in over:
+                raise NotImplementedError(
+                    f"tvm gpu kernel: {n.op} over {self.tdim}, the dim spread over threads, "
+                    "needs a cross-thread reduction, which this version does not generate")
+            init = _f(float("-inf")) if n.op == "max" else _f(0.0)
+            code = self.loops(n.dims, [f"{name}[{self.idx(n.dims, self.env(n.dims))}] = {init}"],
+                              ind)
+            alld = tuple(d for d in self.p.dims if d in n.dims or d in over)
+            e = self.env(alld)
+            tgt = f"{name}[{self.idx(n.dims, e)}]"
+            if n.op == "contract":   # as a product, so invariant factors are hoisted
+                val = self._product(n, e)
+                upd = f"{tgt} = {tgt} + {val}"
+            elif n.op == "sum":
+                upd = f"{tgt} = {tgt} + {self.expr(n.args[0], e)}"
+            else:
+                upd = f"{tgt} = T.max({tgt}, {self.expr(n.args[0], e)})"
+            # vectorise the innermost loop only when it is not the reduced one
+            vec = bool(alld) and alld[-1] not in over
+            return code + self.loops(alld, [upd], ind, vector_last=vec)
+        e = self.env(n.dims)
+        if self.fast and n.op in FAST:   # exp and kin by vector arithmetic (``fastmath``)
+            bufs, steps = fast_steps(n.op, self.expr(n.args[0], e), name, self.idx(n.dims, e))
+            for b in bufs:
+                alloc = (f"{b} = T.alloc_buffer(({self.local_shape(n.dims)},), \"float32\""
+                         f"{self.scope})")
+                if alloc not in self.late_allocs:
+                    self.late_allocs.append(alloc)
+            return [line for st in steps for line in self.loops(n.dims, [st], ind)]
+        inner = self.expr_inline(n, e)
+        return self.loops(n.dims, [f"{name}[{self.idx(n.dims, e)}] = {inner}"], ind)
+
+    def expr_inline(self, n: Node, env) -> str:
+        saved = id(n) in self.mat
+        self.mat.discard(id(n))
+        try:
+            return self.expr(n, env)
+        finally:
+            if saved:
+                self.mat.add(id(n))
