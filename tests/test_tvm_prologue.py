@@ -65,7 +65,10 @@ def test_vector_state_cut_into_column_tasks(name, dtype, tol):
     (forced here by a 32-wide ``columns``), reading fp16 / bf16 inputs as they are."""
     decl = rk.ops.ALL[name].decl
     src = seq.sequential_source(decl.program, {"D": 96}, 1, knobs={"columns": 32})
-    assert "vb: T.let = nhb % 3" in src
+    # three 32-wide blocks, a task each (the fewest tasks, at least one per thread, that
+    # divide them); each task walks its blocks of the state through S, a view of its part
+    assert "pp: T.let = nhb % 3" in src and "vb: T.let = (pp * 1 + j) % 3" in src
+    assert 'S = T.decl_buffer((32,), "float32", data=S_all.data' in src
     for T in (1, 63, 100):
         x = one_head(name, T, dtype)
         S0 = torch.randn(1, 1, 96)

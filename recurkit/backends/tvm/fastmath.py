@@ -43,4 +43,28 @@ def fast_steps(op: str, a: str, dst: str, at: str) -> tuple[list[str], list[str]
         f"{dst}[{at}] = {val}"]
 
 
+def sigmoid_pair_steps(a: str, pos: str, neg: str, at: str) -> tuple[list[str], list[str]]:
+    """(scratch buffers, statements): ``pos[at] = sigmoid(a)`` and ``neg[at] = sigmoid(-a)``
+    (a gate and its complement: minGRU's z and 1 - z) from one exp and one division:
+    e = exp(-|a|) never overflows, r = 1 / (1 + e), and the two are r and e r, by the sign
+    of a. Each keeps its relative precision (``1 - sigmoid(a)`` would not, for large a)."""
+    A, N = f"{pos}_a[{at}]", f"{pos}_n[{at}]"
+    m = f"(-T.fabs({A}))"
+    x = f"T.max({m}, {_f(LO)})"
+    r, p = f"{pos}[{at}]", _f(_P[0])
+    for c in _P[1:]:
+        p = f"({p} * {r} + {_f(c)})"
+    two_n = f'T.reinterpret("float32", T.shift_left(T.Cast("int32", {N}) + 127, 23))'
+    e = (f"T.if_then_else({m} < {_f(LO)}, {_f(0)}, T.if_then_else(T.isnan({A}), {A}, "
+         f"({p} * {r} * {r} + {r} + {_f(1)}) * {two_n}))")
+    return [f"{pos}_a", f"{pos}_n"], [
+        f"{A} = {a}",
+        f"{N} = T.max(T.floor({x} * {_f(1.4426950408889634)} + {_f(0.5)}), {_f(-126)})",
+        f"{r} = {x} - {N} * {_f(0.693359375)} + {N} * {_f(2.12194440e-4)}",
+        f"{pos}[{at}] = {e}",                                  # e = exp(-|a|)
+        f"{N} = {_f(1)} / ({_f(1)} + {pos}[{at}])",            # r
+        f"{neg}[{at}] = T.if_then_else({A} >= {_f(0)}, {pos}[{at}] * {N}, {N})",
+        f"{pos}[{at}] = T.if_then_else({A} >= {_f(0)}, {N}, {pos}[{at}] * {N})"]
+
+
 FAST = ("exp", "sigmoid", "silu")

@@ -153,12 +153,49 @@ class InKernelPrologue:
             self.names[id(a)] += suffix
         try:
             lines: list[str] = []
+            pairs = self.sigmoid_pairs()
+            done: set[int] = set()
             for a in self.pro_mat:
-                lines += self.node_code(a, ind)
+                if id(a) in done:
+                    continue
+                if id(a) in pairs:   # sigmoid(x) and sigmoid(-x) together
+                    pos, neg = pairs[id(a)]
+                    done |= {id(pos), id(neg)}
+                    lines += self.pair_code(pos, neg, ind)
+                else:
+                    lines += self.node_code(a, ind)
             return lines
         finally:
             self.names.update(names)
             self.tvar, self.in_pro = saved, False
+
+
+    def sigmoid_pairs(self) -> dict[int, tuple[Node, Node]]:
+        """Stored values sigmoid(x) and sigmoid(-x) of one x (a gate and its complement),
+        by the id of each: made together from one exp (``fastmath.sigmoid_pair_steps``)."""
+        if not self.fast:
+            return {}
+        sig = {id(a.args[0]): a for a in self.pro_mat if a.op == "sigmoid"}
+        out = {}
+        for a in self.pro_mat:
+            x = a.args[0] if a.op == "sigmoid" else None
+            if x is not None and x.op == "neg" and id(x.args[0]) in sig:
+                pos = sig[id(x.args[0])]
+                if tuple(pos.dims) == tuple(a.dims) and id(pos) not in out:
+                    out[id(pos)] = out[id(a)] = (pos, a)
+        return out
+
+    def pair_code(self, pos: Node, neg: Node, ind: int) -> list[str]:
+        from .fastmath import sigmoid_pair_steps
+        e = self.env(pos.dims)
+        bufs, steps = sigmoid_pair_steps(self.expr(pos.args[0], e), self.names[id(pos)],
+                                         self.names[id(neg)], self.idx(pos.dims, e))
+        for b in bufs:
+            alloc = (f"{b} = T.alloc_buffer(({self.local_shape(pos.dims)},), \"float32\""
+                     f"{self.scope})")
+            if alloc not in self.late_allocs:
+                self.late_allocs.append(alloc)
+        return [line for st in steps for line in self.loops(pos.dims, [st], ind)]
 
 
 def leaf_args(bc: BoundCall, gen) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ from .build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
                         cache_dir, compile_source, cuda_ptx, target)
 from .pairs import paired_expr
 from .prologue import InKernelPrologue, leaf_args, leaf_layout
-from .stepcode import MIN_COLUMNS, StepCode  # noqa: F401 - MIN_COLUMNS: a knob's doc
+from .stepcode import STRIP, StepCode  # noqa: F401 - STRIP: a knob's doc
 from .tokens import TokenFusion
 from .update import UpdatePass, _f  # noqa: F401 - _f: shared by the other generators
 
@@ -56,7 +56,8 @@ class _Gen(StepCode, TokenFusion, InKernelPrologue, UpdatePass):
 
     ck_chunk = 0   # > 0: the kernel also writes the state entering each chunk of this many
     cb = None      # (L, width, blocks): the column-blocked layout (``_column_plan``)
-    tasks = 1      # (sequence, head) pairs of the call the kernel is made for
+    strip = None   # (P, J): tasks per sequence, blocks per task (``_strip_plan``)
+    seqs = 1       # sequences of the call the kernel is made for (at most the threads)
     out_dtype = "float32"
 
     UNARY = {"neg": "(-{0})", "exp": "T.exp({0})", "log": "T.log({0})",
@@ -71,7 +72,7 @@ class _Gen(StepCode, TokenFusion, InKernelPrologue, UpdatePass):
               "ne": "({0} != {1})"}
 
     def __init__(self, p, sizes: dict[str, int], gpu: bool = False,
-                 knobs: dict | None = None, layout: dict | None = None, tasks: int = 1):
+                 knobs: dict | None = None, layout: dict | None = None, seqs: int = 1):
         self.p, self.sizes = p, dict(sizes)
         self.knobs = check_knobs(knobs)
         # on a GPU the last state dim is spread over the threads of a block: each thread keeps
@@ -91,7 +92,7 @@ class _Gen(StepCode, TokenFusion, InKernelPrologue, UpdatePass):
             uses[id(r)] = uses.get(id(r), 0) + 2
         self.out_free = not self.dep[id(p.output)]
         self.gsizes = dict(self.sizes)   # the dims' sizes (``sizes``: a column block's)
-        self.tasks = tasks
+        self.seqs = seqs
         self.cb = None if gpu else self._column_plan()
         if self.cb:
             self.sizes[self.cb[0]] = self.cb[1]
@@ -237,9 +238,12 @@ class _Gen(StepCode, TokenFusion, InKernelPrologue, UpdatePass):
         if cpu:
             lines += self.leaf_buffers()
         nb = self.cb[2] if self.cb else 1
+        after = _descendants(self.step, p.new_state)
+        pre = self._pipelined(after)
+        self.strip = self._strip_plan(pre) if cpu else None
         if cpu:
             kind = "T.parallel" if self.knobs["parallel"] else "T.serial"
-            lines.append(f"    for nhb in {kind}(NS * {H * nb}):")
+            lines.append(f"    for nhb in {kind}(NS * {self.strip[0] if self.strip else H * nb}):")
             ind = 2
         else:
             lines.append(f"    for nh in T.thread_binding(NS * {H}, thread=\"blockIdx.x\"):")
@@ -247,22 +251,29 @@ class _Gen(StepCode, TokenFusion, InKernelPrologue, UpdatePass):
                          "thread=\"threadIdx.x\"):")
             ind = 3
         pad = "    " * ind
-        if cpu:
-            lines += [f"{pad}nh: T.let = nhb // {nb}"] + (
-                [f"{pad}vb: T.let = nhb % {nb}"] if self.cb else [])
-        lines += [f"{pad}n: T.let = nh // {H}", f"{pad}h: T.let = nh % {H}",
-                  f"{pad}row: T.let = SEG[n, 0]",
-                  f"{pad}S = T.alloc_buffer(({self.local_shape(sd)},), \"float32\""
-                  f"{self.scope})"]
+        if self.strip:   # a task: one sequence's blocks pp * J .. pp * J + J - 1
+            P, J = self.strip
+            lines += [f"{pad}n: T.let = nhb // {P}", f"{pad}pp: T.let = nhb % {P}",
+                      f"{pad}row: T.let = SEG[n, 0]",
+                      f"{pad}S_all = T.alloc_buffer(({J * self.cb[1]},), \"float32\""
+                      f"{self.scope})"]
+        else:
+            if cpu:
+                lines += [f"{pad}nh: T.let = nhb // {nb}"] + (
+                    [f"{pad}vb: T.let = nhb % {nb}"] if self.cb else [])
+            lines += [f"{pad}n: T.let = nh // {H}", f"{pad}h: T.let = nh % {H}",
+                      f"{pad}row: T.let = SEG[n, 0]",
+                      f"{pad}S = T.alloc_buffer(({self.local_shape(sd)},), \"float32\""
+                      f"{self.scope})"]
+        sb = 1 if self.strip else 0   # the block loop's indent
         for n in self.step:
             if (id(n) in self.mat or n is p.new_state) and not (n is p.new_state and
                                                                 self.in_place):
                 lines.append(f"{pad}{self.names[id(n)]} = T.alloc_buffer(("
                              f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
         e = self.env(sd)
-        lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = S0[n, h, {self.gidx(sd, e)}]"], ind)
-        after = _descendants(self.step, p.new_state)
-        pre = self._pipelined(after)
+        lines += self.strip_blocks(ind) + self.loops(
+            sd, [f"S[{self.idx(sd, e)}] = S0[n, h, {self.gidx(sd, e)}]"], ind + sb)
         for n in pre:   # the next step's reads of the state, accumulated during each update
             lines.append(f"{pad}{self.names[id(n)]}_next = T.alloc_buffer(("
                          f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
@@ -288,20 +299,24 @@ class _Gen(StepCode, TokenFusion, InKernelPrologue, UpdatePass):
             lines.append(f"{pad}for tg in T.serial({ln} // {U}):")
             lines += [f"{pad2}tt{'' if u == 0 else f'_u{u}'}: T.let = SEG[n, 1] + tg * {U}"
                       f"{f' + {u}' if u else ''}" for u in range(U)]
-            self._checkpoint(f"tg * {U}", ind2, lines)
+            lines += self.strip_blocks(ind2)
+            self._checkpoint(f"tg * {U}", ind2 + sb, lines)
             reps = [("tt" if u == 0 else f"tt_u{u}", "" if u == 0 else f"_u{u}")
                     for u in range(U)]
-            self._token_body(reps, ind2, lines, after, pre)
+            self._token_body(reps, ind2 + sb, lines, after, pre)
             lines.append(f"{pad}for tr in T.serial({ln} % {U}):")
             lines.append(f"{pad2}tt: T.let = SEG[n, 1] + {ln} // {U} * {U} + tr")
-            self._checkpoint(f"{ln} // {U} * {U} + tr", ind2, lines)
+            lines += self.strip_blocks(ind2)
+            self._checkpoint(f"{ln} // {U} * {U} + tr", ind2 + sb, lines)
         else:
             lines.append(f"{pad}for t in T.serial({ln[1:-1]}):")
             lines.append(f"{pad2}tt: T.let = SEG[n, 1] + t")
-            self._checkpoint("t", ind2, lines)
-        self._token_body([("tt", "")], ind2, lines, after, pre)
+            lines += self.strip_blocks(ind2)
+            self._checkpoint("t", ind2 + sb, lines)
+        self._token_body([("tt", "")], ind2 + sb, lines, after, pre)
         e = self.env(sd)
-        lines += self.loops(sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind)
+        lines += self.strip_blocks(ind) + self.loops(
+            sd, [f"SF[n, h, {self.gidx(sd, e)}] = S[{self.idx(sd, e)}]"], ind + sb)
         lines[alloc_at:alloc_at] = [pad + a for a in dict.fromkeys(self.late_allocs)]
         return "\n".join(lines) + "\n"
 
@@ -318,11 +333,12 @@ def _descendants(nodes: list[Node], root: Node) -> set[int]:
 def sequential_source(p, sizes: dict[str, int], H: int, gpu: bool = False,
                       knobs: dict | None = None, checkpoints: int = 0,
                       layout: dict | None = None, out_dtype: str = "float32",
-                      tasks: int = 1) -> str:
+                      seqs: int = 1) -> str:
     """The TVMScript of the sequential kernel (for reading and golden tests); with
     ``checkpoints``, it also writes the state entering every chunk of that many tokens.
-    ``layout``: input name -> (dtype, head group) where not fp32 and ungrouped."""
-    gen = _Gen(p, {**sizes, "__H": H}, gpu, knobs, layout, tasks)
+    ``layout``: input name -> (dtype, head group) where not fp32 and ungrouped; ``seqs``:
+    the sequences of the call the kernel is for (up to the threads)."""
+    gen = _Gen(p, {**sizes, "__H": H}, gpu, knobs, layout, seqs)
     gen.ck_chunk = checkpoints
     gen.out_dtype = out_dtype
     return gen.source()
@@ -344,16 +360,16 @@ _KERNELS: dict[tuple, tuple[Callable, _Gen]] = {}
 
 def _kernel(p, sizes: dict[str, int], H: int, knobs: dict | None = None,
             checkpoints: int = 0, layout: tuple = (), out_dtype: str = "float32",
-            tasks: int = 1) -> tuple[Callable, _Gen]:
+            seqs: int = 1) -> tuple[Callable, _Gen]:
     knobs = check_knobs(knobs)
     key = (p.content_hash(), tuple(sorted(sizes.items())), H, torch.get_num_threads(),
-           tuple(sorted(knobs.items())), checkpoints, layout, out_dtype, tasks,
+           tuple(sorted(knobs.items())), checkpoints, layout, out_dtype, seqs,
            os.environ.get("RECURKIT_TVM_MCPU"))
     with _LOCK:
         hit = _KERNELS.get(key)
     if hit is None:
         gen = _Gen(p, {**sizes, "__H": H}, knobs=knobs,
-                   layout={name: (dt, G) for name, dt, G in layout}, tasks=tasks)
+                   layout={name: (dt, G) for name, dt, G in layout}, seqs=seqs)
         gen.ck_chunk = checkpoints
         gen.out_dtype = out_dtype
         hit = (compile_source(gen.source()), gen)
@@ -370,9 +386,10 @@ def run_tvm_sequential(bc: BoundCall, knobs: dict | None = None):
     p = bc.program
     C = CHECKPOINT_CHUNK if checkpoints.wanted() else 0
     out = _OUT.get(bc.out_dtype, "float32")
-    # the tasks the call has (a vector state's kernel cuts its dims for fewer than threads)
-    tasks = min(bc.N * bc.H, 2 * max(1, torch.get_num_threads()))
-    fn, gen = _kernel(p, bc.sizes, bc.H, knobs, C, leaf_layout(bc), out, tasks)
+    # the sequences the call has, up to the threads (a vector state's kernel cuts its
+    # columns into as many tasks per sequence as the threads need)
+    seqs = min(bc.N, max(1, torch.get_num_threads()))
+    fn, gen = _kernel(p, bc.sizes, bc.H, knobs, C, leaf_layout(bc), out, seqs)
     feeds, segt, s0, sf = token_loop_args(bc, gen.feeds)
     o = buffers.output((bc.B, bc.T, bc.H, *(bc.sizes[d] for d in p.output.dims)),
                        torch.float32 if out == "float32" else bc.out_dtype)   # all written

@@ -8,7 +8,7 @@ import torch
 from ...ir.node import Node
 from .fastmath import FAST, fast_steps
 
-MIN_COLUMNS = 64   # the narrowest blocks a vector state is cut into by default
+STRIP = 32   # the widest blocks a vector state is cut into by default
 
 
 def _f(v: float) -> str:
@@ -38,9 +38,10 @@ class StepCode:
 
     def _column_plan(self) -> tuple[str, int, int] | None:
         """(L, width, blocks) when the kernel runs in column blocks: the state's last dim L
-        cut into blocks, each walking every token in a task of its own (``columns``). Every
-        state-dependent value must then have L and never reduce over it (a column of the
-        state evolves by itself), and so must the output."""
+        cut into blocks. Every state-dependent value must then have L and never reduce over
+        it (a column of the state evolves by itself), and so must the output. A vector state
+        is always cut (``STRIP`` columns wide by default; ``_strip_plan`` gives the blocks to
+        tasks), a matrix state when the ``columns`` knob asks."""
         sd, w = self.p.state.dims, self.knobs["columns"]
         if not sd or self.out_free or not (w or len(sd) == 1):
             return None
@@ -49,14 +50,40 @@ class StepCode:
                for n in self.step):
             return None
         size = self.sizes[L]
-        if not w:   # a vector state: the fewest blocks that give every thread two tasks
-            tasks, w = self.tasks, size
-            while tasks < 2 * max(1, torch.get_num_threads()) and w % 2 == 0 and \
-                    w // 2 >= MIN_COLUMNS:
-                w, tasks = w // 2, tasks * 2
-        if size % w or w >= size:
+        if not w:   # a vector state: the widest power-of-two part of L up to STRIP
+            w = size
+            while w > STRIP and w % 2 == 0:
+                w //= 2
+        if size % w or (w >= size and len(sd) > 1):
             return None
         return L, w, size // w
+
+    def _strip_plan(self, pre: list) -> tuple[int, int] | None:
+        """(P, J) for a vector state's column blocks: each sequence's H x blocks cut into P
+        tasks of J consecutive blocks, P enough for the threads (at least one task each over
+        the call's sequences). A task walks its sequence's tokens once and, per token, its
+        blocks in turn: it streams contiguous runs of every row (J x width columns) where a
+        task per block would read a few cache lines per row, a page apart."""
+        if not self.cb or len(self.p.state.dims) != 1 or pre:
+            return None
+        total = self.gsizes["__H"] * self.cb[2]
+        want = -(-max(1, torch.get_num_threads()) // max(1, self.seqs))
+        P = next(d for d in range(min(want, total), total + 1) if total % d == 0)
+        return P, total // P
+
+    def strip_blocks(self, ind: int) -> list[str]:
+        """The loop over a task's blocks (``strip``), opened at indent ``ind``: the block's
+        head, its column offset and its part of the state as ``S``; none without ``strip``."""
+        if not self.strip:
+            return []
+        P, J = self.strip
+        w, nb = self.cb[1], self.cb[2]
+        pad = "    " * (ind + 1)
+        return [f"{'    ' * ind}for j in T.serial({J}):",
+                f"{pad}h: T.let = (pp * {J} + j) // {nb}",
+                f"{pad}vb: T.let = (pp * {J} + j) % {nb}",
+                f"{pad}S = T.decl_buffer(({w},), \"float32\", data=S_all.data, "
+                f"elem_offset=j * {w})"]
 
     def gidx(self, dims, env: dict[str, str]) -> str:
         """Index into a buffer of the call (over the dims' full sizes)."""

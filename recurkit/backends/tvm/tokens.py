@@ -50,11 +50,29 @@ class TokenFusion:
                 return 1
             if id(n) not in fused and self._reads_s(n, True):
                 return 1              # would read the state of the group's last token
-        if self._reads_s(p.output, True):
+        if self._reads_s(p.output, True) and not self.out_in_pass():
             return 1
         if self.ck_chunk and self.ck_chunk % U:
             return 1
         return U
+
+    def out_in_pass(self) -> bool:
+        """Whether the output is pointwise in the new state (the state's dims; elementwise
+        ops of S' and state-free values: HGRN's h', minGRU's): the update pass then writes
+        each token's output beside its update, while the entry of S' is in a register."""
+        p, sd = self.p, self.p.state.dims
+        if self.tdim is not None or not self.in_place or not sd or \
+                tuple(p.output.dims) != tuple(sd) or not self.dep[id(p.output)]:
+            return False
+
+        def pointwise(n: Node) -> bool:
+            if n is p.new_state or not self.dep[id(n)]:
+                return set(n.dims) <= set(sd)
+            if n is self.state or id(n) in self.mat:
+                return False
+            return (n.op in self.UNARY or n.op in self.BINARY or n.op == "where") and \
+                all(pointwise(a) for a in n.args)
+        return pointwise(p.output)
 
     def _reads_s(self, n, top: bool = False) -> bool:
         """Whether evaluating n (with its inlined args) loads S, old or new."""
@@ -74,6 +92,14 @@ class TokenFusion:
                 out.append(f"{pad}{self.names[i]}_u{u} = T.alloc_buffer(("
                            f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
         return out
+
+    def out_store(self, tv: str, e: dict[str, str]) -> str:
+        """The statement writing token ``tv``'s output at the indices ``e``."""
+        od = self.p.output.dims
+        val = self.expr(self.p.output, e)
+        if self.out_dtype != "float32":
+            val = f'T.Cast("{self.out_dtype}", {val})'
+        return f"O[row, {tv}, h{', ' if od else ''}{self.gidx(od, e)}] = {val}"
 
     def _checkpoint(self, t: str, ind: int, lines: list[str]) -> None:
         """The state entering each chunk, for the backward (token ``t`` of the sequence)."""
@@ -103,8 +129,10 @@ class TokenFusion:
                     n not in pre:
                 lines += self.node_code(n, ind2)
         fused: set[int] = set()
+        out_done = False
         if self.in_place:   # S' written over S: later nodes read the new state as S
             fused = self._update_pass(pre, ind2, lines, reps)
+            out_done = self.out_in_pass()
         else:
             self.mat.add(id(p.new_state))
             lines += self.node_code(p.new_state, ind2)
@@ -114,12 +142,8 @@ class TokenFusion:
                     if id(n) in self.mat and id(n) in after and n is not p.new_state and \
                             id(n) not in fused:
                         lines += self.node_code(n, ind2)
-                e = self.env(od)
-                val = self.expr(p.output, e)
-                if self.out_dtype != "float32":
-                    val = f'T.Cast("{self.out_dtype}", {val})'
-                lines += self.loops(od, [f"O[row, {tv}, h{', ' if od else ''}"
-                                         f"{self.gidx(od, e)}] = {val}"], ind2)
+                if not out_done:
+                    lines += self.loops(od, [self.out_store(tv, self.env(od))], ind2)
         if not self.in_place:
             e = self.env(sd)
             lines += self.loops(sd, [f"S[{self.idx(sd, e)}] = {self.expr(p.new_state, e)}"],

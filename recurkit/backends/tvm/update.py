@@ -97,11 +97,16 @@ class UpdatePass:
                     free = next(a for a in n.args if a is not p.new_state)
                     tgt = target(n, self.names[id(n)])
                     body.append(f"{tgt} = {tgt} + {self.expr(free, e)} * S[{self.idx(sd, e)}]")
+                if self.out_in_pass():   # this token's output from its S' entry
+                    body.append(self.out_store(tv, e))
                 for n in pre:
                     tgt = target(n, f"{self.names[id(n)]}_next")
                     saved, self.tvar = self.tvar, "tn"
                     body.append(f"{tgt} = {tgt} + {self._product(n, e)}")
                     self.tvar = saved
+        width = blocks[0] if blocks else self.sizes[L]
+        if self.tdim is None and width <= self.knobs["vectorize"]:
+            body = self._in_register(body, f"S[{self.idx(sd, e)}]", L, width)
         if not blocks:
             if hoist:
                 hoisted, self.colblock = self.colblock["bufs"], None
@@ -117,14 +122,53 @@ class UpdatePass:
                              for _, _, acc in targets]   # the block's accumulators
         pad = "    " * (ind + 1)
         vec = f"T.vectorized({w})"
+        body, tiles = self._column_tiles(body, L, sd[:-1], w)
         lines.append(f"{'    ' * ind}for vb in T.serial({self.sizes[L] // w}):")
         lines.append(f"{pad}for i_{L} in {vec}:")
         lines += [f"{pad}    {acc}[i_{L}] = {_f(0.0)}" for _, _, acc in targets]
+        lines += [f"{pad}    {t}" for t in tiles]
         lines += self.loops(sd[:-1], [f"for i_{L} in {vec}:"] + ["    " + b for b in body],
                             ind + 1, vector_last=False)
         lines.append(f"{pad}for i_{L} in {vec}:")
         lines += [f"{pad}    {buf}[{e[L]}] = {acc}[i_{L}]" for _, buf, acc in targets]
         return {id(n) for n in fused}
+
+    def _column_tiles(self, body: list[str], L: str, outer, w: int
+                      ) -> tuple[list[str], list[str]]:
+        """(body, loads): the call tensors' values that a block's pass reads at every row
+        (``v`` at the block's columns, per token) loaded once per block into small buffers
+        (``CT*``, registers) instead of once per row: LLVM cannot hoist them itself past
+        the stores to S, which may alias them as far as it knows."""
+        import re
+        rows = [f"i_{d}" for d in outer]
+        tiles: dict[str, str] = {}
+
+        def tile(m) -> str:
+            text = m.group(0)
+            if any(re.search(rf"\b{r}\b", text) for r in rows) or f"i_{L}" not in text:
+                return text
+            if text not in tiles:
+                tiles[text] = f"CT{self.hb_count + len(tiles)}"
+            return f"{tiles[text]}[i_{L}]"
+        pat = re.compile(r'T\.Cast\("float32", X\d+\[[^\[\]]*\]\)|X\d+\[[^\[\]]*\]')
+        out = [pat.sub(tile, line) for line in body]
+        self.hb_count += len(tiles)
+        self.late_allocs += [f"{t} = T.alloc_buffer(({w},), \"float32\"{self.scope})"
+                             for t in tiles.values()]
+        return out, [f"{t}[i_{L}] = {text}" for text, t in tiles.items()]
+
+    def _in_register(self, body: list[str], entry: str, L: str, width: int) -> list[str]:
+        """``body`` on a copy of the state's entries in a small buffer of the vector's width
+        (``SR``, on the stack: registers), loaded before and stored after: the kernel's
+        buffers may alias as far as LLVM knows, so updates written to S directly are each
+        stored, and the inputs reloaded after them; a group of tokens then stores once."""
+        name = f"SR{width}"
+        self.late_allocs.append(f"{name} = T.alloc_buffer(({width},), \"float32\"{self.scope})")
+        reg = f"{name}[i_{L}]"
+        out = [line.replace(entry, reg) for line in body]
+        if any("S[" in line.replace(reg, "") for line in out):
+            return body   # the state read at other entries than this one: left in place
+        return [f"{reg} = {entry}"] + out + [f"{entry} = {reg}"]
 
     def _emit_hoisted(self, hoisted, ind: int, lines: list[str]) -> None:
         self.hb_count += len(hoisted)   # names unique over the kernel's passes
