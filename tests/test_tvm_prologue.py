@@ -64,7 +64,9 @@ def test_vector_state_cut_into_column_tasks(name, dtype, tol):
     """One sequence and one head: the kernel cuts D into blocks to give the threads tasks
     (forced here by a 32-wide ``columns``), reading fp16 / bf16 inputs as they are."""
     decl = rk.ops.ALL[name].decl
-    src = seq.sequential_source(decl.program, {"D": 96}, 1, knobs={"columns": 32})
+    with pytest.MonkeyPatch.context() as m:   # the plan for two threads
+        m.setattr(torch, "get_num_threads", lambda: 2)
+        src = seq.sequential_source(decl.program, {"D": 96}, 1, knobs={"columns": 32})
     # three 32-wide blocks, a task each (the fewest tasks, at least one per thread, that
     # divide them); each task walks its blocks of the state through S, a view of its part
     assert "pp: T.let = nhb % 3" in src and "vb: T.let = (pp * 1 + j) % 3" in src
@@ -202,3 +204,58 @@ def test_large_outputs_are_kept_buffers_the_caller_may_modify():
     assert g.grad is not None
     del o2, o3, o4
     assert buffers.release() >= 600 * 512 * 4
+
+
+def test_sigmoid_pairs_match_torch_over_the_float_range():
+    """sigmoid(x) and sigmoid(-x) from one exp (minGRU's gate and its complement): each to
+    its own relative precision, at both ends of the float range, NaN kept."""
+    from recurkit.backends.tvm.fastmath import sigmoid_pair_steps
+    scratch, steps = sigmoid_pair_steps("A[i]", "P", "M", "i")
+    lines = "\n".join(f"        for i in T.vectorized(64):\n            {s}" for s in steps)
+    allocs = "\n".join(f"        {b} = T.alloc_buffer((64,), \"float32\")"
+                       for b in ["A", "P", "M", *scratch])
+    src = f'''@T.prim_func
+def main(a: T.handle, p: T.handle, m: T.handle):
+    T.func_attr({{"global_symbol": "main", "tir.noalias": True}})
+    N = T.int32()
+    A0 = T.match_buffer(a, (N, 64), "float32")
+    P0 = T.match_buffer(p, (N, 64), "float32")
+    M0 = T.match_buffer(m, (N, 64), "float32")
+    for r in T.serial(N):
+{allocs}
+        for i in T.vectorized(64):
+            A[i] = A0[r, i]
+{lines}
+        for i in T.vectorized(64):
+            P0[r, i] = P[i]
+            M0[r, i] = M[i]
+'''
+    fn = compile_source(src)
+    x = torch.cat([torch.linspace(-120, 120, 64 * 40), torch.randn(64 * 20),
+                   torch.tensor([-float("inf"), float("inf"), float("nan"), -87.4, -87.3,
+                                 88.7, 88.8, 0.0] * 8)]).reshape(-1, 64)
+    pos, neg = torch.empty_like(x), torch.empty_like(x)
+    fn(x, pos, neg)
+    for y, ref in ((pos, torch.sigmoid(x.double())), (neg, torch.sigmoid(-x.double()))):
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+        ok = ~torch.isnan(ref) & (ref > 1e-36)
+        assert ((y.double() - ref).abs() <= 4e-7 * ref.abs())[ok].all()
+        assert (y.double()[~torch.isnan(ref) & ~ok] <= 1e-36).all()
+
+
+@pytest.mark.parametrize("name", sorted(VECTOR_CASES))
+def test_vector_state_strips_cross_heads(name, monkeypatch):
+    """Three heads of 64 in 32-wide blocks: six blocks, two tasks of three (for two
+    threads), so a task's walk of each row crosses from one head into the next; groups of
+    four tokens and the rest one by one, the outputs written in the update pass."""
+    decl = rk.ops.ALL[name].decl
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    src = seq.sequential_source(decl.program, {"D": 64}, 3)
+    assert "for j in T.serial(3):" in src and "h: T.let = (pp * 3 + j) // 2" in src
+    assert "for tg in T.serial(" in src
+    for T in (1, 5, 63):
+        x = vector_inputs(name, 1, T, 3, 64)
+        kw = dict(initial_state=torch.randn(1, 3, 64), output_final_state=True)
+        o_ref, S_ref = rk.compile(decl, backend="reference")(*x, **kw)
+        o, S = rk.compile(decl, backend="tvm")(*x, **kw)
+        assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5

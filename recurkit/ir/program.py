@@ -103,6 +103,10 @@ class Program:
 
     def content_hash(self) -> str:
         """sha256 of the math: names, source locations and dim spellings left out."""
+        return self._content_hash
+
+    @cached_property
+    def _content_hash(self) -> str:   # a program never changes: hashed once (kernel keys)
         blob = json.dumps(_encode(self, keep_names=False), sort_keys=True,
                           separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -112,11 +112,20 @@ class TvmBackend(Backend):
         if form == "sequential":
             vec = (1024,) if quick else (1024, 0)
             unroll = (0,) if quick else (0, 8)
+            tokens = (4,) if quick else (4, 1)
+            # a vector state: its column blocks' width (0: the default) is tuned, and it has
+            # no reads of the old state to pipeline nor rows to block; a matrix state's
+            # columns stay whole rows (cutting them was slower wherever measured)
+            vector = program.state is not None and len(program.state.dims) == 1
+            columns = (0, 16, 64) if vector and not quick else (0,)
+            pipeline = (True,) if vector else (True, False)
+            block = (32,) if vector else (32, 0) if quick else (32, 16, 0)
             space = [   # includes DEFAULT_KNOBS
-                dict(vectorize=v, unroll=u, parallel=p, pipeline=pl, block=b)
-                for v, u, p, pl, b in itertools.product(
-                    vec, unroll, (True, False) if not quick else (True,), (True, False),
-                    (32, 0) if quick else (32, 16, 0))]
+                dict(vectorize=v, unroll=u, parallel=p, pipeline=pl, block=b, tokens=t,
+                     columns=c)
+                for v, u, p, pl, b, t, c in itertools.product(
+                    vec, unroll, (True, False) if not quick else (True,), pipeline, block,
+                    tokens, columns)]
             return [(None, k) for k in space]
         if form == "scan":
             return [(None, {})]

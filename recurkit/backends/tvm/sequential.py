@@ -1,11 +1,13 @@
 """The TVM backend: the sequential form as a compiled CPU kernel generated from the step's IR.
 
-State-free values (the prologue: gates, normalised keys, scales) are computed for all tokens at
-once in torch and passed in as buffers; the kernel runs, in parallel over (sequence, head), a
-loop over tokens that keeps the state in a local buffer and evaluates the state-dependent
-nodes as small loop nests (innermost dim vectorised; single-use elementwise nodes inlined), and
-overwrites the state in one pass that also accumulates its reads (``tvm.update``).
-Kernels are specialised to the dim sizes and cached by (IR hash, sizes, target).
+The kernel reads the call's tensors in place and computes the state-free values (the
+prologue: gates, normalised keys, scales) per token (``tvm.prologue``). It runs in parallel
+over (sequence, head), or over strips of a vector state's column blocks (``tvm.stepcode``), a
+loop over tokens that keeps the state in a local buffer, evaluates the state-dependent nodes
+as small loop nests (innermost dim vectorised; single-use elementwise nodes inlined) and
+overwrites the state in one pass that also accumulates its reads (``tvm.update``), for groups
+of tokens where the step allows (``tvm.tokens``, ``tvm.groups``). Kernels are specialised to
+the dim sizes and cached by (IR hash, sizes, target).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..shared import buffers, checkpoints
 from ..shared.host import token_loop_args
 from .build import (_CACHE, _LOCK, GEN_VERSION, buffer_scope,  # noqa: F401
                         cache_dir, compile_source, cuda_ptx, target)
+from .groups import GatedGroups
 from .pairs import paired_expr
 from .prologue import InKernelPrologue, leaf_args, leaf_layout
 from .stepcode import STRIP, StepCode  # noqa: F401 - STRIP: a knob's doc
@@ -35,9 +38,10 @@ DEFAULT_KNOBS = {"vectorize": 1024,   # vectorise innermost loops up to this ext
                  "pipeline": True,    # read the state for token t+1 while writing token t's
                  "block": 32,         # update the state in column blocks this wide (0: whole)
                  "tokens": 4,         # tokens per pass over the state, where the step allows
-                 "columns": 0}        # tasks of their own for blocks of the state's last
-#                                       dim this wide (0: a vector state's, enough for the
-#                                       threads; a matrix state's, none)
+                 "columns": 0}        # blocks of the state's last dim this wide, walked
+#                                       by tasks of their own (0: a vector state's STRIP
+#                                       wide, in strips for the threads; a matrix state's,
+#                                       none)
 
 
 def check_knobs(knobs: dict | None) -> dict:
@@ -51,7 +55,7 @@ def check_knobs(knobs: dict | None) -> dict:
     return out
 
 
-class _Gen(StepCode, TokenFusion, InKernelPrologue, UpdatePass):
+class _Gen(StepCode, TokenFusion, GatedGroups, InKernelPrologue, UpdatePass):
     """TVMScript text for the sequential form of one program at fixed dim sizes."""
 
     ck_chunk = 0   # > 0: the kernel also writes the state entering each chunk of this many
@@ -303,7 +307,10 @@ class _Gen(StepCode, TokenFusion, InKernelPrologue, UpdatePass):
             self._checkpoint(f"tg * {U}", ind2 + sb, lines)
             reps = [("tt" if u == 0 else f"tt_u{u}", "" if u == 0 else f"_u{u}")
                     for u in range(U)]
-            self._token_body(reps, ind2 + sb, lines, after, pre)
+            if self.group_plan():   # from the state the group enters (``groups``)
+                self._group_body(U, ind2 + sb, lines)
+            else:
+                self._token_body(reps, ind2 + sb, lines, after, pre)
             lines.append(f"{pad}for tr in T.serial({ln} % {U}):")
             lines.append(f"{pad2}tt: T.let = SEG[n, 1] + {ln} // {U} * {U} + tr")
             lines += self.strip_blocks(ind2)
