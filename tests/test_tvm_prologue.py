@@ -16,31 +16,41 @@ def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("op", ["exp", "sigmoid", "silu"])
-def test_vector_functions_match_torch_over_the_float_range(op):
-    steps = fast_steps(op, "A[i]", "Y", "i")
-    lines = "\n".join(f"        for i in T.vectorized(64):\n            {s}" for s in steps[1])
-    allocs = "\n".join(f"        {b} = T.alloc_buffer((64,), \"float32\")" for b in steps[0])
-    src = f'''@T.prim_func
-def main(a: T.handle, y: T.handle):
+def _rows_kernel(scratch, steps, outs):
+    """A kernel over rows of 64 floats: A from its first argument, ``steps`` (statements
+    over ``i``) through the ``scratch`` buffers, then each of ``outs`` to an argument."""
+    lines = "\n".join(f"        for i in T.vectorized(64):\n            {s}" for s in steps)
+    bufs = ["A", *outs, *scratch]
+    allocs = "\n".join(f"        {b} = T.alloc_buffer((64,), \"float32\")" for b in bufs)
+    params = ", ".join(f"{b.lower()}: T.handle" for b in ["A", *outs])
+    matches = "\n".join(f"    {b}0 = T.match_buffer({b.lower()}, (N, 64), \"float32\")"
+                         for b in ["A", *outs])
+    stores = "\n".join(f"            {b}0[r, i] = {b}[i]" for b in outs)
+    return compile_source(f'''@T.prim_func
+def main({params}):
     T.func_attr({{"global_symbol": "main", "tir.noalias": True}})
     N = T.int32()
-    A0 = T.match_buffer(a, (N, 64), "float32")
-    Y0 = T.match_buffer(y, (N, 64), "float32")
+{matches}
     for r in T.serial(N):
-        A = T.alloc_buffer((64,), "float32")
-        Y = T.alloc_buffer((64,), "float32")
 {allocs}
         for i in T.vectorized(64):
             A[i] = A0[r, i]
 {lines}
         for i in T.vectorized(64):
-            Y0[r, i] = Y[i]
-'''
-    fn = compile_source(src)
-    x = torch.cat([torch.linspace(-120, 120, 64 * 40), torch.randn(64 * 20),
-                   torch.tensor([-float("inf"), float("inf"), float("nan"), -87.4, -87.3,
-                                 88.7, 88.8, 0.0] * 8)]).reshape(-1, 64)
+{stores}
+''')
+
+
+# the float range at both ends, specials, and values near exp's limits
+FLOATS = torch.cat([torch.linspace(-120, 120, 64 * 40), torch.randn(64 * 20),
+                    torch.tensor([-float("inf"), float("inf"), float("nan"), -87.4, -87.3,
+                                  88.7, 88.8, 0.0] * 8)]).reshape(-1, 64)
+
+
+@pytest.mark.parametrize("op", ["exp", "sigmoid", "silu"])
+def test_vector_functions_match_torch_over_the_float_range(op):
+    fn = _rows_kernel(*fast_steps(op, "A[i]", "Y", "i"), ["Y"])
+    x = FLOATS
     y = torch.empty_like(x)
     fn(x, y)
     ref = {"exp": torch.exp, "sigmoid": torch.sigmoid, "silu": torch.nn.functional.silu}[op](
@@ -210,30 +220,8 @@ def test_sigmoid_pairs_match_torch_over_the_float_range():
     """sigmoid(x) and sigmoid(-x) from one exp (minGRU's gate and its complement): each to
     its own relative precision, at both ends of the float range, NaN kept."""
     from recurkit.backends.tvm.fastmath import sigmoid_pair_steps
-    scratch, steps = sigmoid_pair_steps("A[i]", "P", "M", "i")
-    lines = "\n".join(f"        for i in T.vectorized(64):\n            {s}" for s in steps)
-    allocs = "\n".join(f"        {b} = T.alloc_buffer((64,), \"float32\")"
-                       for b in ["A", "P", "M", *scratch])
-    src = f'''@T.prim_func
-def main(a: T.handle, p: T.handle, m: T.handle):
-    T.func_attr({{"global_symbol": "main", "tir.noalias": True}})
-    N = T.int32()
-    A0 = T.match_buffer(a, (N, 64), "float32")
-    P0 = T.match_buffer(p, (N, 64), "float32")
-    M0 = T.match_buffer(m, (N, 64), "float32")
-    for r in T.serial(N):
-{allocs}
-        for i in T.vectorized(64):
-            A[i] = A0[r, i]
-{lines}
-        for i in T.vectorized(64):
-            P0[r, i] = P[i]
-            M0[r, i] = M[i]
-'''
-    fn = compile_source(src)
-    x = torch.cat([torch.linspace(-120, 120, 64 * 40), torch.randn(64 * 20),
-                   torch.tensor([-float("inf"), float("inf"), float("nan"), -87.4, -87.3,
-                                 88.7, 88.8, 0.0] * 8)]).reshape(-1, 64)
+    fn = _rows_kernel(*sigmoid_pair_steps("A[i]", "P", "M", "i"), ["P", "M"])
+    x = FLOATS
     pos, neg = torch.empty_like(x), torch.empty_like(x)
     fn(x, pos, neg)
     for y, ref in ((pos, torch.sigmoid(x.double())), (neg, torch.sigmoid(-x.double()))):
