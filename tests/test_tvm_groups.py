@@ -92,3 +92,43 @@ def test_custom_declarations_in_groups(decl):
     assert rel(o, o_r) < 1e-5 and rel(S, S_r) < 1e-5
     for a, b in zip(g, g_r):
         assert rel(a, b) < 1e-4
+
+
+@rk.recurrence
+def gated_h(h: rk.State["D"], x: rk.Token["D"], g: rk.Token["D"], z: rk.Token["D"]):
+    h = rk.exp(g) * h + x
+    return h, rk.silu(z) * h                  # a function of h' and the token's values
+
+
+@rk.recurrence
+def squared_h(h: rk.State["D"], x: rk.Token["D"], g: rk.Token["D"]):
+    h = rk.sigmoid(g) * h + x
+    return h, h * h
+
+
+@rk.recurrence
+def state_out(S: rk.State["K", "V"], k: rk.Token["K"], v: rk.Token["V"], gk: rk.Token["K"]):
+    S = rk.exp(gk) * S + rk.outer(k, v)
+    return S, 2.0 * S                         # the whole state, no reads accumulated
+
+
+@pytest.mark.parametrize("decl,sizes", [(gated_h, {"D": 64}), (squared_h, {"D": 64}),
+                                        (state_out, {"K": 8, "V": 32})],
+                         ids=["silu_gate", "square", "matrix"])
+def test_outputs_pointwise_in_the_new_state_take_groups(decl, sizes):
+    """Outputs computed entry by entry from S' are written in the update pass, so these
+    steps take groups of tokens; a matrix output without fused reads (which once left an
+    empty loop in the blocked pass) too."""
+    src = seq.sequential_source(decl.program, sizes, 2)
+    assert "for tg in T.serial(" in src
+    gen = torch.Generator().manual_seed(1)
+    for T in (1, 5, 63):
+        xs = [torch.randn(2, T, 2, *(sizes[d] for d in s.dims), generator=gen)
+              for s in decl.program.call_inputs]
+        xs = [-x.abs() if s.name in ("g", "gk") else x
+              for x, s in zip(xs, decl.program.call_inputs)]
+        kw = dict(initial_state=torch.randn(2, 2, *(sizes[d] for d in decl.program.state.dims),
+                                            generator=gen), output_final_state=True)
+        o_ref, S_ref = rk.compile(decl, backend="reference")(*xs, **kw)
+        o, S = rk.compile(decl, backend="tvm")(*xs, **kw)
+        assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5, T

@@ -247,3 +247,19 @@ def test_vector_state_strips_cross_heads(name, monkeypatch):
         o_ref, S_ref = rk.compile(decl, backend="reference")(*x, **kw)
         o, S = rk.compile(decl, backend="tvm")(*x, **kw)
         assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+def test_vector_state_with_a_sum_over_its_dim_stays_whole():
+    """A state-free value that sums over the state's dim (an l2 norm of the input) is made
+    in the kernel, which then walks whole rows rather than column blocks (where it would be
+    a torch-computed feed)."""
+    @rk.recurrence
+    def normed(h: rk.State["D"], x: rk.Token["D"], g: rk.Token["D"]):
+        h = rk.sigmoid(g) * h + rk.l2norm(x)
+        return h, h
+    gen = seq._Gen(normed.program, {"D": 64, "__H": 2})
+    assert gen.cb is None and gen.feeds == []
+    x = [torch.randn(1, 9, 2, 64), torch.randn(1, 9, 2, 64)]
+    o_ref, S_ref = rk.compile(normed, backend="reference")(*x, output_final_state=True)
+    o, S = rk.compile(normed, backend="tvm")(*x, output_final_state=True)
+    assert rel(o, o_ref) < 1e-5 and rel(S, S_ref) < 1e-5

@@ -10,8 +10,8 @@ G_u = d_0 ... d_u and the products P_bu = d_{b+1} ... d_u (both over K, products
 
 so each entry of S takes U readout FMAs, one multiply and U write FMAs per group: 2U + 1
 vector operations where the token-by-token pass takes 3U (a decay multiply, a write and a
-readout per token), the bound of these kernels. The U^2 / 2 pair coefficients are dots over K
-per group. The tokens after the last whole group take the usual pass one by one.
+readout per token), the bound of these kernels. The U (U + 1) / 2 pair coefficients are dots
+over K per group. The tokens after the last whole group take the usual pass one by one.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...ir.node import Node
+from .build import vector_lanes
 from .fastmath import FAST, fast_steps
 
 STRIP = 32   # the widest blocks a vector state is cut into by default
@@ -40,7 +41,8 @@ class StepCode:
         """(L, width, blocks) when the kernel runs in column blocks: the state's last dim L
         cut into blocks. Every state-dependent value must then have L and never reduce over
         it (a column of the state evolves by itself), and so must the output. A vector state
-        is always cut (``STRIP`` columns wide by default; ``_strip_plan`` gives the blocks to
+        is always cut (by default into the widest blocks of at most ``STRIP`` columns that
+        divide L, whole vectors wide where one does; ``_strip_plan`` gives the blocks to
         tasks), a matrix state when the ``columns`` knob asks."""
         sd, w = self.p.state.dims, self.knobs["columns"]
         if not sd or self.out_free or not (w or len(sd) == 1):
@@ -50,13 +52,29 @@ class StepCode:
                for n in self.step):
             return None
         size = self.sizes[L]
-        if not w:   # a vector state: the widest power-of-two part of L up to STRIP
-            w = size
-            while w > STRIP and w % 2 == 0:
-                w //= 2
+        if not w and self._free_reduces_over(L):
+            return None   # a state-free sum over L: the kernel makes it when L is whole
+        if not w:   # a vector state: the widest divisor of L up to STRIP, whole vectors
+            fits = [d for d in range(min(size, STRIP), 0, -1) if size % d == 0]   # first
+            w = next((d for d in fits if d % vector_lanes() == 0), fits[0])
         if size % w or (w >= size and len(sd) > 1):
             return None
         return L, w, size // w
+
+    def _free_reduces_over(self, L: str) -> bool:
+        """Whether a state-free value the step reads reduces over L (an l2 norm of a token
+        input along the state's dim): column blocks would need it as a torch feed."""
+        seen: set[int] = set()
+        stack = [a for n in self.step for a in n.args]
+        while stack:
+            a = stack.pop()
+            if id(a) in seen or self.dep[id(a)]:
+                continue
+            seen.add(id(a))
+            if a.op in ("contract", "sum", "max") and L in (a.attr("over") or ()):
+                return True
+            stack.extend(a.args)
+        return False
 
     def _strip_plan(self, pre: list) -> tuple[int, int] | None:
         """(P, J) for a vector state's column blocks: each sequence's H x blocks cut into P

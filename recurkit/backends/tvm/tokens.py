@@ -43,8 +43,9 @@ class TokenFusion:
                 not self.p.state.dims:
             return 1
         fused = {id(n) for n in self._fused()}
+        in_pass = self.out_in_pass()
         for n in self.step:
-            if n is p.new_state or id(n) not in self.mat:
+            if n is p.new_state or id(n) not in self.mat or (n is p.output and in_pass):
                 continue
             if id(n) not in after:   # computed from the old state before the update
                 return 1
@@ -69,7 +70,7 @@ class TokenFusion:
         def pointwise(n: Node) -> bool:
             if n is p.new_state or not self.dep[id(n)]:
                 return set(n.dims) <= set(sd)
-            if n is self.state or id(n) in self.mat:
+            if n is self.state or (id(n) in self.mat and n is not p.output):
                 return False
             return (n.op in self.UNARY or n.op in self.BINARY or n.op == "where") and \
                 all(pointwise(a) for a in n.args)
@@ -94,10 +95,12 @@ class TokenFusion:
                            f"{self.local_shape(n.dims)},), \"float32\"{self.scope})")
         return out
 
-    def out_store(self, tv: str, e: dict[str, str]) -> str:
-        """The statement writing token ``tv``'s output at the indices ``e``."""
+    def out_store(self, tv: str, e: dict[str, str], inline: bool = False) -> str:
+        """The statement writing token ``tv``'s output at the indices ``e`` (``inline``: its
+        value computed there, not read from its buffer)."""
         od = self.p.output.dims
-        val = self.expr(self.p.output, e)
+        inline = inline and self.p.output is not self.p.new_state   # S' itself: read S
+        val = (self.expr_inline if inline else self.expr)(self.p.output, e)
         if self.out_dtype != "float32":
             val = f'T.Cast("{self.out_dtype}", {val})'
         return f"O[row, {tv}, h{', ' if od else ''}{self.gidx(od, e)}] = {val}"
@@ -141,7 +144,7 @@ class TokenFusion:
             with self.rep(tv, sfx):
                 for n in self.step:
                     if id(n) in self.mat and id(n) in after and n is not p.new_state and \
-                            id(n) not in fused:
+                            id(n) not in fused and not (out_done and n is p.output):
                         lines += self.node_code(n, ind2)
                 if not out_done:
                     lines += self.loops(od, [self.out_store(tv, self.env(od))], ind2)

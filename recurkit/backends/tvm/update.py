@@ -98,7 +98,7 @@ class UpdatePass:
                     tgt = target(n, self.names[id(n)])
                     body.append(f"{tgt} = {tgt} + {self.expr(free, e)} * S[{self.idx(sd, e)}]")
                 if self.out_in_pass():   # this token's output from its S' entry
-                    body.append(self.out_store(tv, e))
+                    body.append(self.out_store(tv, e, inline=True))
                 for n in pre:
                     tgt = target(n, f"{self.names[id(n)]}_next")
                     saved, self.tvar = self.tvar, "tn"
@@ -124,13 +124,15 @@ class UpdatePass:
         vec = f"T.vectorized({w})"
         body, tiles = self._column_tiles(body, L, sd[:-1], w)
         lines.append(f"{'    ' * ind}for vb in T.serial({self.sizes[L] // w}):")
-        lines.append(f"{pad}for i_{L} in {vec}:")
-        lines += [f"{pad}    {acc}[i_{L}] = {_f(0.0)}" for _, _, acc in targets]
-        lines += [f"{pad}    {t}" for t in tiles]
+        head = [f"{acc}[i_{L}] = {_f(0.0)}" for _, _, acc in targets] + tiles
+        if head:   # the block's accumulators zeroed, its tiles loaded
+            lines.append(f"{pad}for i_{L} in {vec}:")
+            lines += [f"{pad}    {h}" for h in head]
         lines += self.loops(sd[:-1], [f"for i_{L} in {vec}:"] + ["    " + b for b in body],
                             ind + 1, vector_last=False)
-        lines.append(f"{pad}for i_{L} in {vec}:")
-        lines += [f"{pad}    {buf}[{e[L]}] = {acc}[i_{L}]" for _, buf, acc in targets]
+        if targets:
+            lines.append(f"{pad}for i_{L} in {vec}:")
+            lines += [f"{pad}    {buf}[{e[L]}] = {acc}[i_{L}]" for _, buf, acc in targets]
         return {id(n) for n in fused}
 
     def _column_tiles(self, body: list[str], L: str, outer, w: int
