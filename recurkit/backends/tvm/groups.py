@@ -74,7 +74,7 @@ class GatedGroups:
     def free_expr(self, n: Node, env: dict[str, str], tv: str) -> str:
         """A state-free value of the analysis at token ``tv``, from the call's tensors."""
         if n.op == "const":
-            return f"T.float32({float(n.attr('value'))!r})"
+            return self.expr(n, env)
         if n.op == "input":
             if id(n) not in self.leaf_of:
                 raise _Unsupported(n.attr("name"))
@@ -85,14 +85,9 @@ class GatedGroups:
                 self.tvar = saved
         if n.op in _UNSUPPORTED or self.dep.get(id(n), False):
             raise _Unsupported(n.op)
-        args = [self.free_expr(a, env, tv) for a in n.args]
-        if n.op in self.UNARY:
-            return self.UNARY[n.op].format(*args)
-        if n.op in self.BINARY:
-            return self.BINARY[n.op].format(*args)
-        if n.op == "where":
-            return f"T.if_then_else({args[0]}, {args[1]}, {args[2]})"
-        raise _Unsupported(n.op)
+        if n.op not in self.UNARY and n.op not in self.BINARY and n.op != "where":
+            raise _Unsupported(n.op)
+        return self.apply_op(n, [self.free_expr(a, env, tv) for a in n.args])
 
     def _group_body(self, U: int, ind: int, lines: list[str]) -> None:
         """A group of U tokens (named tt, tt_u1, ...) from the state it enters."""
@@ -116,10 +111,7 @@ class GatedGroups:
         for u in range(U):
             if g["log"] is not None:
                 scratch, steps = fast_steps("exp", self.free_expr(g["log"], eK, tv[u]), d[u], iK)
-                for s in scratch:
-                    buf(s, nK)
-                for st in steps:
-                    over_k([st])
+                lines += self.scratch_steps(scratch, steps, (K,), ind)
             else:
                 over_k([f"{d[u]}[{iK}] = {self.free_expr(g['decay'], eK, tv[u])}"])
         q = [buf(f"GQ{u}", nK) for u in range(U)]
@@ -130,15 +122,14 @@ class GatedGroups:
         for u in range(U):
             stm += [f"{q[u]}[{iK}] = {self.free_expr(g['q'], eK, tv[u])}",
                     f"{a[u]}[{iK}] = {self.free_expr(g['a'], eK, tv[u])}"]
-        cum = d[0]
         for u in range(U):   # readout coefficients: q_u G_u
-            cum = cum if u == 0 else f"{cum} * {d[u]}"
-            stm.append(f"{qg[u]}[{iK}] = {q[u]}[{iK}] * {self._at(cum, iK)}")
+            cum = " * ".join(f"{d[c]}[{iK}]" for c in range(u + 1))
+            stm.append(f"{qg[u]}[{iK}] = {q[u]}[{iK}] * {cum}")
         for u in range(U):   # write coefficients: a_u d_{u+1} ... d_{U-1}
             tail = [f"{d[c]}[{iK}]" for c in range(u + 1, U)]
             stm.append(f"{ka[u]}[{iK}] = {' * '.join([f'{a[u]}[{iK}]'] + tail)}")
         gt = buf("GGT", nK)
-        stm.append(f"{gt}[{iK}] = {self._at(cum, iK)}")
+        stm.append(f"{gt}[{iK}] = {cum}")
         over_k(stm)
         # pair coefficients sum_i q_u a_b P_bu: lane partial sums, then the lanes
         pairs = [(u, b) for u in range(U) for b in range(u + 1)]
@@ -205,8 +196,3 @@ class GatedGroups:
                 val = f'T.Cast("{self.out_dtype}", {val})'
             lines.append(f"{pad}for {iV} in T.vectorized({nV}):")
             lines.append(f"{p2}O[row, {tv[u]}, h, {iV}] = {val}")
-
-    @staticmethod
-    def _at(prod: str, i: str) -> str:
-        """``a * b * c`` of buffer names indexed at ``i``."""
-        return " * ".join(f"{x}[{i}]" for x in prod.split(" * "))

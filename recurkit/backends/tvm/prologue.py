@@ -169,7 +169,6 @@ class InKernelPrologue:
             self.names.update(names)
             self.tvar, self.in_pro = saved, False
 
-
     def sigmoid_pairs(self) -> dict[int, tuple[Node, Node]]:
         """Stored values sigmoid(x) and sigmoid(-x) of one x (a gate and its complement),
         by the id of each: made together from one exp (``fastmath.sigmoid_pair_steps``)."""
@@ -190,12 +189,7 @@ class InKernelPrologue:
         e = self.env(pos.dims)
         bufs, steps = sigmoid_pair_steps(self.expr(pos.args[0], e), self.names[id(pos)],
                                          self.names[id(neg)], self.idx(pos.dims, e))
-        for b in bufs:
-            alloc = (f"{b} = T.alloc_buffer(({self.local_shape(pos.dims)},), \"float32\""
-                     f"{self.scope})")
-            if alloc not in self.late_allocs:
-                self.late_allocs.append(alloc)
-        return [line for st in steps for line in self.loops(pos.dims, [st], ind)]
+        return self.scratch_steps(bufs, steps, pos.dims, ind)
 
 
 def leaf_args(bc: BoundCall, gen) -> list[torch.Tensor]:

@@ -205,7 +205,10 @@ class _Gen(StepCode, TokenFusion, GatedGroups, InKernelPrologue, UpdatePass):
             return self._chain(fs, env)
         if n.op in ("rotate", "pairs"):
             return paired_expr(self, n, env)
-        a = [self.expr(x, env) for x in n.args]
+        return self.apply_op(n, [self.expr(x, env) for x in n.args])
+
+    def apply_op(self, n: Node, a: list[str]) -> str:
+        """An elementwise op of n on its arguments' code ``a``."""
         if n.op in self.UNARY:
             return self.UNARY[n.op].format(*a)
         if n.op in self.BINARY:

@@ -55,7 +55,7 @@ class StepCode:
         if not w and self._free_reduces_over(L):
             return None   # a state-free sum over L: the kernel makes it when L is whole
         if not w:   # a vector state: the widest divisor of L up to STRIP, whole vectors
-            fits = [d for d in range(min(size, STRIP), 0, -1) if size % d == 0]   # first
+            fits = [d for d in range(min(size, STRIP), 0, -1) if size % d == 0]   # widest
             w = next((d for d in fits if d % vector_lanes() == 0), fits[0])
         if size % w or (w >= size and len(sd) > 1):
             return None
@@ -157,14 +157,16 @@ class StepCode:
         e = self.env(n.dims)
         if self.fast and n.op in FAST:   # exp and kin by vector arithmetic (``fastmath``)
             bufs, steps = fast_steps(n.op, self.expr(n.args[0], e), name, self.idx(n.dims, e))
-            for b in bufs:
-                alloc = (f"{b} = T.alloc_buffer(({self.local_shape(n.dims)},), \"float32\""
-                         f"{self.scope})")
-                if alloc not in self.late_allocs:
-                    self.late_allocs.append(alloc)
-            return [line for st in steps for line in self.loops(n.dims, [st], ind)]
+            return self.scratch_steps(bufs, steps, n.dims, ind)
         inner = self.expr_inline(n, e)
         return self.loops(n.dims, [f"{name}[{self.idx(n.dims, e)}] = {inner}"], ind)
+
+    def scratch_steps(self, bufs: list[str], steps: list[str], dims, ind: int) -> list[str]:
+        """``steps``, each a loop nest over ``dims``, with their scratch buffers ``bufs``
+        (over ``dims``) asked of the kernel (``fastmath``'s statements)."""
+        self.late_allocs += [f"{b} = T.alloc_buffer(({self.local_shape(dims)},), \"float32\""
+                             f"{self.scope})" for b in bufs]   # once each: deduplicated there
+        return [line for st in steps for line in self.loops(dims, [st], ind)]
 
     def expr_inline(self, n: Node, env) -> str:
         saved = id(n) in self.mat

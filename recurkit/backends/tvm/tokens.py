@@ -51,8 +51,7 @@ class TokenFusion:
                 return 1
             if id(n) not in fused and self._reads_s(n, True):
                 return 1              # would read the state of the group's last token
-        if id(p.output) not in fused and self._reads_s(p.output, True) and \
-                not self.out_in_pass():
+        if id(p.output) not in fused and self._reads_s(p.output, True) and not in_pass:
             return 1   # (the output as a fused read, q^T S', is each token's own)
         if self.ck_chunk and self.ck_chunk % U:
             return 1

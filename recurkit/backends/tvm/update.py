@@ -9,6 +9,8 @@ products (``beta * k[i_K]``) computed once per token into a buffer over the rows
 """
 from __future__ import annotations
 
+import re
+
 from ...ir.node import Node
 from .build import vector_lanes
 
@@ -141,7 +143,6 @@ class UpdatePass:
         (``v`` at the block's columns, per token) loaded once per block into small buffers
         (``CT*``, registers) instead of once per row: LLVM cannot hoist them itself past
         the stores to S, which may alias them as far as it knows."""
-        import re
         rows = [f"i_{d}" for d in outer]
         tiles: dict[str, str] = {}
 
@@ -165,11 +166,11 @@ class UpdatePass:
         buffers may alias as far as LLVM knows, so updates written to S directly are each
         stored, and the inputs reloaded after them; a group of tokens then stores once."""
         name = f"SR{width}"
-        self.late_allocs.append(f"{name} = T.alloc_buffer(({width},), \"float32\"{self.scope})")
         reg = f"{name}[i_{L}]"
         out = [line.replace(entry, reg) for line in body]
         if any("S[" in line.replace(reg, "") for line in out):
             return body   # the state read at other entries than this one: left in place
+        self.late_allocs.append(f"{name} = T.alloc_buffer(({width},), \"float32\"{self.scope})")
         return [f"{reg} = {entry}"] + out + [f"{entry} = {reg}"]
 
     def _emit_hoisted(self, hoisted, ind: int, lines: list[str]) -> None:
